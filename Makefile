@@ -1,0 +1,32 @@
+# The README's two commands: `make demo` and `make test`. Both build .venv from nothing.
+PYTHON ?= python3
+VENV   := .venv
+PY     := $(VENV)/bin/python
+# This machine keeps the CPU build of torch in /opt/wheels; elsewhere pip's defaults apply.
+FIND_LINKS := $(if $(wildcard /opt/wheels),--find-links /opt/wheels,)
+PIP    := $(PY) -m pip install --disable-pip-version-check -q $(FIND_LINKS) -c constraints.txt
+ARGS   ?=
+PYTEST_ARGS ?=
+
+.PHONY: demo test venv clean bench
+
+venv: $(VENV)/.installed
+
+$(VENV)/.installed: pyproject.toml constraints.txt
+	$(PYTHON) -m venv $(VENV)
+	$(PIP) "torch==2.13.0"
+	$(PIP) -e ".[test,bench]"
+	touch $@
+
+demo: venv
+	$(VENV)/bin/fedsilo-coordinator demo $(ARGS)
+
+test: venv
+	$(PY) -m pytest $(PYTEST_ARGS)
+
+bench: venv
+	$(PY) benchmarks/ingest.py
+	$(PY) benchmarks/async_vs_sync.py
+
+clean:
+	rm -rf $(VENV) build *.egg-info
