@@ -1,0 +1,416 @@
+"""Sealed updates, signed statements and signed requests (docs/protocol.md).
+
+An **update envelope** carries one silo update to the coordinator::
+
+    magic      4 bytes   b"FSLO"
+    version    1 byte    format version, 1
+    suite      1 byte    1 = HPKE(X25519, HKDF-SHA256, AES-256-GCM) + Ed25519
+    signer_len 2 bytes   big-endian; then the signer id (UTF-8, the silo id)
+    header_len 4 bytes   big-endian; then the header (canonical JSON, UTF-8)
+    sealed_len 8 bytes   big-endian; then enc (32 bytes) || AES-256-GCM ciphertext
+    signature  64 bytes  Ed25519 over SIG_CONTEXT || SHA-256(every byte before it)
+
+The payload (safetensors bytes) is encrypted with HPKE base mode (RFC 9180) to the
+coordinator's X25519 key. ``cryptography``'s one-shot HPKE has no AAD argument, so
+the header is bound through ``info`` = INFO_CONTEXT || SHA-256(header): decrypting
+with any other header fails (RFC 9180 §5.1 — info is mixed into the key schedule).
+The signature covers the signer id, header, encapsulated key and ciphertext, so the
+coordinator verifies the sender before it spends anything on decryption; it signs a
+digest, not the megabytes, with a domain-separation prefix so a signature made for
+one purpose can never be replayed as another.
+
+A **statement** is a small signed JSON document (a model release, a receipt).
+A **signed request** authenticates a silo's HTTP request without a bearer token.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import os
+import re
+import struct
+from collections.abc import Mapping
+from dataclasses import asdict, dataclass, field
+from datetime import UTC, datetime
+
+from cryptography.exceptions import InvalidSignature
+from cryptography.hazmat.primitives import hpke
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
+from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey, X25519PublicKey
+
+from .errors import EnvelopeError, Reason
+from .keys import b64d, b64e
+
+MAGIC = b"FSLO"
+FORMAT_VERSION = 1
+SUITE_HPKE_X25519_AES256GCM_ED25519 = 1
+SUITES = {SUITE_HPKE_X25519_AES256GCM_ED25519: "HPKE-X25519-SHA256-AES256GCM+Ed25519"}
+ENC_LEN = 32  # X25519 encapsulated key
+TAG_LEN = 16  # AES-GCM tag
+SIG_LEN = 64  # Ed25519
+
+SIG_CONTEXT = b"fedsilo/v1 update signature\x00"
+INFO_CONTEXT = b"fedsilo/v1 update payload\x00"
+STATEMENT_CONTEXT = b"fedsilo/v1 statement\x00"
+REQUEST_CONTEXT = b"fedsilo/v1 request\x00"
+
+MAX_SIGNER_LEN = 128
+MAX_HEADER_LEN = 64 * 1024
+
+_SUITE = hpke.Suite(hpke.KEM.X25519, hpke.KDF.HKDF_SHA256, hpke.AEAD.AES_256_GCM)
+_PREFIX = struct.Struct(">4sBBH")  # magic, version, suite, signer_len
+_U32 = struct.Struct(">I")
+_U64 = struct.Struct(">Q")
+_HEX64 = re.compile(r"^[0-9a-f]{64}$")
+_UPDATE_ID = re.compile(r"^[0-9a-f]{32}$")
+
+
+def canonical_json(obj: object) -> bytes:
+    """Sorted keys, no whitespace, UTF-8, no NaN: one byte string per value."""
+    return json.dumps(obj, sort_keys=True, separators=(",", ":"), ensure_ascii=False, allow_nan=False).encode()
+
+
+def utc_timestamp(now: datetime | None = None) -> str:
+    """ISO-8601 UTC with microseconds and a Z, the protocol's one time format."""
+    now = now or datetime.now(UTC)
+    return now.astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+
+
+def parse_timestamp(text: str) -> datetime:
+    try:
+        return datetime.strptime(text, "%Y-%m-%dT%H:%M:%S.%fZ").replace(tzinfo=UTC)
+    except (TypeError, ValueError) as exc:
+        raise EnvelopeError(Reason.MALFORMED, f"bad timestamp {text!r}") from exc
+
+
+# --------------------------------------------------------------------------- header
+
+_DP_FIELDS = ("noise_multiplier", "sample_rate", "steps", "max_grad_norm", "delta")
+
+
+def _number(obj: Mapping, key: str, *, lo: float, hi: float, integer: bool = False) -> float | int:
+    value = obj.get(key)
+    ok_type = isinstance(value, int) if integer else isinstance(value, int | float)
+    if isinstance(value, bool) or not ok_type or not math.isfinite(value) or not lo <= value <= hi:
+        raise EnvelopeError(Reason.MALFORMED, f"header field {key!r} must be a number in [{lo}, {hi}]")
+    return value
+
+
+def _string(obj: Mapping, key: str, *, max_len: int = 256) -> str:
+    value = obj.get(key)
+    if not isinstance(value, str) or not 0 < len(value) <= max_len:
+        raise EnvelopeError(Reason.MALFORMED, f"header field {key!r} must be a non-empty string")
+    return value
+
+
+@dataclass(frozen=True)
+class UpdateHeader:
+    """What a silo says about its update; signed, sent in the clear, bound to the ciphertext."""
+
+    silo_id: str
+    update_id: str  # 32 lowercase hex chars, chosen by the silo, reused on resend
+    base_version: int
+    created_at: str
+    num_samples: int
+    dp: dict  # noise_multiplier, sample_rate, steps, max_grad_norm, delta
+    epsilon_claim: float
+    payload_digest: str  # SHA-256 hex of the plaintext payload
+    payload_size: int
+    schema_digest: str
+    accountant: str = "rdp"
+    payload_kind: str = "delta"  # room for "masked_delta" (secure aggregation)
+    metrics: dict = field(default_factory=dict)  # evaluation of the base version, local val split
+
+    def to_bytes(self) -> bytes:
+        return canonical_json({"format": FORMAT_VERSION, "kind": "update", **asdict(self)})
+
+    @classmethod
+    def from_bytes(cls, data: bytes) -> UpdateHeader:
+        """Strict parse: every field present, typed and in range, nothing else."""
+        try:
+            obj = json.loads(data)
+        except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+            raise EnvelopeError(Reason.MALFORMED, "header is not JSON") from exc
+        if not isinstance(obj, dict) or obj.get("kind") != "update":
+            raise EnvelopeError(Reason.MALFORMED, "header is not an update header")
+        if obj.get("format") != FORMAT_VERSION:
+            raise EnvelopeError(Reason.UNSUPPORTED_VERSION, f"header format {obj.get('format')!r}")
+        names = {f for f in cls.__dataclass_fields__}
+        unknown = set(obj) - names - {"format", "kind"}
+        if unknown:
+            raise EnvelopeError(Reason.MALFORMED, f"unknown header fields {sorted(unknown)}")
+        dp = obj.get("dp")
+        if not isinstance(dp, dict) or set(dp) != set(_DP_FIELDS):
+            raise EnvelopeError(Reason.MALFORMED, f"header field 'dp' must hold exactly {_DP_FIELDS}")
+        _number(dp, "noise_multiplier", lo=1e-6, hi=1e6)
+        _number(dp, "sample_rate", lo=1e-12, hi=1.0)
+        _number(dp, "steps", lo=1, hi=1e9, integer=True)
+        _number(dp, "max_grad_norm", lo=1e-12, hi=1e12)
+        _number(dp, "delta", lo=1e-300, hi=0.5)
+        update_id = _string(obj, "update_id")
+        if not _UPDATE_ID.match(update_id):
+            raise EnvelopeError(Reason.MALFORMED, "update_id must be 32 lowercase hex characters")
+        for key in ("payload_digest", "schema_digest"):
+            if not _HEX64.match(_string(obj, key)):
+                raise EnvelopeError(Reason.MALFORMED, f"{key} must be a SHA-256 hex digest")
+        metrics = obj.get("metrics", {})
+        if not isinstance(metrics, dict) or len(metrics) > 32 or not all(
+            isinstance(k, str) and isinstance(v, int | float) and not isinstance(v, bool) and math.isfinite(v)
+            for k, v in metrics.items()
+        ):
+            raise EnvelopeError(Reason.MALFORMED, "metrics must map names to finite numbers")
+        parse_timestamp(_string(obj, "created_at"))
+        return cls(
+            silo_id=_string(obj, "silo_id", max_len=MAX_SIGNER_LEN),
+            update_id=update_id,
+            base_version=int(_number(obj, "base_version", lo=0, hi=2**62, integer=True)),
+            created_at=obj["created_at"],
+            num_samples=int(_number(obj, "num_samples", lo=1, hi=2**62, integer=True)),
+            dp=dict(dp),
+            epsilon_claim=float(_number(obj, "epsilon_claim", lo=0, hi=1e9)),
+            payload_digest=obj["payload_digest"],
+            payload_size=int(_number(obj, "payload_size", lo=8, hi=2**62, integer=True)),
+            schema_digest=obj["schema_digest"],
+            accountant=_string(obj, "accountant", max_len=16),
+            payload_kind=_string(obj, "payload_kind", max_len=32),
+            metrics=dict(metrics),
+        )
+
+
+# --------------------------------------------------------------------------- update envelope
+
+
+def _hpke_info(header_bytes: bytes) -> bytes:
+    return INFO_CONTEXT + hashlib.sha256(header_bytes).digest()
+
+
+def seal_update(
+    header: UpdateHeader,
+    payload: bytes,
+    *,
+    recipient: X25519PublicKey,
+    signer: Ed25519PrivateKey,
+) -> bytes:
+    """Encrypt ``payload`` to ``recipient``, bind ``header``, sign the whole; return the envelope.
+
+    ``header.payload_digest`` and ``payload_size`` must describe ``payload``.
+    """
+    if header.payload_digest != hashlib.sha256(payload).hexdigest() or header.payload_size != len(payload):
+        raise EnvelopeError(Reason.DIGEST_MISMATCH, "header does not describe this payload")
+    header_bytes = header.to_bytes()
+    signer_id = header.silo_id.encode()
+    sealed = _SUITE.encrypt(payload, recipient, info=_hpke_info(header_bytes))
+    body = b"".join(
+        (
+            _PREFIX.pack(MAGIC, FORMAT_VERSION, SUITE_HPKE_X25519_AES256GCM_ED25519, len(signer_id)),
+            signer_id,
+            _U32.pack(len(header_bytes)),
+            header_bytes,
+            _U64.pack(len(sealed)),
+            sealed,
+        )
+    )
+    signature = signer.sign(SIG_CONTEXT + hashlib.sha256(body).digest())
+    return body + signature
+
+
+@dataclass(frozen=True)
+class SealedUpdate:
+    """A structurally parsed envelope: nothing in it is trusted yet."""
+
+    signer_id: str
+    header_bytes: bytes
+    sealed: memoryview
+    signature: bytes
+    signed_digest: bytes  # SHA-256 of every byte before the signature
+    size: int
+
+    @property
+    def envelope_digest(self) -> str:
+        """SHA-256 hex of the whole envelope: two sends of one update are byte-identical."""
+        return hashlib.sha256(self.signed_digest + self.signature).hexdigest()
+
+    def verify(self, signer: Ed25519PublicKey) -> UpdateHeader:
+        """Check the signature, then parse the header strictly. Raises EnvelopeError."""
+        try:
+            signer.verify(self.signature, SIG_CONTEXT + self.signed_digest)
+        except InvalidSignature:
+            raise EnvelopeError(Reason.BAD_SIGNATURE, "envelope signature does not verify") from None
+        header = UpdateHeader.from_bytes(self.header_bytes)
+        if header.silo_id != self.signer_id:
+            raise EnvelopeError(Reason.MALFORMED, "header silo_id differs from the envelope's signer")
+        return header
+
+    def decrypt(self, recipient: X25519PrivateKey, header: UpdateHeader) -> bytes:
+        """Decrypt the payload and check it against the (verified) header's digest."""
+        try:
+            payload = _SUITE.decrypt(self.sealed, recipient, info=_hpke_info(self.header_bytes))
+        except Exception as exc:  # InvalidTag, or a malformed encapsulated key
+            raise EnvelopeError(Reason.DECRYPT_FAILED, "payload does not decrypt with this key") from exc
+        if len(payload) != header.payload_size or hashlib.sha256(payload).hexdigest() != header.payload_digest:
+            raise EnvelopeError(Reason.DIGEST_MISMATCH, "payload does not match the header's digest")
+        return payload
+
+
+def parse_update(data: bytes | memoryview) -> SealedUpdate:
+    """Split an envelope into its parts, checking only structure (no crypto yet)."""
+    view = memoryview(data)
+    n = len(view)
+    if n < _PREFIX.size:
+        raise EnvelopeError(Reason.MALFORMED, "envelope is truncated")
+    magic, version, suite, signer_len = _PREFIX.unpack_from(view, 0)
+    if magic != MAGIC:
+        raise EnvelopeError(Reason.MALFORMED, "not a fedsilo envelope")
+    if version != FORMAT_VERSION:
+        raise EnvelopeError(Reason.UNSUPPORTED_VERSION, f"envelope format {version} is not supported")
+    if suite not in SUITES:
+        raise EnvelopeError(Reason.UNSUPPORTED_VERSION, f"cipher suite {suite} is not supported")
+    pos = _PREFIX.size
+    if not 0 < signer_len <= MAX_SIGNER_LEN or pos + signer_len + _U32.size > n:
+        raise EnvelopeError(Reason.MALFORMED, "bad signer id length")
+    try:
+        signer_id = bytes(view[pos : pos + signer_len]).decode("utf-8")
+    except UnicodeDecodeError:
+        raise EnvelopeError(Reason.MALFORMED, "signer id is not UTF-8") from None
+    pos += signer_len
+    (header_len,) = _U32.unpack_from(view, pos)
+    pos += _U32.size
+    if not 0 < header_len <= MAX_HEADER_LEN or pos + header_len + _U64.size > n:
+        raise EnvelopeError(Reason.MALFORMED, "bad header length")
+    header_bytes = bytes(view[pos : pos + header_len])
+    pos += header_len
+    (sealed_len,) = _U64.unpack_from(view, pos)
+    pos += _U64.size
+    if sealed_len < ENC_LEN + TAG_LEN or pos + sealed_len + SIG_LEN != n:
+        raise EnvelopeError(Reason.MALFORMED, "envelope length does not match its fields (truncated?)")
+    sealed = view[pos : pos + sealed_len]
+    pos += sealed_len
+    return SealedUpdate(
+        signer_id=signer_id,
+        header_bytes=header_bytes,
+        sealed=sealed,
+        signature=bytes(view[pos:]),
+        signed_digest=hashlib.sha256(view[:pos]).digest(),
+        size=n,
+    )
+
+
+def open_update(
+    data: bytes, *, signer: Ed25519PublicKey, recipient: X25519PrivateKey
+) -> tuple[UpdateHeader, bytes]:
+    """Parse, verify and decrypt in one call (for tests and tools)."""
+    sealed = parse_update(data)
+    header = sealed.verify(signer)
+    return header, sealed.decrypt(recipient, header)
+
+
+# --------------------------------------------------------------------------- statements
+
+
+def _statement_message(kind: str, body: bytes) -> bytes:
+    return STATEMENT_CONTEXT + kind.encode() + b"\x00" + hashlib.sha256(body).digest()
+
+
+def sign_statement(kind: str, body: Mapping, signer: Ed25519PrivateKey) -> tuple[bytes, bytes]:
+    """Canonical JSON of ``body`` (with ``kind``) and its signature."""
+    data = canonical_json({**body, "kind": kind})
+    return data, signer.sign(_statement_message(kind, data))
+
+
+def verify_statement(kind: str, data: bytes, signature: bytes, signer: Ed25519PublicKey) -> dict:
+    """Verify a statement's signature, then parse it; its kind must be ``kind``."""
+    try:
+        signer.verify(signature, _statement_message(kind, data))
+    except InvalidSignature:
+        raise EnvelopeError(Reason.BAD_SIGNATURE, f"{kind} signature does not verify") from None
+    try:
+        obj = json.loads(data)
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise EnvelopeError(Reason.MALFORMED, f"{kind} is not JSON") from exc
+    if not isinstance(obj, dict) or obj.get("kind") != kind:
+        raise EnvelopeError(Reason.MALFORMED, f"statement is not a {kind}")
+    return obj
+
+
+def release_statement(
+    *, federation: str, version: int, blob: bytes, schema_digest: str, created_at: str, signer: Ed25519PrivateKey
+) -> tuple[bytes, bytes]:
+    """Sign a model release: which federation, which version, which bytes."""
+    body = {
+        "federation": federation,
+        "version": version,
+        "digest": hashlib.sha256(blob).hexdigest(),
+        "size": len(blob),
+        "schema_digest": schema_digest,
+        "created_at": created_at,
+    }
+    return sign_statement("model_release", body, signer)
+
+
+def verify_release(data: bytes, signature: bytes, blob: bytes, signer: Ed25519PublicKey) -> dict:
+    """Verify a model release and that ``blob`` is exactly the released bytes."""
+    release = verify_statement("model_release", data, signature, signer)
+    if release.get("size") != len(blob) or release.get("digest") != hashlib.sha256(blob).hexdigest():
+        raise EnvelopeError(Reason.DIGEST_MISMATCH, "model bytes do not match the signed release")
+    return release
+
+
+# --------------------------------------------------------------------------- signed requests
+
+REQUEST_HEADERS = ("fedsilo-silo", "fedsilo-timestamp", "fedsilo-nonce", "fedsilo-signature")
+
+
+def _request_message(method: str, target: str, body: bytes, silo_id: str, timestamp: str, nonce: str) -> bytes:
+    lines = [method.upper(), target, silo_id, timestamp, nonce, hashlib.sha256(body).hexdigest()]
+    return REQUEST_CONTEXT + "\n".join(lines).encode()
+
+
+def sign_request(
+    method: str, target: str, body: bytes, *, silo_id: str, signer: Ed25519PrivateKey, now: datetime | None = None
+) -> dict[str, str]:
+    """Headers that authenticate one HTTP request; ``target`` is path plus query string."""
+    timestamp = str(int((now or datetime.now(UTC)).timestamp()))
+    nonce = b64e(os.urandom(16))
+    sig = signer.sign(_request_message(method, target, body, silo_id, timestamp, nonce))
+    return {
+        "Fedsilo-Silo": silo_id,
+        "Fedsilo-Timestamp": timestamp,
+        "Fedsilo-Nonce": nonce,
+        "Fedsilo-Signature": b64e(sig),
+    }
+
+
+def request_signer(headers: Mapping[str, str]) -> str:
+    """The silo id a request claims, before anything is verified."""
+    silo_id = headers.get("fedsilo-silo") or headers.get("Fedsilo-Silo")
+    if not silo_id or len(silo_id) > MAX_SIGNER_LEN:
+        raise EnvelopeError(Reason.BAD_SIGNATURE, "request is not signed")
+    return silo_id
+
+
+def verify_request(
+    method: str,
+    target: str,
+    body: bytes,
+    headers: Mapping[str, str],
+    signer: Ed25519PublicKey,
+    *,
+    now: datetime | None = None,
+    max_skew_seconds: float = 300,
+) -> None:
+    """Raise EnvelopeError(bad_signature) unless the request is signed and fresh."""
+    get = lambda k: headers.get(k) or headers.get(k.title())  # noqa: E731  (Mapping or dict)
+    try:
+        silo_id, timestamp, nonce = get("fedsilo-silo"), get("fedsilo-timestamp"), get("fedsilo-nonce")
+        signature = b64d(get("fedsilo-signature") or "")
+        age = (now or datetime.now(UTC)).timestamp() - int(timestamp)
+    except (TypeError, ValueError):
+        raise EnvelopeError(Reason.BAD_SIGNATURE, "request is not signed") from None
+    if not (silo_id and nonce) or abs(age) > max_skew_seconds:
+        raise EnvelopeError(Reason.BAD_SIGNATURE, "request is not signed or not fresh")
+    try:
+        signer.verify(signature, _request_message(method, target, body, silo_id, timestamp, nonce))
+    except InvalidSignature:
+        raise EnvelopeError(Reason.BAD_SIGNATURE, "request signature does not verify") from None
