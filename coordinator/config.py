@@ -18,6 +18,10 @@ CONFIG_FILE = "coordinator.toml"
 KEYS_DIR = "keys"
 
 
+class ConfigError(Exception):
+    """The configuration file or a ``FEDSILO_*`` variable is invalid; the message says how."""
+
+
 @dataclass(frozen=True)
 class CoordinatorConfig:
     data_dir: Path
@@ -32,6 +36,9 @@ class CoordinatorConfig:
     enrolment_token_ttl_seconds: int = 7 * 24 * 3600
     retain_versions: int = 0  # 0: keep every version's weights; N: keep the newest N + staleness window
     ingest_workers: int = 2  # threads for verify/decrypt/decode outside the fold lock
+    fold_workers: int = 4  # threads per process that may queue for the fold lock
+    max_request_bytes: int = 64 * 1024  # JSON bodies of the silo API (enrolment)
+    accountant: str = "rdp"  # how the coordinator composes a silo's epsilon ("rdp" or "prv")
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "data_dir", Path(self.data_dir))
@@ -54,15 +61,21 @@ class CoordinatorConfig:
         values: dict = {}
         path = data_dir / CONFIG_FILE
         if path.exists():
-            values.update(tomllib.loads(path.read_text()).get("coordinator", {}))
+            try:
+                values.update(tomllib.loads(path.read_text()).get("coordinator", {}))
+            except tomllib.TOMLDecodeError as exc:
+                raise ConfigError(f"{path} is not valid TOML: {exc}") from None
         known = {f.name: f for f in fields(cls)}
         unknown = set(values) - set(known)
         if unknown:
-            raise ValueError(f"{path}: unknown settings {sorted(unknown)}")
+            raise ConfigError(f"{path}: unknown settings {sorted(unknown)}")
         for name, f in known.items():
             env = environ.get(f"FEDSILO_{name.upper()}")
             if env is not None and name != "data_dir":
-                values[name] = int(env) if f.type in ("int", int) else env
+                try:
+                    values[name] = int(env) if f.type in ("int", int) else env
+                except ValueError:
+                    raise ConfigError(f"FEDSILO_{name.upper()} must be an integer, not {env!r}") from None
         values.update({k: v for k, v in overrides.items() if v is not None})
         values["data_dir"] = data_dir
         return cls(**values)

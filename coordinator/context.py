@@ -11,12 +11,14 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 
+import anyio
 from sqlalchemy import Engine
 from sqlalchemy.orm import Session, sessionmaker
 
 from privacy.keys import Identity
 
 from .config import CoordinatorConfig
+from .federation import ModelCache
 
 
 def utc_now() -> datetime:
@@ -30,7 +32,10 @@ class Coordinator:
     identity: Identity  # the coordinator's signing and HPKE private keys
     clock: Callable[[], datetime] = utc_now
     federation_id: int = 1
+    #: Decoded weights of recent versions, keyed by (version, digest); see federation.py.
+    cache: ModelCache = field(default_factory=ModelCache)
     _sessions: sessionmaker = field(init=False, repr=False)
+    _limiters: dict[str, anyio.CapacityLimiter] = field(init=False, repr=False, default_factory=dict)
 
     def __post_init__(self) -> None:
         self._sessions = sessionmaker(self.engine, expire_on_commit=False)
@@ -39,17 +44,48 @@ class Coordinator:
     def open(cls, config: CoordinatorConfig, *, clock: Callable[[], datetime] = utc_now) -> Coordinator:
         from .db import make_engine  # the engine is made here, at start-up, never at import
 
-        return cls(config, make_engine(config.database_url), Identity.load(config.keys_dir), clock)
+        # Enough connections for every fold thread plus the pre-lock readers.
+        pool = max(5, config.ingest_workers + config.fold_workers + 2)
+        engine = make_engine(config.database_url, pool_size=pool, max_overflow=pool)
+        return cls(config, engine, Identity.load(config.keys_dir), clock)
 
     def session(self) -> Session:
-        """A session for reads; the caller closes it (``with ctx.session() as s``)."""
+        """A session for reads; the caller closes it (``with ctx.session() as s``).
+
+        On SQLite its first statement begins a *write* transaction (``BEGIN
+        IMMEDIATE``, see db.py); prefer :meth:`read` for reads.
+        """
         return self._sessions()
+
+    @contextmanager
+    def read(self) -> Iterator[Session]:
+        """One read-only transaction (a snapshot that never waits for the write lock)."""
+        from .db import transaction
+
+        with transaction(self._sessions, read_only=True) as session:
+            yield session
 
     @contextmanager
     def transaction(self) -> Iterator[Session]:
         """One write transaction: commits on success, rolls back on any exception."""
         with self._sessions.begin() as session:
             yield session
+
+    @property
+    def ingest_limiter(self) -> anyio.CapacityLimiter:
+        """Threads for verify/decrypt/decode, outside the fold lock (config.ingest_workers)."""
+        return self._limiter("ingest", self.config.ingest_workers)
+
+    @property
+    def fold_limiter(self) -> anyio.CapacityLimiter:
+        """Threads that may wait for the fold lock at once (config.fold_workers)."""
+        return self._limiter("fold", self.config.fold_workers)
+
+    def _limiter(self, name: str, size: int) -> anyio.CapacityLimiter:
+        limiter = self._limiters.get(name)
+        if limiter is None:
+            limiter = self._limiters[name] = anyio.CapacityLimiter(max(1, size))
+        return limiter
 
     def close(self) -> None:
         self.engine.dispose()

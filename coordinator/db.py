@@ -1,0 +1,267 @@
+"""Engines, sessions, transactions and schema migrations for the coordinator.
+
+Two databases are supported (DESIGN.md, "Storage and scale"):
+
+* **SQLite** (``sqlite:///path/to/coordinator.db``), the embedded default. Every
+  connection gets WAL journaling (readers never block the writer), a 30 s busy
+  timeout and foreign keys ON. pysqlite's own transaction handling is switched off
+  and every transaction opens with ``BEGIN IMMEDIATE`` (SQLAlchemy's documented
+  recipe, "Enabling Non-Legacy SQLite Transactional Modes"): a writer takes the
+  database's write lock *up front*, so concurrent writers -- threads or processes --
+  queue on the busy timeout instead of failing with "database is locked" when a
+  deferred read lock would have to be upgraded. Read-only transactions
+  (``transaction(..., read_only=True)``) use a plain deferred ``BEGIN`` instead and
+  read a WAL snapshot without queueing behind writers.
+* **PostgreSQL** through psycopg 3 (``postgresql+psycopg://``; a bare
+  ``postgresql://`` URL is mapped to it), with ``pool_pre_ping``. Several
+  coordinator processes may share one database; the fold serializes on the
+  federation row (:func:`lock_federation`) and audit appends on the audit head.
+
+The schema changes only through Alembic (package ``migrations``), run
+programmatically by :func:`upgrade` and :func:`downgrade` -- no ``alembic.ini`` in
+the working directory is needed; the one shipped inside the package is used.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
+from enum import StrEnum
+from pathlib import Path
+from typing import Any
+
+from sqlalchemy import Engine, create_engine, event, select, text
+from sqlalchemy.engine import URL, Connection, make_url
+from sqlalchemy.orm import Session, sessionmaker
+
+from coordinator.models import Federation
+
+__all__ = [
+    "DatabaseError",
+    "DbReason",
+    "SQLITE_BUSY_TIMEOUT_S",
+    "current_revision",
+    "downgrade",
+    "head_revision",
+    "lock_federation",
+    "make_engine",
+    "session_factory",
+    "transaction",
+    "upgrade",
+]
+
+#: How long a SQLite connection waits for another writer before giving up
+#: (override with ``make_engine(url, connect_args={"timeout": seconds})``).
+SQLITE_BUSY_TIMEOUT_S = 30.0
+
+# Execution option that marks a connection as read-only (see ``transaction``).
+_READ_ONLY = "fedsilo_read_only"
+
+# Key of the PostgreSQL advisory lock held while migrating, so that coordinator
+# processes starting together run the migrations once, one after the other.
+_MIGRATION_LOCK_KEY = 0x66656473696C6F  # "fedsilo"
+
+
+class DbReason(StrEnum):
+    FEDERATION_MISSING = "federation_missing"
+    UNSUPPORTED_DATABASE = "unsupported_database"
+
+
+class DatabaseError(Exception):
+    """A database-layer condition the caller must handle; ``reason`` is stable."""
+
+    def __init__(self, reason: DbReason, message: str = "") -> None:
+        self.reason = DbReason(reason)
+        self.message = message or self.reason.value.replace("_", " ")
+        super().__init__(self.message)
+
+
+def _normalize_url(url: str | URL) -> URL:
+    u = make_url(url)
+    if u.drivername in ("postgresql", "postgres"):
+        u = u.set(drivername="postgresql+psycopg")
+    if u.get_backend_name() not in ("sqlite", "postgresql"):
+        raise DatabaseError(DbReason.UNSUPPORTED_DATABASE, f"unsupported database URL {u!r}")
+    return u
+
+
+def make_engine(url: str | URL, **kwargs: Any) -> Engine:
+    """Create an engine for a SQLite or PostgreSQL URL, configured as described above.
+
+    Extra keyword arguments go to :func:`sqlalchemy.create_engine`.
+    """
+    u = _normalize_url(url)
+    if u.get_backend_name() == "sqlite":
+        return _sqlite_engine(u, **kwargs)
+    kwargs.setdefault("pool_pre_ping", True)
+    return create_engine(u, **kwargs)
+
+
+def _sqlite_engine(u: URL, **kwargs: Any) -> Engine:
+    connect_args = dict(kwargs.pop("connect_args", {}))
+    connect_args.setdefault("timeout", SQLITE_BUSY_TIMEOUT_S)
+    engine = create_engine(u, connect_args=connect_args, **kwargs)
+
+    @event.listens_for(engine, "connect")
+    def _on_connect(dbapi_conn: Any, _record: Any) -> None:
+        # Autocommit at the driver: pysqlite must not emit BEGIN itself (nor COMMIT
+        # before DDL); the "begin" hook below does, with the lock mode we want.
+        dbapi_conn.isolation_level = None
+        cur = dbapi_conn.cursor()
+        try:
+            # The busy timeout is already set (sqlite3.connect(timeout=...)), so
+            # switching to WAL waits for a lock rather than failing.
+            cur.execute("PRAGMA journal_mode = WAL")
+            cur.execute("PRAGMA foreign_keys = ON")
+            # In WAL mode NORMAL is durable across application crashes and only
+            # loses the last transactions on power loss; FULL is the safe choice
+            # for an audit log, so keep it explicit.
+            cur.execute("PRAGMA synchronous = FULL")
+        finally:
+            cur.close()
+
+    @event.listens_for(engine, "begin")
+    def _on_begin(conn: Connection) -> None:
+        read_only = bool(conn.get_execution_options().get(_READ_ONLY))
+        # A deferred BEGIN reads a WAL snapshot without waiting for writers;
+        # query_only makes a write attempt inside it fail instead of upgrading.
+        # (query_only first: the previous user of a pooled connection may have set it.)
+        conn.exec_driver_sql(f"PRAGMA query_only = {int(read_only)}")
+        conn.exec_driver_sql("BEGIN" if read_only else "BEGIN IMMEDIATE")
+
+    return engine
+
+
+def session_factory(engine: Engine) -> sessionmaker[Session]:
+    """A session factory bound to ``engine``.
+
+    Objects stay usable after commit (``expire_on_commit=False``): a service can
+    return the rows it wrote, e.g. the audit event a receipt refers to.
+    """
+    return sessionmaker(bind=engine, expire_on_commit=False)
+
+
+@contextmanager
+def transaction(
+    bind: Engine | sessionmaker[Session], *, read_only: bool = False
+) -> Iterator[Session]:
+    """Yield a Session inside one transaction: commit on success, roll back on error.
+
+    ``read_only=True`` is for long reads (exports, verification, listings): on
+    SQLite it begins a deferred transaction that reads a snapshot without taking
+    the write lock, so it does not hold up ingestion; on PostgreSQL the
+    transaction is ``READ ONLY``. Writing inside it fails.
+    """
+    factory = bind if isinstance(bind, sessionmaker) else session_factory(bind)
+    with factory() as session, session.begin():
+        if read_only:
+            if session.get_bind().dialect.name == "postgresql":
+                opts: dict[str, Any] = {"postgresql_readonly": True}
+            else:
+                opts = {_READ_ONLY: True}
+            # Acquire the connection now, so the options apply before BEGIN.
+            session.connection(execution_options=opts)
+        yield session
+
+
+def lock_federation(session: Session, federation_id: int = 1) -> Federation:
+    """Lock and return the federation row for the rest of the caller's transaction.
+
+    PostgreSQL: ``SELECT ... FOR UPDATE``, so concurrent folds -- in any process --
+    take turns and each sees the version the previous one wrote. SQLite: the
+    ``BEGIN IMMEDIATE`` that opened the (write) transaction already holds the
+    database's write lock, so this is a plain select. The row is re-read from the
+    database even if the session had loaded it before the lock.
+    """
+    stmt = (
+        select(Federation)
+        .where(Federation.id == federation_id)
+        .with_for_update()
+        .execution_options(populate_existing=True)
+    )
+    fed = session.execute(stmt).scalar_one_or_none()
+    if fed is None:
+        raise DatabaseError(
+            DbReason.FEDERATION_MISSING, f"federation {federation_id} does not exist"
+        )
+    return fed
+
+
+# ---------------------------------------------------------------- migrations
+
+# Alembic is imported lazily: the silo side imports nothing of it, and a running
+# coordinator needs it only at start-up.
+
+def _alembic_config(connection: Connection | None = None) -> Any:
+    from alembic.config import Config
+
+    import migrations
+
+    pkg_dir = Path(migrations.__file__).resolve().parent
+    cfg = Config(str(pkg_dir / "alembic.ini"))
+    # Absolute path to the installed package: no assumption about the cwd.
+    cfg.set_main_option("script_location", str(pkg_dir))
+    if connection is not None:
+        # env.py uses this connection (and its transaction) instead of a URL, so
+        # the URL never goes through ConfigParser interpolation.
+        cfg.attributes["connection"] = connection
+    return cfg
+
+
+# One migration at a time per process: Alembic's command API keeps module-level
+# state (alembic.context / alembic.op proxies) that is not thread-safe.
+_alembic_mutex = threading.Lock()
+
+
+def _run_alembic(url: str | URL, fn_name: str, rev: str) -> None:
+    from alembic import command
+
+    engine = make_engine(url)
+    try:
+        with _alembic_mutex, engine.begin() as conn:
+            # The whole migration is one transaction (both databases have
+            # transactional DDL). On SQLite it began with BEGIN IMMEDIATE, so a
+            # second process waits for the first and then finds the schema at
+            # head; on PostgreSQL an advisory lock does the same.
+            if conn.dialect.name == "postgresql":
+                conn.execute(text("SELECT pg_advisory_xact_lock(:k)"), {"k": _MIGRATION_LOCK_KEY})
+            getattr(command, fn_name)(_alembic_config(conn), rev)
+    finally:
+        engine.dispose()
+
+
+def upgrade(url: str | URL, rev: str = "head") -> None:
+    """Migrate the database at ``url`` up to ``rev`` (default: the newest schema).
+
+    Safe to call from several processes at once and idempotent at head.
+    """
+    _run_alembic(url, "upgrade", rev)
+
+
+def downgrade(url: str | URL, rev: str = "base") -> None:
+    """Migrate the database at ``url`` down to ``rev`` (``"base"`` drops everything)."""
+    _run_alembic(url, "downgrade", rev)
+
+
+def head_revision() -> str:
+    """The newest revision shipped with this package."""
+    from alembic.script import ScriptDirectory
+
+    head = ScriptDirectory.from_config(_alembic_config()).get_current_head()
+    if head is None:  # pragma: no cover - the package always ships 0001
+        raise DatabaseError(DbReason.UNSUPPORTED_DATABASE, "no migrations found")
+    return head
+
+
+def current_revision(engine: Engine) -> str | None:
+    """The revision the database is at, or None if it was never migrated.
+
+    The coordinator compares it with :func:`head_revision` at start-up and refuses
+    to serve from an outdated schema.
+    """
+    from alembic.runtime.migration import MigrationContext
+
+    with engine.connect() as conn:
+        conn = conn.execution_options(**{_READ_ONLY: True})
+        return MigrationContext.configure(conn).get_current_revision()

@@ -1,0 +1,314 @@
+"""The federation: its row, its model versions, signed releases and retention.
+
+Model weights are stored as safetensors blobs with their SHA-256 digest
+(``model_versions``); a pruned version keeps its metadata and loses its blob. The
+coordinator never runs model code while serving: it handles named tensors only.
+
+:class:`ModelCache` keeps the decoded weights of a few recent versions in-process,
+keyed by ``(version, digest)``. Several processes may fold into one database, so a
+cached entry is reused only after the digest has been read back from the version's
+row; a blob is decoded only after its digest has been checked.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections import OrderedDict
+from collections.abc import Mapping
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Any
+
+import torch
+from sqlalchemy import select, update
+from sqlalchemy.orm import Session
+
+from privacy import codec
+from privacy.envelope import release_statement, utc_timestamp
+from privacy.keys import Identity
+
+from . import audit
+from .errors import ApiError, Reason
+from .models import Federation, ModelVersion
+from .strategies import StrategySettings
+
+__all__ = [
+    "ACTION_FEDERATION_CREATED",
+    "ACTION_VERSION_CREATED",
+    "ACTION_VERSIONS_PRUNED",
+    "ModelCache",
+    "Release",
+    "StorageCorrupted",
+    "init_federation",
+    "prune",
+    "record_metrics",
+    "release",
+    "settings_of",
+    "write_version",
+]
+
+ACTION_FEDERATION_CREATED = "federation_created"
+ACTION_VERSION_CREATED = "version_created"
+ACTION_VERSIONS_PRUNED = "versions_pruned"
+
+Tensors = dict[str, torch.Tensor]
+
+
+class StorageCorrupted(Exception):
+    """A stored blob does not match its recorded digest (disk or database damage).
+
+    Never a client's fault: it surfaces as a 500 and in the logs.
+    """
+
+
+def settings_of(fed: Federation) -> StrategySettings:
+    """The federation's strategy settings as a validated object."""
+    return StrategySettings.from_dict(fed.settings or {})
+
+
+# --------------------------------------------------------------------------- creation
+
+
+def init_federation(
+    session: Session,
+    *,
+    name: str,
+    task: Mapping[str, Any],
+    weights: Mapping[str, torch.Tensor],
+    settings: StrategySettings,
+    now: datetime,
+    federation_id: int = 1,
+    actor: str = "system",
+) -> ModelVersion:
+    """Create the federation row and model version 0 from ``weights``; audit both.
+
+    ``task`` is the task spec ``{"name", "options"}`` handed to silos at enrolment.
+    The schema (names, shapes, dtypes in the model's order) is fixed here for good.
+    """
+    schema = codec.Schema.of(weights)
+    fed = Federation(
+        id=federation_id,
+        name=name,
+        task_name=task["name"],
+        task_options=dict(task.get("options") or {}),
+        schema=schema.to_json(),
+        schema_digest=schema.digest,
+        settings=settings.to_dict(),
+        current_version=0,
+        buffer_blob=None,
+        buffer_count=0,
+        buffer_updates=[],
+        created_at=now,
+    )
+    session.add(fed)
+    session.flush()
+    audit.append(
+        session,
+        actor=actor,
+        action=ACTION_FEDERATION_CREATED,
+        subject=f"federation:{federation_id}",
+        details={
+            "name": name,
+            "task": {"name": fed.task_name, "options": fed.task_options},
+            "schema_digest": schema.digest,
+            "tensors": len(schema.tensors),
+            "parameters": schema.numel(),
+            "settings": fed.settings,
+        },
+        now=now,
+    )
+    row, _ = write_version(session, fed, tensors=dict(weights), parent=None, produced_by=None, now=now, actor=actor)
+    return row
+
+
+def write_version(
+    session: Session,
+    fed: Federation,
+    *,
+    tensors: Mapping[str, torch.Tensor],
+    parent: int | None,
+    produced_by: str | None,
+    now: datetime,
+    actor: str = "system",
+    details: Mapping[str, Any] | None = None,
+) -> tuple[ModelVersion, audit.AuditEvent]:
+    """Store ``tensors`` as version ``fed.current_version + 1`` (0 for the first), make it
+    current, and append the ``version_created`` entry. Call with the federation locked.
+    """
+    version = 0 if parent is None else fed.current_version + 1
+    blob = codec.encode(tensors)
+    row = ModelVersion(
+        federation_id=fed.id,
+        version=version,
+        digest=codec.digest(blob),
+        size=len(blob),
+        blob=blob,
+        parent_version=parent,
+        produced_by_update=produced_by,
+        created_at=now,
+        metrics={},
+    )
+    session.add(row)
+    fed.current_version = version
+    session.flush()
+    event = audit.append(
+        session,
+        actor=actor,
+        action=ACTION_VERSION_CREATED,
+        subject=f"version:{version}",
+        details={
+            "version": version,
+            "parent_version": parent,
+            "digest": row.digest,
+            "size": row.size,
+            "produced_by_update": produced_by,
+            **(details or {}),
+        },
+        now=now,
+    )
+    return row, event
+
+
+def record_metrics(session: Session, federation_id: int, version: int, silo_id: str, metrics: Mapping) -> None:
+    """Keep the figures a silo reported about ``version`` (its local validation split)."""
+    if not metrics:
+        return
+    row = session.get(ModelVersion, (federation_id, version))
+    if row is not None:
+        # JSON columns are not mutation-tracked: assign a new dict.
+        row.metrics = {**(row.metrics or {}), silo_id: dict(metrics)}
+
+
+# --------------------------------------------------------------------------- releases
+
+
+@dataclass(frozen=True)
+class Release:
+    """A model version's bytes and the coordinator's signed statement about them."""
+
+    version: int
+    digest: str
+    blob: bytes
+    statement: bytes
+    signature: bytes
+
+
+def release(session: Session, identity: Identity, fed: Federation, version: int | None = None) -> Release:
+    """The current (or a given, retained) version, signed for silos to verify before loading.
+
+    Raises ApiError ``unknown_version`` for a version that never existed or was pruned.
+    """
+    v = fed.current_version if version is None else version
+    row = session.get(ModelVersion, (fed.id, v))
+    if row is None or row.blob is None:
+        raise ApiError(Reason.UNKNOWN_VERSION, f"model version {v} does not exist or its weights were pruned")
+    blob = bytes(row.blob)
+    if codec.digest(blob) != row.digest:
+        raise StorageCorrupted(f"stored weights of version {v} do not match their digest")
+    statement, signature = release_statement(
+        federation=fed.name,
+        version=v,
+        blob=blob,
+        schema_digest=fed.schema_digest,
+        created_at=utc_timestamp(row.created_at),
+        signer=identity.signing,
+    )
+    return Release(v, row.digest, blob, statement, signature)
+
+
+# --------------------------------------------------------------------------- weights cache
+
+
+class ModelCache:
+    """Decoded weights of recent versions, shared by the threads of one process.
+
+    Entries are keyed by ``(version, digest)`` and are read-only by convention: folds
+    never modify their inputs in place (``inplace=False``), so a cached dict can be
+    handed to several threads at once.
+    """
+
+    def __init__(self, capacity: int = 4) -> None:
+        self.capacity = capacity
+        self._entries: OrderedDict[tuple[int, str], Tensors] = OrderedDict()
+        self._lock = threading.Lock()
+        self.hits = 0
+        self.misses = 0
+
+    def weights(self, session: Session, federation_id: int, version: int) -> Tensors | None:
+        """The weights of ``version``, or None if it does not exist or was pruned.
+
+        Reads the digest from the database first (another process may have folded
+        since), then reuses the cached tensors or loads, checks and decodes the blob.
+        """
+        head = session.execute(
+            select(ModelVersion.digest, ModelVersion.blob.is_not(None)).where(
+                ModelVersion.federation_id == federation_id, ModelVersion.version == version
+            )
+        ).one_or_none()
+        if head is None or not head[1]:
+            return None
+        key = (version, head[0])
+        with self._lock:
+            cached = self._entries.get(key)
+            if cached is not None:
+                self._entries.move_to_end(key)
+                self.hits += 1
+                return cached
+            self.misses += 1
+        blob = session.scalar(
+            select(ModelVersion.blob).where(
+                ModelVersion.federation_id == federation_id, ModelVersion.version == version
+            )
+        )
+        if blob is None:
+            return None  # pruned between the two reads
+        if codec.digest(blob) != key[1]:
+            raise StorageCorrupted(f"stored weights of version {version} do not match their digest")
+        tensors = codec.decode(blob)
+        self.put(version, key[1], tensors)
+        return tensors
+
+    def put(self, version: int, digest: str, tensors: Tensors) -> None:
+        with self._lock:
+            self._entries[(version, digest)] = tensors
+            self._entries.move_to_end((version, digest))
+            while len(self._entries) > self.capacity:
+                self._entries.popitem(last=False)
+
+
+# --------------------------------------------------------------------------- retention
+
+
+def prune(
+    session: Session, fed: Federation, *, retain: int, max_staleness: int, now: datetime
+) -> list[int]:
+    """Drop the blobs of versions outside the retention window; keep their metadata.
+
+    ``retain`` 0 keeps everything. Otherwise the newest ``max(retain, max_staleness + 1)``
+    versions keep their weights, so every base version an update may still name within
+    the staleness bound stays loadable. Audited when something was pruned.
+    """
+    if retain <= 0:
+        return []
+    keep = max(retain, max_staleness + 1)
+    cutoff = fed.current_version - keep + 1
+    if cutoff <= 0:
+        return []
+    where = (
+        ModelVersion.federation_id == fed.id,
+        ModelVersion.version < cutoff,
+        ModelVersion.blob.is_not(None),
+    )
+    versions = list(session.scalars(select(ModelVersion.version).where(*where).order_by(ModelVersion.version)))
+    if not versions:
+        return []
+    session.execute(update(ModelVersion).where(*where).values(blob=None))
+    audit.append(
+        session,
+        actor="system",
+        action=ACTION_VERSIONS_PRUNED,
+        subject=f"federation:{fed.id}",
+        details={"versions": versions, "kept_from": cutoff, "retain": retain},
+        now=now,
+    )
+    return versions

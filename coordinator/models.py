@@ -1,0 +1,318 @@
+"""The coordinator's tables (SQLAlchemy 2 declarative).
+
+Portable across SQLite and PostgreSQL: blobs are ``LargeBinary`` (BLOB / BYTEA),
+JSON columns are ``JSON``, times are timezone-aware and stored as UTC
+(:class:`UTCDateTime`), ids are strings chosen by the application.
+
+JSON columns are not mutation-tracked: assign a new value (``fed.settings =
+{**fed.settings, "alpha": 0.5}``), do not mutate the loaded one in place.
+
+The many-to-one ``relationship()`` attributes are there chiefly so that one flush
+inserts rows in foreign-key order, whatever order they were added in (e.g. the
+update before the model version it produced and the charge it caused).
+
+The schema itself changes only through Alembic (``migrations/``); a test checks
+that these models and the migrations agree.
+"""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+from enum import StrEnum
+from typing import Any
+
+from sqlalchemy import (
+    JSON,
+    BigInteger,
+    CheckConstraint,
+    DateTime,
+    Dialect,
+    Float,
+    ForeignKey,
+    Index,
+    Integer,
+    LargeBinary,
+    MetaData,
+    String,
+    Text,
+    TypeDecorator,
+)
+from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship
+
+__all__ = [
+    "ApiToken",
+    "AuditEvent",
+    "AuditHead",
+    "Base",
+    "EnrolmentToken",
+    "Federation",
+    "ModelVersion",
+    "PrivacyCharge",
+    "Role",
+    "Silo",
+    "SiloStatus",
+    "Update",
+    "UpdateStatus",
+    "UTCDateTime",
+    "utcnow",
+]
+
+# Deterministic constraint names, so migrations can refer to them on both databases.
+NAMING_CONVENTION = {
+    "ix": "ix_%(table_name)s_%(column_0_N_name)s",
+    "uq": "uq_%(table_name)s_%(column_0_N_name)s",
+    "ck": "ck_%(table_name)s_%(constraint_name)s",
+    "fk": "fk_%(table_name)s_%(column_0_name)s_%(referred_table_name)s",
+    "pk": "pk_%(table_name)s",
+}
+
+
+def utcnow() -> datetime:
+    """The current time, timezone-aware UTC (default for ``created_at`` columns)."""
+    return datetime.now(UTC)
+
+
+class UTCDateTime(TypeDecorator[datetime]):
+    """A timezone-aware datetime, stored as UTC, returned as aware UTC.
+
+    Naive datetimes are refused: an ambiguous time in an audit-grade record is a bug.
+    SQLite has no time zones, so the value is stored there as naive UTC.
+    """
+
+    impl = DateTime(timezone=True)
+    cache_ok = True
+
+    def process_bind_param(self, value: datetime | None, dialect: Dialect) -> datetime | None:
+        if value is None:
+            return None
+        if value.tzinfo is None or value.utcoffset() is None:
+            raise TypeError(f"naive datetime {value!r}: pass a timezone-aware datetime")
+        value = value.astimezone(UTC)
+        return value.replace(tzinfo=None) if dialect.name == "sqlite" else value
+
+    def process_result_value(self, value: datetime | None, dialect: Dialect) -> datetime | None:
+        if value is None:
+            return None
+        if value.tzinfo is None:
+            return value.replace(tzinfo=UTC)
+        return value.astimezone(UTC)
+
+
+class SiloStatus(StrEnum):
+    PENDING = "pending"
+    ACTIVE = "active"
+    REVOKED = "revoked"
+
+
+class UpdateStatus(StrEnum):
+    ACCEPTED = "accepted"
+    BUFFERED = "buffered"
+    REJECTED = "rejected"
+
+
+class Role(StrEnum):
+    ADMIN = "admin"
+    AUDITOR = "auditor"
+
+
+def _in(column: str, enum: type[StrEnum]) -> str:
+    return f"{column} IN ({', '.join(repr(m.value) for m in enum)})"
+
+
+# JSON where None means SQL NULL rather than the JSON literal 'null'.
+_NullableJSON = JSON(none_as_null=True)
+Hash = String(64)  # lowercase hex SHA-256
+# 64-bit on PostgreSQL; SQLite's INTEGER is 64-bit already (and stays a rowid alias).
+BigInt = BigInteger().with_variant(Integer, "sqlite")
+
+
+class Base(DeclarativeBase):
+    metadata = MetaData(naming_convention=NAMING_CONVENTION)
+    type_annotation_map = {datetime: UTCDateTime(), dict[str, Any]: JSON, list[Any]: JSON}
+
+
+class Federation(Base):
+    """The federation (one row, id 1, in practice) and the state the fold lock guards."""
+
+    __tablename__ = "federations"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    name: Mapped[str] = mapped_column(String(200))
+    task_name: Mapped[str] = mapped_column(String(200))
+    task_options: Mapped[dict[str, Any]] = mapped_column(default=dict)
+    # [{"name": ..., "shape": [...], "dtype": ...}, ...] in the model's order.
+    schema: Mapped[list[Any]]
+    schema_digest: Mapped[str] = mapped_column(Hash)
+    # Strategy settings: strategy, alpha, staleness fn and params, max_staleness,
+    # buffer_k, server_lr, max_update_norm, accountant, max_update_bytes, ...
+    settings: Mapped[dict[str, Any]] = mapped_column(default=dict)
+    current_version: Mapped[int] = mapped_column(default=0)
+    # FedBuff's running weighted sum of deltas (safetensors) and the ids in it;
+    # kept in this row so that the federation lock covers them.
+    buffer_blob: Mapped[bytes | None] = mapped_column(LargeBinary)
+    buffer_count: Mapped[int] = mapped_column(default=0)
+    buffer_updates: Mapped[list[Any]] = mapped_column(default=list)
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+
+
+class ModelVersion(Base):
+    """One global model version; pruned versions keep their metadata (blob NULL)."""
+
+    __tablename__ = "model_versions"
+
+    federation_id: Mapped[int] = mapped_column(ForeignKey("federations.id"), primary_key=True)
+    version: Mapped[int] = mapped_column(primary_key=True, autoincrement=False)
+    digest: Mapped[str] = mapped_column(Hash)  # SHA-256 of the safetensors blob
+    size: Mapped[int] = mapped_column(BigInt)
+    blob: Mapped[bytes | None] = mapped_column(LargeBinary)
+    parent_version: Mapped[int | None]
+    produced_by_update: Mapped[str | None] = mapped_column(ForeignKey("updates.id"))
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+    # Evaluation figures silos reported about this version: {silo_id: {...}}.
+    metrics: Mapped[dict[str, Any]] = mapped_column(default=dict)
+
+    federation: Mapped[Federation] = relationship()
+    update: Mapped[Update | None] = relationship()
+
+
+class Silo(Base):
+    """A participating institution; its enrolled key pair is its identity."""
+
+    __tablename__ = "silos"
+    __table_args__ = (CheckConstraint(_in("status", SiloStatus), name="status"),)
+
+    id: Mapped[str] = mapped_column(String(64), primary_key=True)
+    federation_id: Mapped[int] = mapped_column(ForeignKey("federations.id"))
+    name: Mapped[str] = mapped_column(String(200), unique=True)
+    status: Mapped[str] = mapped_column(String(16), default=SiloStatus.PENDING)
+    signing_key: Mapped[bytes | None] = mapped_column(LargeBinary)  # raw Ed25519 public, 32 B
+    hpke_key: Mapped[bytes | None] = mapped_column(LargeBinary)  # raw X25519 public, 32 B
+    fingerprint: Mapped[str | None] = mapped_column(String(128))
+    epsilon_cap: Mapped[float] = mapped_column(Float)
+    delta: Mapped[float] = mapped_column(Float)
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+    enrolled_at: Mapped[datetime | None]
+    last_seen_at: Mapped[datetime | None]
+    revoked_at: Mapped[datetime | None]
+
+    federation: Mapped[Federation] = relationship()
+
+
+class EnrolmentToken(Base):
+    """A one-time enrolment secret for a silo, stored hashed."""
+
+    __tablename__ = "enrolment_tokens"
+
+    id: Mapped[str] = mapped_column(String(64), primary_key=True)
+    silo_id: Mapped[str] = mapped_column(ForeignKey("silos.id"), index=True)
+    token_hash: Mapped[str] = mapped_column(Hash, unique=True)
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+    expires_at: Mapped[datetime]
+    used_at: Mapped[datetime | None]
+
+    silo: Mapped[Silo] = relationship()
+
+
+class Update(Base):
+    """One update a silo sent, whatever became of it, with the exact signed header."""
+
+    __tablename__ = "updates"
+    __table_args__ = (CheckConstraint(_in("status", UpdateStatus), name="status"),)
+
+    id: Mapped[str] = mapped_column(String(64), primary_key=True)  # chosen by the silo
+    silo_id: Mapped[str] = mapped_column(ForeignKey("silos.id"), index=True)
+    federation_id: Mapped[int] = mapped_column(ForeignKey("federations.id"))
+    base_version: Mapped[int]
+    header: Mapped[dict[str, Any]]
+    header_bytes: Mapped[bytes] = mapped_column(LargeBinary)  # exactly what was signed
+    signature: Mapped[bytes] = mapped_column(LargeBinary)
+    envelope_digest: Mapped[str] = mapped_column(Hash)
+    payload_digest: Mapped[str] = mapped_column(Hash)
+    size: Mapped[int] = mapped_column(BigInt)
+    num_samples: Mapped[int] = mapped_column(BigInt)
+    status: Mapped[str] = mapped_column(String(16), index=True)
+    reason: Mapped[str | None] = mapped_column(String(64))
+    staleness: Mapped[int | None]
+    weight: Mapped[float | None] = mapped_column(Float)
+    resulting_version: Mapped[int | None]
+    epsilon_claimed: Mapped[float | None] = mapped_column(Float)
+    epsilon_computed: Mapped[float | None] = mapped_column(Float)
+    receipt: Mapped[dict[str, Any] | None] = mapped_column(_NullableJSON)
+    receipt_signature: Mapped[bytes | None] = mapped_column(LargeBinary)
+    received_at: Mapped[datetime]
+    decided_at: Mapped[datetime]
+
+    silo: Mapped[Silo] = relationship()
+    federation: Mapped[Federation] = relationship()
+
+
+class PrivacyCharge(Base):
+    """The DP parameters of one accepted update: one term of a silo's composition."""
+
+    __tablename__ = "privacy_charges"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    silo_id: Mapped[str] = mapped_column(ForeignKey("silos.id"), index=True)
+    update_id: Mapped[str] = mapped_column(ForeignKey("updates.id"), unique=True)
+    noise_multiplier: Mapped[float] = mapped_column(Float)
+    sample_rate: Mapped[float] = mapped_column(Float)
+    steps: Mapped[int]
+    max_grad_norm: Mapped[float] = mapped_column(Float)
+    delta: Mapped[float] = mapped_column(Float)
+    epsilon_after: Mapped[float] = mapped_column(Float)
+    epsilon_claimed: Mapped[float | None] = mapped_column(Float)
+    accountant: Mapped[str] = mapped_column(String(16))
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+
+    silo: Mapped[Silo] = relationship()
+    update: Mapped[Update] = relationship()
+
+
+class AuditEvent(Base):
+    """One entry of the hash-chained audit log; written only by ``audit.append``.
+
+    ``at`` and ``details`` are stored as the exact strings that were hashed, so
+    verification is byte-exact on every database. Triggers refuse UPDATE and DELETE.
+    """
+
+    __tablename__ = "audit_events"
+    __table_args__ = (
+        Index("ix_audit_events_actor_seq", "actor", "seq"),
+        Index("ix_audit_events_action_seq", "action", "seq"),
+        Index("ix_audit_events_subject_seq", "subject", "seq"),
+    )
+
+    seq: Mapped[int] = mapped_column(BigInt, primary_key=True, autoincrement=False)
+    at: Mapped[str] = mapped_column(String(32))  # "2026-11-21T10:00:00.123456Z"
+    actor: Mapped[str] = mapped_column(String(200))
+    action: Mapped[str] = mapped_column(String(100))
+    subject: Mapped[str] = mapped_column(String(200))
+    details: Mapped[str] = mapped_column(Text)  # canonical JSON text
+    prev_hash: Mapped[str] = mapped_column(Hash)
+    hash: Mapped[str] = mapped_column(Hash, unique=True)
+
+
+class AuditHead(Base):
+    """The chain head (one row, id 1): locked by every append so appends serialize."""
+
+    __tablename__ = "audit_head"
+    __table_args__ = (CheckConstraint("id = 1", name="single_row"),)
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=False)
+    seq: Mapped[int] = mapped_column(BigInt)
+    hash: Mapped[str] = mapped_column(Hash)
+
+
+class ApiToken(Base):
+    """An operator or auditor bearer token, stored hashed."""
+
+    __tablename__ = "api_tokens"
+    __table_args__ = (CheckConstraint(_in("role", Role), name="role"),)
+
+    id: Mapped[str] = mapped_column(String(64), primary_key=True)  # public token id
+    name: Mapped[str] = mapped_column(String(200), unique=True)
+    role: Mapped[str] = mapped_column(String(16))
+    token_hash: Mapped[str] = mapped_column(Hash, unique=True)
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+    revoked_at: Mapped[datetime | None]
+    last_used_at: Mapped[datetime | None]

@@ -1,0 +1,366 @@
+"""The OpenAPI 3.1 description of every route, served at ``/openapi.json``.
+
+The document is built from the application's own routing table, so it cannot list a
+route that does not exist. Each operation's text comes from the endpoint itself
+(:func:`describe`, used by the admin and audit routes) or, for routes defined
+elsewhere (silo API, health), from :data:`OPERATIONS` below. A route documented
+nowhere still appears, marked ``x-undocumented``; a test fails if any does.
+
+Security schemes: ``bearer`` (admin and audit API; the roles allowed are listed in
+``x-roles``), ``siloSignature`` (silo requests signed with the silo's enrolled
+Ed25519 key, docs/protocol.md). ``POST /api/v1/updates`` is authenticated by the
+envelope's own signature and ``POST /api/v1/enroll`` by its one-time token.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Callable, Iterable, Iterator
+from typing import Any
+
+from starlette.requests import Request
+from starlette.responses import JSONResponse
+from starlette.routing import BaseRoute, Mount, Route
+
+from coordinator.api.auth import roles_of
+from coordinator.errors import STATUS, Reason
+
+__all__ = ["OPERATIONS", "SCHEMAS", "build_spec", "describe", "iter_operations", "path_param", "query", "routes"]
+
+_ATTR = "__openapi__"
+_CONVERTER = re.compile(r"{([^}:]+)(:[^}]+)?}")
+
+
+def _ref(name: str) -> dict[str, str]:
+    return {"$ref": f"#/components/schemas/{name}"}
+
+
+def _obj(required: Iterable[str] = (), **props: Any) -> dict[str, Any]:
+    schema: dict[str, Any] = {"type": "object", "properties": props}
+    if required:
+        schema["required"] = list(required)
+    return schema
+
+
+_STR = {"type": "string"}
+_INT = {"type": "integer"}
+_NUM = {"type": "number"}
+_BOOL = {"type": "boolean"}
+_TIME = {"type": "string", "format": "date-time", "description": "ISO 8601 UTC with microseconds and Z"}
+_B64 = {"type": "string", "contentEncoding": "base64url", "description": "unpadded base64url"}
+
+
+def _nullable(schema: dict[str, Any]) -> dict[str, Any]:
+    return {"anyOf": [schema, {"type": "null"}]}
+
+
+SCHEMAS: dict[str, dict[str, Any]] = {
+    "Error": _obj(
+        ["reason", "detail"],
+        reason={"type": "string", "enum": [r.value for r in Reason]},
+        detail=_STR,
+        audit_seq=_INT,
+    ),
+    "Silo": _obj(
+        ["silo_id", "name", "status", "epsilon_spent", "epsilon_cap", "delta"],
+        silo_id=_STR, name=_STR, status={"enum": ["pending", "active", "revoked"]},
+        epsilon_spent=_NUM, epsilon_cap=_NUM, delta=_NUM, fingerprint=_nullable(_STR),
+        created_at=_TIME, enrolled_at=_nullable(_TIME), last_seen_at=_nullable(_TIME),
+        revoked_at=_nullable(_TIME), updates_accepted=_INT, updates_buffered=_INT, updates_rejected=_INT,
+    ),
+    "SiloList": _obj(["silos"], silos={"type": "array", "items": _ref("Silo")}),
+    "CreateSilo": _obj(["name", "epsilon_cap", "delta"], name=_STR, epsilon_cap=_NUM, delta=_NUM),
+    "SiloCreated": _obj(
+        ["silo_id", "name", "enrolment_token", "expires_at"],
+        silo_id=_STR, name=_STR, enrolment_token={**_STR, "description": "shown once"}, expires_at=_TIME,
+    ),
+    "Settings": {
+        "type": "object",
+        "description": "strategy settings (coordinator.strategies.StrategySettings)",
+        "properties": {
+            "strategy": {"enum": ["fedasync", "fedbuff"]}, "alpha": _NUM,
+            "staleness": {"enum": ["constant", "polynomial", "hinge"]}, "poly_a": _NUM, "hinge_a": _NUM,
+            "hinge_b": _INT, "max_staleness": _INT, "buffer_k": _INT, "server_lr": _NUM,
+            "max_update_norm": _nullable(_NUM),
+        },
+    },
+    "SettingsChange": _obj(["settings"], settings=_ref("Settings")),
+    "Federation": _obj(
+        ["name", "current_version", "settings"],
+        name=_STR, task=_obj(name=_STR, options={"type": "object"}),
+        schema={"type": "array", "items": _obj(name=_STR, shape={"type": "array", "items": _INT}, dtype=_STR)},
+        schema_digest=_STR, current_version=_INT, settings=_ref("Settings"), buffered_updates=_INT,
+        created_at=_TIME,
+    ),
+    "Version": _obj(
+        ["version", "digest", "size", "retained"],
+        version=_INT, digest=_STR, size=_INT, parent_version=_nullable(_INT),
+        produced_by_update=_nullable(_STR), created_at=_TIME, retained=_BOOL, metrics={"type": "object"},
+    ),
+    "VersionPage": _obj(["versions", "next_after"], versions={"type": "array", "items": _ref("Version")},
+                        next_after=_nullable(_INT)),
+    "Update": _obj(
+        ["update_id", "silo_id", "status"],
+        update_id=_STR, silo_id=_STR, status={"enum": ["accepted", "buffered", "rejected"]},
+        reason=_nullable(_STR), base_version=_INT, resulting_version=_nullable(_INT),
+        staleness=_nullable(_INT), weight=_nullable(_NUM), num_samples=_INT, size=_INT,
+        epsilon_claimed=_nullable(_NUM), epsilon_computed=_nullable(_NUM), envelope_digest=_STR,
+        payload_digest=_STR, received_at=_TIME, decided_at=_TIME, header={"type": "object"},
+    ),
+    "UpdatePage": _obj(["updates", "next_after"], updates={"type": "array", "items": _ref("Update")},
+                       next_after=_nullable(_STR)),
+    "Token": _obj(
+        ["token_id", "name", "role"],
+        token_id=_STR, name=_STR, role={"enum": ["admin", "auditor"]}, created_at=_TIME,
+        revoked_at=_nullable(_TIME), last_used_at=_nullable(_TIME),
+    ),
+    "TokenList": _obj(["tokens"], tokens={"type": "array", "items": _ref("Token")}),
+    "CreateToken": _obj(["name", "role"], name=_STR, role={"enum": ["admin", "auditor"]}),
+    "TokenCreated": {
+        "allOf": [_ref("Token"), _obj(["token"], token={**_STR, "description": "fst_<id>_<secret>, shown once"})]
+    },
+    "AuditEvent": _obj(
+        ["seq", "at", "actor", "action", "subject", "details", "prev_hash", "hash"],
+        seq=_INT, at=_STR, actor=_STR, action=_STR, subject=_STR, details={"type": "object"},
+        prev_hash=_STR, hash=_STR,
+    ),
+    "EventPage": _obj(["events", "next_after_seq"], events={"type": "array", "items": _ref("AuditEvent")},
+                      next_after_seq=_nullable(_INT)),
+    "VerifyResult": _obj(
+        ["ok", "checked", "first_bad_seq", "problem", "head_seq", "head_hash"],
+        ok=_BOOL, checked=_INT, first_bad_seq=_nullable(_INT), problem=_nullable(_STR), message=_nullable(_STR),
+        head_seq=_INT, head_hash=_STR,
+    ),
+    "BudgetEntry": _obj(
+        ["update_id", "noise_multiplier", "sample_rate", "steps"],
+        update_id=_STR, noise_multiplier=_NUM, sample_rate=_NUM, steps=_INT, max_grad_norm=_NUM, delta=_NUM,
+        accountant=_STR, epsilon_after=_NUM, epsilon_claimed=_nullable(_NUM), created_at=_TIME,
+    ),
+    "Budget": _obj(
+        ["silo_id", "epsilon_spent", "epsilon_cap", "delta", "history_length"],
+        silo_id=_STR, name=_STR, status=_STR, accountant=_STR, delta=_NUM, epsilon_cap=_NUM, epsilon_spent=_NUM,
+        epsilon_recorded=_NUM, epsilon_claimed=_nullable(_NUM), epsilon_remaining=_NUM, consistent=_BOOL,
+        history_length=_INT, history={"type": "array", "items": _ref("BudgetEntry")},
+    ),
+    "BudgetList": _obj(["budgets"], budgets={"type": "array", "items": _ref("Budget")}),
+    # silo API
+    "EnrollRequest": _obj(["token", "signing_key", "hpke_key"], token=_STR, signing_key=_B64, hpke_key=_B64),
+    "EnrollResponse": _obj(
+        ["silo_id", "name", "federation", "budget", "coordinator"],
+        silo_id=_STR, name=_STR, federation={"type": "object"}, budget={"type": "object"},
+        coordinator=_obj(signing_key=_B64, hpke_key=_B64, fingerprints={"type": "object"}),
+    ),
+    "SiloStatus": _obj(
+        ["silo_id", "status", "epsilon_spent", "epsilon_cap"],
+        silo_id=_STR, status=_STR, epsilon_spent=_NUM, epsilon_cap=_NUM, delta=_NUM, accountant=_STR,
+        history={"type": "array", "items": {"type": "object"}}, updates_accepted=_INT, current_version=_INT,
+    ),
+    "Receipt": _obj(
+        ["status", "receipt", "signature"],
+        status={"enum": ["accepted", "buffered", "rejected"]}, receipt=_B64, signature=_B64,
+        update_id=_STR, resulting_version=_nullable(_INT), audit_seq=_INT, audit_hash=_STR,
+    ),
+    "Health": _obj(["status"], status=_STR),
+}
+
+_SECURITY_SCHEMES = {
+    "bearer": {
+        "type": "http",
+        "scheme": "bearer",
+        "description": "An admin or auditor API token, fst_<token_id>_<secret> (docs/operations.md).",
+    },
+    "siloSignature": {
+        "type": "apiKey",
+        "in": "header",
+        "name": "Fedsilo-Signature",
+        "description": (
+            "Ed25519 signature by the silo's enrolled key over the method, path and query, silo id, "
+            "timestamp, nonce and body digest; sent with Fedsilo-Silo, Fedsilo-Timestamp and "
+            "Fedsilo-Nonce (docs/protocol.md, privacy.envelope.sign_request)."
+        ),
+    },
+}
+
+
+# ------------------------------------------------------------------- describing operations
+
+
+def query(name: str, schema: dict[str, Any], description: str = "", *, required: bool = False) -> dict[str, Any]:
+    """An OpenAPI query parameter."""
+    return {"name": name, "in": "query", "required": required, "schema": schema, "description": description}
+
+
+def path_param(name: str, schema: dict[str, Any] | None = None, description: str = "") -> dict[str, Any]:
+    """An OpenAPI path parameter."""
+    return {"name": name, "in": "path", "required": True, "schema": schema or _STR, "description": description}
+
+
+def _json(schema: dict[str, Any] | str) -> dict[str, Any]:
+    return {"application/json": {"schema": _ref(schema) if isinstance(schema, str) else schema}}
+
+
+def _operation(
+    summary: str,
+    *,
+    description: str = "",
+    tag: str = "",
+    parameters: Iterable[dict[str, Any]] = (),
+    body: str | dict[str, Any] | None = None,
+    body_type: str = "application/json",
+    response: str | dict[str, Any] | None = None,
+    status: int = 200,
+    content_type: str = "application/json",
+    response_headers: dict[str, str] | None = None,
+    errors: Iterable[Reason] = (),
+    security: list[dict[str, list]] | None = None,
+) -> dict[str, Any]:
+    ok: dict[str, Any] = {"description": summary}
+    if response is not None:
+        schema = _ref(response) if isinstance(response, str) else response
+        ok["content"] = {content_type: {"schema": schema}}
+    if response_headers:
+        ok["headers"] = {k: {"description": v, "schema": _STR} for k, v in response_headers.items()}
+    responses: dict[str, Any] = {str(status): ok}
+    for reason in errors:
+        code = str(STATUS[reason])
+        entry = responses.setdefault(code, {"description": "", "content": _json("Error")})
+        entry["description"] = ", ".join(filter(None, [entry["description"], reason.value]))
+    op: dict[str, Any] = {"summary": summary, "responses": responses}
+    if description:
+        op["description"] = description
+    if tag:
+        op["tags"] = [tag]
+    params = list(parameters)
+    if params:
+        op["parameters"] = params
+    if body is not None:
+        schema = _ref(body) if isinstance(body, str) else body
+        op["requestBody"] = {"required": True, "content": {body_type: {"schema": schema}}}
+    if security is not None:
+        op["security"] = security
+    return op
+
+
+def describe(summary: str, **kwargs: Any) -> Callable[[Callable], Callable]:
+    """Attach an OpenAPI operation to an endpoint (keywords as ``_operation``)."""
+    op = _operation(summary, **kwargs)
+
+    def decorate(endpoint: Callable) -> Callable:
+        setattr(endpoint, _ATTR, op)
+        return endpoint
+
+    return decorate
+
+
+_BINARY = {"type": "string", "format": "binary"}
+
+#: Operations of routes defined outside the admin and audit modules, by (method, path).
+OPERATIONS: dict[tuple[str, str], dict[str, Any]] = {
+    ("POST", "/api/v1/enroll"): _operation(
+        "Enrol a silo with its one-time token and public keys", tag="silo", body="EnrollRequest",
+        response="EnrollResponse", errors=[Reason.BAD_TOKEN, Reason.ALREADY_ENROLLED, Reason.INVALID_REQUEST],
+        security=[],
+    ),
+    ("GET", "/api/v1/model"): _operation(
+        "Download the current (or an older retained) global model, with its signed release",
+        tag="silo", parameters=[query("version", _INT, "an older version still retained")],
+        response=_BINARY, content_type="application/octet-stream",
+        response_headers={
+            "Fedsilo-Version": "the version served",
+            "Fedsilo-Release": "base64url of the signed model_release statement",
+            "Fedsilo-Release-Signature": "base64url Ed25519 signature by the coordinator",
+        },
+        errors=[Reason.BAD_SIGNATURE, Reason.REVOKED, Reason.UNKNOWN_VERSION],
+        security=[{"siloSignature": []}],
+    ),
+    ("GET", "/api/v1/status"): _operation(
+        "The calling silo's record: budget spent, history, updates accepted", tag="silo",
+        response="SiloStatus", errors=[Reason.BAD_SIGNATURE, Reason.REVOKED], security=[{"siloSignature": []}],
+    ),
+    ("POST", "/api/v1/updates"): _operation(
+        "Submit one sealed update envelope; returns a signed receipt", tag="silo",
+        description="Authenticated by the envelope's own Ed25519 signature. A resend of an update id "
+                    "returns the original receipt. Rejections carry a reason code and audit_seq.",
+        body=_BINARY, body_type="application/octet-stream", response="Receipt",
+        errors=[r for r in Reason if r.value in {
+            "too_large", "malformed", "unsupported_version", "unknown_silo", "revoked", "bad_signature", "replay",
+            "unknown_base_version", "stale", "decrypt_failed", "digest_mismatch", "malformed_payload",
+            "schema_mismatch", "non_finite", "norm_exceeded", "budget_exceeded", "invalid_dp_parameters"}],
+        security=[],
+    ),
+    ("GET", "/healthz"): _operation("Liveness and database readiness", tag="ops", response="Health", security=[]),
+    ("GET", "/metrics"): _operation(
+        "Prometheus metrics: updates by outcome, fold latency, current version", tag="ops",
+        response=_STR, content_type="text/plain; version=0.0.4", security=[],
+    ),
+    ("GET", "/openapi.json"): _operation(
+        "This document", tag="ops", response={"type": "object"}, security=[],
+    ),
+}
+
+
+# ------------------------------------------------------------------------- building the spec
+
+
+def iter_operations(routes: Iterable[BaseRoute], prefix: str = "") -> Iterator[tuple[str, str, Any]]:
+    """Every ``(method, path, endpoint)`` reachable through ``routes`` (Mounts followed).
+
+    Paths are in OpenAPI form (``{id}``, converters dropped); HEAD is left out (it
+    shadows GET).
+    """
+    for route in routes:
+        if isinstance(route, Mount):
+            yield from iter_operations(route.routes, prefix + route.path)
+        elif isinstance(route, Route):
+            path = _CONVERTER.sub(r"{\1}", prefix + route.path)
+            for method in sorted(route.methods or ("GET",)):
+                if method != "HEAD":
+                    yield method, path, route.endpoint
+
+
+def _path_params(path: str, op: dict[str, Any]) -> None:
+    declared = {p["name"] for p in op.get("parameters", []) if p["in"] == "path"}
+    missing = [path_param(name) for name, _ in _CONVERTER.findall(path) if name not in declared]
+    if missing:
+        op["parameters"] = missing + op.get("parameters", [])
+
+
+def build_spec(routes: Iterable[BaseRoute], *, title: str = "fedsilo coordinator", version: str = "1") -> dict:
+    """The OpenAPI document for ``routes`` (usually ``app.routes``)."""
+    paths: dict[str, dict[str, Any]] = {}
+    for method, path, endpoint in iter_operations(routes):
+        op = getattr(endpoint, _ATTR, None) or OPERATIONS.get((method, path))
+        op = dict(op) if op else {"summary": "", "responses": {"200": {"description": ""}}, "x-undocumented": True}
+        roles = roles_of(endpoint)
+        if roles is not None:
+            op["security"] = [{"bearer": []}]
+            op["x-roles"] = [r.value for r in roles]
+            responses = dict(op["responses"])
+            responses.setdefault("401", {"description": "bad_token", "content": _json("Error")})
+            responses.setdefault("403", {"description": "forbidden", "content": _json("Error")})
+            op["responses"] = responses
+        op["operationId"] = f"{method.lower()}_{path.strip('/').replace('/', '_').replace('{', '').replace('}', '')}"
+        _path_params(path, op)
+        paths.setdefault(path, {})[method.lower()] = op
+    return {
+        "openapi": "3.1.0",
+        "info": {"title": title, "version": version,
+                 "description": "Admin, audit and silo APIs of a fedsilo coordinator (docs/protocol.md, "
+                                "docs/operations.md)."},
+        "paths": dict(sorted(paths.items())),
+        "components": {"schemas": SCHEMAS, "securitySchemes": _SECURITY_SCHEMES},
+    }
+
+
+def routes() -> list[Route]:
+    """``GET /openapi.json``, describing the application it is mounted in."""
+    cache: dict[int, dict] = {}
+
+    async def openapi(request: Request) -> JSONResponse:
+        app = request.app
+        spec = cache.get(id(app))
+        if spec is None:  # the routing table is fixed once the app serves
+            spec = cache[id(app)] = build_spec(app.routes)
+        return JSONResponse(spec)
+
+    return [Route("/openapi.json", openapi, methods=["GET"])]

@@ -1,0 +1,453 @@
+"""Aggregation strategies: staleness functions, FedAsync and FedBuff folds, FedAvg.
+
+Pure functions on named tensors (``dict[str, Tensor]``). This module knows nothing of
+SQL, HTTP or cryptography; ``coordinator.ingest`` decides *when* to fold and calls these
+to decide *what* the new model is.
+
+Sign convention (both strategies): a silo sends ``delta = local_trained - base``, the
+change its local training made to the model version it started from. FedBuff's paper
+writes ``delta = y_0 - y_Q`` and ``w <- w - eta_g * sum / K``; with our sign that is
+``w <- w + eta_g * sum / K``, the same step.
+
+- FedAsync (Xie, Koyejo, Gupta 2019, arXiv:1903.03934):
+  ``x_t = (1 - a_t) x_{t-1} + a_t x_new`` with ``x_new = x_tau + delta`` and
+  ``a_t = alpha * s(t - tau)``. ``alpha`` is a constant: the weight is recomputed for
+  every update, never multiplied into itself (a bug seen in other implementations).
+- FedBuff (Nguyen et al., AISTATS 2022, arXiv:2106.06639): buffer ``K`` deltas, each
+  weighted by ``1 / sqrt(1 + staleness)``; when ``K`` have arrived,
+  ``x <- x + eta_g * sum / K``.
+- FedAvg (McMahan et al. 2017), synchronous, weighted by sample counts: a baseline for
+  benchmarks only.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping, Sequence
+from dataclasses import asdict, dataclass, fields
+from enum import StrEnum
+from typing import Any, Literal
+
+import torch
+
+Tensors = dict[str, torch.Tensor]
+
+__all__ = [
+    "StrategyReason",
+    "StrategyError",
+    "StrategySettings",
+    "constant",
+    "polynomial",
+    "hinge",
+    "staleness_weight",
+    "fedasync_weight",
+    "fedasync_fold",
+    "fedbuff_weight",
+    "fedbuff_accumulate",
+    "fedbuff_apply",
+    "fedavg",
+    "update_norm",
+    "check_staleness",
+    "check_update_norm",
+]
+
+
+class StrategyReason(StrEnum):
+    """Stable reason codes of :class:`StrategyError` (never renamed, never reused)."""
+
+    INVALID_SETTINGS = "invalid_settings"
+    INVALID_STALENESS = "invalid_staleness"
+    STALE = "stale"
+    NORM_EXCEEDED = "norm_exceeded"
+    MISMATCHED_TENSORS = "mismatched_tensors"
+    INVALID_ARGUMENT = "invalid_argument"
+
+
+class StrategyError(Exception):
+    """A strategy refuses its input; ``reason`` is a :class:`StrategyReason`."""
+
+    def __init__(self, reason: StrategyReason | str, message: str = "") -> None:
+        self.reason = StrategyReason(reason)
+        self.message = message or self.reason.value.replace("_", " ")
+        super().__init__(self.message)
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}({self.reason.value!r}, {self.message!r})"
+
+
+StrategyName = Literal["fedasync", "fedbuff"]
+StalenessName = Literal["constant", "polynomial", "hinge"]
+_STRATEGIES = ("fedasync", "fedbuff")
+_STALENESS = ("constant", "polynomial", "hinge")
+
+
+def _is_real(value: object) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def _is_int(value: object) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _invalid(message: str) -> StrategyError:
+    return StrategyError(StrategyReason.INVALID_SETTINGS, message)
+
+
+@dataclass(frozen=True)
+class StrategySettings:
+    """How a federation folds updates. Defaults are the FedAsync paper's.
+
+    ``alpha`` is FedAsync's mixing constant, ``staleness`` names s(.), ``poly_a`` and
+    ``hinge_a``/``hinge_b`` parameterise it; ``max_staleness`` bounds ``t - tau``
+    (beyond it an update is rejected); ``buffer_k`` and ``server_lr`` are FedBuff's
+    K and eta_g; ``max_update_norm`` (global L2 of a delta) is optional.
+    Invalid values raise :class:`StrategyError` (``invalid_settings``).
+    """
+
+    strategy: StrategyName = "fedasync"
+    alpha: float = 0.6
+    staleness: StalenessName = "polynomial"
+    poly_a: float = 0.5
+    hinge_a: float = 10.0
+    hinge_b: int = 4
+    max_staleness: int = 16
+    buffer_k: int = 5
+    server_lr: float = 1.0
+    max_update_norm: float | None = None
+
+    def __post_init__(self) -> None:
+        if self.strategy not in _STRATEGIES:
+            raise _invalid(f"strategy must be one of {', '.join(_STRATEGIES)}, not {self.strategy!r}")
+        if self.staleness not in _STALENESS:
+            raise _invalid(f"staleness must be one of {', '.join(_STALENESS)}, not {self.staleness!r}")
+        for name in ("alpha", "poly_a", "hinge_a", "server_lr"):
+            value = getattr(self, name)
+            if not _is_real(value) or not math.isfinite(value):
+                raise _invalid(f"{name} must be a finite number, not {value!r}")
+            # JSON may give 1 for 1.0; store floats so to_dict() round-trips exactly.
+            object.__setattr__(self, name, float(value))
+        if not 0.0 < self.alpha <= 1.0:
+            raise _invalid(f"alpha must be in (0, 1], not {self.alpha}")
+        for name in ("poly_a", "hinge_a", "server_lr"):
+            if getattr(self, name) <= 0.0:
+                raise _invalid(f"{name} must be > 0, not {getattr(self, name)}")
+        for name, low in (("hinge_b", 0), ("max_staleness", 0), ("buffer_k", 1)):
+            value = getattr(self, name)
+            if not _is_int(value) or value < low:
+                raise _invalid(f"{name} must be an integer >= {low}, not {value!r}")
+        if self.max_update_norm is not None:
+            value = self.max_update_norm
+            if not _is_real(value) or not math.isfinite(value) or value <= 0:
+                raise _invalid(f"max_update_norm must be a positive number or null, not {value!r}")
+            object.__setattr__(self, "max_update_norm", float(value))
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-friendly form; :meth:`from_dict` reverses it."""
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> StrategySettings:
+        """Build settings from a mapping; missing keys take their defaults.
+
+        Raises :class:`StrategyError` (``invalid_settings``) on unknown keys or
+        invalid values.
+        """
+        if not isinstance(data, Mapping):
+            raise _invalid(f"strategy settings must be a mapping, not {type(data).__name__}")
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(str(k) for k in data if k not in known)
+        if unknown:
+            raise _invalid(
+                f"unknown strategy setting(s): {', '.join(unknown)}; known: {', '.join(sorted(known))}"
+            )
+        return cls(**data)
+
+
+# --- staleness functions -------------------------------------------------------------
+
+
+def _check_staleness_value(staleness: float) -> float:
+    if not _is_real(staleness) or not math.isfinite(staleness) or staleness < 0:
+        raise StrategyError(
+            StrategyReason.INVALID_STALENESS,
+            f"staleness must be a finite number >= 0, not {staleness!r}",
+        )
+    return float(staleness)
+
+
+def constant(staleness: float) -> float:
+    """s(t - tau) = 1: every update counts fully, however stale."""
+    _check_staleness_value(staleness)
+    return 1.0
+
+
+def polynomial(staleness: float, a: float = 0.5) -> float:
+    """s(t - tau) = (t - tau + 1)^(-a)."""
+    s = _check_staleness_value(staleness)
+    return (s + 1.0) ** (-a)
+
+
+def hinge(staleness: float, a: float = 10.0, b: float = 4) -> float:
+    """s(t - tau) = 1 if t - tau <= b else 1 / (a (t - tau - b) + 1)."""
+    s = _check_staleness_value(staleness)
+    if s <= b:
+        return 1.0
+    return 1.0 / (a * (s - b) + 1.0)
+
+
+def staleness_weight(settings: StrategySettings, staleness: float) -> float:
+    """The settings' staleness function s(.) at ``staleness`` (in (0, 1])."""
+    if settings.staleness == "constant":
+        return constant(staleness)
+    if settings.staleness == "polynomial":
+        return polynomial(staleness, settings.poly_a)
+    return hinge(staleness, settings.hinge_a, settings.hinge_b)
+
+
+def fedasync_weight(settings: StrategySettings, staleness: float) -> float:
+    """FedAsync's mixing weight ``a_t = alpha * s(t - tau)``.
+
+    Computed afresh for each update from the constant ``alpha``; never feed the result
+    back into the settings.
+    """
+    return settings.alpha * staleness_weight(settings, staleness)
+
+
+def check_staleness(settings: StrategySettings, staleness: int) -> None:
+    """Return if ``staleness`` is within the bound, else raise ``stale``.
+
+    A negative or non-integer staleness (a base version from the future) raises
+    ``invalid_staleness``.
+    """
+    if not _is_int(staleness) or staleness < 0:
+        raise StrategyError(
+            StrategyReason.INVALID_STALENESS,
+            f"staleness must be an integer >= 0, not {staleness!r}",
+        )
+    if staleness > settings.max_staleness:
+        raise StrategyError(
+            StrategyReason.STALE,
+            f"update is {staleness} versions behind; the bound is {settings.max_staleness}",
+        )
+
+
+# --- tensor helpers ------------------------------------------------------------------
+
+
+def _check_like(reference: Mapping[str, torch.Tensor], other: Mapping[str, torch.Tensor], what: str) -> None:
+    """``other`` must hold exactly ``reference``'s names, shapes and dtypes.
+
+    Torch would silently broadcast a (1,)-shaped delta over a (3,)-shaped weight, so
+    shapes are checked here rather than left to the arithmetic.
+    """
+    if reference.keys() != other.keys():
+        missing = sorted(reference.keys() - other.keys())
+        extra = sorted(other.keys() - reference.keys())
+        raise StrategyError(
+            StrategyReason.MISMATCHED_TENSORS,
+            f"{what} does not match the model's tensors (missing: {missing}, unexpected: {extra})",
+        )
+    for name, ref in reference.items():
+        t = other[name]
+        if t.shape != ref.shape or t.dtype != ref.dtype:
+            raise StrategyError(
+                StrategyReason.MISMATCHED_TENSORS,
+                f"{what} tensor {name!r} is {t.dtype} {tuple(t.shape)}; "
+                f"the model's is {ref.dtype} {tuple(ref.shape)}",
+            )
+
+
+def _check_floating(tensors: Mapping[str, torch.Tensor]) -> None:
+    for name, t in tensors.items():
+        if not t.is_floating_point():
+            raise StrategyError(
+                StrategyReason.MISMATCHED_TENSORS,
+                f"tensor {name!r} is {t.dtype}; only floating-point tensors can be averaged",
+            )
+
+
+def _check_unit_weight(weight: float, what: str) -> float:
+    if not _is_real(weight) or not 0.0 <= weight <= 1.0:
+        raise StrategyError(StrategyReason.INVALID_ARGUMENT, f"{what} must be in [0, 1], not {weight!r}")
+    return float(weight)
+
+
+def _same_memory(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """True when ``a`` and ``b`` are views of the same elements (e.g. base is current)."""
+    return (
+        a.data_ptr() == b.data_ptr()
+        and a.shape == b.shape
+        and a.stride() == b.stride()
+        and a.device == b.device
+    )
+
+
+# --- FedAsync ------------------------------------------------------------------------
+
+
+def fedasync_fold(
+    current: Mapping[str, torch.Tensor],
+    base: Mapping[str, torch.Tensor],
+    delta: Mapping[str, torch.Tensor],
+    weight: float,
+    *,
+    inplace: bool = False,
+) -> Tensors:
+    """FedAsync: ``x_t = (1 - w) current + w (base + delta)``.
+
+    ``current`` is the latest global model x_{t-1}, ``base`` the version x_tau the silo
+    trained from, ``delta`` what it sent (``local_trained - base``) and ``weight`` the
+    mixing weight ``a_t`` (see :func:`fedasync_weight`).
+
+    With ``inplace=False`` no input is modified and each output tensor is the only
+    allocation. With ``inplace=True`` the caller hands over ``current``, which is
+    overwritten and returned, and nothing is allocated. When ``base`` *is* ``current``
+    (staleness 0, same tensors) the fold reduces to ``current + w * delta``; that case
+    is detected by memory identity, which ``inplace`` needs for correctness anyway.
+    Inputs must not partially overlap in memory.
+    """
+    w = _check_unit_weight(weight, "weight")
+    _check_floating(current)
+    _check_like(current, base, "base")
+    _check_like(current, delta, "delta")
+    out: Tensors = {}
+    with torch.no_grad():
+        for name, cur in current.items():
+            b, d = base[name], delta[name]
+            if inplace:
+                if _same_memory(d, cur):
+                    d = d.clone()  # would otherwise be scaled before it is read
+                if _same_memory(b, cur):
+                    # base == current, so (1-w) cur + w (cur + d) = cur + w d exactly.
+                    out[name] = cur.add_(d, alpha=w)
+                else:
+                    # (1-w) cur + w b + w d: three passes, no temporary.
+                    out[name] = cur.mul_(1.0 - w).add_(b, alpha=w).add_(d, alpha=w)
+            elif _same_memory(b, cur):
+                out[name] = torch.add(cur, d, alpha=w)
+            else:
+                # x_new = b + d is the one allocation and becomes the result.
+                out[name] = torch.add(b, d).mul_(w).add_(cur, alpha=1.0 - w)
+    return out
+
+
+# --- FedBuff -------------------------------------------------------------------------
+
+
+def fedbuff_weight(staleness: float) -> float:
+    """FedBuff's staleness weight ``1 / sqrt(1 + staleness)``."""
+    return 1.0 / math.sqrt(1.0 + _check_staleness_value(staleness))
+
+
+def fedbuff_accumulate(
+    buffer_sum: Tensors | None,
+    delta: Mapping[str, torch.Tensor],
+    staleness: float,
+) -> Tensors:
+    """Add ``fedbuff_weight(staleness) * delta`` to ``buffer_sum`` and return it.
+
+    ``None`` starts a new buffer (allocated here, ``delta`` is not aliased); an existing
+    buffer is owned by the caller's accumulator and updated in place. The buffer is a
+    plain sum of named tensors, so any summable unit (e.g. a future secure-aggregation
+    cohort, opened to its sum) can stand in for it before :func:`fedbuff_apply`.
+    """
+    w = fedbuff_weight(staleness)
+    _check_floating(delta)
+    with torch.no_grad():
+        if buffer_sum is None:
+            return {name: torch.mul(t, w) for name, t in delta.items()}
+        _check_like(buffer_sum, delta, "delta")
+        for name, t in delta.items():
+            buffer_sum[name].add_(t, alpha=w)
+    return buffer_sum
+
+
+def fedbuff_apply(
+    current: Mapping[str, torch.Tensor],
+    buffer_sum: Mapping[str, torch.Tensor],
+    count: int,
+    server_lr: float,
+    *,
+    inplace: bool = False,
+) -> Tensors:
+    """FedBuff's server step ``x + server_lr * buffer_sum / count``.
+
+    ``count`` is the number of deltas in the buffer (K). With ``inplace=True``
+    ``current`` is overwritten and returned; otherwise nothing is modified.
+    """
+    if not _is_int(count) or count < 1:
+        raise StrategyError(StrategyReason.INVALID_ARGUMENT, f"count must be an integer >= 1, not {count!r}")
+    if not _is_real(server_lr) or not math.isfinite(server_lr) or server_lr <= 0:
+        raise StrategyError(StrategyReason.INVALID_ARGUMENT, f"server_lr must be > 0, not {server_lr!r}")
+    _check_floating(current)
+    _check_like(current, buffer_sum, "buffer")
+    step = float(server_lr) / count
+    with torch.no_grad():
+        if inplace:
+            return {name: cur.add_(buffer_sum[name], alpha=step) for name, cur in current.items()}
+        return {name: torch.add(cur, buffer_sum[name], alpha=step) for name, cur in current.items()}
+
+
+# --- FedAvg (benchmarks only) --------------------------------------------------------
+
+
+def fedavg(models: Sequence[Mapping[str, torch.Tensor]], weights: Sequence[float]) -> Tensors:
+    """Synchronous FedAvg: ``sum_i w_i m_i / sum_i w_i`` (weights are sample counts).
+
+    A baseline for benchmarks; the coordinator never calls it. Inputs are not modified.
+    """
+    if not models:
+        raise StrategyError(StrategyReason.INVALID_ARGUMENT, "fedavg needs at least one model")
+    if len(models) != len(weights):
+        raise StrategyError(
+            StrategyReason.INVALID_ARGUMENT,
+            f"{len(models)} models but {len(weights)} weights",
+        )
+    for w in weights:
+        if not _is_real(w) or not math.isfinite(w) or w < 0:
+            raise StrategyError(
+                StrategyReason.INVALID_ARGUMENT, f"weights must be finite and >= 0, not {w!r}"
+            )
+    total = float(sum(weights))
+    if total <= 0:
+        raise StrategyError(StrategyReason.INVALID_ARGUMENT, "fedavg weights sum to zero")
+    first = models[0]
+    _check_floating(first)
+    for other in models[1:]:
+        _check_like(first, other, "model")
+    with torch.no_grad():
+        out = {name: torch.mul(t, weights[0] / total) for name, t in first.items()}
+        for model, w in zip(models[1:], weights[1:]):
+            for name, t in model.items():
+                out[name].add_(t, alpha=w / total)
+    return out
+
+
+# --- norms ---------------------------------------------------------------------------
+
+
+def update_norm(delta: Mapping[str, torch.Tensor]) -> float:
+    """Global L2 norm over all tensors of ``delta`` (inf or nan if any entry is)."""
+    total = 0.0
+    with torch.no_grad():
+        for t in delta.values():
+            t = t if t.is_floating_point() else t.double()
+            total += float(torch.linalg.vector_norm(t)) ** 2
+    return math.sqrt(total)
+
+
+def check_update_norm(settings: StrategySettings, delta: Mapping[str, torch.Tensor]) -> float:
+    """Return the delta's global L2 norm; raise ``norm_exceeded`` past the bound.
+
+    A non-finite norm always raises. Without ``max_update_norm`` only finiteness is
+    checked.
+    """
+    norm = update_norm(delta)
+    if not math.isfinite(norm):
+        raise StrategyError(StrategyReason.NORM_EXCEEDED, "update has a non-finite norm")
+    if settings.max_update_norm is not None and norm > settings.max_update_norm:
+        raise StrategyError(
+            StrategyReason.NORM_EXCEEDED,
+            f"update norm {norm:.6g} exceeds the bound {settings.max_update_norm:.6g}",
+        )
+    return norm
