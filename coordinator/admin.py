@@ -133,7 +133,7 @@ def _silo_query():
         select(Silo, counts.c.acc, counts.c.buf, counts.c.rej, spent.c.eps)
         .outerjoin(counts, counts.c.silo_id == Silo.id)
         .outerjoin(spent, spent.c.silo_id == Silo.id)
-        .order_by(Silo.created_at, Silo.id)
+        .order_by(Silo.created_at, Silo.name)
     )
 
 
@@ -545,7 +545,7 @@ def budgets(session: Session, *, accountant: str = "rdp", federation_id: int = 1
     Each history is recomputed with the accountant its charges were recorded with;
     ``accountant`` (the coordinator's configured one) applies to silos without any.
     """
-    silos = session.scalars(select(Silo).where(Silo.federation_id == federation_id).order_by(Silo.created_at, Silo.id))
+    silos = session.scalars(select(Silo).where(Silo.federation_id == federation_id).order_by(Silo.created_at, Silo.name))
     return [_report(session, s, default_accountant=accountant, with_history=False) for s in silos]
 
 

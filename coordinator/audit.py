@@ -22,7 +22,7 @@ How to recompute an entry's hash (all you need to check a log independently)
    characters below U+0020, written ``\\b \\t \\n \\f \\r`` or ``\\u00xx`` with
    lowercase hex), everything else as literal UTF-8; numbers as ECMAScript writes
    them (shortest round-trip form: ``1.0 -> 1``, ``0.000001``, ``1e-7``, ``1e+21``).
-   NaN and infinities are not allowed; integers stay within +-2**53. For data
+   NaN and infinities are not allowed, nor integers a double cannot hold. For data
    without floats this is exactly Python's
    ``json.dumps(obj, sort_keys=True, separators=(",", ":"), ensure_ascii=False)``.
 4. Encode as UTF-8 and take SHA-256; ``hash`` is its lowercase hex digest.
@@ -49,6 +49,7 @@ import hashlib
 import json
 import math
 from collections.abc import Iterable, Iterator, Mapping
+from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from decimal import Decimal
@@ -156,9 +157,20 @@ def _encode(v: Any) -> str:
         # json.dumps escapes exactly what RFC 8785 3.2.2.2 requires.
         return json.dumps(v, ensure_ascii=False)
     if isinstance(v, int):
-        if abs(v) > _MAX_SAFE_INT:
-            raise AuditError(AuditReason.NOT_CANONICAL, f"integer {v} beyond 2**53: use a string")
-        return str(v)
+        if abs(v) <= _MAX_SAFE_INT:
+            return str(v)
+        # JSON numbers are IEEE doubles (RFC 8785 3.2.2.3). A larger integer is
+        # accepted only if its digits are what JCS writes for the nearest double
+        # (e.g. 10**20, which is how the float 1e20 is written and then parses
+        # back as a Python int); otherwise other parsers would read another value.
+        try:
+            canonical = _es_number(float(v))
+        except OverflowError:
+            canonical = ""
+        if canonical != str(v):
+            raise AuditError(AuditReason.NOT_CANONICAL, f"integer {v} is not exact as a JSON "
+                             "number: use a string")
+        return canonical
     if isinstance(v, float):
         return _es_number(v)
     if isinstance(v, Mapping):
@@ -291,13 +303,21 @@ def iter_events(
     return list(session.scalars(stmt))
 
 
+@contextmanager
 def _stream(session: Session, after_seq: int = 0, upto: int | None = None) -> Iterator[Any]:
-    """All entries in seq order, fetched in batches (server-side cursor on PostgreSQL)."""
+    """All entries in seq order, fetched in batches (server-side cursor on PostgreSQL).
+
+    A context manager, so that a walk stopping early closes the cursor at once.
+    """
     cols = [getattr(AuditEvent, f) for f in EXPORT_FIELDS]
     stmt = select(*cols).where(AuditEvent.seq > after_seq).order_by(AuditEvent.seq)
     if upto is not None:
         stmt = stmt.where(AuditEvent.seq <= upto)
-    yield from session.execute(stmt.execution_options(yield_per=_STREAM_BATCH))
+    result = session.execute(stmt.execution_options(yield_per=_STREAM_BATCH))
+    try:
+        yield result
+    finally:
+        result.close()
 
 
 def export_jsonl(session: Session, fp: IO[str]) -> int:
@@ -307,9 +327,10 @@ def export_jsonl(session: Session, fp: IO[str]) -> int:
     it reads one consistent snapshot without holding up writers.
     """
     n = 0
-    for row in _stream(session):
-        fp.write(canonical_json(event_to_dict(row)).decode("utf-8") + "\n")
-        n += 1
+    with _stream(session) as rows:
+        for row in rows:
+            fp.write(canonical_json(event_to_dict(row)).decode("utf-8") + "\n")
+            n += 1
     return n
 
 
@@ -319,9 +340,10 @@ def export_csv(session: Session, fp: IO[str]) -> int:
     writer = csv.writer(fp)
     writer.writerow(EXPORT_FIELDS)
     n = 0
-    for row in _stream(session):
-        writer.writerow([getattr(row, f) for f in EXPORT_FIELDS])
-        n += 1
+    with _stream(session) as rows:
+        for row in rows:
+            writer.writerow([getattr(row, f) for f in EXPORT_FIELDS])
+            n += 1
     return n
 
 
@@ -339,7 +361,7 @@ def _normalize(raw: Any) -> dict[str, Any]:
     except KeyError as exc:
         raise _Malformed(f"missing field {exc.args[0]!r}") from None
     seq = out["seq"]
-    if isinstance(seq, str) and seq.isdigit():  # CSV
+    if isinstance(seq, str) and seq.isascii() and seq.isdigit():  # CSV
         seq = int(seq)
     if not isinstance(seq, int) or isinstance(seq, bool):
         raise _Malformed(f"seq {seq!r} is not an integer")
@@ -382,14 +404,18 @@ def verify(
     from a signed head) to detect entries removed from its end.
     """
     if isinstance(source, Session):
-        head_seq, head_hash = get_head(source)
+        head = get_head(source)
         # Read the head first and stop there: entries appended meanwhile belong
         # to a later head.
-        entries: Iterable[Any] = _stream(source, after_seq, head_seq)
-        expected_head = (head_seq, head_hash)
-    else:
-        entries = source
+        with _stream(source, after_seq, upto=head[0]) as rows:
+            return _walk(rows, after_seq, after_hash, head)
+    return _walk(source, after_seq, after_hash, expected_head)
 
+
+def _walk(
+    entries: Iterable[Any], after_seq: int, after_hash: str,
+    expected_head: tuple[int, str] | None,
+) -> VerifyResult:
     expected_seq, prev_hash, checked = after_seq + 1, after_hash, 0
 
     def bad(seq: int | None, problem: AuditProblem, message: str) -> VerifyResult:

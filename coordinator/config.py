@@ -83,7 +83,10 @@ class CoordinatorConfig:
     def save(self) -> Path:
         data = {k: (str(v) if isinstance(v, Path) else v) for k, v in asdict(self).items() if k != "data_dir"}
         path = self.data_dir / CONFIG_FILE
-        path.write_text(tomli_w.dumps({"coordinator": data}))
+        # 0600: the database URL may carry a password.
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        with os.fdopen(fd, "w") as f:
+            f.write(tomli_w.dumps({"coordinator": data}))
         return path
 
     def with_(self, **changes) -> CoordinatorConfig:

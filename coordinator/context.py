@@ -19,6 +19,7 @@ from privacy.keys import Identity
 
 from .config import CoordinatorConfig
 from .federation import ModelCache
+from .metrics import Metrics
 
 
 def utc_now() -> datetime:
@@ -34,11 +35,13 @@ class Coordinator:
     federation_id: int = 1
     #: Decoded weights of recent versions, keyed by (version, digest); see federation.py.
     cache: ModelCache = field(default_factory=ModelCache)
+    metrics: Metrics = field(init=False, repr=False)
     _sessions: sessionmaker = field(init=False, repr=False)
     _limiters: dict[str, anyio.CapacityLimiter] = field(init=False, repr=False, default_factory=dict)
 
     def __post_init__(self) -> None:
         self._sessions = sessionmaker(self.engine, expire_on_commit=False)
+        self.metrics = Metrics(self.engine, federation_id=self.federation_id)
 
     @classmethod
     def open(cls, config: CoordinatorConfig, *, clock: Callable[[], datetime] = utc_now) -> Coordinator:

@@ -114,9 +114,8 @@ def _sqlite_engine(u: URL, **kwargs: Any) -> Engine:
             # switching to WAL waits for a lock rather than failing.
             cur.execute("PRAGMA journal_mode = WAL")
             cur.execute("PRAGMA foreign_keys = ON")
-            # In WAL mode NORMAL is durable across application crashes and only
-            # loses the last transactions on power loss; FULL is the safe choice
-            # for an audit log, so keep it explicit.
+            # fsync at every commit: with WAL, NORMAL may lose the last commits on
+            # power loss, and a receipt must never outlive the row it refers to.
             cur.execute("PRAGMA synchronous = FULL")
         finally:
             cur.close()

@@ -37,6 +37,7 @@ __all__ = [
     "ACTION_VERSION_CREATED",
     "ACTION_VERSIONS_PRUNED",
     "ModelCache",
+    "current_version",
     "Release",
     "StorageCorrupted",
     "init_federation",
@@ -59,6 +60,11 @@ class StorageCorrupted(Exception):
 
     Never a client's fault: it surfaces as a 500 and in the logs.
     """
+
+
+def current_version(session: Session, federation_id: int = 1) -> int:
+    """The federation's current model version (raises if the federation does not exist)."""
+    return int(session.execute(select(Federation.current_version).where(Federation.id == federation_id)).scalar_one())
 
 
 def settings_of(fed: Federation) -> StrategySettings:

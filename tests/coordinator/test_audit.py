@@ -34,6 +34,9 @@ T0 = datetime(2026, 11, 21, 10, 0, 0, 123456, tzinfo=UTC)
          "[0,0,1,-1.5,1e+21,100000000000000000000,0.000001,1e-7,5e-324,9007199254740991]"),
         ([1.7976931348623157e308, 295147905179352830000.0, 123e-20],
          "[1.7976931348623157e+308,295147905179352830000,1.23e-18]"),
+        # large integers whose digits are the canonical form of a double
+        ([2**53, 10**20, 295147905179352830000],
+         "[9007199254740992,100000000000000000000,295147905179352830000]"),
         # RFC 8785 3.2.2.2 string example
         ("\u20ac$\u000f\u000aA'\u0042\u0022\u005c\\\"/", '"€$\\u000f\\nA\'B\\"\\\\\\\\\\"/"'),
         ({"b": [True, False, None], "a": {"z": 1, "y": "ü"}},
@@ -51,8 +54,8 @@ def test_canonical_json_follows_rfc_8785(value: Any, expected: str) -> None:
 
 @pytest.mark.parametrize(
     "value",
-    [float("nan"), float("inf"), {1: "a"}, 2**53, b"x", T0, "\ud800"],
-    ids=["nan", "inf", "int-key", "big-int", "bytes", "datetime", "lone-surrogate"],
+    [float("nan"), float("inf"), {1: "a"}, 2**53 + 1, 10**400, b"x", T0, "\ud800"],
+    ids=["nan", "inf", "int-key", "inexact-int", "huge-int", "bytes", "datetime", "lone-surrogate"],
 )
 def test_canonical_json_refuses_what_it_cannot_encode_exactly(value: Any) -> None:
     with pytest.raises(AuditError) as err:
@@ -89,7 +92,8 @@ def _append_n(engine: sa.Engine, n: int, start: int = 0) -> None:
         with transaction(engine) as s:
             audit.append(
                 s, actor=f"silo-{i % 3}", action="update.accepted" if i % 2 else "silo.enrol",
-                subject=f"update:{i}", details={"i": i, "eps": i / 7}, now=T0 + timedelta(seconds=i),
+                subject=f"update:{i}", details={"i": i, "eps": i / 7},
+                now=T0 + timedelta(seconds=i),
             )
 
 

@@ -1,0 +1,47 @@
+"""The one place where errors become HTTP responses.
+
+* :class:`~coordinator.errors.CoordinatorError` -> ``{"reason", "detail", ...}`` with the
+  status from ``coordinator.errors.STATUS`` (rejections add ``audit_seq`` and, when the
+  envelope's signature verified, a signed rejection receipt).
+* Starlette's own HTTPException (unknown route, wrong method) -> the same JSON shape.
+* Anything else -> 500 with a generic body; the traceback goes to the log, never to
+  the client.
+"""
+
+from __future__ import annotations
+
+import logging
+
+from starlette.exceptions import HTTPException
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response
+
+from ..errors import CoordinatorError
+
+__all__ = ["INTERNAL_ERROR", "exception_handlers"]
+
+log = logging.getLogger("fedsilo.coordinator")
+
+INTERNAL_ERROR = "internal_error"
+_HTTP_REASONS = {404: "not_found", 405: "method_not_allowed", 413: "too_large"}
+
+
+async def coordinator_error(request: Request, exc: CoordinatorError) -> Response:
+    headers = {"WWW-Authenticate": 'Fedsilo-Signature realm="fedsilo"'} if exc.status == 401 else None
+    return JSONResponse(exc.to_json(), status_code=exc.status, headers=headers)
+
+
+async def http_error(request: Request, exc: HTTPException) -> Response:
+    reason = _HTTP_REASONS.get(exc.status_code, "invalid_request" if exc.status_code < 500 else INTERNAL_ERROR)
+    return JSONResponse({"reason": reason, "detail": exc.detail}, status_code=exc.status_code, headers=exc.headers)
+
+
+async def internal_error(request: Request, exc: Exception) -> Response:
+    log.error("unhandled error on %s %s", request.method, request.url.path, exc_info=exc)
+    return JSONResponse({"reason": INTERNAL_ERROR, "detail": "internal error; see the coordinator's log"},
+                        status_code=500)
+
+
+def exception_handlers() -> dict:
+    """The handlers to pass to ``Starlette(exception_handlers=...)``."""
+    return {CoordinatorError: coordinator_error, HTTPException: http_error, Exception: internal_error}

@@ -1,0 +1,98 @@
+"""The silo API, mounted at ``/api/v1`` (docs/protocol.md is the wire format).
+
+Thin routes: each parses the request, calls one service in a worker thread
+(:mod:`coordinator.silos`, :mod:`coordinator.ingest`) and serializes the answer.
+Errors are raised, never caught here: ``coordinator.api.errors`` renders them.
+"""
+
+from __future__ import annotations
+
+import json
+
+from starlette.concurrency import run_in_threadpool
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response
+from starlette.routing import Route
+
+from privacy.keys import b64e
+
+from .. import ingest, silos
+from ..context import Coordinator
+from ..errors import ApiError, Reason
+
+__all__ = ["routes", "target_of"]
+
+
+def target_of(request: Request) -> str:
+    """The request target exactly as sent (path and query string), which silos sign."""
+    path = request.scope.get("raw_path") or request.url.path.encode()
+    query = request.scope.get("query_string") or b""
+    return (path + (b"?" + query if query else b"")).decode("latin-1")
+
+
+async def _small_body(request: Request, limit: int) -> bytes:
+    """The body of a small request, refused past ``limit`` bytes without reading on."""
+    declared = request.headers.get("content-length")
+    if declared is not None and declared.isdigit() and int(declared) > limit:
+        raise ApiError(Reason.INVALID_REQUEST, f"the request body is larger than {limit} bytes")
+    parts, size = [], 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > limit:
+            raise ApiError(Reason.INVALID_REQUEST, f"the request body is larger than {limit} bytes")
+        parts.append(chunk)
+    return b"".join(parts)
+
+
+def routes(ctx: Coordinator) -> list[Route]:
+    """The silo-facing routes, relative to their mount point ``/api/v1``."""
+    limit = ctx.config.max_request_bytes
+
+    async def signed(request: Request) -> silos.SignedRequest:
+        body = await _small_body(request, limit)
+        return silos.SignedRequest(request.method, target_of(request), body, request.headers)
+
+    async def enroll(request: Request) -> Response:
+        raw = await _small_body(request, limit)
+        try:
+            body = json.loads(raw)
+        except (UnicodeDecodeError, json.JSONDecodeError):
+            raise ApiError(Reason.INVALID_REQUEST, "the body is not valid JSON") from None
+        if not isinstance(body, dict):
+            raise ApiError(Reason.INVALID_REQUEST, "the body must be a JSON object")
+        remote = request.client.host if request.client else None
+        return JSONResponse(await run_in_threadpool(silos.enroll, ctx, body, remote=remote))
+
+    async def model(request: Request) -> Response:
+        raw = request.query_params.get("version")
+        if raw is not None and not raw.isdigit():
+            raise ApiError(Reason.INVALID_REQUEST, "version must be a non-negative integer")
+        req = await signed(request)
+        release = await run_in_threadpool(silos.model, ctx, req, int(raw) if raw is not None else None)
+        return Response(
+            release.blob,
+            media_type="application/octet-stream",
+            headers={
+                "Fedsilo-Version": str(release.version),
+                "Fedsilo-Release": b64e(release.statement),
+                "Fedsilo-Release-Signature": b64e(release.signature),
+                "ETag": f'"{release.digest}"',
+                "Cache-Control": "no-store",
+            },
+        )
+
+    async def status(request: Request) -> Response:
+        req = await signed(request)
+        return JSONResponse(await run_in_threadpool(silos.status, ctx, req))
+
+    async def updates(request: Request) -> Response:
+        body = await ingest.read_envelope(ctx, request.stream(), request.headers.get("content-length"))
+        outcome = await ingest.ingest(ctx, body)
+        return JSONResponse(outcome.body)
+
+    return [
+        Route("/enroll", enroll, methods=["POST"]),
+        Route("/model", model, methods=["GET"]),
+        Route("/status", status, methods=["GET"]),
+        Route("/updates", updates, methods=["POST"]),
+    ]

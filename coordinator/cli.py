@@ -1,0 +1,242 @@
+"""``fedsilo-coordinator``: init, serve, verify, migrate (and demo, when installed).
+
+Each command parses its options and calls one function (``bootstrap.initialize``,
+:func:`serve`, :func:`verify_log`, ``db.upgrade``), which tests call directly too.
+User errors print one line saying what to do and exit 2; ``verify`` exits 1 when the
+log does not verify, naming the first bad entry.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import json
+import os
+import sys
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+from typing import Any
+
+__all__ = ["main", "serve", "verify_log"]
+
+EXIT_OK, EXIT_BAD_LOG, EXIT_USAGE = 0, 1, 2
+
+
+class CliError(Exception):
+    """A user error: printed as one line, exit status 2."""
+
+
+def _key_value(text: str) -> tuple[str, Any]:
+    key, sep, raw = text.partition("=")
+    if not sep or not key:
+        raise argparse.ArgumentTypeError(f"expected KEY=VALUE, got {text!r}")
+    try:
+        value = json.loads(raw)  # numbers, lists, true/false/null
+    except json.JSONDecodeError:
+        value = raw  # a plain string
+    return key.strip(), value
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="fedsilo-coordinator",
+        description="Run the coordinator of an asynchronous, privacy-preserving federation.",
+        epilog="Start with 'init', then 'serve'. Each command has --help.",
+    )
+    sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    init = sub.add_parser("init", help="create a coordinator: config, keys, database, model version 0, admin token",
+                          description="Create a coordinator in DIR. Prints the first admin token once.")
+    init.add_argument("--data-dir", required=True, type=Path, metavar="DIR", help="where config, keys and (by default) the SQLite database live")
+    init.add_argument("--database-url", metavar="URL", help="any SQLAlchemy URL, e.g. postgresql://user@host/db (default: SQLite in DIR)")
+    init.add_argument("--task", required=True, metavar="NAME", help="built-in task (breast_cancer, csv, digits) or package.module:factory")
+    init.add_argument("--task-option", action="append", type=_key_value, default=[], metavar="KEY=VALUE",
+                      help="task option, value as JSON if it parses (e.g. features=8, hidden=[16,8]); repeatable")
+    init.add_argument("--name", default="fedsilo", help="the federation's name (default: fedsilo)")
+    init.add_argument("--strategy", choices=("fedasync", "fedbuff"), default="fedasync", help="aggregation strategy (default: fedasync)")
+    init.add_argument("--setting", action="append", type=_key_value, default=[], metavar="KEY=VALUE",
+                      help="strategy setting, e.g. alpha=0.6, max_staleness=8, buffer_k=5; repeatable")
+    init.add_argument("--host", default="127.0.0.1", help="address to serve on (default: 127.0.0.1)")
+    init.add_argument("--port", type=int, default=8600, help="port to serve on (default: 8600)")
+    init.add_argument("--public-url", default="", help="how silos reach the coordinator, if behind a proxy")
+    init.add_argument("--json", action="store_true", help="print one JSON object (token, URLs, fingerprints) for scripts")
+
+    serve_p = sub.add_parser("serve", help="serve the silo, admin and audit APIs",
+                             description="Serve DIR's coordinator under uvicorn. Several workers may share one database.")
+    serve_p.add_argument("--data-dir", required=True, type=Path, metavar="DIR")
+    serve_p.add_argument("--host", help="override the configured address")
+    serve_p.add_argument("--port", type=int, help="override the configured port")
+    serve_p.add_argument("--workers", type=int, default=1, metavar="N", help="worker processes (default: 1)")
+    serve_p.add_argument("--log-level", default="info", choices=("critical", "error", "warning", "info", "debug"))
+
+    verify = sub.add_parser("verify", help="verify the audit log's hash chain, online or from an export",
+                            description="Walk the audit chain; exit 1 and name the first bad entry if it does not verify.")
+    source = verify.add_mutually_exclusive_group(required=True)
+    source.add_argument("--data-dir", type=Path, metavar="DIR", help="verify the live log in DIR's database")
+    source.add_argument("--export", type=Path, metavar="FILE", help="verify a JSONL export (from /api/audit/export)")
+    verify.add_argument("--json", action="store_true", help="print the result as JSON")
+
+    migrate = sub.add_parser("migrate", help="upgrade DIR's database schema to this version",
+                             description="Run the database migrations (safe to run while other processes start).")
+    migrate.add_argument("--data-dir", required=True, type=Path, metavar="DIR")
+
+    demo = sub.add_parser("demo", help="run the end-to-end demonstration", add_help=False)
+    demo.add_argument("args", nargs=argparse.REMAINDER)
+    return p
+
+
+# --------------------------------------------------------------------------- commands
+
+
+def serve(data_dir: Path, *, host: str | None = None, port: int | None = None, workers: int = 1,
+          log_level: str = "info") -> None:
+    """Run the app under uvicorn until interrupted (several processes with ``workers``)."""
+    import uvicorn
+
+    from .app import DATA_DIR_ENV, StartupError, open_coordinator
+
+    if workers < 1:
+        raise CliError("--workers must be at least 1")
+    try:
+        ctx = open_coordinator(data_dir)  # fail here, readably, rather than in each worker
+    except StartupError as exc:
+        raise CliError(str(exc)) from None
+    config = ctx.config
+    ctx.close()
+    os.environ[DATA_DIR_ENV] = str(Path(data_dir).resolve())
+    # Workers read their configuration from the environment, overrides included.
+    if host:
+        os.environ["FEDSILO_HOST"] = host
+    if port:
+        os.environ["FEDSILO_PORT"] = str(port)
+    uvicorn.run(
+        "coordinator.app:create_app_from_env",
+        factory=True,
+        host=host or config.host,
+        port=port or config.port,
+        workers=workers,
+        log_level=log_level,
+        server_header=False,
+        timeout_graceful_shutdown=10,
+    )
+
+
+def _jsonl(path: Path) -> Iterator[dict]:
+    with path.open(encoding="utf-8") as f:
+        for line in f:
+            if not line.strip():
+                continue
+            try:
+                yield json.loads(line)
+            except json.JSONDecodeError:
+                yield {}  # verify reports it as malformed, at its position in the chain
+
+
+def verify_log(*, data_dir: Path | None = None, export: Path | None = None):
+    """Verify the live log (``data_dir``) or a JSONL export; return audit.VerifyResult."""
+    from . import audit, db
+    from .config import ConfigError, CoordinatorConfig
+
+    if export is not None:
+        if not export.exists():
+            raise CliError(f"{export} does not exist")
+        return audit.verify(_jsonl(export))
+    if data_dir is None or not (data_dir / "coordinator.toml").exists():
+        raise CliError(f"{data_dir} is not a coordinator data directory (no coordinator.toml)")
+    try:
+        config = CoordinatorConfig.load(data_dir)
+    except ConfigError as exc:
+        raise CliError(str(exc)) from None
+    engine = db.make_engine(config.database_url)
+    try:
+        with db.transaction(engine, read_only=True) as s:
+            return audit.verify(s)
+    finally:
+        engine.dispose()
+
+
+def _init(args: argparse.Namespace) -> int:
+    from .bootstrap import InitError, initialize
+
+    try:
+        result = initialize(
+            args.data_dir, task=args.task, task_options=dict(args.task_option), database_url=args.database_url,
+            name=args.name, strategy=args.strategy, settings=dict(args.setting), host=args.host, port=args.port,
+            public_url=args.public_url,
+        )
+    except InitError as exc:
+        raise CliError(str(exc)) from None
+    out = result.to_json()
+    if args.json:
+        print(json.dumps(out, indent=None, sort_keys=True))
+        return EXIT_OK
+    print(f"Initialised federation {out['federation']!r} in {out['data_dir']}")
+    print(f"  database:     {out['database_url']}")
+    print(f"  task:         {out['task']['name']} {json.dumps(out['task']['options'])} ({out['parameters']} parameters)")
+    print(f"  signing key:  {out['fingerprints']['signing']}")
+    print(f"  HPKE key:     {out['fingerprints']['hpke']}")
+    print()
+    print("Admin token (shown once; store it in a secret manager):")
+    print(f"  {out['admin_token']}")
+    print()
+    print(f"Next: fedsilo-coordinator serve --data-dir {args.data_dir}")
+    return EXIT_OK
+
+
+def _verify(args: argparse.Namespace) -> int:
+    result = verify_log(data_dir=args.data_dir, export=args.export)
+    if args.json:
+        print(json.dumps({
+            "ok": result.ok, "checked": result.checked, "first_bad_seq": result.first_bad_seq,
+            "problem": result.problem.value if result.problem else None, "message": result.message,
+            "head_seq": result.head_seq, "head_hash": result.head_hash,
+        }, sort_keys=True))
+    elif result.ok:
+        print(f"OK: {result.checked} entries verify; head seq {result.head_seq} hash {result.head_hash}")
+    else:
+        print(f"FAILED at seq {result.first_bad_seq}: {result.problem.value} -- {result.message} "
+              f"({result.checked} entries verified before it)")
+    return EXIT_OK if result.ok else EXIT_BAD_LOG
+
+
+def _migrate(args: argparse.Namespace) -> int:
+    from . import db
+    from .config import ConfigError, CoordinatorConfig
+
+    try:
+        config = CoordinatorConfig.load(args.data_dir)
+    except ConfigError as exc:
+        raise CliError(str(exc)) from None
+    db.upgrade(config.database_url)
+    print(f"database schema at {db.head_revision()}")
+    return EXIT_OK
+
+
+def _demo(args: argparse.Namespace) -> int:
+    if importlib.util.find_spec("coordinator.demo") is None:
+        raise CliError("the demo is not part of this installation")
+    from coordinator import demo  # type: ignore[attr-defined]
+
+    return int(demo.main(list(args.args)) or 0)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of ``fedsilo-coordinator``; returns the exit status."""
+    args = _parser().parse_args(argv)
+    handlers = {"init": _init, "serve": _serve, "verify": _verify, "migrate": _migrate, "demo": _demo}
+    try:
+        return handlers[args.command](args)
+    except CliError as exc:
+        print(f"fedsilo-coordinator {args.command}: error: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    except KeyboardInterrupt:
+        return 130
+
+
+def _serve(args: argparse.Namespace) -> int:
+    serve(args.data_dir, host=args.host, port=args.port, workers=args.workers, log_level=args.log_level)
+    return EXIT_OK
+
+
+if __name__ == "__main__":
+    sys.exit(main())

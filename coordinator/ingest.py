@@ -1,0 +1,213 @@
+"""The ingest pipeline for one update: every check, in DESIGN.md's order, then the fold.
+
+     1  size limit       :func:`read_envelope` refuses on Content-Length, stops reading past it
+     2  parse            structure only: magic, format version, suite, lengths
+     3  silo             known, enrolled and not revoked
+     4  signature        Ed25519 over the envelope; then the header, strictly
+     5  replay           update id unique (a resend of an accepted update gets its receipt
+                         again, never a second fold); created_at within the window
+     6  base version     known; staleness within the bound
+     7  decrypt          HPKE; the payload must match the signed digest
+     8  decode + schema  safetensors; names, shapes, dtypes, all finite, norm bound
+     9  budget           the silo's composed epsilon with this update <= its cap
+    10  fold             :func:`coordinator.fold.commit`: one transaction under the
+                         federation lock, which re-checks 5, 6 and 9
+
+Steps 2-9 run in a worker thread bounded by ``ctx.ingest_limiter`` (several updates
+at once, the event loop never blocks on crypto or SQL); step 10 in a thread bounded by
+``ctx.fold_limiter``. The first failing check raises :class:`IngestRejected` after one
+audit entry in its own transaction (:mod:`coordinator.rejections`): nothing else
+changes. Foreign errors (privacy library, strategies) are translated at this boundary
+by ``rejections.TRANSLATION``.
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import AsyncIterator
+from datetime import datetime, timedelta
+
+from anyio import to_thread
+
+from privacy import codec
+from privacy.envelope import parse_timestamp, parse_update
+from privacy.errors import PrivacyError
+from privacy.errors import Reason as PrivacyReason
+from privacy.keys import signing_public_from_raw
+
+from . import budget, fold, receipts, rejections
+from .context import Coordinator
+from .fold import Outcome, Prepared
+from .errors import IngestRejected, Reason
+from .federation import settings_of
+from .models import Federation, ModelVersion, Silo, SiloStatus, Update, UpdateStatus
+from .rejections import Evidence, Refusal, translate
+from .strategies import StrategyError, check_staleness
+
+__all__ = ["ACCOUNTANTS", "Outcome", "Prepared", "check", "ingest", "read_envelope"]
+
+#: Accountant names a silo may state in its header (its claim's method; ours is config.accountant).
+ACCOUNTANTS = ("rdp", "prv")
+
+
+# --------------------------------------------------------------------------- step 1
+
+
+async def read_envelope(ctx: Coordinator, chunks: AsyncIterator[bytes], declared_length: str | None) -> bytes:
+    """Read the request body, refusing (``too_large``) as soon as it passes the limit.
+
+    A declared Content-Length over the limit is refused before a byte is read; a body
+    without one (chunked) is read only up to the limit.
+    """
+    limit = ctx.config.max_update_bytes
+    if declared_length is not None and declared_length.isdigit() and int(declared_length) > limit:
+        await _too_large(ctx, int(declared_length), limit)
+    parts: list[bytes] = []
+    size = 0
+    async for chunk in chunks:
+        size += len(chunk)
+        if size > limit:
+            await _too_large(ctx, size, limit)
+        parts.append(chunk)
+    return b"".join(parts)
+
+
+async def _too_large(ctx: Coordinator, size: int, limit: int) -> None:
+    detail = f"the envelope is at least {size} bytes; the limit is {limit}"
+    ev = Evidence(size=size, received_at=ctx.clock())
+    error = await to_thread.run_sync(functools.partial(_refuse, ctx, ev, Refusal(Reason.TOO_LARGE, detail)))
+    ctx.metrics.observe_update("rejected", reason=Reason.TOO_LARGE.value)
+    raise error
+
+
+def _refuse(ctx: Coordinator, ev: Evidence, refusal: Refusal) -> IngestRejected:
+    with ctx.transaction() as session:
+        return rejections.record(session, ctx.identity, ctx.federation_id, ev, refusal, ctx.clock())
+
+
+# --------------------------------------------------------------------------- the pipeline
+
+
+async def ingest(ctx: Coordinator, body: bytes) -> Outcome:
+    """Run one envelope through steps 2-10; return the outcome or raise IngestRejected."""
+    received_at = ctx.clock()
+    try:
+        prepared = await to_thread.run_sync(
+            functools.partial(check, ctx, body, received_at), limiter=ctx.ingest_limiter
+        )
+        if isinstance(prepared, Outcome):
+            outcome = prepared
+        else:
+            outcome = await to_thread.run_sync(functools.partial(fold.commit, ctx, prepared), limiter=ctx.fold_limiter)
+    except IngestRejected as exc:
+        ctx.metrics.observe_update("rejected", reason=exc.reason.value)
+        raise
+    if not outcome.resend:  # a resend decides nothing new
+        ctx.metrics.observe_update(outcome.status, outcome.fold_seconds)
+    return outcome
+
+
+def check(ctx: Coordinator, body: bytes, received_at: datetime) -> Prepared | Outcome:
+    """Steps 2-9 (blocking: run it in a worker thread). Audits and raises on refusal."""
+    ev = Evidence(size=len(body), received_at=received_at)
+    try:
+        return _check(ctx, body, ev)
+    except Refusal as refusal:
+        if ev.sealed is None:
+            ev.body_digest = rejections.body_digest(body)
+        raise _refuse(ctx, ev, refusal) from None
+
+
+def _check(ctx: Coordinator, body: bytes, ev: Evidence) -> Prepared | Outcome:
+    cfg = ctx.config
+
+    # 2. parse -------------------------------------------------------------------------
+    try:
+        sealed = parse_update(body)
+    except PrivacyError as exc:
+        raise translate(exc) from None
+    ev.sealed = sealed
+
+    # 3. silo known and active ---------------------------------------------------------
+    with ctx.read() as s:
+        silo = s.get(Silo, sealed.signer_id)
+        if silo is None or silo.signing_key is None:
+            raise Refusal(Reason.UNKNOWN_SILO, f"no enrolled silo has the id {sealed.signer_id!r}")
+        if silo.status == SiloStatus.REVOKED:
+            raise Refusal(Reason.REVOKED)
+        signing_key, epsilon_cap, silo_delta = silo.signing_key, silo.epsilon_cap, silo.delta
+
+    # 4. signature, then the header ----------------------------------------------------
+    try:
+        header = sealed.verify(signing_public_from_raw(signing_key))
+    except PrivacyError as exc:
+        ev.signed = exc.reason != PrivacyReason.BAD_SIGNATURE  # a malformed header was still signed
+        raise translate(exc) from None
+    ev.signed, ev.header = True, header
+    if header.payload_kind != "delta":
+        raise Refusal(Reason.UNSUPPORTED_VERSION, f"payload kind {header.payload_kind!r} is not supported")
+
+    # 5. replay ------------------------------------------------------------------------
+    with ctx.read() as s:
+        existing = s.get(Update, header.update_id)
+        if existing is not None:
+            if existing.envelope_digest == sealed.envelope_digest and existing.silo_id == silo.id:
+                if existing.status == UpdateStatus.REJECTED:
+                    raise rejections.stored_rejection(existing)
+                return Outcome(existing.receipt["status"], receipts.render(existing.receipt, existing.receipt_signature),
+                               resend=True, version=existing.resulting_version)
+            raise Refusal(Reason.REPLAY, f"update id {header.update_id} was already used for a different envelope")
+        now = ctx.clock()
+        created = parse_timestamp(header.created_at)
+        if created < now - timedelta(seconds=cfg.max_update_age_seconds):
+            raise Refusal(Reason.REPLAY, f"created_at {header.created_at} is older than the accepted window")
+        if created > now + timedelta(seconds=cfg.max_clock_skew_seconds):
+            raise Refusal(Reason.REPLAY, f"created_at {header.created_at} is in the future")
+
+        # 6. base version known, staleness within the bound ------------------------------
+        fed = s.get(Federation, ctx.federation_id)
+        settings = settings_of(fed)
+        base = s.get(ModelVersion, (fed.id, header.base_version)) if header.base_version <= fed.current_version else None
+        if base is None:
+            raise Refusal(Reason.UNKNOWN_BASE_VERSION,
+                          f"base version {header.base_version} is not known (current: {fed.current_version})")
+        ev.staleness = fed.current_version - header.base_version
+        try:
+            check_staleness(settings, ev.staleness)
+        except StrategyError as exc:
+            raise translate(exc) from None
+        if settings.strategy == "fedasync" and base.blob is None:
+            raise Refusal(Reason.UNKNOWN_BASE_VERSION, f"the weights of base version {header.base_version} were pruned")
+        schema = codec.Schema.from_json(fed.schema)
+        schema_digest = fed.schema_digest
+        past = budget.history(s, silo.id)
+
+    # 7. decrypt -----------------------------------------------------------------------
+    try:
+        payload = sealed.decrypt(ctx.identity.hpke, header)
+    except PrivacyError as exc:
+        raise translate(exc) from None
+
+    # 8. decode and schema check -------------------------------------------------------
+    if header.schema_digest != schema_digest:
+        raise Refusal(Reason.SCHEMA_MISMATCH, "the header's schema digest is not this federation's")
+    try:
+        delta = codec.decode(payload)
+        del payload  # the tensors own copies now; let the plaintext go
+        schema.check(delta, max_norm=settings.max_update_norm)
+    except PrivacyError as exc:
+        raise translate(exc) from None
+
+    # 9. budget ------------------------------------------------------------------------
+    if header.accountant not in ACCOUNTANTS:
+        raise Refusal(Reason.INVALID_DP_PARAMETERS, f"unknown accountant {header.accountant!r}")
+    try:
+        epsilon = budget.composed_epsilon(past, header.dp, delta=silo_delta, accountant=cfg.accountant)
+    except PrivacyError as exc:
+        raise translate(exc) from None
+    ev.epsilon_computed = epsilon
+    if epsilon > epsilon_cap:
+        raise Refusal(Reason.BUDGET_EXCEEDED,
+                      f"this update would bring the silo to epsilon {epsilon:.4g}; its cap is {epsilon_cap:.4g}")
+
+    return Prepared(evidence=ev, sealed=sealed, header=header, delta=delta, epsilon=epsilon)

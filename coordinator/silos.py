@@ -1,0 +1,109 @@
+"""The services behind the silo API (``/api/v1``): enrol, model, status.
+
+Each takes the running :class:`~coordinator.context.Coordinator` and what the route
+parsed, runs its transactions and returns plain data; ``coordinator.api.silo`` only
+parses and serializes. Updates go through :mod:`coordinator.ingest`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import TYPE_CHECKING
+
+from . import enrolment
+from .errors import ApiError, CoordinatorError, Reason
+from .federation import Release, release, settings_of
+from .models import Federation, Silo
+
+if TYPE_CHECKING:
+    from .context import Coordinator
+
+__all__ = ["SignedRequest", "enroll", "model", "status"]
+
+
+class SignedRequest:
+    """What a signed silo request carries: method, target as sent, body and headers."""
+
+    __slots__ = ("method", "target", "body", "headers")
+
+    def __init__(self, method: str, target: str, body: bytes, headers: Mapping[str, str]) -> None:
+        self.method, self.target, self.body, self.headers = method, target, body, headers
+
+
+def enroll(ctx: Coordinator, body: Mapping, *, remote: str | None = None) -> dict:
+    """Enrol a silo (one-time token + public keys) and return what it needs to start.
+
+    A refused attempt is audited (never the token) and re-raised.
+    """
+    token = body.get("token")
+    keys = {"signing_key": body.get("signing_key"), "hpke_key": body.get("hpke_key")}
+    now = ctx.clock()
+    try:
+        with ctx.transaction() as s:
+            silo = enrolment.enroll(s, token=token, keys=keys, now=now)
+            fed = s.get(Federation, silo.federation_id)
+            return _enrolled(ctx, silo, fed)
+    except CoordinatorError as exc:
+        with ctx.transaction() as s:
+            enrolment.audit_rejection(s, reason=exc.reason.value, detail=exc.detail, now=now, remote=remote)
+        raise
+
+
+def _enrolled(ctx: Coordinator, silo: Silo, fed: Federation) -> dict:
+    public = ctx.identity.public()
+    cfg = ctx.config
+    return {
+        "silo_id": silo.id,
+        "name": silo.name,
+        "federation": {
+            "name": fed.name,
+            "task": {"name": fed.task_name, "options": fed.task_options},
+            "schema": fed.schema,
+            "schema_digest": fed.schema_digest,
+            "current_version": fed.current_version,
+            "settings": settings_of(fed).to_dict(),
+        },
+        "budget": {"epsilon_cap": silo.epsilon_cap, "delta": silo.delta, "accountant": cfg.accountant},
+        "coordinator": {**public.to_json(), "fingerprints": public.fingerprints()},
+        "limits": {
+            "max_update_bytes": cfg.max_update_bytes,
+            "max_clock_skew_seconds": cfg.max_clock_skew_seconds,
+            "max_update_age_seconds": cfg.max_update_age_seconds,
+        },
+    }
+
+
+def _authenticate(ctx: Coordinator, s, req: SignedRequest) -> Silo:
+    return enrolment.authenticate_request(
+        s, method=req.method, target=req.target, body=req.body, headers=req.headers,
+        now=ctx.clock(), max_skew_seconds=ctx.config.max_clock_skew_seconds,
+    )
+
+
+def _seen(ctx: Coordinator, silo: Silo) -> None:
+    now = ctx.clock()
+    if enrolment.needs_touch(silo, now):
+        with ctx.transaction() as s:
+            enrolment.touch(s, silo.id, now)
+
+
+def model(ctx: Coordinator, req: SignedRequest, version: int | None) -> Release:
+    """The current (or a retained older) model, signed; for a signed silo request only."""
+    with ctx.read() as s:
+        silo = _authenticate(ctx, s, req)
+        fed = s.get(Federation, ctx.federation_id)
+        if version is not None and version > fed.current_version:
+            raise ApiError(Reason.UNKNOWN_VERSION, f"model version {version} does not exist yet")
+        out = release(s, ctx.identity, fed, version)
+    _seen(ctx, silo)
+    return out
+
+
+def status(ctx: Coordinator, req: SignedRequest) -> dict:
+    """The calling silo's record: status, epsilon spent and cap, history, counts."""
+    with ctx.read() as s:
+        silo = _authenticate(ctx, s, req)
+        fed = s.get(Federation, ctx.federation_id)
+        out = enrolment.silo_status(s, silo, current_version=fed.current_version, accountant=ctx.config.accountant)
+    _seen(ctx, silo)
+    return out
