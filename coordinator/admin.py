@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Mapping
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass
 from datetime import datetime
 from typing import Any
 
@@ -56,7 +56,6 @@ DEFAULT_LIMIT = 100
 #: Upper bound of any page: a listing never loads an unbounded number of rows.
 MAX_LIMIT = 1000
 
-_STRATEGY_KEYS = frozenset(f.name for f in fields(StrategySettings))
 # Relative tolerance when comparing the recorded epsilon with a recomputation.
 _EPSILON_RTOL = 1e-6
 
@@ -259,7 +258,7 @@ def change_settings(
         session,
         actor=actor,
         action=ACTION_SETTINGS_CHANGED,
-        subject=f"federation:{fed.name}",
+        subject=f"federation:{fed.id}",
         details={"changed": changed, "settings": after},
         now=now,
     )
@@ -482,6 +481,9 @@ class BudgetReport:
 
     def to_json(self) -> dict[str, Any]:
         d = asdict(self)
+        for k in ("epsilon_spent", "epsilon_remaining"):  # JSON has no infinity: null = unbounded
+            if not math.isfinite(d[k]):
+                d[k] = None
         if self.history is None:
             del d["history"]
         else:

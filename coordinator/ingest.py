@@ -30,6 +30,7 @@ from datetime import datetime, timedelta
 from anyio import to_thread
 
 from privacy import codec
+from privacy.accounting import ACCOUNTANTS
 from privacy.envelope import parse_timestamp, parse_update
 from privacy.errors import PrivacyError
 from privacy.errors import Reason as PrivacyReason
@@ -44,10 +45,7 @@ from .models import Federation, ModelVersion, Silo, SiloStatus, Update, UpdateSt
 from .rejections import Evidence, Refusal, translate
 from .strategies import StrategyError, check_staleness
 
-__all__ = ["ACCOUNTANTS", "Outcome", "Prepared", "check", "ingest", "read_envelope"]
-
-#: Accountant names a silo may state in its header (its claim's method; ours is config.accountant).
-ACCOUNTANTS = ("rdp", "prv")
+__all__ = ["Outcome", "Prepared", "check", "ingest", "read_envelope"]
 
 
 # --------------------------------------------------------------------------- step 1

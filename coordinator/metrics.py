@@ -16,8 +16,9 @@ whichever process answers:
 
 What only a process can know is kept *per process* by :class:`Metrics`:
 
-* ``fedsilo_fold_seconds`` -- histogram of the time one fold held the federation
-  lock (lock to commit), observed by ``coordinator.ingest`` via
+* ``fedsilo_fold_seconds`` -- histogram of the time one fold took from asking for the
+  federation lock to its commit (waiting for the lock included: under load this is
+  where queueing shows), observed by ``coordinator.ingest`` via
   :meth:`Metrics.observe_update`;
 * ``fedsilo_ingest_decisions_total{outcome, reason}`` -- decisions this process
   made, including rejections that leave no ``updates`` row (an envelope too large,
@@ -133,7 +134,7 @@ class Metrics:
         self.registry = CollectorRegistry(auto_describe=False)
         self._fold = Histogram(
             "fedsilo_fold_seconds",
-            "Time a fold held the federation lock, lock to commit (this process)",
+            "Seconds from asking for the federation lock to commit, per fold (this process)",
             buckets=FOLD_BUCKETS,
             registry=self.registry,
         )
@@ -147,7 +148,7 @@ class Metrics:
 
     def observe_update(self, outcome: str, fold_seconds: float | None = None, *, reason: str | None = None) -> None:
         """Record one ingest decision (``accepted``, ``buffered`` or ``rejected`` with
-        its ``reason``) and, if it folded, how long the fold held the lock."""
+        its ``reason``) and, if it folded, how long the fold took (lock wait to commit)."""
         outcome = UpdateStatus(outcome).value  # ValueError on a typo: a bug in the caller
         self._decisions.labels(outcome, reason or "").inc()
         if fold_seconds is not None:

@@ -95,6 +95,8 @@ NUMERIC_EPSILON_CEILING = 100.0
 #: Default search range of :func:`plan_noise_multiplier`.
 MIN_NOISE_MULTIPLIER = 0.1
 MAX_NOISE_MULTIPLIER = 1e3
+# Step of the downward bracket search around the RDP plan for "prv"/"pld".
+_BRACKET_STEP = 1.25
 
 
 # --------------------------------------------------------------------------- runs
@@ -497,7 +499,25 @@ def plan_noise_multiplier(
             f"even noise multiplier {hi:g} gives epsilon {top:.6g} > cap {cap:g} "
             f"(history spends {spent:.6g})",
         )
-    if eps_at(lo) <= cap:
+    lo_exceeds = False  # whether eps_at(lo) > cap is already known
+    if accountant != "rdp":
+        # Each PRV/PLD evaluation costs ~0.1-2 s: narrow the bracket around the RDP
+        # plan first. Tighter accountants fit at a smaller sigma, so step down from it.
+        try:
+            guess: float | None = plan_noise_multiplier(
+                runs, q, steps, delta, cap, "rdp", min_sigma=lo, max_sigma=hi, rtol=tol
+            )
+        except AccountingError:
+            guess = None  # RDP is looser: it may not fit where this accountant does
+        if guess is not None and eps_at(guess) <= cap:
+            hi = guess
+            while (candidate := hi / _BRACKET_STEP) > lo:
+                if eps_at(candidate) <= cap:
+                    hi = candidate
+                else:
+                    lo, lo_exceeds = candidate, True
+                    break
+    if not lo_exceeds and eps_at(lo) <= cap:
         return lo
     # Invariant: eps_at(lo) > cap >= eps_at(hi).
     while hi > lo * (1 + tol):

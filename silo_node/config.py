@@ -270,6 +270,7 @@ class SiloConfig:
     enrolment: Enrolment
     data_path: str = ""  # "" = the task's bundled data set (bundled tasks only)
     target: str = "target"
+    label: str = ""  # local display name; "" = the name the operator gave at enrolment
     local_epsilon_cap: float | None = None  # the institution's own, lower cap
     allowed_tasks: tuple[str, ...] = ()  # custom task import paths this silo may load
     training: TrainingOptions = field(default_factory=TrainingOptions)
@@ -391,6 +392,7 @@ class SiloConfig:
             "coordinator_url": self.coordinator_url,
             "data_path": self.data_path,
             "target": self.target,
+            "label": self.label,
             "local_epsilon_cap": self.local_epsilon_cap,
             "allowed_tasks": list(self.allowed_tasks),
         })

@@ -27,7 +27,6 @@ from typing import Any
 import torch
 
 from privacy import accounting
-from privacy.dp import train_dp
 from privacy.errors import AccountingError, Reason
 
 from .config import TrainingOptions
@@ -219,6 +218,8 @@ def run_round(
     helper reports parameters other than the planned ones, the round is re-accounted
     with what actually ran and discarded if that would pass the cap.
     """
+    from privacy.dp import train_dp  # Opacus loads in seconds: only when a round really trains
+
     model = model_from(task, base)
     metrics: dict[str, float] = {}
     if data.val is not None and len(data.val) > 0:

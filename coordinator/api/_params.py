@@ -1,7 +1,7 @@
 """Parsing helpers shared by the admin and audit routes: query parameters and JSON bodies.
 
 Anything a client gets wrong becomes ApiError ``invalid_request`` (422) naming the
-parameter, never a 500.
+parameter (``too_large``, 413, for an oversized body), never a 500.
 """
 
 from __future__ import annotations
@@ -51,11 +51,18 @@ def path_int(request: Request, name: str) -> int:
         raise ApiError(Reason.INVALID_REQUEST, f"{name} must be an integer") from None
 
 
-async def json_object(request: Request) -> dict[str, Any]:
-    """The request body as a JSON object (size-limited)."""
-    body = await request.body()
-    if len(body) > MAX_JSON_BYTES:
-        raise ApiError(Reason.INVALID_REQUEST, f"JSON body larger than {MAX_JSON_BYTES} bytes")
+async def json_object(request: Request, *, optional: bool = False) -> dict[str, Any]:
+    """The request body as a JSON object (size-limited); ``{}`` for no body if ``optional``."""
+    # Read chunk by chunk and stop at the limit: never buffer an oversized body.
+    chunks, size = [], 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > MAX_JSON_BYTES:
+            raise ApiError(Reason.TOO_LARGE, f"JSON body larger than {MAX_JSON_BYTES} bytes")
+        chunks.append(chunk)
+    body = b"".join(chunks)
+    if optional and not body.strip():
+        return {}
     try:
         obj = json.loads(body or b"null")
     except (UnicodeDecodeError, json.JSONDecodeError):

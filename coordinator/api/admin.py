@@ -113,7 +113,7 @@ def routes(ctx: Coordinator) -> list[Route]:
               errors=[Reason.NOT_FOUND])
     async def revoke_silo(request: Request, who: Principal) -> Response:
         silo_id = request.path_params["silo_id"]
-        body = await json_object(request) if await request.body() else {}
+        body = await json_object(request, optional=True)
         await write(enrolment.revoke_silo, silo_id, actor=who.actor, now=ctx.clock(),
                     reason=field(body, "reason", str, required=False))
         return JSONResponse((await read(admin.get_silo, silo_id, federation_id=fid)).to_json())

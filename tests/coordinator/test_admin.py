@@ -19,6 +19,7 @@ from coordinator.db import lock_federation, transaction
 from coordinator.errors import ApiError, Reason
 from coordinator.models import AuditEvent, Federation, ModelVersion, PrivacyCharge, Update
 from coordinator.strategies import StrategySettings
+from privacy import accounting
 from privacy.envelope import verify_release
 from privacy.keys import Identity
 
@@ -185,7 +186,6 @@ def test_updates_filter_and_keyset_paging(engine):
 
 
 def test_budgets_are_recomputed_from_the_whole_history(engine):
-    accounting = pytest.importorskip("privacy.accounting")
     a, _b = _silo(engine, "alpha", cap=3.0), _silo(engine, "beta")
     runs = [(1.0, 0.01, 200), (1.2, 0.02, 100)]
     eps1 = accounting.epsilon_of(runs[:1], 1e-5, accountant="rdp")
@@ -200,6 +200,15 @@ def test_budgets_are_recomputed_from_the_whole_history(engine):
         assert (beta.epsilon_spent, beta.history_length, beta.consistent) == (0.0, 0, True)
         detail = admin.budget_report(s, a).to_json()
         assert [(h["noise_multiplier"], h["sample_rate"], h["steps"]) for h in detail["history"]] == runs
+    # docs/compliance.md's independent recomputation (dp-accounting) gives the same figure.
+    from dp_accounting import GaussianDpEvent, PoissonSampledDpEvent
+    from dp_accounting.rdp import RdpAccountant
+
+    acc = RdpAccountant()
+    for run in detail["history"]:
+        acc.compose(PoissonSampledDpEvent(run["sample_rate"], GaussianDpEvent(run["noise_multiplier"])),
+                    count=run["steps"])
+    assert acc.get_epsilon(detail["delta"]) == pytest.approx(detail["epsilon_spent"], rel=1e-6)
     with transaction(engine) as s:  # a recorded figure that does not match its history is flagged
         s.execute(PrivacyCharge.__table__.update().where(PrivacyCharge.update_id == "u2").values(epsilon_after=0.1))
     with transaction(engine, read_only=True) as s:

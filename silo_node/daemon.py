@@ -1,0 +1,380 @@
+"""The silo's loop: resend, check budget, wait for the window, pull, train, seal, push.
+
+One iteration, in this order (docs/silo.md):
+
+1. **Resume.** An update in the ledger without a verdict (the process died after
+   sealing it) is resent first -- the same envelope bytes, so the same update id; the
+   coordinator folds an update id at most once and answers a resend with the
+   original receipt.
+2. **Budget.** Plan the round (``trainer.plan_round``). If the remaining budget cannot
+   pay for it, write a ``stopped`` entry saying why and stop cleanly (exit 0): the
+   silo never trains a round it could not send.
+3. **Window.** Wait until the training window is open (e.g. 22:00-06:00 local time).
+4. **Pull.** Fetch the newest model; the client verifies the coordinator's signature
+   (pinned key) and the digest before anything is decoded. A refused release stops the
+   daemon with exit code 3: it is a security event, not a hiccup.
+5. **Train** one DP-SGD round from that model; the update is the difference.
+6. **Seal** (HPKE to the pinned coordinator key, signed with the silo's key) and
+   **write to the ledger** -- fsynced -- *before* the first byte is sent.
+7. **Push**, and store the verified receipt (or the rejection and its reason).
+8. **Pause** ``pause + uniform(0, jitter)`` seconds, so many silos do not stampede.
+
+Stops cleanly on SIGTERM/SIGINT (between steps; a second signal exits at once, which
+is safe: every ledger write is a transaction). The clock, randomness, update ids and
+waiting are injected, so tests run without real time passing.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import random
+import secrets
+import signal
+import threading
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from enum import StrEnum
+from typing import Any
+
+from privacy import codec
+from privacy.envelope import UpdateHeader, parse_update, seal_update, utc_timestamp
+from privacy.keys import Identity
+
+from .client import BadResponse, Cancelled, ClientError, Rejected, Release, SiloClient, Unreachable, Untrusted
+from .config import SiloConfig
+from .ledger import DPRun, Ledger, Receipt
+from .tasks import Task
+from .trainer import BudgetExhausted, LocalData, plan_round, run_round
+
+__all__ = ["CRASH_POINTS", "Daemon", "Outcome", "RunResult", "install_signal_handlers"]
+
+log = logging.getLogger("fedsilo.silo")
+
+#: Test hook points (FEDSILO_TEST_CRASH_AT): the process SIGKILLs itself there.
+CRASH_POINTS = ("sealed", "pushed")
+#: Rejections that mean this silo cannot continue at all.
+FATAL_REJECTIONS = {"revoked", "unknown_silo", "bad_signature", "bad_token", "forbidden"}
+#: The coordinator's accountant disagrees with ours: stop rather than guess.
+BUDGET_REJECTIONS = {"budget_exceeded"}
+MIN_RETRY_PAUSE = 10.0  # seconds between loop iterations after a network failure
+
+
+class Outcome(StrEnum):
+    ROUNDS_DONE = "rounds_done"
+    BUDGET_EXHAUSTED = "budget_exhausted"
+    STOPPED = "stopped"  # a signal asked us to stop
+    REFUSED = "refused"  # a model release or receipt failed verification
+    FATAL = "fatal"  # revoked, unknown to the coordinator, or a signature it refuses
+
+
+EXIT_CODES = {
+    Outcome.ROUNDS_DONE: 0,
+    Outcome.BUDGET_EXHAUSTED: 0,
+    Outcome.STOPPED: 0,
+    Outcome.REFUSED: 3,
+    Outcome.FATAL: 1,
+}
+
+
+@dataclass(frozen=True)
+class RunResult:
+    outcome: Outcome
+    receipts: int  # receipts obtained in this run (resends included)
+    message: str
+
+    @property
+    def exit_code(self) -> int:
+        return EXIT_CODES[self.outcome]
+
+
+class _Stop(Exception):
+    """Internal: leave the loop with this result."""
+
+    def __init__(self, result: RunResult) -> None:
+        self.result = result
+
+
+def _local_now() -> datetime:
+    return datetime.now().astimezone()
+
+
+@dataclass
+class Daemon:
+    """Runs rounds until ``rounds`` receipts, the budget runs out, or ``stop`` is set."""
+
+    config: SiloConfig
+    identity: Identity
+    client: SiloClient
+    ledger: Ledger
+    task: Task
+    data: LocalData
+    rounds: int | None = None
+    stop: threading.Event = field(default_factory=threading.Event)
+    clock: Callable[[], datetime] = _local_now  # aware; the window is read in its time zone
+    rng: random.Random = field(default_factory=random.SystemRandom)
+    new_update_id: Callable[[], str] = lambda: secrets.token_hex(16)
+    wait: Callable[[float], bool] | None = None  # returns True when asked to stop
+    on_phase: Callable[[str, dict], None] | None = None
+    crash_at: str | None = None
+    _receipts: int = field(default=0, init=False)
+    _external: list[DPRun] = field(default_factory=list, init=False)
+
+    def __post_init__(self) -> None:
+        if self.wait is None:
+            self.wait = self.stop.wait
+        if self.crash_at is not None and self.crash_at not in CRASH_POINTS:
+            raise ValueError(f"crash point must be one of {CRASH_POINTS}")
+        self._coordinator = self.config.enrolment.coordinator_keys
+        self._round_index = len(self.ledger.counted_history())
+
+    # -- the loop --
+
+    def run(self) -> RunResult:
+        try:
+            self._reconcile()
+            while True:
+                self._check_stop()
+                if not self._resend_pending():
+                    self._pause(failed=True)
+                    continue
+                if self.rounds is not None and self._receipts >= self.rounds:
+                    return RunResult(Outcome.ROUNDS_DONE, self._receipts, f"done: {self._receipts} receipt(s)")
+                ok = self._one_round()
+                if self.rounds is not None and self._receipts >= self.rounds:
+                    return RunResult(Outcome.ROUNDS_DONE, self._receipts, f"done: {self._receipts} receipt(s)")
+                self._pause(failed=not ok)
+        except _Stop as stop:
+            return stop.result
+
+    def _one_round(self) -> bool:
+        """One round; False when the network failed (the caller pauses longer)."""
+        cfg, enrol = self.config, self.config.enrolment
+        history = self._history()
+        self._phase("planning")
+        try:
+            plan = plan_round(
+                history,
+                num_samples=self.data.num_samples,
+                options=cfg.training,
+                epsilon_cap=cfg.epsilon_cap,
+                delta=enrol.delta,
+                accountant=enrol.accountant,
+            )
+        except BudgetExhausted as exc:
+            self.ledger.record_stop("budget_exhausted", exc.message, epsilon_spent=exc.spent, epsilon_cap=exc.cap)
+            log.info("not started: budget. %s. Stopping; nothing was trained.", exc.message)
+            raise _Stop(RunResult(Outcome.BUDGET_EXHAUSTED, self._receipts, f"not started: budget. {exc.message}"))
+        self._wait_for_window()
+        self._phase("fetching")
+        release = self._fetch()
+        if release is None:
+            return False
+        self._check_stop()
+        self._phase("training", version=release.version, sigma=plan.noise_multiplier)
+        log.info(
+            "round %d: training from version %d with sigma %.3f (epsilon %.4g -> %.4g of %.4g)",
+            self._round_index + 1, release.version, plan.noise_multiplier,
+            plan.epsilon_before, plan.epsilon_after, plan.epsilon_cap,
+        )
+        seed = None if cfg.training.seed is None else cfg.training.seed + self._round_index
+        result = run_round(
+            self.task, self.data, release.tensors, plan, cfg.training,
+            delta=enrol.delta, history=history, accountant=enrol.accountant, seed=seed,
+        )
+        # Seal, then make it durable, and only then let it leave.
+        self._phase("sealing")
+        payload = codec.encode(result.delta)
+        header = UpdateHeader(
+            silo_id=enrol.silo_id,
+            update_id=self.new_update_id(),
+            base_version=release.version,
+            created_at=utc_timestamp(self.clock().astimezone(UTC)),
+            num_samples=result.num_samples,
+            dp=result.dp,
+            epsilon_claim=result.epsilon_after,
+            payload_digest=codec.digest(payload),
+            payload_size=len(payload),
+            schema_digest=enrol.schema_digest,
+            accountant=enrol.accountant,
+            metrics=result.metrics,
+        )
+        envelope = seal_update(header, payload, recipient=self._coordinator.hpke_key, signer=self.identity.signing)
+        envelope_digest = parse_update(envelope).envelope_digest
+        self.ledger.record_sealed(
+            update_id=header.update_id,
+            base_version=header.base_version,
+            num_samples=header.num_samples,
+            payload_digest=header.payload_digest,
+            envelope_digest=envelope_digest,
+            envelope=envelope,
+            dp=header.dp,
+            accountant=header.accountant,
+            epsilon_before=result.epsilon_before,
+            epsilon_after=result.epsilon_after,
+            epsilon_cap=plan.epsilon_cap,
+            metrics=result.metrics,
+        )
+        self._round_index += 1
+        self._crash_point("sealed")
+        return self._deliver(header.update_id, envelope, envelope_digest) is not None
+
+    # -- steps --
+
+    def _reconcile(self) -> None:
+        """Compare our ledger with the coordinator's record of us; never under-count.
+
+        Updates the coordinator holds but our ledger does not (a ledger restored from an
+        old backup) are added to the accounting history for this run, so the silo
+        stays conservative. Best effort: a failure here only logs.
+        """
+        try:
+            remote = self.client.status()
+        except ClientError as exc:
+            log.warning("could not compare budgets with the coordinator: %s", exc.message)
+            return
+        known = {e.update_id for e in self.ledger.entries("update")}
+        for item in remote.get("history") or []:
+            try:
+                if item["update_id"] not in known:
+                    self._external.append(DPRun(float(item["noise_multiplier"]), float(item["sample_rate"]),
+                                                int(item["steps"])))
+            except (KeyError, TypeError, ValueError):
+                log.warning("the coordinator's history holds an unreadable entry; ignored")
+        if self._external:
+            log.warning(
+                "the coordinator holds %d accepted update(s) of this silo that the ledger does not; "
+                "counting them against the budget (was the ledger restored from a backup?)",
+                len(self._external),
+            )
+
+    def _history(self) -> list[DPRun]:
+        return [*self.ledger.counted_history(), *self._external]
+
+    def _resend_pending(self) -> bool:
+        """Resend every update without a verdict; False if the coordinator is unreachable."""
+        for pending in self.ledger.pending():
+            entry = pending.entry
+            log.info("resending update %s (written %s, not yet receipted)", entry.update_id, entry.created_at)
+            if self._deliver(entry.update_id, pending.envelope, entry.envelope_digest) is None:
+                return False
+        return True
+
+    def _deliver(self, update_id: str, envelope: bytes, envelope_digest: str) -> Receipt | Rejected | None:
+        """Push one envelope and record the verdict; None when it must be retried later."""
+        self._phase("sending", update_id=update_id)
+        self.ledger.mark_sent(update_id)
+        try:
+            receipt = self.client.push(envelope, update_id=update_id, envelope_digest=envelope_digest)
+        except Cancelled:
+            self._check_stop()
+            return None
+        except Rejected as exc:
+            self.ledger.record_rejection(
+                update_id, exc.reason, exc.detail,
+                receipt=exc.receipt, coordinator_key=self._coordinator.signing_key, audit_seq=exc.audit_seq,
+            )
+            self._receipts += exc.receipt is not None
+            log.warning("update %s rejected by the coordinator: %s", update_id, exc.message)
+            if exc.reason in FATAL_REJECTIONS:
+                raise _Stop(RunResult(Outcome.FATAL, self._receipts, f"the coordinator refuses this silo: {exc.message}"))
+            if exc.reason in BUDGET_REJECTIONS:
+                message = f"the coordinator's accountant says the budget is spent: {exc.detail}"
+                self.ledger.record_stop("budget_exceeded", message)
+                raise _Stop(RunResult(Outcome.BUDGET_EXHAUSTED, self._receipts, f"not started: budget. {message}"))
+            return exc
+        except Untrusted as exc:
+            # The envelope stays in the ledger; a later run resends it to a coordinator that verifies.
+            self.ledger.record_stop("untrusted_receipt", exc.message)
+            raise _Stop(RunResult(Outcome.REFUSED, self._receipts, f"refused: {exc.message}")) from None
+        except (Unreachable, BadResponse) as exc:
+            log.warning("update %s not delivered yet (%s); it stays in the ledger and will be resent", update_id, exc.message)
+            return None
+        self._crash_point("pushed")
+        self.ledger.record_receipt(update_id, receipt, self._coordinator.signing_key)
+        self._receipts += 1
+        log.info(
+            "update %s %s: version %s, coordinator epsilon %s, audit entry %s",
+            update_id, receipt.status, receipt.resulting_version, _fmt(receipt.epsilon_computed), receipt.audit_seq,
+        )
+        return receipt
+
+    def _fetch(self) -> Release | None:
+        try:
+            release = self.client.fetch_model()
+        except Untrusted as exc:
+            self.ledger.record_stop("bad_release", exc.message)
+            log.error("%s", exc.message)
+            raise _Stop(RunResult(Outcome.REFUSED, self._receipts, exc.message)) from None
+        except Rejected as exc:
+            hint = " (is this machine's clock right? signed requests must be within minutes of the coordinator's)" \
+                if exc.reason == "bad_signature" else ""
+            raise _Stop(RunResult(Outcome.FATAL, self._receipts, f"the coordinator refused the model request: "
+                                                                    f"{exc.message}{hint}")) from None
+        except Cancelled:
+            self._check_stop()
+            return None
+        except (Unreachable, BadResponse) as exc:
+            log.warning("could not fetch the model: %s", exc.message)
+            return None
+        log.info("fetched model version %d (digest %s..., signature verified)", release.version, release.digest[:12])
+        return release
+
+    def _wait_for_window(self) -> None:
+        window = self.config.schedule.training_window
+        while True:
+            seconds = window.seconds_until_open(self.clock().timetz())
+            if seconds <= 0:
+                return
+            self._phase("waiting", window=str(window), seconds=seconds)
+            log.info("outside the training window %s; waiting %.0f s", window, seconds)
+            if self.wait(min(seconds, 3600.0)):  # re-read the clock hourly (DST, NTP steps)
+                self._check_stop()
+
+    def _pause(self, *, failed: bool = False) -> None:
+        schedule = self.config.schedule
+        seconds = schedule.pause_seconds + self.rng.uniform(0.0, schedule.jitter_seconds)
+        if failed:
+            seconds = max(seconds, MIN_RETRY_PAUSE)
+        if seconds <= 0:
+            return
+        self._phase("pausing", seconds=seconds)
+        log.info("pausing %.1f s", seconds)
+        if self.wait(seconds):
+            self._check_stop()
+
+    # -- helpers --
+
+    def _check_stop(self) -> None:
+        if self.stop.is_set():
+            raise _Stop(RunResult(Outcome.STOPPED, self._receipts, "stopped on request"))
+
+    def _phase(self, name: str, **info: Any) -> None:
+        if self.on_phase is not None:
+            self.on_phase(name, info)
+
+    def _crash_point(self, point: str) -> None:
+        if self.crash_at == point:
+            # Test hook: die exactly here, as a power cut or OOM kill would (no cleanup).
+            log.warning("test hook: SIGKILL at %r", point)
+            for handler in logging.getLogger().handlers:
+                handler.flush()
+            os.kill(os.getpid(), signal.SIGKILL)
+
+
+def _fmt(value: float | None) -> str:
+    return "-" if value is None else f"{value:.4g}"
+
+
+def install_signal_handlers(stop: threading.Event) -> None:
+    """First SIGTERM/SIGINT: finish the current step and stop. Second: exit at once."""
+
+    def handler(signum: int, _frame: object) -> None:
+        if stop.is_set():
+            raise SystemExit(128 + signum)
+        log.info("received %s; stopping after the current step (again to stop now)", signal.Signals(signum).name)
+        stop.set()
+
+    signal.signal(signal.SIGTERM, handler)
+    signal.signal(signal.SIGINT, handler)

@@ -1,0 +1,194 @@
+"""Silo creation, one-time enrolment, revocation and signed-request authentication.
+
+Services on a real database (SQLite and PostgreSQL through ``migrated_engine``); the
+HTTP side is in tests/integration/test_coordinator_http.py.
+"""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime, timedelta
+
+import pytest
+import torch
+from sqlalchemy import select
+
+from coordinator import audit, enrolment, federation
+from coordinator.db import transaction
+from coordinator.errors import ApiError, AuthError, Reason
+from coordinator.models import AuditEvent, EnrolmentToken, Silo
+from coordinator.strategies import StrategySettings
+from privacy.envelope import sign_request
+from privacy.keys import Identity
+
+T0 = datetime(2026, 11, 21, 10, 0, tzinfo=UTC)
+
+
+@pytest.fixture
+def engine(migrated_engine):
+    with transaction(migrated_engine) as s:
+        federation.init_federation(s, name="fed", task={"name": "csv", "options": {}},
+                                   weights={"w": torch.zeros(2)}, settings=StrategySettings(), now=T0)
+    return migrated_engine
+
+
+def create(engine, name="hospital-a", **kw):
+    kw = {"epsilon_cap": 8.0, "delta": 1e-5, "actor": "token:ops", "now": T0} | kw
+    with transaction(engine) as s:
+        return enrolment.create_silo(s, name=name, **kw)
+
+
+def enroll(engine, token, identity=None, now=T0 + timedelta(minutes=1)):
+    identity = identity or Identity.generate()
+    with transaction(engine) as s:
+        silo = enrolment.enroll(s, token=token, keys=identity.public().to_json(), now=now)
+        return silo.id, silo.status
+
+
+def events(engine, action):
+    with transaction(engine, read_only=True) as s:
+        return [audit.event_to_dict(e) for e in s.scalars(select(AuditEvent).where(AuditEvent.action == action))]
+
+
+def test_create_then_enroll_binds_the_keys_and_consumes_the_token(engine):
+    new = create(engine)
+    assert new.enrolment_token.startswith("fse_") and new.expires_at == T0 + timedelta(days=7)
+    identity = Identity.generate()
+    silo_id, status = enroll(engine, new.enrolment_token, identity)
+    assert (silo_id, status) == (new.silo_id, "active")
+    with transaction(engine, read_only=True) as s:
+        silo = s.get(Silo, silo_id)
+        token = s.scalars(select(EnrolmentToken)).one()
+        assert silo.signing_key == identity.public().signing and silo.hpke_key == identity.public().hpke
+        assert token.used_at is not None and token.token_hash != new.enrolment_token
+    (created,) = events(engine, "silo_created")
+    (enrolled,) = events(engine, "silo_enrolled")
+    assert created["actor"] == "token:ops" and new.enrolment_token not in str(created)
+    assert enrolled["actor"] == silo_id
+    assert enrolled["details"]["fingerprints"] == identity.public().fingerprints()
+
+
+@pytest.mark.parametrize("kw, reason", [
+    ({"name": ""}, Reason.INVALID_REQUEST),
+    ({"name": "x" * 201}, Reason.INVALID_REQUEST),
+    ({"epsilon_cap": 0}, Reason.INVALID_REQUEST),
+    ({"epsilon_cap": float("inf")}, Reason.INVALID_REQUEST),
+    ({"delta": 1.0}, Reason.INVALID_REQUEST),
+    ({"delta": True}, Reason.INVALID_REQUEST),
+])
+def test_create_validates_its_input(engine, kw, reason):
+    with pytest.raises(ApiError) as exc:
+        create(engine, **({"name": "ok"} | kw))
+    assert exc.value.reason == reason
+
+
+def test_silo_names_are_unique(engine):
+    create(engine, "same")
+    with pytest.raises(ApiError) as exc:
+        create(engine, "same")
+    assert exc.value.reason == Reason.CONFLICT
+
+
+def test_a_token_enrols_once(engine):
+    new = create(engine)
+    enroll(engine, new.enrolment_token)
+    with pytest.raises(AuthError) as exc:
+        enroll(engine, new.enrolment_token)
+    assert exc.value.reason == Reason.BAD_TOKEN
+
+
+@pytest.mark.parametrize("token", ["", "fse_" + "A" * 43, "not-a-token", None])
+def test_unknown_or_malformed_tokens_get_one_answer(engine, token):
+    create(engine)
+    with pytest.raises(AuthError) as exc:
+        enroll(engine, token)
+    assert exc.value.reason == Reason.BAD_TOKEN and exc.value.status == 401
+
+
+def test_an_expired_token_is_refused(engine):
+    new = create(engine, ttl_seconds=60)
+    with pytest.raises(AuthError) as exc:
+        enroll(engine, new.enrolment_token, now=T0 + timedelta(seconds=61))
+    assert exc.value.reason == Reason.BAD_TOKEN
+
+
+def test_one_key_pair_is_one_silo(engine):
+    identity = Identity.generate()
+    enroll(engine, create(engine, "a").enrolment_token, identity)
+    with pytest.raises(ApiError) as exc:
+        enroll(engine, create(engine, "b").enrolment_token, identity)
+    assert exc.value.reason == Reason.ALREADY_ENROLLED
+
+
+def test_malformed_public_keys_are_invalid_requests(engine):
+    new = create(engine)
+    with transaction(engine) as s, pytest.raises(ApiError) as exc:
+        enrolment.enroll(s, token=new.enrolment_token, keys={"signing_key": "abc", "hpke_key": "def"}, now=T0)
+    assert exc.value.reason == Reason.INVALID_REQUEST
+
+
+def test_revoke_is_audited_once_and_stops_a_pending_enrolment(engine):
+    new = create(engine)
+    for _ in range(2):
+        with transaction(engine) as s:
+            silo = enrolment.revoke_silo(s, new.silo_id, actor="token:ops", now=T0, reason="left the consortium")
+            assert silo.status == "revoked"
+    assert len(events(engine, "silo_revoked")) == 1
+    with pytest.raises(AuthError) as exc:
+        enroll(engine, new.enrolment_token)
+    assert exc.value.reason in (Reason.BAD_TOKEN, Reason.REVOKED)
+    with transaction(engine) as s, pytest.raises(ApiError) as missing:
+        enrolment.revoke_silo(s, "silo-nope", actor="token:ops", now=T0)
+    assert missing.value.reason == Reason.NOT_FOUND
+
+
+# --------------------------------------------------------------------------- signed requests
+
+
+def authenticate(engine, headers, *, target="/api/v1/model", now=T0 + timedelta(minutes=2)):
+    with transaction(engine, read_only=True) as s:
+        return enrolment.authenticate_request(s, method="GET", target=target, body=b"", headers=headers,
+                                              now=now, max_skew_seconds=300).id
+
+
+@pytest.fixture
+def enrolled(engine):
+    identity = Identity.generate()
+    silo_id, _ = enroll(engine, create(engine).enrolment_token, identity)
+    return silo_id, identity
+
+
+def signed(silo_id, identity, target="/api/v1/model", now=T0 + timedelta(minutes=2)):
+    return {k.lower(): v for k, v in sign_request("GET", target, b"", silo_id=silo_id, signer=identity.signing,
+                                                  now=now).items()}
+
+
+def test_a_signed_request_identifies_its_silo(engine, enrolled):
+    silo_id, identity = enrolled
+    assert authenticate(engine, signed(silo_id, identity)) == silo_id
+
+
+@pytest.mark.parametrize("tamper", ["target", "key", "unknown_silo", "stale", "missing"])
+def test_every_bad_request_signature_gets_the_same_401(engine, enrolled, tamper):
+    silo_id, identity = enrolled
+    headers = {
+        "target": lambda: signed(silo_id, identity, target="/api/v1/model?version=1"),
+        "key": lambda: signed(silo_id, Identity.generate()),
+        "unknown_silo": lambda: signed("silo-0000000000000000", identity),
+        "stale": lambda: signed(silo_id, identity, now=T0 - timedelta(hours=1)),
+        "missing": lambda: {},
+    }[tamper]()
+    with pytest.raises(AuthError) as exc:
+        authenticate(engine, headers)
+    assert (exc.value.reason, exc.value.detail) == (Reason.BAD_SIGNATURE, "the signature does not verify")
+
+
+def test_revoked_is_said_only_to_the_key_holder(engine, enrolled):
+    silo_id, identity = enrolled
+    with transaction(engine) as s:
+        enrolment.revoke_silo(s, silo_id, actor="token:ops", now=T0)
+    with pytest.raises(AuthError) as exc:
+        authenticate(engine, signed(silo_id, identity))
+    assert exc.value.reason == Reason.REVOKED
+    with pytest.raises(AuthError) as exc:
+        authenticate(engine, signed(silo_id, Identity.generate()))
+    assert exc.value.reason == Reason.BAD_SIGNATURE

@@ -1,0 +1,305 @@
+"""Silos end to end: a real coordinator subprocess, real ``fedsilo-silo`` subprocesses.
+
+One coordinator (``fedsilo-coordinator serve`` on loopback, task ``breast_cancer``) is
+shared by every test in this module; each test enrols its own silos through the admin
+API. Training is real DP-SGD on a tiny MLP, a few rounds of one epoch.
+
+Crash recovery is made deterministic with the daemon's test hook
+``FEDSILO_TEST_CRASH_AT``: the silo process sends itself SIGKILL at the named point --
+right after the sealed update is fsynced to the ledger (``sealed``: nothing sent yet),
+or right after the coordinator's reply arrived but before the receipt is stored
+(``pushed``: folded at the coordinator, unknown to the silo). It is a real SIGKILL at a
+known instant, with no cleanup, instead of a race against a timer.
+
+The forged-release test puts a real HTTP proxy between silo and coordinator (the silo
+finds it through ``HTTP_PROXY``, as it would find a corporate proxy) and lets it flip
+one bit of the model bytes: the silo must refuse the release and load nothing.
+"""
+
+from __future__ import annotations
+
+import http.server
+import json
+import os
+import signal
+import subprocess
+import sys
+import threading
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+import pytest
+
+from privacy import codec
+from silo_node.cli import init_silo
+from silo_node.partition import write_partitions
+from silo_node.tasks import Standardizer, get_task
+from tests.support.coordinator import create_silo, running_coordinator
+
+pytestmark = pytest.mark.slow
+
+TASK_OPTIONS = {"hidden": [8]}
+ROUND = ["--epochs", "1", "--batch-size", "32", "--lr", "0.2", "--round-epsilon", "1.0",
+         "--pause", "0", "--jitter", "0"]
+_SCRIPT = Path(sys.executable).with_name("fedsilo-silo")
+SILO = [str(_SCRIPT)] if _SCRIPT.exists() else [sys.executable, "-m", "silo_node.cli"]
+
+
+def child_env(**extra: str) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items()
+           if not k.startswith("FEDSILO_SILO_") and k.lower() not in ("http_proxy", "https_proxy", "all_proxy")}
+    return {**env, **extra}
+
+
+def silo(*args: str, env: dict[str, str] | None = None, timeout: float = 180) -> subprocess.CompletedProcess:
+    return subprocess.run([*SILO, *args], capture_output=True, text=True, env=env or child_env(), timeout=timeout)
+
+
+def start(*args: str, env: dict[str, str] | None = None) -> subprocess.Popen:
+    return subprocess.Popen([*SILO, *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            env=env or child_env())
+
+
+def finish(process: subprocess.Popen, timeout: float = 180) -> subprocess.CompletedProcess:
+    out, err = process.communicate(timeout=timeout)
+    return subprocess.CompletedProcess(process.args, process.returncode, out, err)
+
+
+def ledger_rows(data_dir: Path) -> list[dict]:
+    done = silo("ledger", "--data-dir", str(data_dir), "--format", "jsonl")
+    assert done.returncode == 0, done.stderr
+    return [json.loads(line) for line in done.stdout.splitlines()]
+
+
+def coordinator_updates(server, silo_id: str) -> list[dict]:
+    r = server.admin("GET", "/updates", params={"silo_id": silo_id, "limit": 1000})
+    assert r.status_code == 200, r.text
+    return r.json()["updates"]
+
+
+def all_updates(server) -> list[dict]:
+    r = server.admin("GET", "/updates", params={"limit": 1000})
+    assert r.status_code == 200, r.text
+    return r.json()["updates"]
+
+
+def enrol_in_process(server, tmp: Path, name: str, data: Path, *, epsilon_cap: float = 10.0) -> Path:
+    """Enrol over real HTTP with the library call (saves a process start); runs stay subprocesses."""
+    token = create_silo(server, name, epsilon_cap=epsilon_cap)["enrolment_token"]
+    result = init_silo(data_dir=tmp / name, coordinator_url=server.base_url, token=token,
+                       data_path=str(data), environ={})
+    assert result.data_error is None
+    return result.config.data_dir
+
+
+def silo_id_of(data_dir: Path) -> str:
+    return json.loads(silo("status", "--data-dir", str(data_dir), "--json").stdout)["silo_id"]
+
+
+@pytest.fixture(scope="module")
+def parts(tmp_path_factory):
+    return write_partitions("breast_cancer", tmp_path_factory.mktemp("partitions"), 3, alpha=0.5, seed=11)
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory) -> Iterator:
+    with running_coordinator(tmp_path_factory.mktemp("coordinator"), task="breast_cancer",
+                             task_options=TASK_OPTIONS) as running:
+        yield running
+
+
+def holdout_accuracy(server, version: int, holdout: Path) -> float:
+    """The global model of ``version`` on the held-out split (standardised with its own statistics)."""
+    r = server.admin("GET", f"/versions/{version}/weights")
+    assert r.status_code == 200, r.text
+    task = get_task("breast_cancer", TASK_OPTIONS)
+    model = task.build_model()
+    model.load_state_dict(codec.decode(r.content))
+    data = task.load_data(holdout, "target")
+    scaled = Standardizer.fit(data.features).apply(data)
+    return task.evaluate(model, scaled.features, scaled.labels)["accuracy"]
+
+
+# --------------------------------------------------------------------------- three silos
+
+
+def test_three_silos_improve_the_global_model_and_their_ledgers_match_the_coordinator(server, parts, tmp_path):
+    names = ["hospital-a", "hospital-b", "hospital-c"]
+    tokens = [create_silo(server, n, epsilon_cap=10.0)["enrolment_token"] for n in names]
+    dirs = [tmp_path / n for n in names]
+    bad_csv = tmp_path / "wrong.csv"
+    bad_csv.write_text("age,weight,target\n50,70,0\n61,80,1\n")
+    bad_token = create_silo(server, "hospital-wrong-data")["enrolment_token"]
+
+    inits = [start("init", "--coordinator", server.base_url, "--token", t, "--data-dir", str(d), "--data", str(p))
+             for t, d, p in zip(tokens, dirs, parts.paths)]
+    refused = start("init", "--coordinator", server.base_url, "--token", bad_token,
+                    "--data-dir", str(tmp_path / "wrong"), "--data", str(bad_csv))
+    for process in inits:
+        done = finish(process)
+        assert done.returncode == 0, done.stderr
+        assert "SHA256:" in done.stdout  # the fingerprints, for out-of-band comparison
+    # Data that does not fit the federation's model: a clear message, a non-zero exit, no traceback.
+    done = finish(refused)
+    assert done.returncode != 0
+    assert "2 feature columns" in done.stderr and "expects 30" in done.stderr and "Traceback" not in done.stderr
+
+    before = holdout_accuracy(server, 0, parts.holdout_path)
+    runs = [start("run", "--data-dir", str(d), "--rounds", "3", *ROUND) for d in dirs]
+    for process in runs:
+        done = finish(process)
+        assert done.returncode == 0, done.stderr
+        assert "done: 3 receipt(s)" in done.stdout
+
+    versions = server.admin("GET", "/versions", params={"limit": 1000}).json()["versions"]
+    latest = max(v["version"] for v in versions)
+    after = holdout_accuracy(server, latest, parts.holdout_path)
+    print(f"\nholdout accuracy: version 0 {before:.3f} -> version {latest} {after:.3f}")
+    assert after > before
+
+    for data_dir in dirs:
+        status = silo("status", "--data-dir", str(data_dir), "--json")
+        assert status.returncode == 0, status.stderr
+        mine = json.loads(status.stdout)
+        rows = ledger_rows(data_dir)
+        updates = [r for r in rows if r["kind"] == "update"]
+        assert len(rows) == len(updates) == 3  # one JSON object per update that left
+        theirs = {u["update_id"]: u for u in coordinator_updates(server, mine["silo_id"])}
+        assert set(theirs) == {u["update_id"] for u in updates}
+        for ours in updates:
+            record = theirs[ours["update_id"]]
+            assert ours["status"] == record["status"] == "accepted"
+            assert ours["resulting_version"] == record["resulting_version"]
+            assert ours["base_version"] == record["base_version"]
+            assert ours["envelope_digest"] == record["envelope_digest"]
+            assert ours["epsilon_after"] == pytest.approx(record["epsilon_computed"], rel=1e-6)
+            assert ours["epsilon_after"] == pytest.approx(record["epsilon_claimed"], rel=1e-9)  # our signed claim
+        silo_record = server.admin("GET", f"/silos/{mine['silo_id']}").json()
+        assert mine["epsilon_spent"] == pytest.approx(silo_record["epsilon_spent"], rel=1e-6)
+        assert mine["counts"]["accepted"] == silo_record["updates_accepted"] == 3
+
+
+# --------------------------------------------------------------------------- crash and resend
+
+
+@pytest.mark.parametrize("point", ["sealed", "pushed"])
+def test_a_silo_killed_between_sealing_and_its_receipt_resends_and_is_folded_once(server, parts, tmp_path, point):
+    data_dir = enrol_in_process(server, tmp_path, f"crash-{point}", parts.paths[0])
+    silo_id = silo_id_of(data_dir)
+
+    crashed = silo("run", "--data-dir", str(data_dir), "--rounds", "1", *ROUND,
+                   env=child_env(FEDSILO_TEST_CRASH_AT=point))
+    assert crashed.returncode == -signal.SIGKILL, crashed.stderr
+    [pending] = ledger_rows(data_dir)
+    update_id = pending["update_id"]
+    held = coordinator_updates(server, silo_id)
+    if point == "sealed":
+        assert pending["status"] == "sealed" and held == []  # written, never sent
+    else:
+        assert pending["status"] == "sent" and pending["receipt"] is None
+        assert [u["update_id"] for u in held] == [update_id] and held[0]["status"] == "accepted"
+    versions_before = len(all_updates(server))
+
+    restarted = silo("run", "--data-dir", str(data_dir), "--rounds", "1", *ROUND)
+    assert restarted.returncode == 0, restarted.stderr
+    assert f"resending update {update_id}" in restarted.stderr
+    [entry] = ledger_rows(data_dir)
+    held = coordinator_updates(server, silo_id)
+    assert entry["update_id"] == update_id and entry["status"] == "accepted" and entry["receipt"]
+    assert [u["update_id"] for u in held] == [update_id]  # folded exactly once
+    assert entry["resulting_version"] == held[0]["resulting_version"]
+    if point == "pushed":
+        assert len(all_updates(server)) == versions_before  # the resend folded nothing new
+    else:
+        assert len(all_updates(server)) == versions_before + 1
+
+
+# --------------------------------------------------------------------------- budget
+
+
+def test_a_silo_whose_budget_is_nearly_spent_stops_without_training(server, parts, tmp_path):
+    # Cap 1.05 with rounds of at most 1.0: one round fits, then what is left is below the
+    # smallest useful round (0.1) and the daemon must stop before pulling or training.
+    data_dir = enrol_in_process(server, tmp_path, "nearly-spent", parts.paths[1], epsilon_cap=1.05)
+    silo_id = silo_id_of(data_dir)
+    done = silo("run", "--data-dir", str(data_dir), *ROUND)  # no --rounds: run until told to stop
+    assert done.returncode == 0, done.stderr
+    assert "not started: budget" in done.stdout
+    rows = ledger_rows(data_dir)
+    assert [r["kind"] for r in rows] == ["update", "stop"]
+    assert rows[0]["status"] == "accepted" and rows[0]["epsilon_after"] <= 1.05
+    assert rows[1]["status"] == "stopped" and rows[1]["reason"] == "budget_exhausted"
+    assert "nearly spent" in rows[1]["detail"]
+    assert len(coordinator_updates(server, silo_id)) == 1
+    # Starting it again changes nothing but another stop entry: it never trains past the cap.
+    again = silo("run", "--data-dir", str(data_dir), *ROUND)
+    assert again.returncode == 0 and "not started: budget" in again.stdout
+    assert [r["kind"] for r in ledger_rows(data_dir)] == ["update", "stop", "stop"]
+    assert len(coordinator_updates(server, silo_id)) == 1
+    status = silo("status", "--data-dir", str(data_dir))
+    assert status.returncode == 0 and "budget_exhausted" in status.stdout
+
+
+# --------------------------------------------------------------------------- a forged release
+
+
+class TamperingProxy(http.server.ThreadingHTTPServer):
+    """A forward HTTP proxy that flips one bit of every model it relays."""
+
+    def __init__(self) -> None:
+        super().__init__(("127.0.0.1", 0), _ProxyHandler)
+        self.seen: list[str] = []
+        self.upstream = httpx.Client(trust_env=False, timeout=60)
+
+
+class _ProxyHandler(http.server.BaseHTTPRequestHandler):
+    protocol_version = "HTTP/1.1"
+    hop_by_hop = {"connection", "proxy-connection", "keep-alive", "transfer-encoding", "content-length",
+                  "proxy-authorization", "te", "upgrade"}
+
+    def _relay(self) -> None:
+        server: TamperingProxy = self.server  # type: ignore[assignment]
+        server.seen.append(f"{self.command} {self.path}")
+        body = self.rfile.read(int(self.headers.get("Content-Length") or 0))
+        headers = {k: v for k, v in self.headers.items() if k.lower() not in self.hop_by_hop}
+        upstream = server.upstream.request(self.command, self.path, headers=headers, content=body)
+        content = upstream.content
+        if "/api/v1/model" in self.path and upstream.status_code == 200:
+            forged = bytearray(content)
+            forged[-1] ^= 0x01
+            content = bytes(forged)
+        self.send_response(upstream.status_code)
+        for key, value in upstream.headers.items():
+            if key.lower() not in self.hop_by_hop and key.lower() != "content-encoding":
+                self.send_header(key, value)
+        self.send_header("Content-Length", str(len(content)))
+        self.end_headers()
+        self.wfile.write(content)
+
+    do_GET = do_POST = _relay
+
+    def log_message(self, *args) -> None:
+        pass
+
+
+def test_a_release_that_fails_the_pinned_signature_check_is_refused_and_not_loaded(server, parts, tmp_path):
+    data_dir = enrol_in_process(server, tmp_path, "behind-a-hostile-proxy", parts.paths[2])
+    silo_id = silo_id_of(data_dir)
+    proxy = TamperingProxy()
+    thread = threading.Thread(target=proxy.serve_forever, daemon=True)
+    thread.start()
+    try:
+        env = child_env(HTTP_PROXY=f"http://127.0.0.1:{proxy.server_address[1]}", NO_PROXY="")
+        done = silo("run", "--data-dir", str(data_dir), "--rounds", "1", *ROUND, env=env)
+    finally:
+        proxy.shutdown()
+        proxy.server_close()
+        proxy.upstream.close()
+    assert any("/api/v1/model" in s for s in proxy.seen)  # the silo really went through the proxy
+    assert done.returncode == 3, done.stderr
+    assert "model release refused, nothing loaded" in done.stdout
+    [stop] = ledger_rows(data_dir)
+    assert stop["kind"] == "stop" and stop["reason"] == "bad_release"
+    assert not any("/api/v1/updates" in s for s in proxy.seen)
+    assert coordinator_updates(server, silo_id) == []

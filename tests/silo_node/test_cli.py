@@ -1,0 +1,214 @@
+"""``fedsilo-silo``: enrolment, configuration, status and ledger export, and its errors.
+
+Enrolment runs against :class:`FakeCoordinator` (the contract with real crypto) through
+an injected transport; the subprocess CLI against a real coordinator is covered in
+tests/integration/test_silos.py.
+"""
+
+from __future__ import annotations
+
+import json
+import stat
+import tomllib
+
+import pytest
+
+from privacy.envelope import sign_statement
+from privacy.keys import Identity
+from silo_node.cli import init_silo, main, silo_status
+from silo_node.client import Untrusted
+from silo_node.config import ConfigError, ConfigReason, SiloConfig, TrainingWindow
+from silo_node.ledger import Ledger, Receipt
+from silo_node.partition import write_partitions
+
+from .test_client import FakeCoordinator
+
+URL = "https://coordinator.example"
+
+
+@pytest.fixture(scope="module")
+def partitions(tmp_path_factory):
+    return write_partitions("breast_cancer", tmp_path_factory.mktemp("parts"), 2, alpha=1.0, seed=3)
+
+
+@pytest.fixture
+def fake() -> FakeCoordinator:
+    return FakeCoordinator()
+
+
+def enrol(tmp_path, fake, **kw):
+    return init_silo(data_dir=tmp_path / "silo", coordinator_url=URL, token=fake.create_token("hospital-a"),
+                     transport=fake.transport, environ={}, **kw)
+
+
+# --------------------------------------------------------------------------- init
+
+
+def test_init_generates_private_keys_locally_pins_the_coordinator_and_checks_the_data(tmp_path, fake, partitions):
+    result = enrol(tmp_path, fake, data_path=str(partitions.paths[0]))
+    assert result.enrolled and result.data_error is None and result.num_samples > 0
+    cfg = result.config
+    assert result.fingerprints == fake.identity.public().fingerprints()
+    for key_file in cfg.keys_dir.iterdir():
+        assert stat.S_IMODE(key_file.stat().st_mode) == 0o600
+    assert stat.S_IMODE(cfg.keys_dir.stat().st_mode) == 0o700
+    # The public half enrolled, the private half never left: the coordinator holds exactly our public keys.
+    assert fake.silos[cfg.enrolment.silo_id] == Identity.load(cfg.keys_dir).public()
+    doc = tomllib.loads((cfg.data_dir / "silo.toml").read_text())
+    assert doc["enrolment"]["fingerprints"] == result.fingerprints
+    assert doc["enrolment"]["task_name"] == "breast_cancer"
+    assert "PRIVATE" not in (cfg.data_dir / "silo.toml").read_text()
+    again = SiloConfig.load(cfg.data_dir, environ={})
+    assert again == cfg
+
+
+def test_init_refuses_data_that_does_not_fit_the_federation_model(tmp_path, fake):
+    bad = tmp_path / "three_columns.csv"
+    bad.write_text("a,b,c,target\n1,2,3,0\n4,5,6,1\n")
+    result = enrol(tmp_path, fake, data_path=str(bad))
+    assert result.data_error is not None
+    assert "3 feature columns" in result.data_error and "expects 30" in result.data_error
+
+
+def test_a_bundled_task_without_data_uses_the_bundled_set(tmp_path, fake):
+    result = enrol(tmp_path, fake)
+    assert result.data_error is None and result.num_samples == round(569 * 0.8)
+
+
+def test_init_with_a_wrong_expected_fingerprint_saves_nothing(tmp_path, fake):
+    with pytest.raises(Untrusted) as info:
+        enrol(tmp_path, fake, expected_fingerprint="SHA256:00:11")
+    assert fake.identity.public().fingerprints()["signing"] in info.value.message
+    assert not SiloConfig.exists(tmp_path / "silo")
+
+
+def test_init_again_with_a_token_is_refused_without_one_it_repoints_the_data(tmp_path, fake, partitions):
+    first = enrol(tmp_path, fake)
+    with pytest.raises(ConfigError) as info:
+        enrol(tmp_path, fake)
+    assert info.value.reason == ConfigReason.ALREADY_INITIALISED
+    moved = init_silo(data_dir=first.config.data_dir, data_path=str(partitions.paths[1]), environ={})
+    assert not moved.enrolled and moved.config.data_path == str(partitions.paths[1].resolve())
+    assert SiloConfig.load(first.config.data_dir, environ={}).data_path == str(partitions.paths[1].resolve())
+
+
+# --------------------------------------------------------------------------- configuration
+
+
+def test_environment_overrides_operational_settings_only(tmp_path, fake):
+    cfg = enrol(tmp_path, fake).config
+    env = {"FEDSILO_SILO_LR": "0.5", "FEDSILO_SILO_WINDOW": "22:00-06:00", "FEDSILO_SILO_CA_BUNDLE": "",
+           "FEDSILO_SILO_LOCAL_EPSILON_CAP": "2.5", "FEDSILO_SILO_DATA_DIR": "/ignored"}
+    loaded = SiloConfig.load(cfg.data_dir, environ=env)
+    assert loaded.training.lr == 0.5 and loaded.schedule.window == "22:00-06:00"
+    assert loaded.epsilon_cap == 2.5  # the lower of the federation's 10 and the local 2.5
+    with pytest.raises(ConfigError) as info:
+        SiloConfig.load(cfg.data_dir, environ={"FEDSILO_SILO_EPSILON_CAP": "100"})
+    assert info.value.reason == ConfigReason.PINNED_SETTING
+    with pytest.raises(ConfigError) as info:
+        SiloConfig.load(cfg.data_dir, environ={"FEDSILO_SILO_LRR": "0.1"})
+    assert info.value.reason == ConfigReason.UNKNOWN_SETTING and "FEDSILO_SILO_LRR" in info.value.message
+
+
+def test_edited_coordinator_keys_no_longer_match_their_fingerprints(tmp_path, fake):
+    cfg = enrol(tmp_path, fake).config
+    path = cfg.data_dir / "silo.toml"
+    other = Identity.generate().public().to_json()["signing_key"]
+    path.write_text(path.read_text().replace(cfg.enrolment.coordinator_signing_key, other))
+    with pytest.raises(ConfigError) as info:
+        SiloConfig.load(cfg.data_dir, environ={})
+    assert "do not match the fingerprints" in info.value.message
+
+
+@pytest.mark.parametrize("text,inside,outside,wait", [
+    ("22:00-06:00", ["22:00", "23:59", "00:00", "05:59"], ["06:00", "12:00", "21:59"], ("12:00", 10 * 3600)),
+    ("09:30-17:00", ["09:30", "16:59"], ["17:00", "09:29", "00:00"], ("17:00", 16.5 * 3600)),
+])
+def test_training_windows(text, inside, outside, wait):
+    from datetime import time
+
+    window = TrainingWindow.parse(text)
+    assert str(window) == text
+    for t in inside:
+        assert window.contains(time.fromisoformat(t)) and window.seconds_until_open(time.fromisoformat(t)) == 0
+    for t in outside:
+        assert not window.contains(time.fromisoformat(t))
+    assert window.seconds_until_open(time.fromisoformat(wait[0])) == wait[1]
+
+
+@pytest.mark.parametrize("text", ["22-06", "25:00-06:00", "10:00-10:00", "22:00 to 06:00"])
+def test_a_malformed_window_is_refused_when_configured_not_at_22h(text):
+    with pytest.raises(ConfigError):
+        TrainingWindow.parse(text)
+
+
+# --------------------------------------------------------------------------- status and ledger
+
+
+def test_status_of_a_silo_that_never_ran_exits_0(tmp_path, fake, capsys):
+    cfg = enrol(tmp_path, fake).config
+    assert main(["status", "--data-dir", str(cfg.data_dir)]) == 0
+    out = capsys.readouterr().out
+    assert "epsilon 0 spent of 10" in out and cfg.enrolment.silo_id in out
+    assert main(["status", "--data-dir", str(cfg.data_dir), "--json"]) == 0
+    status = json.loads(capsys.readouterr().out)
+    assert status["epsilon_remaining"] == 10 and status["counts"] == {}
+
+
+def test_status_and_ledger_report_what_left(tmp_path, fake, capsys):
+    cfg = enrol(tmp_path, fake).config
+    key = fake.identity.signing
+    with Ledger(cfg.ledger_path) as ledger:
+        for i, status in enumerate(("accepted", "rejected")):
+            uid = f"{i:02d}" * 16
+            ledger.record_sealed(update_id=uid, base_version=i, num_samples=300, payload_digest="ab" * 32,
+                                 envelope_digest="cd" * 32, envelope=b"x", accountant="rdp",
+                                 dp={"noise_multiplier": 1.5, "sample_rate": 0.1, "steps": 10,
+                                     "max_grad_norm": 1.0, "delta": 1e-5},
+                                 epsilon_before=0.0, epsilon_after=0.7, epsilon_cap=10.0)
+            data, sig = sign_statement("receipt", {"update_id": uid, "silo_id": cfg.enrolment.silo_id,
+                                                   "status": status, "envelope_digest": "cd" * 32,
+                                                   "resulting_version": 1 if status == "accepted" else None}, key)
+            ledger.record_receipt(uid, Receipt.verify(data, sig, key.public_key()), key.public_key())
+        ledger.record_stop("budget_exhausted", "nearly spent", epsilon_spent=0.7, epsilon_cap=10.0)
+    status = silo_status(cfg.data_dir, environ={})
+    assert status["counts"]["accepted"] == 1 and status["counts"]["rejected"] == 1
+    assert status["epsilon_spent"] == pytest.approx(0.7) and status["last_version"] == 1
+    assert status["last_stop"]["reason"] == "budget_exhausted"
+
+    assert main(["ledger", "--data-dir", str(cfg.data_dir), "--format", "jsonl"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    rows = [json.loads(line) for line in lines]
+    assert [r["kind"] for r in rows] == ["update", "update", "stop"]
+    assert [r["status"] for r in rows] == ["accepted", "rejected", "stopped"]
+    assert main(["ledger", "--data-dir", str(cfg.data_dir), "--format", "csv"]) == 0
+    assert len(capsys.readouterr().out.splitlines()) == 4  # header + 3
+
+
+# --------------------------------------------------------------------------- errors
+
+
+def test_user_errors_print_one_line_and_exit_1(tmp_path, capsys):
+    assert main(["status", "--data-dir", str(tmp_path / "nowhere")]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and err.count("\n") == 1 and "fedsilo-silo init" in err
+    assert "Traceback" not in err
+
+
+def test_a_misspelt_environment_variable_is_a_clear_error(tmp_path, fake, capsys, monkeypatch):
+    cfg = enrol(tmp_path, fake).config
+    monkeypatch.setenv("FEDSILO_SILO_PAUSE", "10")
+    assert main(["status", "--data-dir", str(cfg.data_dir)]) == 1
+    assert "FEDSILO_SILO_PAUSE" in capsys.readouterr().err
+
+
+def test_usage_errors_exit_2_and_help_lists_the_commands(capsys):
+    with pytest.raises(SystemExit) as info:
+        main(["run", "--data-dir", "x", "--rounds", "zero"])
+    assert info.value.code == 2
+    with pytest.raises(SystemExit) as info:
+        main(["--help"])
+    assert info.value.code == 0
+    out = capsys.readouterr().out
+    for command in ("init", "run", "status", "ledger"):
+        assert command in out
