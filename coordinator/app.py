@@ -19,17 +19,14 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Mount, Route
 
-from privacy.errors import KeyFileError
-
-from . import db, federation, openapi
+from . import federation, openapi, startup
 from .api import admin, audit, silo
 from .api.errors import exception_handlers
-from .config import ConfigError, CoordinatorConfig
 from .context import Coordinator
+from .startup import DATA_DIR_ENV, StartupError
 
-__all__ = ["DATA_DIR_ENV", "create_app", "create_app_from_env", "open_coordinator"]
+__all__ = ["DATA_DIR_ENV", "StartupError", "create_app", "create_app_from_env", "open_coordinator"]
 
-DATA_DIR_ENV = "FEDSILO_DATA_DIR"
 
 
 def create_app(ctx: Coordinator) -> Starlette:
@@ -64,38 +61,20 @@ def create_app(ctx: Coordinator) -> Starlette:
     return Starlette(routes=routes, exception_handlers=exception_handlers(), lifespan=lifespan)
 
 
-class StartupError(Exception):
-    """The coordinator cannot start; the message says what to do."""
-
-
 def open_coordinator(data_dir: Path | str) -> Coordinator:
     """Load the configuration and keys of ``data_dir`` and open its database.
 
-    Refuses (StartupError) a directory that was never initialised or a database
-    whose schema is not at this version's head.
+    Raises StartupError for a directory that was never initialised, unusable keys, or
+    a database that is unreachable or not at this version's schema.
     """
-    data_dir = Path(data_dir)
-    if not (data_dir / "coordinator.toml").exists():
-        raise StartupError(f"{data_dir} is not a coordinator data directory; run: fedsilo-coordinator init --data-dir {data_dir}")
+    config = startup.load_config(data_dir)
+    startup.limit_torch_threads(config.torch_threads)
+    ctx = Coordinator(config, Coordinator.engine_for(config), startup.load_identity(config))
     try:
-        config = CoordinatorConfig.load(data_dir)
-    except ConfigError as exc:
-        raise StartupError(str(exc)) from None
-    try:
-        ctx = Coordinator.open(config)
-    except KeyFileError as exc:
-        raise StartupError(f"cannot load the coordinator's keys: {exc.message}") from None
-    try:
-        current, head = db.current_revision(ctx.engine), db.head_revision()
-    except Exception as exc:
+        startup.check_schema(ctx.engine)
+    except startup.StartupError:
         ctx.close()
-        raise StartupError(f"cannot reach the database: {exc}") from None
-    if current != head:
-        ctx.close()
-        raise StartupError(
-            f"the database schema is at {current!r}, this coordinator needs {head!r}; "
-            "run: fedsilo-coordinator migrate --data-dir DIR"
-        )
+        raise
     return ctx
 
 

@@ -20,6 +20,7 @@ from typing import Any
 __all__ = ["main", "serve", "verify_log"]
 
 EXIT_OK, EXIT_BAD_LOG, EXIT_USAGE = 0, 1, 2
+APP_FACTORY = "coordinator.app:create_app_from_env"
 
 
 class CliError(Exception):
@@ -93,16 +94,14 @@ def serve(data_dir: Path, *, host: str | None = None, port: int | None = None, w
     """Run the app under uvicorn until interrupted (several processes with ``workers``)."""
     import uvicorn
 
-    from .app import DATA_DIR_ENV, StartupError, open_coordinator
+    from .startup import DATA_DIR_ENV, StartupError, check_startable
 
     if workers < 1:
         raise CliError("--workers must be at least 1")
     try:
-        ctx = open_coordinator(data_dir)  # fail here, readably, rather than in each worker
+        config = check_startable(data_dir)  # fail here, readably, rather than in each worker
     except StartupError as exc:
         raise CliError(str(exc)) from None
-    config = ctx.config
-    ctx.close()
     os.environ[DATA_DIR_ENV] = str(Path(data_dir).resolve())
     # Workers read their configuration from the environment, overrides included.
     if host:
@@ -110,7 +109,7 @@ def serve(data_dir: Path, *, host: str | None = None, port: int | None = None, w
     if port:
         os.environ["FEDSILO_PORT"] = str(port)
     uvicorn.run(
-        "coordinator.app:create_app_from_env",
+        APP_FACTORY,
         factory=True,
         host=host or config.host,
         port=port or config.port,

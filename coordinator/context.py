@@ -45,12 +45,15 @@ class Coordinator:
 
     @classmethod
     def open(cls, config: CoordinatorConfig, *, clock: Callable[[], datetime] = utc_now) -> Coordinator:
-        from .db import make_engine  # the engine is made here, at start-up, never at import
+        return cls(config, cls.engine_for(config), Identity.load(config.keys_dir), clock)
 
-        # Enough connections for every fold thread plus the pre-lock readers.
+    @staticmethod
+    def engine_for(config: CoordinatorConfig) -> Engine:
+        """The engine for ``config``: enough connections for every fold thread and reader."""
+        from .db import make_engine  # the engine is made at start-up, never at import
+
         pool = max(5, config.ingest_workers + config.fold_workers + 2)
-        engine = make_engine(config.database_url, pool_size=pool, max_overflow=pool)
-        return cls(config, engine, Identity.load(config.keys_dir), clock)
+        return make_engine(config.database_url, pool_size=pool, max_overflow=pool)
 
     def session(self) -> Session:
         """A session for reads; the caller closes it (``with ctx.session() as s``).

@@ -40,11 +40,13 @@ __all__ = [
     "current_version",
     "Release",
     "StorageCorrupted",
+    "VersionState",
     "init_federation",
     "prune",
     "record_metrics",
     "release",
     "settings_of",
+    "version_state",
     "write_version",
 ]
 
@@ -175,14 +177,32 @@ def write_version(
     return row, event
 
 
+@dataclass(frozen=True)
+class VersionState:
+    """A version's metadata without its weights."""
+
+    version: int
+    digest: str
+    retained: bool  # False once retention pruned the blob
+
+
+def version_state(session: Session, federation_id: int, version: int) -> VersionState | None:
+    """Whether ``version`` exists and still has its weights -- without loading them."""
+    row = session.execute(
+        select(ModelVersion.digest, ModelVersion.blob.is_not(None)).where(
+            ModelVersion.federation_id == federation_id, ModelVersion.version == version
+        )
+    ).one_or_none()
+    return None if row is None else VersionState(version, row[0], bool(row[1]))
+
+
 def record_metrics(session: Session, federation_id: int, version: int, silo_id: str, metrics: Mapping) -> None:
     """Keep the figures a silo reported about ``version`` (its local validation split)."""
     if not metrics:
         return
-    row = session.get(ModelVersion, (federation_id, version))
-    if row is not None:
-        # JSON columns are not mutation-tracked: assign a new dict.
-        row.metrics = {**(row.metrics or {}), silo_id: dict(metrics)}
+    where = (ModelVersion.federation_id == federation_id, ModelVersion.version == version)
+    current = session.scalar(select(ModelVersion.metrics).where(*where))  # not the blob
+    session.execute(update(ModelVersion).where(*where).values(metrics={**(current or {}), silo_id: dict(metrics)}))
 
 
 # --------------------------------------------------------------------------- releases
@@ -246,14 +266,10 @@ class ModelCache:
         Reads the digest from the database first (another process may have folded
         since), then reuses the cached tensors or loads, checks and decodes the blob.
         """
-        head = session.execute(
-            select(ModelVersion.digest, ModelVersion.blob.is_not(None)).where(
-                ModelVersion.federation_id == federation_id, ModelVersion.version == version
-            )
-        ).one_or_none()
-        if head is None or not head[1]:
+        state = version_state(session, federation_id, version)
+        if state is None or not state.retained:
             return None
-        key = (version, head[0])
+        key = (version, state.digest)
         with self._lock:
             cached = self._entries.get(key)
             if cached is not None:

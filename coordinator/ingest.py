@@ -40,8 +40,9 @@ from . import budget, fold, receipts, rejections
 from .context import Coordinator
 from .fold import Outcome, Prepared
 from .errors import IngestRejected, Reason
+from . import federation
 from .federation import settings_of
-from .models import Federation, ModelVersion, Silo, SiloStatus, Update, UpdateStatus
+from .models import Federation, Silo, SiloStatus, Update, UpdateStatus
 from .rejections import Evidence, Refusal, translate
 from .strategies import StrategyError, check_staleness
 
@@ -165,8 +166,9 @@ def _check(ctx: Coordinator, body: bytes, ev: Evidence) -> Prepared | Outcome:
         # 6. base version known, staleness within the bound ------------------------------
         fed = s.get(Federation, ctx.federation_id)
         settings = settings_of(fed)
-        base = s.get(ModelVersion, (fed.id, header.base_version)) if header.base_version <= fed.current_version else None
-        if base is None:
+        # Existence and retention only: never load a blob just to look at it.
+        base = federation.version_state(s, fed.id, header.base_version)
+        if base is None or header.base_version > fed.current_version:
             raise Refusal(Reason.UNKNOWN_BASE_VERSION,
                           f"base version {header.base_version} is not known (current: {fed.current_version})")
         ev.staleness = fed.current_version - header.base_version
@@ -174,7 +176,7 @@ def _check(ctx: Coordinator, body: bytes, ev: Evidence) -> Prepared | Outcome:
             check_staleness(settings, ev.staleness)
         except StrategyError as exc:
             raise translate(exc) from None
-        if settings.strategy == "fedasync" and base.blob is None:
+        if settings.strategy == "fedasync" and not base.retained:
             raise Refusal(Reason.UNKNOWN_BASE_VERSION, f"the weights of base version {header.base_version} were pruned")
         schema = codec.Schema.from_json(fed.schema)
         schema_digest = fed.schema_digest

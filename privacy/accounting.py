@@ -34,7 +34,7 @@ Accountants (:data:`ACCOUNTANTS`):
     terms cost ~1-3 ms per (sigma, q), are cached per (sigma, q), and identical
     (sigma, q) pairs are merged by summing their steps. ``tests/privacy/test_accounting``
     pins the result to dp-accounting's own figure on hundreds of random histories
-    (never below it beyond 1e-6 relative; in practice equal to ~1e-9).
+    (never below it beyond 1e-6 relative; in practice equal to ~1e-13).
 
 ``"prv"``
     Opacus' ``PRVAccountant`` (Gopi, Lee, Wutschitz 2021): numerical composition of
@@ -62,7 +62,7 @@ from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from numbers import Real
 from types import MappingProxyType
-from typing import Any, TypeAlias
+from typing import Protocol, TypeAlias
 
 import numpy as np
 from dp_accounting.rdp import compute_epsilon as _dp_compute_epsilon
@@ -80,6 +80,7 @@ __all__ = [
     "RDP_ORDERS",
     "DPRun",
     "RunLike",
+    "SupportsDPRun",
     "check_budget",
     "epsilon_of",
     "plan_noise_multiplier",
@@ -151,7 +152,18 @@ class DPRun:
         )
 
 
-RunLike: TypeAlias = DPRun | tuple[float, float, int] | Any
+class SupportsDPRun(Protocol):
+    """Anything with the three fields of a run, e.g. ``privacy.dp.DPParams``."""
+
+    @property
+    def noise_multiplier(self) -> float: ...
+    @property
+    def sample_rate(self) -> float: ...
+    @property
+    def steps(self) -> int: ...
+
+
+RunLike: TypeAlias = DPRun | SupportsDPRun | tuple[float, float, int] | Mapping[str, object]
 # One (sigma, q, total steps) per distinct (sigma, q), steps > 0, in first-seen order.
 _Groups: TypeAlias = tuple[tuple[float, float, int], ...]
 
@@ -260,7 +272,9 @@ def _log_a_frac(q: float, sigma: float) -> np.ndarray:
         s0 = s0 + special.log_ndtr((z0 - i) / sigma)
         s1 = log_binom + j * log_q + i * log_1mq + (j * j - j) / (2 * sigma**2)
         s1 = s1 + special.log_ndtr((j - z0) / sigma)
-        total = np.logaddexp(np.logaddexp.accumulate(s0, axis=1), np.logaddexp.accumulate(s1, axis=1))
+        total = np.logaddexp(
+            np.logaddexp.accumulate(s0, axis=1), np.logaddexp.accumulate(s1, axis=1)
+        )
         stop = np.zeros(s0.shape, dtype=bool)
         stop[:, 1:] = (
             (s0[:, 1:] < s0[:, :-1])
@@ -501,17 +515,20 @@ def plan_noise_multiplier(
         )
     lo_exceeds = False  # whether eps_at(lo) > cap is already known
     if accountant != "rdp":
-        # Each PRV/PLD evaluation costs ~0.1-2 s: narrow the bracket around the RDP
-        # plan first. Tighter accountants fit at a smaller sigma, so step down from it.
+        # A PRV/PLD evaluation costs ~0.1-4 s, the most at small sigma (large epsilon),
+        # so never bisect blindly down there: step down from above until the run stops
+        # fitting. Start at the RDP plan (tighter accountants fit at a smaller sigma)
+        # in small steps, or, where RDP cannot fit at all, at max_sigma in halvings.
         try:
-            guess: float | None = plan_noise_multiplier(
+            start = plan_noise_multiplier(
                 runs, q, steps, delta, cap, "rdp", min_sigma=lo, max_sigma=hi, rtol=tol
             )
+            factor = _BRACKET_STEP
         except AccountingError:
-            guess = None  # RDP is looser: it may not fit where this accountant does
-        if guess is not None and eps_at(guess) <= cap:
-            hi = guess
-            while (candidate := hi / _BRACKET_STEP) > lo:
+            start, factor = hi, 2.0  # RDP is looser: it may not fit where this one does
+        if start == hi or eps_at(start) <= cap:
+            hi = start
+            while (candidate := hi / factor) > lo:
                 if eps_at(candidate) <= cap:
                     hi = candidate
                 else:

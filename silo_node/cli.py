@@ -17,6 +17,7 @@ import os
 import secrets
 import sys
 import threading
+import warnings
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -264,6 +265,10 @@ def run_silo(
     if rounds is not None and rounds < 1:
         raise ConfigError(ConfigReason.INVALID, "--rounds must be at least 1")
     task, data = load_checked(config)  # refuse data that does not fit before touching the network
+    if config.training.threads:
+        import torch
+
+        torch.set_num_threads(config.training.threads)  # a shared machine: do not take every core
     enrol = config.enrolment
     identity = Identity.load(config.keys_dir)
     stop = stop or threading.Event()
@@ -486,6 +491,9 @@ def _cmd_run(args: argparse.Namespace, console: Any) -> int:
         "proximal_rho": args.prox_rho, "round_epsilon": args.round_epsilon, "window": args.window,
         "pause_seconds": args.pause, "jitter_seconds": args.jitter,
     }
+    # Opacus warns on every round that its noise is not drawn from a CSPRNG (secure_mode);
+    # docs/silo.md states it once, the log need not repeat it every round.
+    warnings.filterwarnings("ignore", message=".*Secure RNG turned off.*")
     stop = threading.Event()
     install_signal_handlers(stop)
     phases = _Phases(console) if console is not None else None

@@ -409,6 +409,9 @@ class SiloClient:
             )
         if self.silo_id is not None and receipt.silo_id != self.silo_id:
             raise Untrusted(ClientReason.RECEIPT_MISMATCH, f"the receipt names silo {receipt.silo_id}, not us")
+        federation = receipt.fields.get("federation")
+        if self._federation is not None and federation is not None and federation != self._federation:
+            raise Untrusted(ClientReason.RECEIPT_MISMATCH, f"the receipt is for federation {federation!r}")
 
     def _receipt_from(self, obj: Mapping) -> Receipt | None:
         """The verified receipt in a JSON answer, or None when there is none.

@@ -164,6 +164,7 @@ class TrainingOptions:
     val_fraction: float = 0.2  # local validation split, evaluated on each received model
     split_seed: int = 0  # fixed per silo at init so the validation rows never change
     seed: int | None = None  # training noise/sampling seed; None = fresh randomness (production)
+    threads: int = 0  # torch CPU threads for training; 0 = torch's default (all cores)
 
     def __post_init__(self) -> None:
         _positive("epochs", self.epochs, integer=True)
@@ -179,6 +180,7 @@ class TrainingOptions:
                f"val_fraction must be in [0, 1), not {self.val_fraction!r}")
         _check(isinstance(self.split_seed, int), f"split_seed must be an integer, not {self.split_seed!r}")
         _check(self.seed is None or isinstance(self.seed, int), f"seed must be an integer, not {self.seed!r}")
+        _positive("threads", self.threads, integer=True, zero=True)
 
 
 @dataclass(frozen=True)

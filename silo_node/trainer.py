@@ -51,6 +51,7 @@ class TrainReason(StrEnum):
     BUDGET_EXHAUSTED = "budget_exhausted"
     MODEL_MISMATCH = "model_mismatch"
     DP_MISMATCH = "dp_mismatch"
+    BATCH_TOO_LARGE = "batch_too_large"
     NON_FINITE = "non_finite"
 
 
@@ -114,10 +115,19 @@ class RoundResult:
 
 
 def schedule(num_samples: int, batch_size: int, epochs: int) -> tuple[float, int]:
-    """Poisson sample rate and step count for ``epochs`` passes of expected size ``batch_size``."""
-    sample_rate = min(1.0, batch_size / num_samples)
-    steps = epochs * max(1, math.ceil(num_samples / batch_size))
-    return sample_rate, steps
+    """Poisson sample rate and step count that ``privacy.dp.train_dp`` will use.
+
+    Asked of the training helper itself (``sampling_plan``), so the planned run and
+    the recorded one are the same run.
+    """
+    from privacy.dp import sampling_plan
+
+    if batch_size > num_samples:
+        raise TrainError(
+            TrainReason.BATCH_TOO_LARGE,
+            f"the batch size ({batch_size}) exceeds the {num_samples} training samples; lower --batch-size",
+        )
+    return sampling_plan(num_samples, batch_size, epochs)
 
 
 def spent_epsilon(history: Sequence[DPRun], delta: float, accountant: str = "rdp") -> float:

@@ -290,3 +290,11 @@ def test_budget_figures_are_recorded_beside_the_claim(ctx):
     assert charge.epsilon_claimed == 0.5 and row.epsilon_claimed == 0.5
     assert math.isclose(charge.epsilon_after, row.epsilon_computed) and charge.epsilon_after > 1.0
     assert charge.noise_multiplier == DEFAULT_DP["noise_multiplier"] and charge.steps == DEFAULT_DP["steps"]
+
+
+def test_silo_metrics_are_kept_on_the_base_version(ctx):
+    silo = enrol(ctx, "a")
+    submit(ctx, silo.seal(base_version=0, metrics={"accuracy": 0.75, "loss": 0.5}))
+    with ctx.read() as s:
+        metrics = s.scalar(select(ModelVersion.metrics).where(ModelVersion.version == 0))
+    assert metrics == {silo.silo_id: {"accuracy": 0.75, "loss": 0.5}}
