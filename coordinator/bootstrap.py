@@ -122,6 +122,7 @@ def initialize(
     )
     try:
         db.upgrade(config.database_url)
+        _private_sqlite_file(config.database_url)
         engine = db.make_engine(config.database_url)
     except db.DatabaseError as exc:
         raise InitError(f"database: {exc.message}") from None
@@ -149,6 +150,14 @@ def initialize(
         engine.dispose()
     config.save()
     return InitResult(config, token, public.fingerprints(), spec, digest, sum(t.numel() for t in weights.values()))
+
+
+def _private_sqlite_file(url: str) -> None:
+    """The embedded database holds the audit log and hashed tokens: owner-only (SQLite
+    creates its -wal and -shm files with the database file's permissions)."""
+    u = make_url(url)
+    if u.get_backend_name() == "sqlite" and u.database and u.database != ":memory:":
+        Path(u.database).chmod(0o600)
 
 
 def _safe(url: str) -> str:

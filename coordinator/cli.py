@@ -81,8 +81,8 @@ def _parser() -> argparse.ArgumentParser:
                              description="Run the database migrations (safe to run while other processes start).")
     migrate.add_argument("--data-dir", required=True, type=Path, metavar="DIR")
 
-    demo = sub.add_parser("demo", help="run the end-to-end demonstration", add_help=False)
-    demo.add_argument("args", nargs=argparse.REMAINDER)
+    # Listed for --help only: main() hands "demo ..." to coordinator.demo before parsing.
+    sub.add_parser("demo", help="run the end-to-end demonstration (see: demo --help)", add_help=False)
     return p
 
 
@@ -211,18 +211,25 @@ def _migrate(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
-def _demo(args: argparse.Namespace) -> int:
+def _demo(argv: Sequence[str]) -> int:
     if importlib.util.find_spec("coordinator.demo") is None:
         raise CliError("the demo is not part of this installation")
     from coordinator import demo  # type: ignore[attr-defined]
 
-    return int(demo.main(list(args.args)) or 0)
+    return int(demo.main(list(argv)) or 0)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of ``fedsilo-coordinator``; returns the exit status."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] == ["demo"]:  # the demo parses its own options (including --help)
+        try:
+            return _demo(argv[1:])
+        except CliError as exc:
+            print(f"fedsilo-coordinator demo: error: {exc}", file=sys.stderr)
+            return EXIT_USAGE
     args = _parser().parse_args(argv)
-    handlers = {"init": _init, "serve": _serve, "verify": _verify, "migrate": _migrate, "demo": _demo}
+    handlers = {"init": _init, "serve": _serve, "verify": _verify, "migrate": _migrate}
     try:
         return handlers[args.command](args)
     except CliError as exc:

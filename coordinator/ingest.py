@@ -36,12 +36,11 @@ from privacy.errors import PrivacyError
 from privacy.errors import Reason as PrivacyReason
 from privacy.keys import signing_public_from_raw
 
-from . import budget, fold, receipts, rejections
+from . import budget, federation, fold, receipts, rejections
 from .context import Coordinator
-from .fold import Outcome, Prepared
 from .errors import IngestRejected, Reason
-from . import federation
 from .federation import settings_of
+from .fold import Outcome, Prepared
 from .models import Federation, Silo, SiloStatus, Update, UpdateStatus
 from .rejections import Evidence, Refusal, translate
 from .strategies import StrategyError, check_staleness

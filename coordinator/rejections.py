@@ -121,7 +121,7 @@ def record(
             "epsilon_computed": _finite(ev.epsilon_computed),
         }
     actor = ev.claimed_silo if ev.signed and ev.claimed_silo else "anonymous"
-    subject = f"update:{h.update_id}" if h is not None else f"envelope:{digest}"
+    subject = f"update:{h.update_id}" if h is not None else f"envelope:{digest}" if digest else "envelope"
     event = audit.append(
         session, actor=actor, action=ACTION_UPDATE_REJECTED, subject=subject, details=details, now=now
     )

@@ -19,7 +19,7 @@ import sys
 import threading
 import warnings
 from collections.abc import Callable, Iterator, Mapping, Sequence
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TextIO
 
@@ -449,7 +449,10 @@ class _Phases:
         self._status.start()
 
     def __call__(self, phase: str, info: dict) -> None:
-        detail = ", ".join(f"{k} {v:.0f}" if isinstance(v, float) else f"{k} {v}" for k, v in info.items())
+        detail = ", ".join(
+            f"{v:.0f} s" if k == "seconds" else f"{k} {v:.3g}" if isinstance(v, float) else f"{k} {v}"
+            for k, v in info.items()
+        )
         self._status.update(f"{phase}{': ' + detail if detail else ''}")
 
     def close(self) -> None:

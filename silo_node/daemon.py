@@ -54,8 +54,14 @@ log = logging.getLogger("fedsilo.silo")
 
 #: Test hook points (FEDSILO_TEST_CRASH_AT): the process SIGKILLs itself there.
 CRASH_POINTS = ("sealed", "pushed")
-#: Rejections that mean this silo cannot continue at all.
-FATAL_REJECTIONS = {"revoked", "unknown_silo", "bad_signature", "bad_token", "forbidden"}
+#: Rejections that another round would only repeat: this silo (its keys, its software, its
+#: pinned coordinator key) and the coordinator disagree, and a person must look. Others
+#: (stale, unknown_base_version, norm_exceeded, non_finite, replay ...) concern one update.
+FATAL_REJECTIONS = {
+    "revoked", "unknown_silo", "bad_signature", "bad_token", "forbidden",
+    "too_large", "malformed", "unsupported_version", "decrypt_failed", "digest_mismatch",
+    "malformed_payload", "schema_mismatch", "invalid_dp_parameters",
+}
 #: The coordinator's accountant disagrees with ours: stop rather than guess.
 BUDGET_REJECTIONS = {"budget_exceeded"}
 MIN_RETRY_PAUSE = 10.0  # seconds between loop iterations after a network failure
@@ -163,9 +169,10 @@ class Daemon:
                 accountant=enrol.accountant,
             )
         except BudgetExhausted as exc:
-            self.ledger.record_stop("budget_exhausted", exc.message, epsilon_spent=exc.spent, epsilon_cap=exc.cap)
-            log.info("not started: budget. %s. Stopping; nothing was trained.", exc.message)
-            raise _Stop(RunResult(Outcome.BUDGET_EXHAUSTED, self._receipts, f"not started: budget. {exc.message}"))
+            message = f"not started: budget. {exc.message}"
+            self.ledger.record_stop("budget_exhausted", message, epsilon_spent=exc.spent, epsilon_cap=exc.cap)
+            log.info("%s. Stopping; nothing was trained.", message)
+            raise _Stop(RunResult(Outcome.BUDGET_EXHAUSTED, self._receipts, message)) from None
         self._wait_for_window()
         self._phase("fetching")
         release = self._fetch()
@@ -280,9 +287,9 @@ class Daemon:
             if exc.reason in FATAL_REJECTIONS:
                 raise _Stop(RunResult(Outcome.FATAL, self._receipts, f"the coordinator refuses this silo: {exc.message}"))
             if exc.reason in BUDGET_REJECTIONS:
-                message = f"the coordinator's accountant says the budget is spent: {exc.detail}"
+                message = f"not started: budget. The coordinator's accountant says it is spent: {exc.detail}"
                 self.ledger.record_stop("budget_exceeded", message)
-                raise _Stop(RunResult(Outcome.BUDGET_EXHAUSTED, self._receipts, f"not started: budget. {message}"))
+                raise _Stop(RunResult(Outcome.BUDGET_EXHAUSTED, self._receipts, message))
             return exc
         except Untrusted as exc:
             # The envelope stays in the ledger; a later run resends it to a coordinator that verifies.

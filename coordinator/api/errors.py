@@ -16,7 +16,7 @@ from starlette.exceptions import HTTPException
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 
-from ..errors import CoordinatorError
+from ..errors import CoordinatorError, Reason
 
 __all__ = ["INTERNAL_ERROR", "exception_handlers"]
 
@@ -27,7 +27,10 @@ _HTTP_REASONS = {404: "not_found", 405: "method_not_allowed", 413: "too_large"}
 
 
 async def coordinator_error(request: Request, exc: CoordinatorError) -> Response:
-    headers = {"WWW-Authenticate": 'Fedsilo-Signature realm="fedsilo"'} if exc.status == 401 else None
+    headers = None
+    if exc.status == 401:  # RFC 9110 11.6.1: say which scheme would work
+        scheme = "Bearer" if exc.reason == Reason.BAD_TOKEN else "Fedsilo-Signature"
+        headers = {"WWW-Authenticate": f'{scheme} realm="fedsilo"'}
     return JSONResponse(exc.to_json(), status_code=exc.status, headers=headers)
 
 

@@ -13,7 +13,7 @@ import torch
 from sqlalchemy import select
 
 from coordinator import audit, enrolment, federation
-from coordinator.db import transaction
+from coordinator.db import make_engine, transaction, upgrade
 from coordinator.errors import ApiError, AuthError, Reason
 from coordinator.models import AuditEvent, EnrolmentToken, Silo
 from coordinator.strategies import StrategySettings
@@ -23,12 +23,26 @@ from privacy.keys import Identity
 T0 = datetime(2026, 11, 21, 10, 0, tzinfo=UTC)
 
 
-@pytest.fixture
-def engine(migrated_engine):
-    with transaction(migrated_engine) as s:
+def _seed(engine):
+    with transaction(engine) as s:
         federation.init_federation(s, name="fed", task={"name": "csv", "options": {}},
                                    weights={"w": torch.zeros(2)}, settings=StrategySettings(), now=T0)
-    return migrated_engine
+    return engine
+
+
+@pytest.fixture
+def engine(migrated_engine):
+    """SQLite and PostgreSQL: for what depends on the database (uniqueness, atomic updates)."""
+    return _seed(migrated_engine)
+
+
+@pytest.fixture
+def sqlite_engine(sqlite_url):
+    """SQLite only: for pure logic on top of the rows."""
+    upgrade(sqlite_url)
+    engine = make_engine(sqlite_url)
+    yield _seed(engine)
+    engine.dispose()
 
 
 def create(engine, name="hospital-a", **kw):
@@ -75,9 +89,9 @@ def test_create_then_enroll_binds_the_keys_and_consumes_the_token(engine):
     ({"delta": 1.0}, Reason.INVALID_REQUEST),
     ({"delta": True}, Reason.INVALID_REQUEST),
 ])
-def test_create_validates_its_input(engine, kw, reason):
+def test_create_validates_its_input(sqlite_engine, kw, reason):
     with pytest.raises(ApiError) as exc:
-        create(engine, **({"name": "ok"} | kw))
+        create(sqlite_engine, **({"name": "ok"} | kw))
     assert exc.value.reason == reason
 
 
@@ -97,10 +111,10 @@ def test_a_token_enrols_once(engine):
 
 
 @pytest.mark.parametrize("token", ["", "fse_" + "A" * 43, "not-a-token", None])
-def test_unknown_or_malformed_tokens_get_one_answer(engine, token):
-    create(engine)
+def test_unknown_or_malformed_tokens_get_one_answer(sqlite_engine, token):
+    create(sqlite_engine)
     with pytest.raises(AuthError) as exc:
-        enroll(engine, token)
+        enroll(sqlite_engine, token)
     assert exc.value.reason == Reason.BAD_TOKEN and exc.value.status == 401
 
 
@@ -119,9 +133,9 @@ def test_one_key_pair_is_one_silo(engine):
     assert exc.value.reason == Reason.ALREADY_ENROLLED
 
 
-def test_malformed_public_keys_are_invalid_requests(engine):
-    new = create(engine)
-    with transaction(engine) as s, pytest.raises(ApiError) as exc:
+def test_malformed_public_keys_are_invalid_requests(sqlite_engine):
+    new = create(sqlite_engine)
+    with transaction(sqlite_engine) as s, pytest.raises(ApiError) as exc:
         enrolment.enroll(s, token=new.enrolment_token, keys={"signing_key": "abc", "hpke_key": "def"}, now=T0)
     assert exc.value.reason == Reason.INVALID_REQUEST
 
@@ -151,9 +165,9 @@ def authenticate(engine, headers, *, target="/api/v1/model", now=T0 + timedelta(
 
 
 @pytest.fixture
-def enrolled(engine):
+def enrolled(sqlite_engine):
     identity = Identity.generate()
-    silo_id, _ = enroll(engine, create(engine).enrolment_token, identity)
+    silo_id, _ = enroll(sqlite_engine, create(sqlite_engine).enrolment_token, identity)
     return silo_id, identity
 
 
@@ -162,13 +176,13 @@ def signed(silo_id, identity, target="/api/v1/model", now=T0 + timedelta(minutes
                                                   now=now).items()}
 
 
-def test_a_signed_request_identifies_its_silo(engine, enrolled):
+def test_a_signed_request_identifies_its_silo(sqlite_engine, enrolled):
     silo_id, identity = enrolled
-    assert authenticate(engine, signed(silo_id, identity)) == silo_id
+    assert authenticate(sqlite_engine, signed(silo_id, identity)) == silo_id
 
 
 @pytest.mark.parametrize("tamper", ["target", "key", "unknown_silo", "stale", "missing"])
-def test_every_bad_request_signature_gets_the_same_401(engine, enrolled, tamper):
+def test_every_bad_request_signature_gets_the_same_401(sqlite_engine, enrolled, tamper):
     silo_id, identity = enrolled
     headers = {
         "target": lambda: signed(silo_id, identity, target="/api/v1/model?version=1"),
@@ -178,17 +192,17 @@ def test_every_bad_request_signature_gets_the_same_401(engine, enrolled, tamper)
         "missing": lambda: {},
     }[tamper]()
     with pytest.raises(AuthError) as exc:
-        authenticate(engine, headers)
+        authenticate(sqlite_engine, headers)
     assert (exc.value.reason, exc.value.detail) == (Reason.BAD_SIGNATURE, "the signature does not verify")
 
 
-def test_revoked_is_said_only_to_the_key_holder(engine, enrolled):
+def test_revoked_is_said_only_to_the_key_holder(sqlite_engine, enrolled):
     silo_id, identity = enrolled
-    with transaction(engine) as s:
+    with transaction(sqlite_engine) as s:
         enrolment.revoke_silo(s, silo_id, actor="token:ops", now=T0)
     with pytest.raises(AuthError) as exc:
-        authenticate(engine, signed(silo_id, identity))
+        authenticate(sqlite_engine, signed(silo_id, identity))
     assert exc.value.reason == Reason.REVOKED
     with pytest.raises(AuthError) as exc:
-        authenticate(engine, signed(silo_id, Identity.generate()))
+        authenticate(sqlite_engine, signed(silo_id, Identity.generate()))
     assert exc.value.reason == Reason.BAD_SIGNATURE

@@ -41,6 +41,14 @@ def ctx(tmp_path):
     c.close()
 
 
+@pytest.fixture
+def any_ctx(tmp_path, db_url):
+    """For the tests where the database's locking and JSON matter: SQLite and PostgreSQL."""
+    c = make_coordinator(tmp_path / "coord", database_url=db_url)  # init migrates the empty database
+    yield c
+    c.close()
+
+
 def enrol(ctx, name: str, cap: float = 50.0, delta: float = 1e-5) -> FakeSilo:
     with ctx.transaction() as s:
         new = enrolment.create_silo(s, name=name, epsilon_cap=cap, delta=delta, actor="token:test", now=ctx.clock())
@@ -77,7 +85,8 @@ def last_event(ctx) -> AuditEvent:
 # --------------------------------------------------------------------------- folds
 
 
-def test_fedasync_fold_is_the_papers_formula_and_receipt_verifies(ctx):
+def test_fedasync_fold_is_the_papers_formula_and_receipt_verifies(any_ctx):
+    ctx = any_ctx
     silo = enrol(ctx, "a")
     w0 = weights(ctx, 0)
     d1, d2 = silo.delta(seed=1), silo.delta(seed=2)
@@ -125,7 +134,8 @@ def test_fedbuff_buffers_k_then_writes_one_version(tmp_path):
 # --------------------------------------------------------------------------- idempotence, replay
 
 
-def test_resend_of_an_accepted_update_returns_the_original_receipt_and_folds_nothing(ctx):
+def test_resend_of_an_accepted_update_returns_the_original_receipt_and_folds_nothing(any_ctx):
+    ctx = any_ctx
     silo = enrol(ctx, "a")
     envelope = silo.seal(base_version=0)
     first = submit(ctx, envelope)
@@ -135,7 +145,8 @@ def test_resend_of_an_accepted_update_returns_the_original_receipt_and_folds_not
     assert head(ctx) == before and count(ctx, ModelVersion) == 2 and count(ctx, PrivacyCharge) == 1
 
 
-def test_the_same_envelope_checked_twice_in_parallel_folds_once(ctx):
+def test_the_same_envelope_checked_twice_in_parallel_folds_once(any_ctx):
+    ctx = any_ctx
     silo = enrol(ctx, "a")
     envelope = silo.seal(base_version=0)
     p1 = ingest.check(ctx, envelope, ctx.clock())
@@ -154,7 +165,8 @@ def test_a_reused_update_id_with_other_content_is_a_replay(ctx):
     assert exc.value.reason == Reason.REPLAY
 
 
-def test_resend_of_a_rejected_update_gets_the_same_rejection_and_writes_nothing(ctx):
+def test_resend_of_a_rejected_update_gets_the_same_rejection_and_writes_nothing(any_ctx):
+    ctx = any_ctx
     silo = enrol(ctx, "a")
     envelope = silo.seal(base_version=7)  # unknown base version
     with pytest.raises(IngestRejected) as first:
@@ -177,7 +189,8 @@ def test_resend_of_a_rejected_update_gets_the_same_rejection_and_writes_nothing(
 # --------------------------------------------------------------------------- re-checks under the lock
 
 
-def test_budget_is_recomputed_under_the_lock(ctx):
+def test_budget_is_recomputed_under_the_lock(any_ctx):
+    ctx = any_ctx
     # Two updates of one silo pass the checks together; only one fits the cap.
     one = 1.0353059381436596  # epsilon of DEFAULT_DP alone at delta 1e-5 (RDP)
     silo = enrol(ctx, "a", cap=one * 1.01)
@@ -207,7 +220,8 @@ def test_staleness_is_rechecked_under_the_lock(tmp_path):
         ctx.close()
 
 
-def test_a_silo_revoked_between_checks_and_fold_is_refused(ctx):
+def test_a_silo_revoked_between_checks_and_fold_is_refused(any_ctx):
+    ctx = any_ctx
     silo = enrol(ctx, "a")
     prepared = ingest.check(ctx, silo.seal(base_version=0), ctx.clock())
     with ctx.transaction() as s:

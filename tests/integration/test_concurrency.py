@@ -23,7 +23,7 @@ from coordinator import audit
 from coordinator.models import AuditEvent, Federation, ModelVersion, PrivacyCharge, Update
 from coordinator.strategies import StrategySettings, fedasync_fold, fedasync_weight
 from privacy import codec
-from tests.support.coordinator import FakeSilo, init_coordinator, open_context, serve_coordinator
+from tests.support.coordinator import FakeSilo, init_coordinator, open_context, serve_coordinator, serve_coordinators
 
 SETTINGS = {"max_staleness": 64}  # every update is based on version 0
 
@@ -107,7 +107,7 @@ def decisions(server) -> float:
 @pytest.mark.postgres
 def test_fifty_concurrent_updates_into_two_processes_on_postgresql(tmp_path, postgres_url):
     init = init_coordinator(tmp_path, database_url=postgres_url, settings=SETTINGS)
-    with serve_coordinator(tmp_path, init=init) as a, serve_coordinator(tmp_path, init=init) as b:
+    with serve_coordinators(tmp_path, init=init, count=2) as (a, b):
         silos = [FakeSilo.create(a, f"silo-{i}", epsilon_cap=100.0) for i in range(10)]
         deltas, _ = fire([a, b], silos, per_silo=5)
         assert len(deltas) == 50

@@ -1,8 +1,10 @@
 """Silos end to end: a real coordinator subprocess, real ``fedsilo-silo`` subprocesses.
 
 One coordinator (``fedsilo-coordinator serve`` on loopback, task ``breast_cancer``) is
-shared by every test in this module; each test enrols its own silos through the admin
-API. Training is real DP-SGD on a tiny MLP, a few rounds of one epoch.
+shared by every test in this module. The ``federation`` fixture enrols three silos on
+non-IID Dirichlet partitions and runs them concurrently (one of them until its budget
+stops it); the other tests enrol their own silos through the admin API. Training is
+real DP-SGD on a tiny MLP, three rounds of one epoch.
 
 Crash recovery is made deterministic with the daemon's test hook
 ``FEDSILO_TEST_CRASH_AT``: the silo process sends itself SIGKILL at the named point --
@@ -124,12 +126,23 @@ def holdout_accuracy(server, version: int, holdout: Path) -> float:
 
 # --------------------------------------------------------------------------- three silos
 
+NEARLY_SPENT_CAP = 3.05  # three rounds of at most 1.0 fit; what is left (~0.05) is below a round (0.1)
 
-def test_three_silos_improve_the_global_model_and_their_ledgers_match_the_coordinator(server, parts, tmp_path):
+
+@pytest.fixture(scope="module")
+def federation(server, parts, tmp_path_factory) -> dict:
+    """Three silos on non-IID partitions, run concurrently as real processes.
+
+    hospital-a and -b run ``--rounds 3``; hospital-c has a cap that three rounds nearly
+    spend and runs with no ``--rounds`` at all: it must stop by itself, for budget.
+    A fourth enrolment brings a CSV that does not fit the model and must be refused.
+    """
+    tmp = tmp_path_factory.mktemp("federation")
     names = ["hospital-a", "hospital-b", "hospital-c"]
-    tokens = [create_silo(server, n, epsilon_cap=10.0)["enrolment_token"] for n in names]
-    dirs = [tmp_path / n for n in names]
-    bad_csv = tmp_path / "wrong.csv"
+    caps = [10.0, 10.0, NEARLY_SPENT_CAP]
+    tokens = [create_silo(server, n, epsilon_cap=c)["enrolment_token"] for n, c in zip(names, caps)]
+    dirs = [tmp / n for n in names]
+    bad_csv = tmp / "wrong.csv"
     bad_csv.write_text("age,weight,target\n50,70,0\n61,80,1\n")
     bad_token = create_silo(server, "hospital-wrong-data")["enrolment_token"]
 
@@ -137,38 +150,51 @@ def test_three_silos_improve_the_global_model_and_their_ledgers_match_the_coordi
     cli_init = start("init", "--coordinator", server.base_url, "--token", tokens[0], "--data-dir", str(dirs[0]),
                      "--data", str(parts.paths[0]), "--coordinator-fingerprint", server.init["fingerprints"]["signing"])
     refused = start("init", "--coordinator", server.base_url, "--token", bad_token,
-                    "--data-dir", str(tmp_path / "wrong"), "--data", str(bad_csv))
+                    "--data-dir", str(tmp / "wrong"), "--data", str(bad_csv))
     for token, data_dir, data in zip(tokens[1:], dirs[1:], parts.paths[1:]):
         assert init_silo(data_dir=data_dir, coordinator_url=server.base_url, token=token, data_path=str(data),
                          environ={}).data_error is None
-    done = finish(cli_init)
-    assert done.returncode == 0, done.stderr
-    assert "SHA256:" in done.stdout  # the fingerprints, for out-of-band comparison
-    # Data that does not fit the federation's model: a clear message, a non-zero exit, no traceback.
-    done = finish(refused)
-    assert done.returncode != 0
-    assert "2 feature columns" in done.stderr and "expects 30" in done.stderr and "Traceback" not in done.stderr
+    init = finish(cli_init)
+    assert init.returncode == 0, init.stderr
 
     before = holdout_accuracy(server, 0, parts.holdout_path)
-    runs = [start("run", "--data-dir", str(d), "--rounds", "3", *ROUND) for d in dirs]
-    for process in runs:
-        done = finish(process)
+    runs = [start("run", "--data-dir", str(d), *(["--rounds", "3"] if n != "hospital-c" else []), *ROUND)
+            for n, d in zip(names, dirs)]
+    results = dict(zip(names, (finish(p) for p in runs)))
+    versions = server.admin("GET", "/versions", params={"limit": 1000}).json()["versions"]
+    return {"names": names, "dirs": dict(zip(names, dirs)), "runs": results, "init": init,
+            "refused": finish(refused), "before": before, "latest": max(v["version"] for v in versions)}
+
+
+def test_init_pins_the_coordinator_and_refuses_data_that_does_not_fit(federation, server):
+    init = federation["init"]
+    assert server.init["fingerprints"]["signing"] in init.stdout  # printed for out-of-band comparison
+    refused = federation["refused"]
+    assert refused.returncode != 0
+    assert "2 feature columns" in refused.stderr and "expects 30" in refused.stderr
+    assert "Traceback" not in refused.stderr
+
+
+def test_three_silos_on_non_iid_partitions_improve_the_global_model(federation, server, parts):
+    for name in ("hospital-a", "hospital-b"):
+        done = federation["runs"][name]
         assert done.returncode == 0, done.stderr
         assert "done: 3 receipt(s)" in done.stdout
-
-    versions = server.admin("GET", "/versions", params={"limit": 1000}).json()["versions"]
-    latest = max(v["version"] for v in versions)
+    latest = federation["latest"]
+    assert latest == 9  # 3 silos x 3 rounds, FedAsync: one version per update
     after = holdout_accuracy(server, latest, parts.holdout_path)
-    print(f"\nholdout accuracy: version 0 {before:.3f} -> version {latest} {after:.3f}")
-    assert after > before
+    print(f"\nholdout accuracy: version 0 {federation['before']:.3f} -> version {latest} {after:.3f}")
+    assert after > federation["before"]
 
-    for data_dir in dirs:
+
+def test_every_silo_ledger_matches_the_coordinator_update_for_update(federation, server):
+    for name in federation["names"]:
+        data_dir = federation["dirs"][name]
         status = silo("status", "--data-dir", str(data_dir), "--json")
         assert status.returncode == 0, status.stderr
         mine = json.loads(status.stdout)
-        rows = ledger_rows(data_dir)
-        updates = [r for r in rows if r["kind"] == "update"]
-        assert len(rows) == len(updates) == 3  # one JSON object per update that left
+        updates = [r for r in ledger_rows(data_dir) if r["kind"] == "update"]
+        assert len(updates) == 3  # one JSON object per update that left
         theirs = {u["update_id"]: u for u in coordinator_updates(server, mine["silo_id"])}
         assert set(theirs) == {u["update_id"] for u in updates}
         for ours in updates:
@@ -177,11 +203,29 @@ def test_three_silos_improve_the_global_model_and_their_ledgers_match_the_coordi
             assert ours["resulting_version"] == record["resulting_version"]
             assert ours["base_version"] == record["base_version"]
             assert ours["envelope_digest"] == record["envelope_digest"]
+            assert ours["payload_digest"] == record["payload_digest"]
             assert ours["epsilon_after"] == pytest.approx(record["epsilon_computed"], rel=1e-6)
             assert ours["epsilon_after"] == pytest.approx(record["epsilon_claimed"], rel=1e-9)  # our signed claim
         silo_record = server.admin("GET", f"/silos/{mine['silo_id']}").json()
         assert mine["epsilon_spent"] == pytest.approx(silo_record["epsilon_spent"], rel=1e-6)
         assert mine["counts"]["accepted"] == silo_record["updates_accepted"] == 3
+
+
+def test_a_silo_whose_budget_is_nearly_spent_stops_without_training(federation, server):
+    done = federation["runs"]["hospital-c"]  # ran with no --rounds: only the budget stopped it
+    assert done.returncode == 0, done.stderr
+    assert "not started: budget" in done.stdout
+    data_dir = federation["dirs"]["hospital-c"]
+    rows = ledger_rows(data_dir)
+    assert [r["kind"] for r in rows] == ["update"] * 3 + ["stop"]
+    assert all(r["epsilon_after"] <= NEARLY_SPENT_CAP for r in rows[:3])
+    stop = rows[-1]
+    assert stop["status"] == "stopped" and stop["reason"] == "budget_exhausted"
+    assert stop["detail"].startswith("not started: budget") and "nearly spent" in stop["detail"]
+    # Three models pulled, three trained and sent: no fourth round was started.
+    assert done.stderr.count("fetched model version") == 3 and done.stderr.count("training from version") == 3
+    status = silo("status", "--data-dir", str(data_dir))
+    assert status.returncode == 0 and "budget_exhausted" in status.stdout
 
 
 # --------------------------------------------------------------------------- crash and resend
@@ -221,27 +265,6 @@ def test_a_silo_killed_between_sealing_and_its_receipt_resends_and_is_folded_onc
     assert [u["update_id"] for u in coordinator_updates(server, silo_id)] == [update_id]  # folded exactly once
     assert entry["resulting_version"] == held["resulting_version"]
     assert len(all_updates(server)) == total  # the last resend folded nothing new
-
-
-# --------------------------------------------------------------------------- budget
-
-
-def test_a_silo_whose_budget_is_nearly_spent_stops_without_training(server, parts, tmp_path):
-    # Cap 1.05 with rounds of at most 1.0: one round fits, then what is left is below the
-    # smallest useful round (0.1) and the daemon must stop before pulling or training.
-    data_dir = enrol_in_process(server, tmp_path, "nearly-spent", parts.paths[1], epsilon_cap=1.05)
-    silo_id = silo_id_of(data_dir)
-    done = silo("run", "--data-dir", str(data_dir), *ROUND)  # no --rounds: run until told to stop
-    assert done.returncode == 0, done.stderr
-    assert "not started: budget" in done.stdout
-    rows = ledger_rows(data_dir)
-    assert [r["kind"] for r in rows] == ["update", "stop"]
-    assert rows[0]["status"] == "accepted" and rows[0]["epsilon_after"] <= 1.05
-    assert rows[1]["status"] == "stopped" and rows[1]["reason"] == "budget_exhausted"
-    assert "nearly spent" in rows[1]["detail"]
-    assert len(coordinator_updates(server, silo_id)) == 1
-    status = silo("status", "--data-dir", str(data_dir))
-    assert status.returncode == 0 and "budget_exhausted" in status.stdout
 
 
 # --------------------------------------------------------------------------- a forged release

@@ -13,7 +13,8 @@ Stable API (the silo, demo and e2e tests reuse it)::
 * :func:`init_coordinator` runs ``fedsilo-coordinator init --json`` in a subprocess and
   returns its JSON; :func:`serve_coordinator` starts ``fedsilo-coordinator serve`` as a
   real subprocess on a free loopback port (``workers`` processes), waits for
-  ``/healthz`` and stops it (SIGTERM, then SIGKILL of its process group) on exit.
+  ``/healthz`` and stops it (SIGTERM, then SIGKILL of its process group) on exit;
+  :func:`serve_coordinators` starts several independent ones on one database.
 * :func:`create_silo` uses the admin API; :func:`revoke_silo` too.
 * :class:`FakeSilo` seals envelopes with ``privacy.envelope.seal_update`` and real
   keys, signs requests, verifies model releases. :meth:`FakeSilo.seal_raw` builds the
@@ -77,6 +78,7 @@ __all__ = [
     "revoke_silo",
     "running_coordinator",
     "serve_coordinator",
+    "serve_coordinators",
     "verify_receipt",
 ]
 
@@ -168,6 +170,20 @@ def _stop(process: subprocess.Popen, timeout: float = 20) -> None:
     process.wait(5)
 
 
+def _start(data_dir: Path, init: dict, workers: int, env: Mapping[str, str] | None,
+           port: int | None) -> RunningCoordinator:
+    port = port or free_port()
+    log_path = Path(data_dir) / f"serve-{port}.log"
+    child_env = {**os.environ, **(env or {})}
+    with log_path.open("wb") as log:
+        process = subprocess.Popen(
+            [*CLI, "serve", "--data-dir", str(data_dir), "--host", "127.0.0.1", "--port", str(port),
+             "--workers", str(workers), "--log-level", "warning"],
+            stdout=log, stderr=subprocess.STDOUT, env=child_env, start_new_session=True,
+        )
+    return RunningCoordinator(f"http://127.0.0.1:{port}", init["admin_token"], Path(data_dir), init, process, log_path)
+
+
 @contextmanager
 def serve_coordinator(
     data_dir: Path,
@@ -179,22 +195,34 @@ def serve_coordinator(
     startup_timeout: float = 90,
 ) -> Iterator[RunningCoordinator]:
     """Start ``fedsilo-coordinator serve`` on a free loopback port; stop it on exit."""
-    port = port or free_port()
-    log_path = Path(data_dir) / f"serve-{port}.log"
-    child_env = {**os.environ, **(env or {})}
-    with log_path.open("wb") as log:
-        process = subprocess.Popen(
-            [*CLI, "serve", "--data-dir", str(data_dir), "--host", "127.0.0.1", "--port", str(port),
-             "--workers", str(workers), "--log-level", "warning"],
-            stdout=log, stderr=subprocess.STDOUT, env=child_env, start_new_session=True,
-        )
-    base_url = f"http://127.0.0.1:{port}"
-    server = RunningCoordinator(base_url, init["admin_token"], Path(data_dir), init, process, log_path)
-    try:
-        _wait_healthy(server, startup_timeout)
+    with serve_coordinators(data_dir, init=init, count=1, workers=workers, env=env, port=port,
+                            startup_timeout=startup_timeout) as (server,):
         yield server
+
+
+@contextmanager
+def serve_coordinators(
+    data_dir: Path,
+    *,
+    init: dict,
+    count: int = 2,
+    workers: int = 1,
+    env: Mapping[str, str] | None = None,
+    port: int | None = None,
+    startup_timeout: float = 90,
+) -> Iterator[tuple[RunningCoordinator, ...]]:
+    """``count`` independent ``serve`` processes on one data directory (and so one database),
+    each on its own port, started together; stopped on exit."""
+    servers: list[RunningCoordinator] = []
+    try:
+        for i in range(count):
+            servers.append(_start(data_dir, init, workers, env, port if i == 0 else None))
+        for server in servers:
+            _wait_healthy(server, startup_timeout)
+        yield tuple(servers)
     finally:
-        _stop(process)
+        for server in servers:
+            _stop(server.process)
 
 
 def _wait_healthy(server: RunningCoordinator, timeout: float) -> None:

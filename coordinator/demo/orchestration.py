@@ -1,0 +1,268 @@
+"""The demo from start to end: set up, run, watch, stop, verify, export, summarise.
+
+1. Partition the bundled data set (Dirichlet label skew, a held-out split no silo gets).
+2. Initialise a coordinator in ``OUT/coordinator`` (fresh SQLite, new keys, version 0),
+   then run ``fedsilo-coordinator serve`` on a free loopback port.
+3. For each silo: create it through the admin API (its cap), enrol it over HTTP with
+   the one-time token, pinning the coordinator's fingerprint (``fedsilo-silo init``).
+4. Start every ``fedsilo-silo run``; watch through the admin API, scoring each new
+   version on the holdout, until the target number of accepted updates, every silo
+   has stopped (budget spent), the time limit, or Ctrl-C.
+5. Stop the silos (SIGTERM: each finishes its step), take the final figures, verify
+   the audit chain online (``/api/audit/verify``) and offline from its export, export
+   every silo's ledger, stop the coordinator, write ``summary.json`` and ``accuracy.png``.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import time
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from enum import StrEnum
+from pathlib import Path
+from typing import TYPE_CHECKING, Protocol
+
+from .observer import AdminClient, Holdout, Observer, Snapshot
+from .options import DemoOptions, SiloPlan, silo_plans
+from .processes import Child, Children, DemoError, child_env, command, free_port, loopback_without_proxy, wait_healthy
+
+if TYPE_CHECKING:
+    from coordinator.bootstrap import InitResult
+
+__all__ = ["DemoRun", "EndReason", "Finale", "SiloRun", "View", "run_demo"]
+
+COORDINATOR = command("fedsilo-coordinator", "coordinator.cli")
+SILO = command("fedsilo-silo", "silo_node.cli")
+DELTA = 1e-5
+POLL_SECONDS = 1.0
+#: A silo asked to stop finishes the step it is in (a round takes seconds here).
+SILO_STOP_GRACE = 60.0
+
+
+class EndReason(StrEnum):
+    """Why the demo stopped training (``summary.json``'s ``ended_because``)."""
+
+    TARGET_REACHED = "target_updates_reached"
+    SILOS_FINISHED = "all_silos_stopped"
+    TIME_LIMIT = "time_limit"
+    INTERRUPTED = "interrupted"
+
+
+@dataclass
+class SiloRun:
+    """One demo silo: its plan, identity, data and process."""
+
+    plan: SiloPlan
+    silo_id: str
+    data_dir: Path
+    data_path: Path
+    train_samples: int
+    label_counts: dict[int, int]
+    child: Child | None = None
+
+
+@dataclass
+class DemoRun:
+    """Everything the display and the report read while and after the demo runs."""
+
+    options: DemoOptions
+    out: Path
+    started: float = field(default_factory=time.monotonic)
+    phase: str = "starting"
+    base_url: str = ""
+    coordinator_dir: Path | None = None
+    silos: list[SiloRun] = field(default_factory=list)
+    snapshot: Snapshot = field(default_factory=Snapshot)
+    training_started_at: datetime | None = None  # wall clock when the silo processes started
+    training_started: float | None = None  # monotonic, same instant
+    ended_because: EndReason | None = None
+    holdout_samples: int = 0
+
+    def elapsed(self) -> float:
+        return time.monotonic() - self.started
+
+    def training_seconds(self) -> float:
+        return 0.0 if self.training_started is None else time.monotonic() - self.training_started
+
+    def name_of(self, silo_id: str | None) -> str | None:
+        return next((s.plan.name for s in self.silos if s.silo_id == silo_id), None)
+
+
+@dataclass
+class Finale:
+    """The figures taken after training stopped, before the coordinator is stopped."""
+
+    silos: list[dict]
+    budgets: list[dict]
+    updates: list[dict]
+    verify: dict
+    export_path: Path
+    export_lines: int
+    export_verify: dict
+    ledgers: dict[str, dict]
+
+
+class View(Protocol):
+    """What the demo tells its user (a live display, plain lines, or nothing)."""
+
+    def phase(self, run: DemoRun, text: str) -> None: ...
+    def refresh(self, run: DemoRun) -> None: ...
+    def close(self) -> None: ...
+
+
+def _partition(run: DemoRun):
+    """Non-IID parts for the silos and a held-out split, as CSV files in ``OUT/data``."""
+    from silo_node.partition import PartitionError, write_partitions
+    from silo_node.tasks import get_task
+
+    o = run.options
+    total = len(get_task(o.task).bundled_arrays()[1])
+    try:
+        return write_partitions(o.task, run.out / "data", o.silos, alpha=o.alpha, seed=o.seed,
+                                holdout_fraction=o.holdout_fraction, min_size=o.min_partition(total))
+    except PartitionError as exc:
+        raise DemoError(f"cannot partition {o.task} for {o.silos} silos: {exc.message}") from None
+
+
+def _prepare_out(out: Path) -> None:
+    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+        raise DemoError(f"{out} exists and is not an empty directory; give --out a new directory")
+    out.mkdir(parents=True, exist_ok=True)
+
+
+def _start_coordinator(run: DemoRun, kids: Children) -> tuple[InitResult, Child]:
+    """``init`` (the same call the CLI makes, in this process: torch is loaded here
+    anyway), then ``fedsilo-coordinator serve`` as a child on a free loopback port."""
+    from coordinator.bootstrap import InitError, initialize
+
+    o = run.options
+    data_dir = run.out / "coordinator"
+    port = free_port()
+    try:
+        init = initialize(data_dir, task=o.task, name="fedsilo-demo", strategy=o.strategy,
+                          settings=o.strategy_settings, host="127.0.0.1", port=port)
+    except InitError as exc:
+        raise DemoError(f"coordinator init: {exc}") from None
+    child = kids.start("coordinator", [*COORDINATOR, "serve", "--data-dir", str(data_dir), "--host", "127.0.0.1",
+                                       "--port", str(port), "--log-level", "warning"],
+                       run.out / "logs" / "coordinator.log", child_env())
+    run.base_url = f"http://127.0.0.1:{port}"
+    run.coordinator_dir = data_dir
+    wait_healthy(child, run.base_url)
+    return init, child
+
+
+def _enrol_silos(run: DemoRun, admin: AdminClient, init: InitResult, parts) -> None:
+    """Create each silo through the admin API (its cap), then enrol it over HTTP with its
+    one-time token, pinning the coordinator's fingerprint -- ``fedsilo-silo init``'s own
+    function, called here to spare N interpreter starts."""
+    from silo_node.cli import init_silo
+    from silo_node.config import ConfigError
+
+    for plan, path, counts in zip(silo_plans(run.options.silos), parts.paths, parts.label_counts):
+        token = admin.create_silo(plan.name, plan.epsilon_cap, DELTA)["enrolment_token"]
+        data_dir = run.out / "silos" / plan.name
+        try:
+            result = init_silo(data_dir=data_dir, coordinator_url=run.base_url, token=token, data_path=str(path),
+                               expected_fingerprint=init.fingerprints["signing"], environ={})
+        except (ConfigError, OSError) as exc:
+            raise DemoError(f"enrolling {plan.name}: {getattr(exc, 'message', exc)}") from None
+        if result.data_error is not None:
+            raise DemoError(f"{plan.name}'s data does not fit the model: {result.data_error}")
+        run.silos.append(SiloRun(plan, result.config.enrolment.silo_id, data_dir, Path(path),
+                                 result.num_samples, dict(counts)))
+
+
+def _start_silos(run: DemoRun, kids: Children) -> None:
+    o = run.options
+    for s in run.silos:
+        env = child_env({
+            "FEDSILO_SILO_THREADS": "1",  # N silos and a coordinator share this machine's cores
+            "FEDSILO_SILO_SEED": str(o.seed * 1000 + s.plan.index),  # comparable runs; production leaves it unset
+        })
+        args = [*SILO, "run", "--data-dir", str(s.data_dir), *o.training.run_args(s.train_samples),
+                "--pause", str(s.plan.pause_seconds), "--jitter", str(s.plan.jitter_seconds)]
+        s.child = kids.start(s.plan.name, args, run.out / "logs" / f"{s.plan.name}.log", env)
+    run.training_started_at = datetime.now(UTC)
+    run.training_started = time.monotonic()
+
+
+def _watch(run: DemoRun, observer: Observer, view: View) -> EndReason:
+    o = run.options
+    while True:
+        run.snapshot = observer.poll()
+        view.refresh(run)
+        if run.snapshot.accepted >= o.updates:
+            return EndReason.TARGET_REACHED
+        if all(s.child is not None and s.child.exit_code is not None for s in run.silos):
+            return EndReason.SILOS_FINISHED
+        if run.training_seconds() >= o.time_limit:
+            return EndReason.TIME_LIMIT
+        time.sleep(POLL_SECONDS)
+
+
+def _finale(run: DemoRun, admin: AdminClient) -> Finale:
+    from coordinator.cli import verify_log
+
+    export_path = run.out / "audit.jsonl"
+    lines = admin.export_audit(export_path)
+    offline = verify_log(export=export_path)
+    ledgers: dict[str, dict] = {}
+    (run.out / "ledgers").mkdir(exist_ok=True)
+    for s in run.silos:
+        path = run.out / "ledgers" / f"{s.plan.name}.jsonl"
+        done = subprocess.run([*SILO, "ledger", "--data-dir", str(s.data_dir), "--format", "jsonl",
+                               "--output", str(path)], capture_output=True, text=True, env=child_env(), timeout=120)
+        if done.returncode != 0:
+            raise DemoError(f"exporting {s.plan.name}'s ledger failed: {done.stderr.strip()}")
+        entries = sum(1 for line in path.read_text(encoding="utf-8").splitlines() if line.strip())
+        ledgers[s.silo_id] = {"path": str(path.relative_to(run.out)), "entries": entries}
+    return Finale(
+        silos=admin.silos(),
+        budgets=admin.budgets(),
+        updates=admin.updates(),
+        verify=admin.verify(),
+        export_path=export_path,
+        export_lines=lines,
+        export_verify={"ok": offline.ok, "checked": offline.checked, "first_bad_seq": offline.first_bad_seq,
+                       "head_hash": offline.head_hash},
+        ledgers=ledgers,
+    )
+
+
+def run_demo(options: DemoOptions, view: View) -> tuple[DemoRun, Finale]:
+    """Run the whole demo; every child is stopped when this returns or raises."""
+    run = DemoRun(options, options.out_dir())
+    _prepare_out(run.out)
+    loopback_without_proxy(os.environ)  # this process enrols silos and polls over loopback too
+    with Children() as kids:
+        view.phase(run, f"partitioning {options.task} for {options.silos} silos (Dirichlet alpha {options.alpha:g})")
+        parts = _partition(run)
+        view.phase(run, "initialising the coordinator (fresh SQLite, new keys, model version 0) and serving it")
+        init, coordinator = _start_coordinator(run, kids)
+        admin = AdminClient(run.base_url, init.admin_token)
+        try:
+            holdout = Holdout(options.task, init.task["options"], parts.holdout_path)
+            run.holdout_samples = len(holdout)
+            observer = Observer(admin, holdout)
+            view.phase(run, f"enrolling {options.silos} silos (admin API: silo and cap -> one-time token -> enrolment)")
+            _enrol_silos(run, admin, init, parts)
+            run.snapshot = observer.poll()
+            view.phase(run, "starting the silos (each loads torch and Opacus, then trains)")
+            _start_silos(run, kids)
+            try:
+                run.ended_because = _watch(run, observer, view)
+            except KeyboardInterrupt:
+                run.ended_because = EndReason.INTERRUPTED
+            view.phase(run, "stopping the silos (each finishes its current step)")
+            kids.stop([s.child for s in run.silos if s.child is not None], grace=SILO_STOP_GRACE)
+            run.snapshot = observer.poll()
+            view.phase(run, "verifying the audit log and exporting the audit log and ledgers")
+            finale = _finale(run, admin)
+            view.refresh(run)
+        finally:
+            admin.close()
+        kids.stop([coordinator], grace=15.0)
+    return run, finale

@@ -1,0 +1,168 @@
+"""The demo's child processes: one ``fedsilo-coordinator serve`` and N ``fedsilo-silo run``.
+
+Every child is a real console-script process started in its own session (so a Ctrl-C
+on the terminal reaches only the demo, which then stops them in order) with its
+output in ``OUT/logs``. On Linux each child is also asked to receive SIGTERM if the
+demo dies without cleaning up (``PR_SET_PDEATHSIG``), so even a SIGKILLed demo leaves
+nothing running. :class:`Children` stops whatever is still alive on every exit path.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Mapping, MutableMapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import IO, Any
+
+import httpx
+
+__all__ = ["Child", "Children", "DemoError", "child_env", "command", "free_port", "loopback_without_proxy", "wait_healthy"]
+
+
+class DemoError(Exception):
+    """The demo cannot go on; the message says what failed and where its log is."""
+
+
+def free_port() -> int:
+    """A TCP port free on 127.0.0.1 right now (the OS picks it)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def command(script: str, module: str) -> list[str]:
+    """The console script beside this interpreter, or ``python -m module`` without one."""
+    path = Path(sys.executable).with_name(script)
+    return [str(path)] if path.exists() else [sys.executable, "-m", module]
+
+
+def loopback_without_proxy(env: MutableMapping[str, str]) -> None:
+    """Everything talks to 127.0.0.1: never through a proxy configured for the outside world."""
+    no_proxy = ",".join(filter(None, [env.get("NO_PROXY", ""), "127.0.0.1", "localhost"]))
+    env["NO_PROXY"] = env["no_proxy"] = no_proxy
+
+
+def child_env(extra: Mapping[str, str] | None = None) -> dict[str, str]:
+    """The environment of every child: ours, minus settings that would change the demo."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("FEDSILO_SILO_")}
+    loopback_without_proxy(env)
+    env["PYTHONUNBUFFERED"] = "1"
+    return {**env, **(extra or {})}
+
+
+def _die_with_parent() -> None:  # runs in the child between fork and exec
+    try:
+        libc = ctypes.CDLL("libc.so.6", use_errno=True)
+        libc.prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+    except OSError:
+        pass  # not Linux: cleanup relies on the demo's own exit paths
+
+
+@dataclass
+class Child:
+    """One child process with its log file."""
+
+    name: str
+    process: subprocess.Popen
+    log_path: Path
+    _log: IO[bytes] = field(repr=False)
+
+    @property
+    def exit_code(self) -> int | None:
+        return self.process.poll()
+
+    def last_line(self) -> str:
+        """The last non-empty line of the log (a silo prints why it stopped there)."""
+        try:
+            lines = [ln for ln in self.log_path.read_text(errors="replace").splitlines() if ln.strip()]
+        except OSError:
+            return ""
+        return lines[-1].strip() if lines else ""
+
+    def signal(self, signum: int) -> None:
+        if self.process.poll() is None:
+            try:
+                os.killpg(self.process.pid, signum)
+            except ProcessLookupError:
+                pass
+
+    def close_log(self) -> None:
+        if not self._log.closed:
+            self._log.close()
+
+
+class Children:
+    """Starts children and guarantees they are stopped: ``with Children() as kids: ...``."""
+
+    def __init__(self) -> None:
+        self._all: list[Child] = []
+
+    def __enter__(self) -> Children:
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.stop_all()
+
+    def start(self, name: str, args: Sequence[str], log_path: Path, env: Mapping[str, str]) -> Child:
+        log_path.parent.mkdir(parents=True, exist_ok=True)
+        log = log_path.open("ab")
+        try:
+            process = subprocess.Popen(
+                list(args), stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT, env=dict(env),
+                start_new_session=True, preexec_fn=_die_with_parent if sys.platform == "linux" else None,
+            )
+        except BaseException:
+            log.close()
+            raise
+        child = Child(name, process, log_path, log)
+        self._all.append(child)
+        return child
+
+    def stop(self, children: Sequence[Child], *, grace: float = 30.0) -> None:
+        """SIGTERM (a silo finishes its current step), then SIGKILL after ``grace`` seconds."""
+        for child in children:
+            child.signal(signal.SIGTERM)
+        deadline = time.monotonic() + grace
+        for child in children:
+            try:
+                child.process.wait(max(0.1, deadline - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                pass
+        for child in children:
+            child.signal(signal.SIGKILL)  # the whole group: nothing it started survives
+            try:
+                child.process.wait(5)
+            except subprocess.TimeoutExpired:
+                pass
+            child.close_log()
+
+    def stop_all(self) -> None:
+        alive = [c for c in self._all if c.process.poll() is None]
+        # Silos first, so none of them is left retrying against a coordinator that went away.
+        self.stop([c for c in alive if c.name != "coordinator"], grace=10.0)
+        self.stop([c for c in alive if c.name == "coordinator"], grace=10.0)
+        for child in self._all:
+            child.close_log()
+
+
+def wait_healthy(child: Child, base_url: str, timeout: float = 90.0) -> None:
+    """Wait until the coordinator answers ``/healthz``; DemoError if it exits or never does."""
+    deadline = time.monotonic() + timeout
+    with httpx.Client(base_url=base_url, timeout=5, trust_env=False) as client:
+        while time.monotonic() < deadline:
+            if child.process.poll() is not None:
+                raise DemoError(f"the coordinator exited with {child.process.returncode}; see {child.log_path}")
+            try:
+                if client.get("/healthz").status_code == 200:
+                    return
+            except httpx.TransportError:
+                pass
+            time.sleep(0.2)
+    raise DemoError(f"the coordinator did not answer within {timeout:.0f} s; see {child.log_path}")

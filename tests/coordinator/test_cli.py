@@ -1,0 +1,92 @@
+"""``fedsilo-coordinator``: init, verify and the errors a user can make (in-process ``main``).
+
+``serve`` runs as a real subprocess in the integration tests (tests/support/coordinator.py).
+"""
+
+from __future__ import annotations
+
+import json
+import stat
+
+import pytest
+from sqlalchemy import text
+
+from coordinator import audit, cli
+from coordinator.config import CoordinatorConfig
+from coordinator.db import make_engine, transaction
+from tests.support.coordinator import DEFAULT_TASK_OPTIONS
+
+INIT = ["init", "--task", "csv", *[a for k, v in DEFAULT_TASK_OPTIONS.items()
+                                   for a in ("--task-option", f"{k}={json.dumps(v)}")]]
+
+
+@pytest.fixture
+def initialised(tmp_path, capsys):
+    assert cli.main([*INIT, "--data-dir", str(tmp_path / "c"), "--json", "--setting", "alpha=0.5"]) == 0
+    return tmp_path / "c", json.loads(capsys.readouterr().out)
+
+
+def test_init_prints_one_json_object_and_writes_private_files(initialised):
+    data_dir, out = initialised
+    assert out["admin_token"].startswith("fst_") and out["current_version"] == 0
+    assert set(out["api"]) == {"silo", "admin", "audit", "healthz", "metrics", "openapi"}
+    assert set(out["fingerprints"]) == {"signing", "hpke"} and out["task"]["name"] == "csv"
+    for path in [data_dir / "coordinator.toml", *(data_dir / "keys").iterdir()]:
+        assert stat.S_IMODE(path.stat().st_mode) == 0o600, path
+    assert out["admin_token"] not in (data_dir / "coordinator.toml").read_text()
+    assert CoordinatorConfig.load(data_dir).database_url.startswith("sqlite:///")
+
+
+def test_init_refuses_an_initialised_directory_and_bad_input_without_a_traceback(initialised, tmp_path, capsys):
+    data_dir, _ = initialised
+    cases = [
+        [*INIT, "--data-dir", str(data_dir)],
+        ["init", "--data-dir", str(tmp_path / "x"), "--task", "no-such-task"],
+        [*INIT, "--data-dir", str(tmp_path / "y"), "--setting", "alpha=7"],
+        ["serve", "--data-dir", str(tmp_path / "never-initialised")],
+        ["verify", "--export", str(tmp_path / "missing.jsonl")],
+    ]
+    for argv in cases:
+        assert cli.main(argv) == cli.EXIT_USAGE, argv
+        err = capsys.readouterr().err
+        assert err.startswith(f"fedsilo-coordinator {argv[0]}: error: ") and "Traceback" not in err
+    assert not (tmp_path / "x").exists() and not (tmp_path / "y").exists()  # refused before writing
+
+
+def test_verify_names_the_first_altered_entry(initialised, capsys, tmp_path):
+    data_dir, _ = initialised
+    assert cli.main(["verify", "--data-dir", str(data_dir)]) == 0
+    assert capsys.readouterr().out.startswith("OK: ")
+    # an export verifies too, until a line is altered
+    export = tmp_path / "log.jsonl"
+    engine = make_engine(CoordinatorConfig.load(data_dir).database_url)
+    with transaction(engine, read_only=True) as s, export.open("w") as f:
+        audit.export_jsonl(s, f)
+    assert cli.main(["verify", "--export", str(export)]) == 0
+    lines = export.read_text().splitlines()
+    lines[1] = lines[1].replace('"actor":"system"', '"actor":"mallory"')
+    export.write_text("\n".join(lines) + "\n")
+    capsys.readouterr()
+    assert cli.main(["verify", "--export", str(export), "--json"]) == cli.EXIT_BAD_LOG
+    assert json.loads(capsys.readouterr().out)["first_bad_seq"] == 2
+    # the live log, after someone with database access edits a row behind the triggers' back
+    with engine.begin() as conn:
+        conn.execute(text("DROP TRIGGER IF EXISTS audit_events_no_update"))
+        conn.execute(text("UPDATE audit_events SET details = '{}' WHERE seq = 3"))
+    engine.dispose()
+    assert cli.main(["verify", "--data-dir", str(data_dir)]) == cli.EXIT_BAD_LOG
+    assert "FAILED at seq 3" in capsys.readouterr().out
+
+
+def test_demo_options_go_to_the_demo_itself(capsys):
+    import importlib.util
+
+    if importlib.util.find_spec("coordinator.demo") is None:
+        assert cli.main(["demo", "--help"]) == cli.EXIT_USAGE
+        assert "not part of this installation" in capsys.readouterr().err
+        return
+    try:  # the demo's own parser answers --help (returning 0, or exiting with 0)
+        status = cli.main(["demo", "--help"])
+    except SystemExit as exc:
+        status = exc.code
+    assert status == 0 and "usage: " in capsys.readouterr().out
