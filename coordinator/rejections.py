@@ -122,6 +122,18 @@ def record(
         }
     actor = ev.claimed_silo if ev.signed and ev.claimed_silo else "anonymous"
     subject = f"update:{h.update_id}" if h is not None else f"envelope:{digest}" if digest else "envelope"
+    row = None
+    if ev.signed and h is not None and session.get(Update, h.update_id) is None:
+        # Keep the refused update's signed header, so a resend gets this same answer and
+        # an auditor can see exactly what was refused. Inserted BEFORE the audit append:
+        # its foreign key locks the silo row, and every lock must be taken before the
+        # audit head's (audit.py), or a concurrent revocation could deadlock with us.
+        try:
+            with session.begin_nested():
+                row = _row(federation_id, ev, h, refusal, now)
+                session.add(row)
+        except IntegrityError:
+            row = None  # a concurrent request with this id won the insert; the entry stands
     event = audit.append(
         session, actor=actor, action=ACTION_UPDATE_REJECTED, subject=subject, details=details, now=now
     )
@@ -140,18 +152,13 @@ def record(
         "issued_at": utc_timestamp(now),
     }
     receipt, signature = receipts.sign(identity, fields)
-    if h is not None and session.get(Update, h.update_id) is None:
-        # Keep the refused update's signed header, so a resend gets this same answer
-        # and an auditor can see exactly what was refused.
-        try:
-            with session.begin_nested():
-                session.add(_row(federation_id, ev, h, refusal, receipt, signature, now))
-        except IntegrityError:
-            pass  # a concurrent request with this id won the insert; the entry stands
+    if row is not None:
+        row.receipt, row.receipt_signature = receipt, signature
+        session.flush()
     return IngestRejected(refusal.reason, detail, extra={**receipts.render(receipt, signature), **extra})
 
 
-def _row(federation_id, ev, h, refusal, receipt, signature, now) -> Update:
+def _row(federation_id: int, ev: Evidence, h: UpdateHeader, refusal: Refusal, now: datetime) -> Update:
     return Update(
         id=h.update_id,
         silo_id=ev.claimed_silo,
@@ -169,8 +176,6 @@ def _row(federation_id, ev, h, refusal, receipt, signature, now) -> Update:
         staleness=ev.staleness,
         epsilon_claimed=h.epsilon_claim,
         epsilon_computed=ev.epsilon_computed if ev.epsilon_computed is None or math.isfinite(ev.epsilon_computed) else None,
-        receipt=receipt,
-        receipt_signature=signature,
         received_at=ev.received_at,
         decided_at=now,
     )

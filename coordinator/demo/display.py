@@ -44,18 +44,22 @@ def _labels(counts: dict[int, int]) -> str:
     return " ".join(f"{k}:{100 * v / total:.0f}%" for k, v in top)
 
 
+_STATES = {
+    None: ("running", "green"),
+    "budget_spent": ("budget spent", "yellow"),
+    "stopped_by_demo": ("stopped by the demo", "dim"),
+    "stopped": ("stopped", "dim"),
+}
+
+
 def _state(s: SiloRun) -> Text:
     if s.child is None:
         return Text("enrolled", style="dim")
-    code = s.child.exit_code
-    if code is None:
-        return Text("running", style="green")
-    last = s.child.last_line().lower()
-    if code == 0 and "budget" in last:
-        return Text("budget spent", style="yellow")
-    if code == 0:
-        return Text("stopped", style="dim")
-    return Text(f"exited {code}", style="bold red")
+    reason = s.stop_reason()
+    if reason == "failed":
+        return Text(f"exited {s.child.exit_code}: see logs/{s.plan.name}.log", style="bold red")
+    text, style = _STATES[reason]
+    return Text(text, style=style)
 
 
 def _header(run: DemoRun) -> Text:
@@ -205,15 +209,15 @@ class PlainView:
 
 
 def _stopped(silo: dict) -> str:
-    """A silo's last words, in a few."""
-    line, code = silo["stopped_with"], silo["exit_code"]
-    if code == 0 and "budget" in line.lower():
+    """Why a silo's process ended, in a few words."""
+    reason = silo["stop_reason"]
+    if reason == "budget_spent":
         return "its budget was spent"
-    if code == 0 and "stopped on request" in line:
+    if reason == "stopped_by_demo":
         return "stopped by the demo"
-    if code == 0:
-        return line[:40]
-    return f"exit {code}: {line[:60]}"
+    if reason == "failed":
+        return f"exit {silo['exit_code']}: {silo['stopped_with'][:60]}"
+    return silo["stopped_with"][:60]
 
 
 def print_summary(summary: dict, out_dir: str, console: Console | None = None) -> None:
@@ -259,6 +263,9 @@ def print_summary(summary: dict, out_dir: str, console: Console | None = None) -
         f"{summary['wall_time_seconds']:.0f} s in all; ended because: {summary['ended_because'].replace('_', ' ')}.\n"
         f"Output in {out_dir}: summary.json, accuracy.png, {audit['export']['path']}, ledgers/, logs/"
     )
-    title = Text("demo passed" if ok else "demo FAILED", style="bold green" if ok else "bold red")
-    console.print(Panel(Group(grid, table, lines), title=title, title_align="left",
-                        border_style="green" if ok else "red"))
+    if summary["ended_because"] == "interrupted":
+        title, colour = "demo interrupted (figures so far)", "yellow"
+    else:
+        title, colour = ("demo passed", "green") if ok else ("demo FAILED", "red")
+    console.print(Panel(Group(grid, table, lines), title=Text(title, style=f"bold {colour}"), title_align="left",
+                        border_style=colour))

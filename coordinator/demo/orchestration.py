@@ -16,6 +16,7 @@
 from __future__ import annotations
 
 import os
+import signal
 import subprocess
 import time
 from dataclasses import dataclass, field
@@ -61,6 +62,21 @@ class SiloRun:
     train_samples: int
     label_counts: dict[int, int]
     child: Child | None = None
+    asked_to_stop: bool = False  # the demo sent it SIGTERM (target reached, time limit, Ctrl-C)
+
+    def stop_reason(self) -> str | None:
+        """``budget_spent``, ``stopped_by_demo``, ``failed`` -- or None while it runs."""
+        if self.child is None or self.child.exit_code is None:
+            return None
+        code = self.child.exit_code
+        # A SIGTERM that lands while Python is already exiting kills it with -15: its
+        # last line still says why it was leaving.
+        clean = code == 0 or (self.asked_to_stop and code == -signal.SIGTERM)
+        if clean and "budget" in self.child.last_line().lower():
+            return "budget_spent"
+        if clean and self.asked_to_stop:
+            return "stopped_by_demo"
+        return "stopped" if code == 0 else "failed"
 
 
 @dataclass
@@ -193,6 +209,9 @@ def _watch(run: DemoRun, observer: Observer, view: View) -> EndReason:
     o = run.options
     while True:
         run.snapshot = observer.poll()
+        if run.snapshot.points and run.snapshot.points[-1].version > 0 and run.phase.startswith("starting"):
+            view.phase(run, "training: each silo pulls the model, trains a DP-SGD round, pushes a sealed update; "
+                            "the coordinator folds each one as it arrives")
         view.refresh(run)
         if run.snapshot.accepted >= o.updates:
             return EndReason.TARGET_REACHED
@@ -257,6 +276,8 @@ def run_demo(options: DemoOptions, view: View) -> tuple[DemoRun, Finale]:
             except KeyboardInterrupt:
                 run.ended_because = EndReason.INTERRUPTED
             view.phase(run, "stopping the silos (each finishes its current step)")
+            for s in run.silos:
+                s.asked_to_stop = s.child is not None and s.child.exit_code is None
             kids.stop([s.child for s in run.silos if s.child is not None], grace=SILO_STOP_GRACE)
             run.snapshot = observer.poll()
             view.phase(run, "verifying the audit log and exporting the audit log and ledgers")

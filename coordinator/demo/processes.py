@@ -4,7 +4,8 @@ Every child is a real console-script process started in its own session (so a Ct
 on the terminal reaches only the demo, which then stops them in order) with its
 output in ``OUT/logs``. On Linux each child is also asked to receive SIGTERM if the
 demo dies without cleaning up (``PR_SET_PDEATHSIG``), so even a SIGKILLed demo leaves
-nothing running. :class:`Children` stops whatever is still alive on every exit path.
+nothing running (the coordinator then stops gracefully, and the silos stop retrying).
+:class:`Children` stops whatever is still alive on every exit path.
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ import socket
 import subprocess
 import sys
 import time
-from collections.abc import Mapping, MutableMapping, Sequence
+from collections.abc import Callable, Mapping, MutableMapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, Any
@@ -57,12 +58,28 @@ def child_env(extra: Mapping[str, str] | None = None) -> dict[str, str]:
     return {**env, **(extra or {})}
 
 
-def _die_with_parent() -> None:  # runs in the child between fork and exec
+def _load_prctl() -> Callable[..., int] | None:
+    if not sys.platform.startswith("linux"):
+        return None
     try:
-        libc = ctypes.CDLL("libc.so.6", use_errno=True)
-        libc.prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
-    except OSError:
-        pass  # not Linux: cleanup relies on the demo's own exit paths
+        return ctypes.CDLL(None, use_errno=True).prctl
+    except (OSError, AttributeError):
+        return None
+
+
+# Looked up once, in the parent: the child, between fork and exec, only calls it
+# (loading a library there could deadlock on a lock another thread held at fork time).
+_PRCTL = _load_prctl()
+_PR_SET_PDEATHSIG = 1
+
+
+def _die_with_parent() -> None:  # runs in the child between fork and exec
+    if _PRCTL is not None:
+        _PRCTL(_PR_SET_PDEATHSIG, int(signal.SIGTERM))
+
+
+def _preexec() -> Callable[[], None] | None:
+    return _die_with_parent if _PRCTL is not None else None
 
 
 @dataclass
@@ -116,7 +133,7 @@ class Children:
         try:
             process = subprocess.Popen(
                 list(args), stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT, env=dict(env),
-                start_new_session=True, preexec_fn=_die_with_parent if sys.platform == "linux" else None,
+                start_new_session=True, preexec_fn=_preexec(),
             )
         except BaseException:
             log.close()

@@ -78,6 +78,7 @@ def build_summary(run: DemoRun, finale: Finale) -> dict[str, Any]:
             "updates_rejected": int(r.get("updates_rejected", 0)),
             "rejections": dict(sorted(reasons_by_silo.get(s.silo_id, Counter()).items())),
             "exit_code": s.child.exit_code if s.child is not None else None,
+            "stop_reason": s.stop_reason(),
             "stopped_with": s.child.last_line() if s.child is not None else "",
             "ledger": finale.ledgers.get(s.silo_id, {}).get("path"),
             "ledger_entries": finale.ledgers.get(s.silo_id, {}).get("entries", 0),
@@ -129,6 +130,7 @@ def build_summary(run: DemoRun, finale: Finale) -> dict[str, Any]:
                 "verify_offline": finale.export_verify,
             },
         },
+        "training_started_at": run.training_started_at.isoformat() if run.training_started_at else None,
         "wall_time_seconds": round(run.elapsed(), 1),
         "training_seconds": round(run.training_seconds(), 1),
         "coordinator": {"url": run.base_url, "data_dir": "coordinator", "database": "coordinator/*.db (SQLite)"},
@@ -164,23 +166,30 @@ def plot_accuracy(run: DemoRun, finale: Finale, path: Path) -> Path:
     o = run.options
     colours = plt.get_cmap("tab10")
     colour = {s.silo_id: colours(i % 10) for i, s in enumerate(run.silos)}
-    label = {s.silo_id: f"{s.plan.name}{' (slow)' if s.plan.slow else ''}, cap ε={s.plan.epsilon_cap:g}"
-             for s in run.silos}
+    label = {s.silo_id: f"{s.plan.name}: cap ε={s.plan.epsilon_cap:g}, rests {s.plan.rest} between rounds"
+                        + (" (slow on purpose)" if s.plan.slow else "") for s in run.silos}
 
     fig, (ax, bx) = plt.subplots(2, 1, figsize=(10, 7.5), sharex=True, height_ratios=(3, 2),
                                  layout="constrained")
     points = [p for p in run.snapshot.points if p.accuracy is not None]
     xs = [_seconds(run, p.created_at) for p in points]
     ax.step(xs, [p.accuracy for p in points], where="post", color="0.75", linewidth=1.2, zorder=1)
-    shown: set[str] = set()
+    handles = []
     for x, p in zip(xs, points):
         if p.silo_id is None:
-            ax.scatter([x], [p.accuracy], marker="*", s=160, color="black", zorder=3,
-                       label=f"version {p.version}: initial model")
-            continue
-        ax.scatter([x], [p.accuracy], s=36, color=colour.get(p.silo_id, "grey"), edgecolor="white",
-                   linewidth=0.5, zorder=2, label=None if p.silo_id in shown else label.get(p.silo_id, p.silo_id))
-        shown.add(p.silo_id)
+            handles.insert(0, ax.scatter([x], [p.accuracy], marker="*", s=160, color="black", zorder=3,
+                                         label=f"version {p.version}: the initial model"))
+    for s in run.silos:
+        mine = [(x, p.accuracy) for x, p in zip(xs, points) if p.silo_id == s.silo_id]
+        handles.append(ax.scatter([x for x, _ in mine], [a for _, a in mine], s=38, color=colour[s.silo_id],
+                                  edgecolor="white", linewidth=0.5, zorder=2, label=label[s.silo_id]))
+    folds = [x for x, p in zip(xs, points) if p.silo_id is not None]
+    if folds and folds[0] > 0:
+        # Honest about the flat start: the silo processes are loading torch and Opacus and
+        # training their first DP round; nothing reached the coordinator yet.
+        ax.axvspan(0, folds[0], color="0.93", zorder=0)
+        ax.text(folds[0] / 2, 0.04, "silos start:\nload torch + Opacus,\nfirst DP round", ha="center",
+                va="bottom", fontsize=8, color="0.4")
     if points:
         last = points[-1]
         ax.annotate(f"version {last.version}: {last.accuracy:.3f}", (xs[-1], last.accuracy),
@@ -189,11 +198,11 @@ def plot_accuracy(run: DemoRun, finale: Finale, path: Path) -> Path:
     made_by = "the silo whose update completed the buffer" if o.strategy == "fedbuff" else "the silo whose update it folded"
     ax.set_title(f"fedsilo demo: {o.task}, {strategy}, {o.silos} silos with DP-SGD, non-IID (Dirichlet α={o.alpha:g})",
                  fontsize=12)
-    ax.set_ylabel(f"held-out accuracy ({run.holdout_samples} samples)")
+    ax.set_ylabel(f"held-out accuracy ({run.holdout_samples} samples no silo has)")
     ax.set_ylim(0, 1.02)
     ax.grid(True, alpha=0.3)
-    ax.legend(loc="lower right", fontsize=8, title=f"one marker per new version, coloured by {made_by}",
-              title_fontsize=8, ncols=2 if len(run.silos) > 5 else 1)
+    ax.legend(handles=handles, loc="lower right", fontsize=8, title=f"a marker per new version, coloured by {made_by}",
+              title_fontsize=8, ncols=2 if len(run.silos) > 6 else 1)
 
     # Epsilon spent over time, from the coordinator's record of each accepted update.
     by_silo: dict[str, list[tuple[float, float]]] = {}

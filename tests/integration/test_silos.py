@@ -7,11 +7,10 @@ stops it); the other tests enrol their own silos through the admin API. Training
 real DP-SGD on a tiny MLP, three rounds of one epoch.
 
 Crash recovery is made deterministic with the daemon's test hook
-``FEDSILO_TEST_CRASH_AT``: the silo process sends itself SIGKILL at the named point --
-right after the sealed update is fsynced to the ledger (``sealed``: nothing sent yet),
-or right after the coordinator's reply arrived but before the receipt is stored
-(``pushed``: folded at the coordinator, unknown to the silo). It is a real SIGKILL at a
-known instant, with no cleanup, instead of a race against a timer.
+``FEDSILO_TEST_CRASH_AT=pushed``: the silo process sends itself SIGKILL right after the
+coordinator's reply arrived but before the receipt is stored (folded at the
+coordinator, unknown to the silo). It is a real SIGKILL at a known instant, with no
+cleanup, instead of a race against a timer.
 
 The forged-release test puts a real HTTP proxy between silo and coordinator (the silo
 finds it through ``HTTP_PROXY``, as it would find a corporate proxy) and lets it flip
@@ -35,6 +34,8 @@ import pytest
 
 from privacy import codec
 from silo_node.cli import init_silo
+from silo_node.config import SiloConfig
+from silo_node.ledger import Ledger
 from silo_node.partition import write_partitions
 from silo_node.tasks import Standardizer, get_task
 from tests.support.coordinator import create_silo, running_coordinator
@@ -97,7 +98,13 @@ def enrol_in_process(server, tmp: Path, name: str, data: Path, *, epsilon_cap: f
 
 
 def silo_id_of(data_dir: Path) -> str:
-    return json.loads(silo("status", "--data-dir", str(data_dir), "--json").stdout)["silo_id"]
+    return SiloConfig.load(data_dir, environ={}).enrolment.silo_id
+
+
+def ledger_entries(data_dir: Path) -> list[dict]:
+    """The ledger read in-process (the CLI export is exercised in the federation tests)."""
+    with Ledger(data_dir / "ledger.db", readonly=True) as ledger:
+        return [e.to_json() for e in ledger.entries()]
 
 
 @pytest.fixture(scope="module")
@@ -232,39 +239,36 @@ def test_a_silo_whose_budget_is_nearly_spent_stops_without_training(federation, 
 
 
 def test_a_silo_killed_between_sealing_and_its_receipt_resends_and_is_folded_once(server, parts, tmp_path):
+    # The hardest point to recover from: the coordinator has folded the update, the silo
+    # died before its receipt reached the ledger. (A kill before anything was sent is
+    # covered in-process by tests/silo_node/test_daemon.py.)
     data_dir = enrol_in_process(server, tmp_path, "crashing", parts.paths[0])
     silo_id = silo_id_of(data_dir)
     run_once = ["run", "--data-dir", str(data_dir), "--rounds", "1", *ROUND]
 
-    # 1. Killed right after the sealed update was fsynced to the ledger: nothing was sent.
-    crashed = silo(*run_once, env=child_env(FEDSILO_TEST_CRASH_AT="sealed"))
-    assert crashed.returncode == -signal.SIGKILL, crashed.stderr
-    [pending] = ledger_rows(data_dir)
-    update_id = pending["update_id"]
-    assert pending["status"] == "sealed" and coordinator_updates(server, silo_id) == []
-
-    # 2. Restarted, it resends that envelope first; killed again after the coordinator
-    #    folded it but before the receipt reached the ledger (a lost reply).
     crashed = silo(*run_once, env=child_env(FEDSILO_TEST_CRASH_AT="pushed"))
     assert crashed.returncode == -signal.SIGKILL, crashed.stderr
-    assert f"resending update {update_id}" in crashed.stderr
-    [pending] = ledger_rows(data_dir)
-    assert pending["update_id"] == update_id and pending["status"] == "sent" and pending["receipt"] is None
+    # The sealed update survived the SIGKILL in the ledger (fsynced before it was sent) ...
+    [pending] = ledger_entries(data_dir)
+    update_id = pending["update_id"]
+    assert pending["status"] == "sent" and pending["receipt"] is None
+    # ... and the coordinator has folded it.
     [held] = coordinator_updates(server, silo_id)
     assert held["update_id"] == update_id and held["status"] == "accepted"
     total = len(all_updates(server))
 
-    # 3. Restarted again: the same update id once more; the coordinator answers with the
-    #    original receipt and folds nothing. --rounds 1 is satisfied by that receipt.
+    # Restarted: the same envelope goes out first, same update id; the coordinator answers
+    # with the original receipt and folds nothing. --rounds 1 is satisfied by that receipt.
     restarted = silo(*run_once)
     assert restarted.returncode == 0, restarted.stderr
     assert f"resending update {update_id}" in restarted.stderr and "done: 1 receipt(s)" in restarted.stdout
-    [entry] = ledger_rows(data_dir)
+    assert "training from version" not in restarted.stderr
+    [entry] = ledger_entries(data_dir)
     assert entry["update_id"] == update_id and entry["status"] == "accepted" and entry["receipt"]
     assert entry["attempts"] == 2
     assert [u["update_id"] for u in coordinator_updates(server, silo_id)] == [update_id]  # folded exactly once
     assert entry["resulting_version"] == held["resulting_version"]
-    assert len(all_updates(server)) == total  # the last resend folded nothing new
+    assert len(all_updates(server)) == total  # the resend folded nothing new
 
 
 # --------------------------------------------------------------------------- a forged release
@@ -325,7 +329,7 @@ def test_a_release_that_fails_the_pinned_signature_check_is_refused_and_not_load
     assert any("/api/v1/model" in s for s in proxy.seen)  # the silo really went through the proxy
     assert done.returncode == 3, done.stderr
     assert "model release refused, nothing loaded" in done.stdout
-    [stop] = ledger_rows(data_dir)
+    [stop] = ledger_entries(data_dir)
     assert stop["kind"] == "stop" and stop["reason"] == "bad_release"
     assert not any("/api/v1/updates" in s for s in proxy.seen)
     assert coordinator_updates(server, silo_id) == []
