@@ -300,6 +300,12 @@ def serving(data_dir: Path, *, timeout: float = 120) -> Iterator[tuple[str, subp
                     raise RuntimeError("serve did not become healthy")
                 time.sleep(0.1)
         yield base_url, proc
+    except BaseException:
+        log.flush()
+        tail = (data_dir / "serve.log").read_text(errors="replace")[-3000:]
+        if tail:
+            print(f"--- serve log ({data_dir / 'serve.log'}), last lines:\n{tail}", file=sys.stderr)
+        raise
     finally:
         if proc.poll() is None:
             proc.send_signal(signal.SIGTERM)
@@ -532,6 +538,7 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--tiny", action="store_true", help="a few small updates, for the test")
     p.add_argument("--profile", action="store_true", help="py-spy flame graphs of serve during (b), into --out")
     p.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results")
+    p.add_argument("--workdir", type=Path, help="keep data directories and serve logs here (a new directory)")
     p.add_argument("--quiet", action="store_true")
     return p
 
@@ -559,8 +566,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     args.out.mkdir(parents=True, exist_ok=True)
     started = time.perf_counter()
     throughput, memory = [], []
-    with tempfile.TemporaryDirectory(prefix="fedsilo-ingest-") as tmp:
-        work = Path(tmp)
+    with contextlib.ExitStack() as stack:
+        if args.workdir:
+            work = args.workdir
+            work.mkdir(parents=True, exist_ok=False)
+        else:
+            work = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="fedsilo-ingest-")))
         for params in sizes:
             updates = args.updates or default_updates(params)
             for kind in databases:

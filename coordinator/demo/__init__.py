@@ -10,8 +10,9 @@ and leaves in ``--out``: ``summary.json``, ``accuracy.png``, ``audit.jsonl`` and
 silo's ledger export (``ledgers/``), with every process's log in ``logs/``.
 
 Exit status: 0 when the held-out accuracy rose above the initial model's, the audit
-chain verifies and no silo went past its cap; 1 when a check fails or the demo could
-not run; 130 when interrupted. Modules: :mod:`.options` (what to run),
+chain verifies, no silo went past its cap and every silo's ledger matches the
+coordinator's record; 1 when a check fails or the demo could not run; 130 when
+interrupted. Modules: :mod:`.options` (what to run),
 :mod:`.processes` (children), :mod:`.observer` (admin API, holdout scoring),
 :mod:`.orchestration` (set up, watch, stop), :mod:`.display` (live and plain output),
 :mod:`.report` (summary and plot).

@@ -23,7 +23,7 @@ __all__ = [
     "silo_plans",
 ]
 
-DEFAULT_OUT_ROOT = Path("demo-output")
+DEFAULT_OUT_ROOT = Path("demo-out")  # ignored by git
 TASKS = ("breast_cancer", "digits")
 STRATEGIES = ("fedasync", "fedbuff")
 #: A cap per silo: the first silo may spend epsilon 2, the next 3, and so on.

@@ -15,6 +15,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
@@ -117,7 +118,7 @@ class Finale:
     export_path: Path
     export_lines: int
     export_verify: dict
-    ledgers: dict[str, dict]
+    ledgers: dict[str, dict]  # silo id -> {"path": relative path, "entries": the exported ledger rows}
 
 
 class View(Protocol):
@@ -223,20 +224,32 @@ def _watch(run: DemoRun, observer: Observer, view: View) -> EndReason:
 
 
 def _finale(run: DemoRun, admin: AdminClient) -> Finale:
+    """Exports and verification: each silo's ledger (``fedsilo-silo ledger``, all at once),
+    the audit log (verified online and, from its export, offline), the final records."""
     from coordinator.cli import verify_log
 
+    (run.out / "ledgers").mkdir(exist_ok=True)
+    exports = []
+    for s in run.silos:
+        path = run.out / "ledgers" / f"{s.plan.name}.jsonl"
+        process = subprocess.Popen([*SILO, "ledger", "--data-dir", str(s.data_dir), "--format", "jsonl",
+                                    "--output", str(path)], stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+                                   stderr=subprocess.PIPE, text=True, env=child_env())
+        exports.append((s, path, process))
     export_path = run.out / "audit.jsonl"
     lines = admin.export_audit(export_path)
     offline = verify_log(export=export_path)
     ledgers: dict[str, dict] = {}
-    (run.out / "ledgers").mkdir(exist_ok=True)
-    for s in run.silos:
-        path = run.out / "ledgers" / f"{s.plan.name}.jsonl"
-        done = subprocess.run([*SILO, "ledger", "--data-dir", str(s.data_dir), "--format", "jsonl",
-                               "--output", str(path)], capture_output=True, text=True, env=child_env(), timeout=120)
-        if done.returncode != 0:
-            raise DemoError(f"exporting {s.plan.name}'s ledger failed: {done.stderr.strip()}")
-        entries = sum(1 for line in path.read_text(encoding="utf-8").splitlines() if line.strip())
+    for s, path, process in exports:
+        try:
+            _, err = process.communicate(timeout=120)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.communicate()
+            raise DemoError(f"exporting {s.plan.name}'s ledger took too long") from None
+        if process.returncode != 0:
+            raise DemoError(f"exporting {s.plan.name}'s ledger failed: {err.strip()}")
+        entries = [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
         ledgers[s.silo_id] = {"path": str(path.relative_to(run.out)), "entries": entries}
     return Finale(
         silos=admin.silos(),
@@ -270,8 +283,8 @@ def run_demo(options: DemoOptions, view: View) -> tuple[DemoRun, Finale]:
             _enrol_silos(run, admin, init, parts)
             run.snapshot = observer.poll()
             view.phase(run, "starting the silos (each loads torch and Opacus, then trains)")
-            _start_silos(run, kids)
             try:
+                _start_silos(run, kids)
                 run.ended_because = _watch(run, observer, view)
             except KeyboardInterrupt:
                 run.ended_because = EndReason.INTERRUPTED

@@ -4,7 +4,8 @@ The summary states the demo's three claims and the evidence for each: the global
 model improved on data no silo had (held-out accuracy of version 0 and of the final
 version), the audit chain verifies (online and from its export), and no silo went past
 its privacy cap (the coordinator's own epsilon, recomputed from each silo's accepted
-history, against the cap the operator set).
+history, against the cap the operator set). It also reconciles each silo's ledger with
+the coordinator's record, update by update, as a compliance officer would.
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ from typing import Any
 
 from .orchestration import DemoRun, Finale
 
-__all__ = ["SUMMARY_FORMAT", "build_summary", "plot_accuracy", "write_summary"]
+__all__ = ["SUMMARY_FORMAT", "build_summary", "plot_accuracy", "reconcile", "write_summary"]
 
 SUMMARY_FORMAT = 1
 #: Relative slack when comparing epsilon with its cap (float noise of the accountant).
@@ -39,6 +40,39 @@ def _round(x: float | None, digits: int = 4) -> float | None:
     return None if x is None else round(float(x), digits)
 
 
+def reconcile(ledger: list[dict], updates: list[dict]) -> dict[str, Any]:
+    """Compare a silo's ledger with the coordinator's record of that silo's updates.
+
+    Every update the silo recorded a verdict for must be known to the coordinator with
+    the same envelope digest and the same verdict (a FedBuff update the silo saw
+    ``buffered`` is ``accepted`` once its buffer was folded), and the coordinator must
+    hold no update of this silo that the ledger lacks.
+    """
+    theirs = {u["update_id"]: u for u in updates}
+    ours = [e for e in ledger if e.get("kind") == "update"]
+    problems: list[str] = []
+    pending = 0
+    for e in ours:
+        record = theirs.get(e["update_id"])
+        if e["status"] in ("sealed", "sent"):
+            pending += 1  # left without a verdict (the demo stopped it mid-flight)
+            continue
+        if record is None:
+            problems.append(f"{e['update_id']}: in the ledger, unknown to the coordinator")
+        elif record["envelope_digest"] != e["envelope_digest"]:
+            problems.append(f"{e['update_id']}: envelope digests differ")
+        elif not (record["status"] == e["status"] or (e["status"] == "buffered" and record["status"] == "accepted")):
+            problems.append(f"{e['update_id']}: ledger says {e['status']}, coordinator {record['status']}")
+    missing = set(theirs) - {e["update_id"] for e in ours}
+    problems += [f"{u}: at the coordinator, not in the ledger" for u in sorted(missing)]
+    return {"ok": not problems, "updates": len(ours), "without_verdict": pending, "problems": problems}
+
+
+def _last_stop(ledger: list[dict]) -> dict | None:
+    stops = [e for e in ledger if e.get("kind") == "stop"]
+    return {"reason": stops[-1]["reason"], "detail": stops[-1]["detail"]} if stops else None
+
+
 def build_summary(run: DemoRun, finale: Finale) -> dict[str, Any]:
     """The JSON summary of a finished demo (see the module docstring)."""
     o = run.options
@@ -54,6 +88,11 @@ def build_summary(run: DemoRun, finale: Finale) -> dict[str, Any]:
     silos = []
     for s in run.silos:
         b, r = budgets.get(s.silo_id, {}), records.get(s.silo_id, {})
+        ledger = finale.ledgers.get(s.silo_id, {"path": None, "entries": []})
+        last_stop = _last_stop(ledger["entries"])
+        stop_reason = s.stop_reason()
+        if last_stop is not None and last_stop["reason"].startswith("budget"):
+            stop_reason = "budget_spent"  # the silo's own record says so, whatever its exit looked like
         spent = b.get("epsilon_spent")
         recorded = r.get("epsilon_spent", 0.0)
         worst = max(recorded, spent if spent is not None else math.inf)
@@ -78,10 +117,11 @@ def build_summary(run: DemoRun, finale: Finale) -> dict[str, Any]:
             "updates_rejected": int(r.get("updates_rejected", 0)),
             "rejections": dict(sorted(reasons_by_silo.get(s.silo_id, Counter()).items())),
             "exit_code": s.child.exit_code if s.child is not None else None,
-            "stop_reason": s.stop_reason(),
-            "stopped_with": s.child.last_line() if s.child is not None else "",
-            "ledger": finale.ledgers.get(s.silo_id, {}).get("path"),
-            "ledger_entries": finale.ledgers.get(s.silo_id, {}).get("entries", 0),
+            "stop_reason": stop_reason,
+            "stopped_with": last_stop["detail"] if last_stop else (s.child.last_line() if s.child is not None else ""),
+            "ledger": ledger["path"],
+            "ledger_entries": len(ledger["entries"]),
+            "ledger_reconciled": reconcile(ledger["entries"], [u for u in finale.updates if u["silo_id"] == s.silo_id]),
         })
 
     initial, final = first.accuracy, last.accuracy
@@ -89,6 +129,7 @@ def build_summary(run: DemoRun, finale: Finale) -> dict[str, Any]:
         "accuracy_improved": initial is not None and final is not None and final > initial,
         "audit_verified": bool(finale.verify.get("ok")) and bool(finale.export_verify.get("ok")),
         "within_caps": all(s["within_cap"] for s in silos),
+        "ledgers_reconciled": all(s["ledger_reconciled"]["ok"] for s in silos),
     }
     all_reasons = sum(reasons_by_silo.values(), Counter())
     return {
@@ -183,7 +224,8 @@ def plot_accuracy(run: DemoRun, finale: Finale, path: Path) -> Path:
         mine = [(x, p.accuracy) for x, p in zip(xs, points) if p.silo_id == s.silo_id]
         handles.append(ax.scatter([x for x, _ in mine], [a for _, a in mine], s=38, color=colour[s.silo_id],
                                   edgecolor="white", linewidth=0.5, zorder=2, label=label[s.silo_id]))
-    folds = [x for x, p in zip(xs, points) if p.silo_id is not None]
+    arrivals = [_seconds(run, _time(u["received_at"])) for u in finale.updates]
+    folds = sorted(arrivals + [x for x, p in zip(xs, points) if p.silo_id is not None])
     if folds and folds[0] > 0:
         # Honest about the flat start: the silo processes are loading torch and Opacus and
         # training their first DP round; nothing reached the coordinator yet.

@@ -56,18 +56,33 @@ def child_env(**extra: str) -> dict[str, str]:
     return {**env, "FEDSILO_SILO_THREADS": "1", **extra}
 
 
-def silo(*args: str, env: dict[str, str] | None = None, timeout: float = 180) -> subprocess.CompletedProcess:
+def silo(*args: str, env: dict[str, str] | None = None, timeout: float = 420) -> subprocess.CompletedProcess:
     return subprocess.run([*SILO, *args], capture_output=True, text=True, env=env or child_env(), timeout=timeout)
 
 
 def start(*args: str, env: dict[str, str] | None = None) -> subprocess.Popen:
-    return subprocess.Popen([*SILO, *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            env=env or child_env())
+    process = subprocess.Popen([*SILO, *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                               env=env or child_env())
+    _started.append(process)
+    return process
 
 
-def finish(process: subprocess.Popen, timeout: float = 180) -> subprocess.CompletedProcess:
+_started: list[subprocess.Popen] = []
+
+
+def finish(process: subprocess.Popen, timeout: float = 420) -> subprocess.CompletedProcess:
     out, err = process.communicate(timeout=timeout)
     return subprocess.CompletedProcess(process.args, process.returncode, out, err)
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _no_stray_silos() -> Iterator[None]:
+    """Whatever happens in a test, no silo process we started outlives this module."""
+    yield
+    for process in _started:
+        if process.poll() is None:
+            process.kill()
+        process.communicate()
 
 
 def ledger_rows(data_dir: Path) -> list[dict]:

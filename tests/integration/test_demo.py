@@ -1,0 +1,126 @@
+"""``fedsilo-coordinator demo`` end to end, as a newcomer runs it, at a small size.
+
+The demo runs as a real subprocess (a coordinator and three silos of its own, on
+loopback). The test does not take the demo's word for anything it can check itself:
+it re-verifies the exported audit chain offline, reconciles every silo's ledger
+export with that chain, and looks in /proc for any process left behind.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from coordinator import audit
+
+pytestmark = pytest.mark.slow
+
+_SCRIPT = Path(sys.executable).with_name("fedsilo-coordinator")
+DEMO = [str(_SCRIPT), "demo"] if _SCRIPT.exists() else [sys.executable, "-m", "coordinator.demo"]
+
+
+def demo_env() -> dict[str, str]:
+    return {k: v for k, v in os.environ.items() if not k.startswith("FEDSILO_")}
+
+
+def processes_mentioning(text: str) -> list[str]:
+    """Command lines of live processes that mention ``text`` (Linux /proc)."""
+    found = []
+    for pid in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            cmdline = Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+        except OSError:
+            continue
+        if text in cmdline:
+            found.append(f"{pid}: {cmdline}")
+    return found
+
+
+def read_jsonl(path: Path) -> list[dict]:
+    return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+
+
+def test_the_demo_improves_the_model_within_every_cap_and_leaves_verifiable_evidence(tmp_path):
+    out = tmp_path / "demo"
+    done = subprocess.run([*DEMO, "--silos", "3", "--updates", "6", "--quiet", "--json", "--out", str(out)],
+                          capture_output=True, text=True, env=demo_env(), timeout=600)
+    assert done.returncode == 0, f"{done.stdout}\n{done.stderr}"
+    printed = json.loads(done.stdout)  # --json: standard output holds the summary and nothing else
+    summary = json.loads((out / "summary.json").read_text())
+    assert printed == summary
+
+    # The three claims, and the evidence behind each.
+    assert summary["ok"] is True and all(summary["checks"].values()), summary["checks"]
+    acc = summary["accuracy"]
+    assert acc["final"] > acc["initial"]
+    assert acc["initial_version"] == 0 and acc["final_version"] == summary["versions"]["final"] >= 1
+    assert summary["updates"]["accepted"] >= 6
+    assert summary["ended_because"] in ("target_updates_reached", "all_silos_stopped")
+    assert len(summary["silos"]) == 3
+    caps = [s["epsilon_cap"] for s in summary["silos"]]
+    assert len(set(caps)) == 3  # each silo its own cap
+    assert sum(s["slow"] for s in summary["silos"]) == 1
+    for s in summary["silos"]:
+        assert s["epsilon_spent"] is not None and 0 <= s["epsilon_spent"] <= s["epsilon_cap"]
+        assert s["within_cap"] and s["epsilon_consistent"]
+    assert any(s["epsilon_spent"] > 0 for s in summary["silos"])
+
+    # accuracy.png: a real PNG; the timeline behind it has one point per version, each
+    # fold attributed to the silo whose update produced it.
+    assert (out / "accuracy.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    timeline = summary["timeline"]
+    assert [p["version"] for p in timeline] == list(range(acc["final_version"] + 1))
+    assert all(p["accuracy"] is not None for p in timeline)
+    names = {s["name"] for s in summary["silos"]}
+    assert timeline[0]["silo"] is None and all(p["silo"] in names for p in timeline[1:])
+
+    # The audit export verifies here, independently of the demo, and holds every fold.
+    events = read_jsonl(out / summary["audit"]["export"]["path"])
+    assert audit.verify(events).ok
+    assert summary["audit"]["verify"]["ok"] and summary["audit"]["verify"]["checked"] == len(events)
+    accepted = {e["subject"].removeprefix("update:") for e in events if e["action"] == "update_accepted"}
+    assert {p["update_id"] for p in timeline[1:]} <= accepted
+
+    # Each silo's ledger export agrees with the audit log, update by update.
+    ids = {s["silo_id"] for s in summary["silos"]}
+    for s in summary["silos"]:
+        rows = read_jsonl(out / s["ledger"])
+        assert len(rows) == s["ledger_entries"]
+        mine = {e["subject"].removeprefix("update:") for e in events
+                if e["action"] in ("update_accepted", "update_buffered") and e["actor"] == s["silo_id"]}
+        receipted = {r["update_id"] for r in rows if r["kind"] == "update" and r["status"] in ("accepted", "buffered")}
+        assert receipted == mine and s["updates_accepted"] == len(mine)
+    assert {e["actor"] for e in events if e["action"] == "update_accepted"} <= ids
+
+    assert processes_mentioning(str(out)) == []  # nothing left running
+
+
+def test_an_interrupted_demo_stops_every_process_it_started(tmp_path):
+    out = tmp_path / "demo"
+    process = subprocess.Popen([*DEMO, "--silos", "2", "--quiet", "--out", str(out)], stdout=subprocess.PIPE,
+                               stderr=subprocess.PIPE, text=True, env=demo_env())
+    try:
+        deadline = time.monotonic() + 300
+        # Wait until the silo processes exist, then press Ctrl-C (SIGINT, as a terminal would).
+        while len(processes_mentioning(str(out / "silos"))) < 2 and process.poll() is None:
+            assert time.monotonic() < deadline, "the demo never started its silos"
+            time.sleep(0.2)
+        assert process.poll() is None, process.communicate()
+        process.send_signal(signal.SIGINT)
+        stdout, stderr = process.communicate(timeout=180)
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.communicate()
+    assert process.returncode == 130, f"{stdout}\n{stderr}"
+    assert processes_mentioning(str(out)) == []
+    summary = json.loads((out / "summary.json").read_text())  # what was done so far is kept
+    assert summary["ended_because"] == "interrupted"
+    assert summary["checks"]["audit_verified"]
