@@ -8,19 +8,26 @@ coordinator never runs model code while serving: it handles named tensors only.
 keyed by ``(version, digest)``. Several processes may fold into one database, so a
 cached entry is reused only after the digest has been read back from the version's
 row; a blob is decoded only after its digest has been checked.
+
+Blobs can be hundreds of megabytes, so they move between the database and memory in
+slices (:func:`read_blob`, and :func:`write_version` on SQLite): a driver that is
+handed or returns a whole blob keeps copies of its own (SQLite binds and reads
+through a private buffer, PostgreSQL's text protocol doubles bytea in hex), which
+would double or triple the peak memory of a fold. Metadata queries never name the
+blob column in an expression SQLite would evaluate (``blob IS NOT NULL`` reads the
+whole blob there; ``length(blob)`` does not).
 """
 
 from __future__ import annotations
 
 import threading
-from collections import OrderedDict
 from collections.abc import Mapping
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
 import torch
-from sqlalchemy import select, update
+from sqlalchemy import func, literal_column, select, update
 from sqlalchemy.orm import Session
 
 from privacy import codec
@@ -139,18 +146,25 @@ def write_version(
     now: datetime,
     actor: str = "system",
     details: Mapping[str, Any] | None = None,
+    blob: bytes | bytearray | None = None,
 ) -> tuple[ModelVersion, audit.AuditEvent]:
     """Store ``tensors`` as version ``fed.current_version + 1`` (0 for the first), make it
     current, and append the ``version_created`` entry. Call with the federation locked.
+
+    ``blob``, when given, is ``tensors`` already encoded (e.g. a fold that wrote its
+    result into a :class:`privacy.codec.Layout` buffer); it is stored as is.
     """
     version = 0 if parent is None else fed.current_version + 1
-    blob = codec.encode(tensors)
+    if blob is None:
+        blob = codec.encode(tensors)
+    streamed = _is_sqlite(session) and len(blob) > _BLOB_SLICE
     row = ModelVersion(
         federation_id=fed.id,
         version=version,
         digest=codec.digest(blob),
         size=len(blob),
-        blob=blob,
+        # On SQLite a large blob is inserted as zeros and written in slices below.
+        blob=func.zeroblob(len(blob)) if streamed else blob,
         parent_version=parent,
         produced_by_update=produced_by,
         created_at=now,
@@ -159,6 +173,8 @@ def write_version(
     session.add(row)
     fed.current_version = version
     session.flush()
+    if streamed:
+        _write_sqlite_blob(session, fed.id, version, blob)
     event = audit.append(
         session,
         actor=actor,
@@ -189,11 +205,79 @@ class VersionState:
 def version_state(session: Session, federation_id: int, version: int) -> VersionState | None:
     """Whether ``version`` exists and still has its weights -- without loading them."""
     row = session.execute(
-        select(ModelVersion.digest, ModelVersion.blob.is_not(None)).where(
+        select(ModelVersion.digest, _blob_length()).where(
             ModelVersion.federation_id == federation_id, ModelVersion.version == version
         )
     ).one_or_none()
-    return None if row is None else VersionState(version, row[0], bool(row[1]))
+    return None if row is None else VersionState(version, row[0], row[1] is not None)
+
+
+# --------------------------------------------------------------------------- blob I/O
+
+#: Bytes per slice when a blob moves between the database and memory.
+_BLOB_SLICE = 16 << 20
+
+
+def _blob_length():
+    # length() of a blob is read from its record header on SQLite (and from the TOAST
+    # pointer on PostgreSQL); "blob IS NOT NULL" would make SQLite read every page.
+    return func.length(ModelVersion.blob)
+
+
+def _is_sqlite(session: Session) -> bool:
+    return session.get_bind().dialect.name == "sqlite"
+
+
+def _where(federation_id: int, version: int) -> tuple:
+    return (ModelVersion.federation_id == federation_id, ModelVersion.version == version)
+
+
+def _sqlite_connection(session: Session):
+    # The sqlite3 connection under the session's transaction: incremental blob I/O
+    # runs inside that same transaction.
+    return session.connection().connection.driver_connection
+
+
+def _write_sqlite_blob(session: Session, federation_id: int, version: int, blob: bytes | bytearray) -> None:
+    rowid = session.scalar(select(literal_column("rowid")).select_from(ModelVersion).where(*_where(federation_id, version)))
+    view = memoryview(blob)
+    with _sqlite_connection(session).blobopen("model_versions", "blob", rowid) as out:
+        for start in range(0, len(view), _BLOB_SLICE):
+            out.write(view[start : start + _BLOB_SLICE])
+
+
+def read_blob(session: Session, federation_id: int, version: int) -> bytearray | None:
+    """The stored weights of ``version`` (None if it does not exist or was pruned).
+
+    Read in slices into one buffer, so the peak is the blob itself, not two or three
+    copies of it (see the module docstring).
+    """
+    where = _where(federation_id, version)
+    if _is_sqlite(session):
+        found = session.execute(
+            select(literal_column("rowid"), _blob_length()).select_from(ModelVersion).where(*where)
+        ).one_or_none()
+        if found is None or found[1] is None:
+            return None
+        rowid, size = found
+        buf = bytearray(size)
+        view = memoryview(buf)
+        with _sqlite_connection(session).blobopen("model_versions", "blob", rowid, readonly=True) as src:
+            for start in range(0, size, _BLOB_SLICE):
+                chunk = src.read(_BLOB_SLICE)
+                view[start : start + len(chunk)] = chunk
+        return buf
+    size = session.scalar(select(_blob_length()).where(*where))
+    if size is None:
+        return None
+    buf = bytearray(size)
+    for start in range(0, size, _BLOB_SLICE):
+        # substring() of an uncompressed TOASTed value fetches only the chunks it needs.
+        chunk = session.scalar(select(func.substring(ModelVersion.blob, start + 1, _BLOB_SLICE)).where(*where))
+        if chunk is None or len(chunk) != min(_BLOB_SLICE, size - start):
+            return None  # pruned meanwhile
+        buf[start : start + len(chunk)] = chunk
+    return buf
 
 
 def record_metrics(session: Session, federation_id: int, version: int, silo_id: str, metrics: Mapping) -> None:
@@ -249,13 +333,20 @@ class ModelCache:
     """Decoded weights of recent versions, shared by the threads of one process.
 
     Entries are keyed by ``(version, digest)`` and are read-only by convention: folds
-    never modify their inputs in place (``inplace=False``), so a cached dict can be
-    handed to several threads at once.
+    never modify their inputs in place, so a cached dict can be handed to several
+    threads at once. At most ``capacity`` versions and ``max_bytes`` of tensors are
+    kept, but always at least one. The *oldest version* goes first, not the least
+    recently used: a fold needs the current version and, for a stale update, a base a
+    few versions back, so the newest versions are the ones worth keeping (with LRU,
+    the bases of earlier folds push out the ones the next folds need). A miss costs a
+    blob read, a digest and a decode under the fold lock.
     """
 
-    def __init__(self, capacity: int = 4) -> None:
+    def __init__(self, capacity: int = 8, max_bytes: int = 1 << 30) -> None:
         self.capacity = capacity
-        self._entries: OrderedDict[tuple[int, str], Tensors] = OrderedDict()
+        self.max_bytes = max_bytes
+        self._entries: dict[tuple[int, str], Tensors] = {}
+        self._sizes: dict[tuple[int, str], int] = {}
         self._lock = threading.Lock()
         self.hits = 0
         self.misses = 0
@@ -273,29 +364,38 @@ class ModelCache:
         with self._lock:
             cached = self._entries.get(key)
             if cached is not None:
-                self._entries.move_to_end(key)
                 self.hits += 1
                 return cached
             self.misses += 1
-        blob = session.scalar(
-            select(ModelVersion.blob).where(
-                ModelVersion.federation_id == federation_id, ModelVersion.version == version
-            )
-        )
+        blob = read_blob(session, federation_id, version)
         if blob is None:
             return None  # pruned between the two reads
         if codec.digest(blob) != key[1]:
             raise StorageCorrupted(f"stored weights of version {version} do not match their digest")
-        tensors = codec.decode(blob)
+        tensors = _decode_stored(session, federation_id, blob)
         self.put(version, key[1], tensors)
         return tensors
 
     def put(self, version: int, digest: str, tensors: Tensors) -> None:
+        key = (version, digest)
         with self._lock:
-            self._entries[(version, digest)] = tensors
-            self._entries.move_to_end((version, digest))
-            while len(self._entries) > self.capacity:
-                self._entries.popitem(last=False)
+            self._entries[key] = tensors
+            self._sizes[key] = sum(t.numel() * t.element_size() for t in tensors.values())
+            while len(self._entries) > 1 and (
+                len(self._entries) > self.capacity or sum(self._sizes.values()) > self.max_bytes
+            ):
+                oldest = min(self._entries)  # (version, digest): the lowest version
+                del self._entries[oldest], self._sizes[oldest]
+
+
+def _decode_stored(session: Session, federation_id: int, blob: bytearray) -> Tensors:
+    """Tensors of a stored, digest-checked blob: views of it when it has the schema's
+    layout (every blob this code writes), else a regular decode."""
+    schema_json = session.scalar(select(Federation.schema).where(Federation.id == federation_id))
+    layout = codec.Schema.from_json(schema_json).layout()
+    if layout.matches(blob):
+        return layout.views(blob)
+    return codec.decode(bytes(blob))
 
 
 # --------------------------------------------------------------------------- retention
@@ -319,7 +419,7 @@ def prune(
     where = (
         ModelVersion.federation_id == fed.id,
         ModelVersion.version < cutoff,
-        ModelVersion.blob.is_not(None),
+        _blob_length().is_not(None),
     )
     versions = list(session.scalars(select(ModelVersion.version).where(*where).order_by(ModelVersion.version)))
     if not versions:

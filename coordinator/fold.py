@@ -12,17 +12,32 @@ buffer, the update row, the privacy charge, the audit entries, the signed receip
 
 A refusal found under the lock is recorded in the same transaction (its one audit
 entry) and raised after the commit.
+
+The threads of one process queue for the fold on a process-local lock before they
+open their transaction: on SQLite a writer waiting for the database lock gives up
+after the busy timeout, and several large folds queued there would; in-process they
+wait as long as it takes, and only one connection per process waits on the database.
+
+Memory and passes over the data, per fold: the strategy's result is written slice by
+slice straight into a safetensors buffer (:meth:`privacy.codec.Layout.allocate`) that
+is then stored as is -- no separate encoding -- and the update's delta is released
+tensor by tensor as soon as it has been folded in.
 """
 
 from __future__ import annotations
 
 import json
+import threading
 import time
+import weakref
+from collections.abc import Callable, Iterator, Mapping
+from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
 from datetime import datetime
 from typing import TYPE_CHECKING
 
 import torch
+from sqlalchemy import Engine
 from sqlalchemy import update as sql_update
 from sqlalchemy.orm import Session
 
@@ -37,6 +52,8 @@ from .models import Federation, PrivacyCharge, Silo, SiloStatus, Update, UpdateS
 from .rejections import Evidence, Refusal, translate
 from .strategies import (
     StrategyError,
+    StrategyReason,
+    StrategySettings,
     check_staleness,
     check_update_norm,
     fedasync_fold,
@@ -73,8 +90,9 @@ class Prepared:
     evidence: Evidence
     sealed: SealedUpdate
     header: UpdateHeader
-    delta: dict[str, torch.Tensor] = field(repr=False)
+    delta: dict[str, torch.Tensor] = field(repr=False)  # consumed (emptied) by the fold
     epsilon: float  # the composed figure before the lock; the fold recomputes it
+    norm: float | None = None  # the delta's global L2 norm, when the schema check computed it
 
 
 @dataclass
@@ -83,11 +101,24 @@ class _Folded:
     new_version: tuple[int, str, dict[str, torch.Tensor]] | None = None  # for the cache, after commit
 
 
+_fold_locks: weakref.WeakKeyDictionary[Engine, threading.Lock] = weakref.WeakKeyDictionary()
+_fold_locks_guard = threading.Lock()
+
+
+@contextmanager
+def _process_lock(engine: Engine) -> Iterator[None]:
+    """One fold at a time per process and database (see the module docstring)."""
+    with _fold_locks_guard:
+        lock = _fold_locks.setdefault(engine, threading.Lock())
+    with lock:
+        yield
+
+
 def commit(ctx: Coordinator, p: Prepared) -> Outcome:
     """Fold ``p`` in one transaction under the federation lock; raise IngestRejected on refusal."""
     started = time.perf_counter()
     error = None
-    with ctx.transaction() as s:
+    with _process_lock(ctx.engine), ctx.transaction() as s:
         fed = db.lock_federation(s, ctx.federation_id)
         now = ctx.clock()  # read under the lock, so times follow the order of the chain
         try:
@@ -106,6 +137,55 @@ def commit(ctx: Coordinator, p: Prepared) -> Outcome:
 
 def _with_time(outcome: Outcome, seconds: float) -> Outcome:
     return replace(outcome, fold_seconds=seconds)
+
+
+# Elements per slice when a strategy's result is written into the stored buffer: the
+# scratch memory of a fold is one slice, whatever the model's size. A multiple of any
+# SIMD width, so each element is computed exactly as on the whole tensor.
+_SLICE = 1 << 20
+
+
+def _fold_into(
+    out: Mapping[str, torch.Tensor],
+    strategy: Callable[..., Mapping[str, torch.Tensor]],
+    *inputs: Mapping[str, torch.Tensor],
+    consume: dict[str, torch.Tensor] | None = None,
+) -> None:
+    """Write ``strategy(*inputs)`` into ``out``, one slice of each tensor at a time.
+
+    For elementwise strategies (FedAsync, FedBuff's step) this is the same arithmetic
+    on the same elements; inputs that are one tensor (staleness 0: base *is* current)
+    stay one tensor slice by slice, so the strategy still recognizes them. Entries of
+    ``consume`` are dropped as soon as their tensor is done, to free them early.
+    """
+    for inp in inputs:
+        if inp.keys() != out.keys() or any(
+            inp[n].shape != t.shape or inp[n].dtype != t.dtype for n, t in out.items()
+        ):
+            raise StrategyError(StrategyReason.MISMATCHED_TENSORS, "the tensors do not match the model's schema")
+    for name, target in out.items():
+        flat_out = target.view(-1)
+        flats = [inp[name].reshape(-1) for inp in inputs]
+        for start in range(0, flat_out.numel(), _SLICE):
+            parts = [{name: f[start : start + _SLICE]} for f in flats]
+            flat_out[start : start + _SLICE].copy_(strategy(*parts)[name])
+        if consume is not None:
+            consume.pop(name, None)
+
+
+def _check_norm(settings: StrategySettings, p: Prepared) -> None:
+    """The update-norm bound as it is *now* (it may have changed since the check).
+
+    The schema check already refused non-finite values and measured the norm; only an
+    update checked without that figure is measured again.
+    """
+    if p.norm is None:
+        check_update_norm(settings, p.delta)
+    elif settings.max_update_norm is not None and p.norm > settings.max_update_norm:
+        raise StrategyError(
+            StrategyReason.NORM_EXCEEDED,
+            f"update norm {p.norm:.6g} exceeds the bound {settings.max_update_norm:.6g}",
+        )
 
 
 def _fold_locked(ctx: Coordinator, s: Session, fed: Federation, p: Prepared, now: datetime) -> _Folded:
@@ -129,7 +209,7 @@ def _fold_locked(ctx: Coordinator, s: Session, fed: Federation, p: Prepared, now
     staleness = ev.staleness = v - h.base_version
     try:
         check_staleness(settings, staleness)
-        check_update_norm(settings, p.delta)  # the bound may have been changed meanwhile
+        _check_norm(settings, p)  # the bound may have been changed meanwhile
     except StrategyError as exc:
         raise translate(exc) from None
     try:
@@ -146,8 +226,11 @@ def _fold_locked(ctx: Coordinator, s: Session, fed: Federation, p: Prepared, now
     if current is None:
         raise StorageCorrupted(f"the current version {v} has no stored weights")
 
-    # The strategy decides what the new model is; this module decides when.
+    # The strategy decides what the new model is; this module decides when. The new
+    # model is written straight into the buffer that gets stored.
+    layout = codec.Schema.from_json(fed.schema).layout()
     new: dict[str, torch.Tensor] | None = None
+    blob: bytearray | None = None
     members = [h.update_id]
     try:
         if settings.strategy == "fedasync":
@@ -155,14 +238,21 @@ def _fold_locked(ctx: Coordinator, s: Session, fed: Federation, p: Prepared, now
             if base is None:
                 raise Refusal(Reason.UNKNOWN_BASE_VERSION, f"the weights of base version {h.base_version} were pruned")
             weight = fedasync_weight(settings, staleness)
-            new = fedasync_fold(current, base, p.delta, weight)
+            blob = layout.allocate()
+            new = layout.views(blob)
+            _fold_into(new, lambda c, b, d: fedasync_fold(c, b, d, weight), current, base, p.delta,
+                       consume=p.delta)
         else:
             weight = fedbuff_weight(staleness)
             buffer = codec.decode(fed.buffer_blob) if fed.buffer_count and fed.buffer_blob else None
             buffer = fedbuff_accumulate(buffer, p.delta, staleness)
+            p.delta.clear()  # summed into the buffer
             members = [*(fed.buffer_updates or []), h.update_id]
             if len(members) >= settings.buffer_k:
-                new = fedbuff_apply(current, buffer, len(members), settings.server_lr)
+                count, lr = len(members), settings.server_lr
+                blob = layout.allocate()
+                new = layout.views(blob)
+                _fold_into(new, lambda c, b: fedbuff_apply(c, b, count, lr), current, buffer)
                 fed.buffer_blob, fed.buffer_count, fed.buffer_updates = None, 0, []
             else:
                 fed.buffer_blob, fed.buffer_count, fed.buffer_updates = codec.encode(buffer), len(members), members
@@ -235,7 +325,7 @@ def _fold_locked(ctx: Coordinator, s: Session, fed: Federation, p: Prepared, now
     if new is not None:
         version_row, _ = write_version(
             s, fed, tensors=new, parent=v, produced_by=h.update_id, now=now,
-            details={"strategy": settings.strategy, "updates": members},
+            details={"strategy": settings.strategy, "updates": members}, blob=blob,
         )
         if len(members) > 1:  # FedBuff: the buffered updates are now folded too
             s.execute(

@@ -31,7 +31,7 @@ from anyio import to_thread
 
 from privacy import codec
 from privacy.accounting import ACCOUNTANTS
-from privacy.envelope import parse_timestamp, parse_update
+from privacy.envelope import SealedUpdate, parse_timestamp, parse_update
 from privacy.errors import PrivacyError
 from privacy.errors import Reason as PrivacyReason
 from privacy.keys import signing_public_from_raw
@@ -51,23 +51,36 @@ __all__ = ["Outcome", "Prepared", "check", "ingest", "read_envelope"]
 # --------------------------------------------------------------------------- step 1
 
 
-async def read_envelope(ctx: Coordinator, chunks: AsyncIterator[bytes], declared_length: str | None) -> bytes:
+async def read_envelope(ctx: Coordinator, chunks: AsyncIterator[bytes], declared_length: str | None) -> bytearray:
     """Read the request body, refusing (``too_large``) as soon as it passes the limit.
 
     A declared Content-Length over the limit is refused before a byte is read; a body
-    without one (chunked) is read only up to the limit.
+    without one (chunked) is read only up to the limit. The body is received into one
+    buffer (sized by Content-Length when there is one): never a list of chunks plus
+    their join, which would hold the envelope twice.
     """
     limit = ctx.config.max_update_bytes
-    if declared_length is not None and declared_length.isdigit() and int(declared_length) > limit:
-        await _too_large(ctx, int(declared_length), limit)
-    parts: list[bytes] = []
+    declared = int(declared_length) if declared_length is not None and declared_length.isdigit() else None
+    if declared is not None and declared > limit:
+        await _too_large(ctx, declared, limit)
+    body = bytearray(declared or 0)  # zero pages until written
+    view = memoryview(body)
     size = 0
     async for chunk in chunks:
-        size += len(chunk)
-        if size > limit:
-            await _too_large(ctx, size, limit)
-        parts.append(chunk)
-    return b"".join(parts)
+        end = size + len(chunk)
+        if end > limit:
+            view.release()
+            await _too_large(ctx, end, limit)
+        if end <= len(view):
+            view[size:end] = chunk
+        else:  # longer than declared, or no Content-Length: grow
+            view.release()
+            body[size:] = chunk
+            view = memoryview(body)
+        size = end
+    view.release()
+    del body[size:]  # shorter than declared (the server refuses that first, normally)
+    return body
 
 
 async def _too_large(ctx: Coordinator, size: int, limit: int) -> None:
@@ -86,8 +99,13 @@ def _refuse(ctx: Coordinator, ev: Evidence, refusal: Refusal) -> IngestRejected:
 # --------------------------------------------------------------------------- the pipeline
 
 
-async def ingest(ctx: Coordinator, body: bytes) -> Outcome:
-    """Run one envelope through steps 2-10; return the outcome or raise IngestRejected."""
+async def ingest(ctx: Coordinator, body: bytes | bytearray) -> Outcome:
+    """Run one envelope through steps 2-10; return the outcome or raise IngestRejected.
+
+    A ``bytearray`` body (what :func:`read_envelope` returns) is consumed: it is
+    emptied once the payload is decrypted, so the ciphertext and the plaintext of a
+    large update are not held at once for longer than the decryption itself.
+    """
     received_at = ctx.clock()
     try:
         prepared = await to_thread.run_sync(
@@ -105,8 +123,11 @@ async def ingest(ctx: Coordinator, body: bytes) -> Outcome:
     return outcome
 
 
-def check(ctx: Coordinator, body: bytes, received_at: datetime) -> Prepared | Outcome:
-    """Steps 2-9 (blocking: run it in a worker thread). Audits and raises on refusal."""
+def check(ctx: Coordinator, body: bytes | bytearray, received_at: datetime) -> Prepared | Outcome:
+    """Steps 2-9 (blocking: run it in a worker thread). Audits and raises on refusal.
+
+    A ``bytearray`` body is emptied once decrypted (see :func:`ingest`).
+    """
     ev = Evidence(size=len(body), received_at=received_at)
     try:
         return _check(ctx, body, ev)
@@ -116,7 +137,17 @@ def check(ctx: Coordinator, body: bytes, received_at: datetime) -> Prepared | Ou
         raise _refuse(ctx, ev, refusal) from None
 
 
-def _check(ctx: Coordinator, body: bytes, ev: Evidence) -> Prepared | Outcome:
+def _release(body: bytes | bytearray, sealed: SealedUpdate) -> None:
+    """Free the envelope's buffer once its payload is decrypted (nothing reads it after)."""
+    if isinstance(body, bytearray):
+        sealed.sealed.release()  # the one view into it that outlives parse_update
+        try:
+            body.clear()
+        except BufferError:  # another view still exists: the memory is freed later
+            pass
+
+
+def _check(ctx: Coordinator, body: bytes | bytearray, ev: Evidence) -> Prepared | Outcome:
     cfg = ctx.config
 
     # 2. parse -------------------------------------------------------------------------
@@ -186,6 +217,7 @@ def _check(ctx: Coordinator, body: bytes, ev: Evidence) -> Prepared | Outcome:
         payload = sealed.decrypt(ctx.identity.hpke, header)
     except PrivacyError as exc:
         raise translate(exc) from None
+    _release(body, sealed)
 
     # 8. decode and schema check -------------------------------------------------------
     if header.schema_digest != schema_digest:
@@ -193,7 +225,7 @@ def _check(ctx: Coordinator, body: bytes, ev: Evidence) -> Prepared | Outcome:
     try:
         delta = codec.decode(payload)
         del payload  # the tensors own copies now; let the plaintext go
-        schema.check(delta, max_norm=settings.max_update_norm)
+        norm = schema.check(delta, max_norm=settings.max_update_norm)
     except PrivacyError as exc:
         raise translate(exc) from None
 
@@ -209,4 +241,4 @@ def _check(ctx: Coordinator, body: bytes, ev: Evidence) -> Prepared | Outcome:
         raise Refusal(Reason.BUDGET_EXCEEDED,
                       f"this update would bring the silo to epsilon {epsilon:.4g}; its cap is {epsilon_cap:.4g}")
 
-    return Prepared(evidence=ev, sealed=sealed, header=header, delta=delta, epsilon=epsilon)
+    return Prepared(evidence=ev, sealed=sealed, header=header, delta=delta, epsilon=epsilon, norm=norm)

@@ -37,23 +37,26 @@ class AdminClient:
     def close(self) -> None:
         self._http.close()
 
-    def _get(self, path: str, **params: Any) -> httpx.Response:
-        r = self._http.get(path, params={k: v for k, v in params.items() if v is not None})
-        if r.status_code != 200:
-            raise DemoError(f"GET {path} answered {r.status_code}: {r.text[:300]}")
+    def _request(self, method: str, path: str, expect: int = 200, **kwargs: Any) -> httpx.Response:
+        try:
+            r = self._http.request(method, path, **kwargs)
+        except httpx.TransportError as exc:
+            raise DemoError(f"the coordinator stopped answering ({type(exc).__name__}: {exc}); "
+                            "see logs/coordinator.log") from None
+        if r.status_code != expect:
+            raise DemoError(f"{method} {path} answered {r.status_code}: {r.text[:300]}")
         return r
 
+    def _get(self, path: str, **params: Any) -> httpx.Response:
+        return self._request("GET", path, params={k: v for k, v in params.items() if v is not None})
+
     def create_silo(self, name: str, epsilon_cap: float, delta: float) -> dict:
-        r = self._http.post("/api/admin/silos", json={"name": name, "epsilon_cap": epsilon_cap, "delta": delta})
-        if r.status_code != 201:
-            raise DemoError(f"creating silo {name!r} answered {r.status_code}: {r.text[:300]}")
-        return r.json()
+        """``POST /api/admin/silos``: ``{silo_id, name, enrolment_token, expires_at}``."""
+        return self._request("POST", "/api/admin/silos", expect=201,
+                             json={"name": name, "epsilon_cap": epsilon_cap, "delta": delta}).json()
 
     def silos(self) -> list[dict]:
         return self._get("/api/admin/silos").json()["silos"]
-
-    def federation(self) -> dict:
-        return self._get("/api/admin/federation").json()
 
     def versions(self, after: int | None = None) -> Iterator[dict]:
         """Every version after ``after``, oldest first (all pages)."""
@@ -90,13 +93,16 @@ class AdminClient:
     def export_audit(self, path: Path) -> int:
         """Stream ``/api/audit/export?format=jsonl`` into ``path``; returns the line count."""
         lines = 0
-        with self._http.stream("GET", "/api/audit/export", params={"format": "jsonl"}) as r:
-            if r.status_code != 200:
-                raise DemoError(f"GET /api/audit/export answered {r.status_code}")
-            with path.open("w", encoding="utf-8") as fh:
-                for chunk in r.iter_text():
-                    fh.write(chunk)
-                    lines += chunk.count("\n")
+        try:
+            with self._http.stream("GET", "/api/audit/export", params={"format": "jsonl"}) as r:
+                if r.status_code != 200:
+                    raise DemoError(f"GET /api/audit/export answered {r.status_code}")
+                with path.open("w", encoding="utf-8") as fh:
+                    for chunk in r.iter_text():
+                        fh.write(chunk)
+                        lines += chunk.count("\n")
+        except httpx.TransportError as exc:
+            raise DemoError(f"the audit export was cut off ({type(exc).__name__}: {exc})") from None
         return lines
 
 
@@ -177,19 +183,20 @@ class Observer:
         self._update_silo: dict[str, str] = {}
 
     def poll(self) -> Snapshot:
-        """Fetch silos and any versions made since the last poll (scoring each)."""
+        """Fetch silos, updates and any versions made since the last poll (scoring each)."""
+        self.snapshot.updates = self.admin.updates()
+        self._update_silo.update((u["update_id"], u["silo_id"]) for u in self.snapshot.updates)
         after = self.snapshot.current.version if self.snapshot.current else None
         for v in self.admin.versions(after=after):
             self.snapshot.points.append(self._point(v))
         self.snapshot.silos = self.admin.silos()
-        self.snapshot.updates = self.admin.updates()
         return self.snapshot
 
     def _point(self, v: dict) -> VersionPoint:
         update_id = v.get("produced_by_update")
         silo_id = None
         if update_id:
-            if update_id not in self._update_silo:
+            if update_id not in self._update_silo:  # folded after the updates listing was read
                 self._update_silo[update_id] = self.admin.update(update_id)["silo_id"]
             silo_id = self._update_silo[update_id]
         accuracy = self.holdout.accuracy(self.admin.weights(v["version"])) if v.get("retained", True) else None

@@ -1,8 +1,9 @@
 """The demo from start to end: set up, run, watch, stop, verify, export, summarise.
 
-1. Partition the bundled data set (Dirichlet label skew, a held-out split no silo gets).
-2. Initialise a coordinator in ``OUT/coordinator`` (fresh SQLite, new keys, version 0),
+1. Initialise a coordinator in ``OUT/coordinator`` (fresh SQLite, new keys, version 0),
    then run ``fedsilo-coordinator serve`` on a free loopback port.
+2. While it starts, partition the bundled data set (Dirichlet label skew, and a
+   held-out split no silo gets).
 3. For each silo: create it through the admin API (its cap), enrol it over HTTP with
    the one-time token, pinning the coordinator's fingerprint (``fedsilo-silo init``).
 4. Start every ``fedsilo-silo run``; watch through the admin API, scoring each new
@@ -10,7 +11,8 @@
    has stopped (budget spent), the time limit, or Ctrl-C.
 5. Stop the silos (SIGTERM: each finishes its step), take the final figures, verify
    the audit chain online (``/api/audit/verify``) and offline from its export, export
-   every silo's ledger, stop the coordinator, write ``summary.json`` and ``accuracy.png``.
+   every silo's ledger (as ``fedsilo-silo ledger --format jsonl`` does), stop the
+   coordinator; the caller writes ``summary.json`` and ``accuracy.png``.
 """
 
 from __future__ import annotations
@@ -18,7 +20,6 @@ from __future__ import annotations
 import json
 import os
 import signal
-import subprocess
 import time
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -89,11 +90,11 @@ class DemoRun:
     started: float = field(default_factory=time.monotonic)
     phase: str = "starting"
     base_url: str = ""
-    coordinator_dir: Path | None = None
     silos: list[SiloRun] = field(default_factory=list)
     snapshot: Snapshot = field(default_factory=Snapshot)
     training_started_at: datetime | None = None  # wall clock when the silo processes started
     training_started: float | None = None  # monotonic, same instant
+    training_ended: float | None = None  # monotonic, when the demo stopped watching
     ended_because: EndReason | None = None
     holdout_samples: int = 0
 
@@ -101,7 +102,10 @@ class DemoRun:
         return time.monotonic() - self.started
 
     def training_seconds(self) -> float:
-        return 0.0 if self.training_started is None else time.monotonic() - self.training_started
+        """Seconds from starting the silos to the end of training (or now, while it lasts)."""
+        if self.training_started is None:
+            return 0.0
+        return (self.training_ended or time.monotonic()) - self.training_started
 
     def name_of(self, silo_id: str | None) -> str | None:
         return next((s.plan.name for s in self.silos if s.silo_id == silo_id), None)
@@ -151,7 +155,8 @@ def _prepare_out(out: Path) -> None:
 
 def _start_coordinator(run: DemoRun, kids: Children) -> tuple[InitResult, Child]:
     """``init`` (the same call the CLI makes, in this process: torch is loaded here
-    anyway), then ``fedsilo-coordinator serve`` as a child on a free loopback port."""
+    anyway), then start ``fedsilo-coordinator serve`` as a child on a free loopback port
+    (the caller waits for it to answer)."""
     from coordinator.bootstrap import InitError, initialize
 
     o = run.options
@@ -166,8 +171,6 @@ def _start_coordinator(run: DemoRun, kids: Children) -> tuple[InitResult, Child]
                                        "--port", str(port), "--log-level", "warning"],
                        run.out / "logs" / "coordinator.log", child_env())
     run.base_url = f"http://127.0.0.1:{port}"
-    run.coordinator_dir = data_dir
-    wait_healthy(child, run.base_url)
     return init, child
 
 
@@ -206,9 +209,11 @@ def _start_silos(run: DemoRun, kids: Children) -> None:
     run.training_started = time.monotonic()
 
 
-def _watch(run: DemoRun, observer: Observer, view: View) -> EndReason:
+def _watch(run: DemoRun, observer: Observer, view: View, coordinator: Child) -> EndReason:
     o = run.options
     while True:
+        if coordinator.exit_code is not None:
+            raise DemoError(f"the coordinator exited with {coordinator.exit_code}; see {coordinator.log_path}")
         run.snapshot = observer.poll()
         if run.snapshot.points and run.snapshot.points[-1].version > 0 and run.phase.startswith("starting"):
             view.phase(run, "training: each silo pulls the model, trains a DP-SGD round, pushes a sealed update; "
@@ -224,31 +229,26 @@ def _watch(run: DemoRun, observer: Observer, view: View) -> EndReason:
 
 
 def _finale(run: DemoRun, admin: AdminClient) -> Finale:
-    """Exports and verification: each silo's ledger (``fedsilo-silo ledger``, all at once),
-    the audit log (verified online and, from its export, offline), the final records."""
+    """Exports and verification: the audit log (verified online and, from its export,
+    offline), each silo's ledger (``fedsilo-silo ledger --format jsonl``'s function),
+    the final records."""
     from coordinator.cli import verify_log
+    from silo_node.cli import export_ledger
+    from silo_node.config import ConfigError
+    from silo_node.ledger import LedgerError
 
-    (run.out / "ledgers").mkdir(exist_ok=True)
-    exports = []
-    for s in run.silos:
-        path = run.out / "ledgers" / f"{s.plan.name}.jsonl"
-        process = subprocess.Popen([*SILO, "ledger", "--data-dir", str(s.data_dir), "--format", "jsonl",
-                                    "--output", str(path)], stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
-                                   stderr=subprocess.PIPE, text=True, env=child_env())
-        exports.append((s, path, process))
     export_path = run.out / "audit.jsonl"
     lines = admin.export_audit(export_path)
     offline = verify_log(export=export_path)
+    (run.out / "ledgers").mkdir(exist_ok=True)
     ledgers: dict[str, dict] = {}
-    for s, path, process in exports:
+    for s in run.silos:
+        path = run.out / "ledgers" / f"{s.plan.name}.jsonl"
         try:
-            _, err = process.communicate(timeout=120)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.communicate()
-            raise DemoError(f"exporting {s.plan.name}'s ledger took too long") from None
-        if process.returncode != 0:
-            raise DemoError(f"exporting {s.plan.name}'s ledger failed: {err.strip()}")
+            with path.open("w", encoding="utf-8", newline="") as fh:
+                export_ledger(s.data_dir, "jsonl", fh, environ={})
+        except (ConfigError, LedgerError) as exc:
+            raise DemoError(f"exporting {s.plan.name}'s ledger: {getattr(exc, 'message', exc)}") from None
         entries = [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
         ledgers[s.silo_id] = {"path": str(path.relative_to(run.out)), "entries": entries}
     return Finale(
@@ -270,14 +270,17 @@ def run_demo(options: DemoOptions, view: View) -> tuple[DemoRun, Finale]:
     _prepare_out(run.out)
     loopback_without_proxy(os.environ)  # this process enrols silos and polls over loopback too
     with Children() as kids:
-        view.phase(run, f"partitioning {options.task} for {options.silos} silos (Dirichlet alpha {options.alpha:g})")
-        parts = _partition(run)
         view.phase(run, "initialising the coordinator (fresh SQLite, new keys, model version 0) and serving it")
         init, coordinator = _start_coordinator(run, kids)
+        # While the coordinator process starts up:
+        view.phase(run, f"partitioning {options.task} for {options.silos} silos (Dirichlet alpha {options.alpha:g}) "
+                        "and keeping a held-out split")
+        parts = _partition(run)
+        holdout = Holdout(options.task, init.task["options"], parts.holdout_path)
+        run.holdout_samples = len(holdout)
+        wait_healthy(coordinator, run.base_url)
         admin = AdminClient(run.base_url, init.admin_token)
         try:
-            holdout = Holdout(options.task, init.task["options"], parts.holdout_path)
-            run.holdout_samples = len(holdout)
             observer = Observer(admin, holdout)
             view.phase(run, f"enrolling {options.silos} silos (admin API: silo and cap -> one-time token -> enrolment)")
             _enrol_silos(run, admin, init, parts)
@@ -285,9 +288,10 @@ def run_demo(options: DemoOptions, view: View) -> tuple[DemoRun, Finale]:
             view.phase(run, "starting the silos (each loads torch and Opacus, then trains)")
             try:
                 _start_silos(run, kids)
-                run.ended_because = _watch(run, observer, view)
+                run.ended_because = _watch(run, observer, view, coordinator)
             except KeyboardInterrupt:
                 run.ended_because = EndReason.INTERRUPTED
+            run.training_ended = time.monotonic()
             view.phase(run, "stopping the silos (each finishes its current step)")
             for s in run.silos:
                 s.asked_to_stop = s.child is not None and s.child.exit_code is None
