@@ -9,13 +9,12 @@ keyed by ``(version, digest)``. Several processes may fold into one database, so
 cached entry is reused only after the digest has been read back from the version's
 row; a blob is decoded only after its digest has been checked.
 
-Blobs can be hundreds of megabytes, so they move between the database and memory in
-slices (:func:`read_blob`, and :func:`write_version` on SQLite): a driver that is
-handed or returns a whole blob keeps copies of its own (SQLite binds and reads
-through a private buffer, PostgreSQL's text protocol doubles bytea in hex), which
-would double or triple the peak memory of a fold. Metadata queries never name the
-blob column in an expression SQLite would evaluate (``blob IS NOT NULL`` reads the
-whole blob there; ``length(blob)`` does not).
+Blobs can be hundreds of megabytes, so they are read in slices into one buffer
+(:func:`read_blob`): a driver that returns a whole blob keeps copies of its own
+(SQLite reads through a private buffer; psycopg holds the bytea's hex text and its
+decoded bytes), two to five times the blob's size at the peak. Metadata queries never
+name the blob column in an expression SQLite would evaluate (``blob IS NOT NULL``
+reads the whole blob there; ``length(blob)`` does not).
 """
 
 from __future__ import annotations
@@ -27,7 +26,7 @@ from datetime import datetime
 from typing import Any
 
 import torch
-from sqlalchemy import func, literal_column, select, update
+from sqlalchemy import LargeBinary, func, literal_column, select, update
 from sqlalchemy.orm import Session
 
 from privacy import codec
@@ -163,7 +162,6 @@ def write_version(
         version=version,
         digest=codec.digest(blob),
         size=len(blob),
-        # On SQLite a large blob is inserted as zeros and written in slices below.
         blob=func.zeroblob(len(blob)) if streamed else blob,
         parent_version=parent,
         produced_by_update=produced_by,
@@ -273,7 +271,9 @@ def read_blob(session: Session, federation_id: int, version: int) -> bytearray |
     buf = bytearray(size)
     for start in range(0, size, _BLOB_SLICE):
         # substring() of an uncompressed TOASTed value fetches only the chunks it needs.
-        chunk = session.scalar(select(func.substring(ModelVersion.blob, start + 1, _BLOB_SLICE)).where(*where))
+        chunk = session.scalar(
+            select(func.substring(ModelVersion.blob, start + 1, _BLOB_SLICE, type_=LargeBinary)).where(*where)
+        )
         if chunk is None or len(chunk) != min(_BLOB_SLICE, size - start):
             return None  # pruned meanwhile
         buf[start : start + len(chunk)] = chunk
@@ -367,14 +367,41 @@ class ModelCache:
                 self.hits += 1
                 return cached
             self.misses += 1
+        loaded = self._load(session, federation_id, version, key[1])
+        if loaded is None:
+            return None
+        tensors, _ = loaded
+        self.put(version, key[1], tensors)
+        return tensors
+
+    def checkout(self, session: Session, federation_id: int, version: int) -> tuple[Tensors, bytearray | None] | None:
+        """Like :meth:`weights`, for a fold that will write a new version.
+
+        On a miss the version is loaded but *not* cached, and returned with the buffer
+        its tensors are views of: the caller owns both and may write the new version
+        over them (one model-sized buffer less at the peak). On a hit the buffer is
+        None and the tensors are shared, read-only.
+        """
+        state = version_state(session, federation_id, version)
+        if state is None or not state.retained:
+            return None
+        with self._lock:
+            cached = self._entries.get((version, state.digest))
+            if cached is not None:
+                self.hits += 1
+                return cached, None
+            self.misses += 1
+        loaded = self._load(session, federation_id, version, state.digest)
+        return None if loaded is None else loaded
+
+    def _load(self, session: Session, federation_id: int, version: int,
+              digest: str) -> tuple[Tensors, bytearray | None] | None:
         blob = read_blob(session, federation_id, version)
         if blob is None:
             return None  # pruned between the two reads
-        if codec.digest(blob) != key[1]:
+        if codec.digest(blob) != digest:
             raise StorageCorrupted(f"stored weights of version {version} do not match their digest")
-        tensors = _decode_stored(session, federation_id, blob)
-        self.put(version, key[1], tensors)
-        return tensors
+        return _decode_stored(session, federation_id, blob)
 
     def put(self, version: int, digest: str, tensors: Tensors) -> None:
         key = (version, digest)
@@ -388,14 +415,17 @@ class ModelCache:
                 del self._entries[oldest], self._sizes[oldest]
 
 
-def _decode_stored(session: Session, federation_id: int, blob: bytearray) -> Tensors:
-    """Tensors of a stored, digest-checked blob: views of it when it has the schema's
-    layout (every blob this code writes), else a regular decode."""
+def _decode_stored(session: Session, federation_id: int, blob: bytearray) -> tuple[Tensors, bytearray | None]:
+    """Tensors of a stored, digest-checked blob, and the buffer they are views of.
+
+    Views when the blob has the schema's layout (every blob ``safetensors.save`` or a
+    fold writes), else a regular decode (no buffer).
+    """
     schema_json = session.scalar(select(Federation.schema).where(Federation.id == federation_id))
     layout = codec.Schema.from_json(schema_json).layout()
     if layout.matches(blob):
-        return layout.views(blob)
-    return codec.decode(bytes(blob))
+        return layout.views(blob), blob
+    return codec.decode(bytes(blob)), None
 
 
 # --------------------------------------------------------------------------- retention

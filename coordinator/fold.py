@@ -222,24 +222,34 @@ def _fold_locked(ctx: Coordinator, s: Session, fed: Federation, p: Prepared, now
     if epsilon > silo.epsilon_cap:
         raise Refusal(Reason.BUDGET_EXCEEDED,
                       f"this update would bring the silo to epsilon {epsilon:.4g}; its cap is {silo.epsilon_cap:.4g}")
-    current = ctx.cache.weights(s, fed.id, v)
-    if current is None:
+    checked_out = ctx.cache.checkout(s, fed.id, v)
+    if checked_out is None:
         raise StorageCorrupted(f"the current version {v} has no stored weights")
+    # ``owned``: the current version was not cached and was loaded for this fold alone;
+    # the new version is then written over it (it is not needed afterwards).
+    current, owned = checked_out
 
     # The strategy decides what the new model is; this module decides when. The new
-    # model is written straight into the buffer that gets stored.
+    # model is written straight into the buffer that gets stored: the current
+    # version's own buffer when this fold owns it, else a fresh one.
     layout = codec.Schema.from_json(fed.schema).layout()
     new: dict[str, torch.Tensor] | None = None
     blob: bytearray | None = None
     members = [h.update_id]
+
+    def output() -> tuple[bytearray, dict[str, torch.Tensor]]:
+        if owned is not None:
+            return owned, current
+        fresh = layout.allocate()
+        return fresh, layout.views(fresh)
+
     try:
         if settings.strategy == "fedasync":
             base = current if staleness == 0 else ctx.cache.weights(s, fed.id, h.base_version)
             if base is None:
                 raise Refusal(Reason.UNKNOWN_BASE_VERSION, f"the weights of base version {h.base_version} were pruned")
             weight = fedasync_weight(settings, staleness)
-            blob = layout.allocate()
-            new = layout.views(blob)
+            blob, new = output()
             _fold_into(new, lambda c, b, d: fedasync_fold(c, b, d, weight), current, base, p.delta,
                        consume=p.delta)
         else:
@@ -250,8 +260,7 @@ def _fold_locked(ctx: Coordinator, s: Session, fed: Federation, p: Prepared, now
             members = [*(fed.buffer_updates or []), h.update_id]
             if len(members) >= settings.buffer_k:
                 count, lr = len(members), settings.server_lr
-                blob = layout.allocate()
-                new = layout.views(blob)
+                blob, new = output()
                 _fold_into(new, lambda c, b: fedbuff_apply(c, b, count, lr), current, buffer)
                 fed.buffer_blob, fed.buffer_count, fed.buffer_updates = None, 0, []
             else:

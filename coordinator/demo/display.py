@@ -47,9 +47,11 @@ def _labels(counts: dict[int, int]) -> str:
 _STATES = {
     None: ("running", "green"),
     "budget_spent": ("budget spent", "yellow"),
-    "stopped_by_demo": ("stopped by the demo", "dim"),
+    "stopped_by_demo": ("stopped", "dim"),
     "stopped": ("stopped", "dim"),
 }
+#: Below this console width the silo table drops the data column and narrows its bars.
+_WIDE = 110
 
 
 def _state(s: SiloRun) -> Text:
@@ -57,7 +59,7 @@ def _state(s: SiloRun) -> Text:
         return Text("enrolled", style="dim")
     reason = s.stop_reason()
     if reason == "failed":
-        return Text(f"exited {s.child.exit_code}: see logs/{s.plan.name}.log", style="bold red")
+        return Text(f"exit {s.child.exit_code}", style="bold red")
     text, style = _STATES[reason]
     return Text(text, style=style)
 
@@ -65,9 +67,7 @@ def _state(s: SiloRun) -> Text:
 def _header(run: DemoRun) -> Text:
     o = run.options
     strategy = {"fedasync": "FedAsync", "fedbuff": "FedBuff"}[o.strategy]
-    t = Text.assemble(("fedsilo demo", "bold"), f"  {o.task} · {strategy} · {o.silos} silos · ",
-                      (run.base_url or "starting", "cyan"), f" · {_clock(run.elapsed())}")
-    return t
+    return Text.assemble(("fedsilo demo", "bold"), f" {_clock(run.elapsed())} · {o.task} · {strategy} · {o.silos} silos")
 
 
 def _clock(seconds: float) -> str:
@@ -78,66 +78,69 @@ def _clock(seconds: float) -> str:
 def _global(run: DemoRun) -> Table:
     snap = run.snapshot
     grid = Table.grid(padding=(0, 2))
-    grid.add_column(style="bold")
+    grid.add_column(style="bold", no_wrap=True)
     grid.add_column()
     cur = snap.current
     first = snap.points[0] if snap.points else None
     if cur is None:
-        grid.add_row("global model", "-")
+        grid.add_row("model", "-")
     else:
         acc = "-" if cur.accuracy is None else f"{cur.accuracy:.3f}"
-        base = "" if first is None or first.accuracy is None else f"  (version 0: {first.accuracy:.3f})"
-        grid.add_row("global model", Text.assemble(f"version {cur.version}   held-out accuracy ",
-                                                   (acc, "bold green"), base))
+        base = "" if first is None or first.accuracy is None else f" (initial {first.accuracy:.3f})"
+        grid.add_row("model", Text.assemble(f"version {cur.version}, held-out accuracy ", (acc, "bold green"), base))
         history = [p.accuracy for p in snap.points if p.accuracy is not None]
-        grid.add_row("accuracy by version", Text(sparkline(history), style="green"))
-    grid.add_row("updates", Text.assemble((f"{snap.accepted}", "bold"), f" accepted of {run.options.updates} wanted   ",
+        grid.add_row("history", Text.assemble((sparkline(history), "green"), (" accuracy, version by version", "dim")))
+    grid.add_row("updates", Text.assemble((f"{snap.accepted}", "bold"), " accepted (the demo stops at ",
+                                          f"{run.options.updates}), ",
                                           (f"{snap.rejected}", "bold red" if snap.rejected else "bold"), " rejected"))
     grid.add_row("now", Text(run.phase, style="italic"))
+    if run.base_url:
+        grid.add_row("coordinator", Text.assemble((run.base_url, "cyan"), " (loopback; logs in ", str(run.out / "logs"), ")"))
     return grid
 
 
-def _silos(run: DemoRun) -> Table:
+def _silos(run: DemoRun, width: int) -> Table:
+    wide = width >= _WIDE
     table = Table(box=box.SIMPLE_HEAVY, expand=False, pad_edge=False)
-    table.add_column("silo")
-    table.add_column("rests", justify="right")
-    table.add_column("update every", justify="right")
-    table.add_column("rows · labels", justify="right")
-    table.add_column("ε spent of its cap")
-    table.add_column("acc.", justify="right")
-    table.add_column("rej.", justify="right")
-    table.add_column("process")
+    table.add_column("silo", no_wrap=True)
+    table.add_column("rests", justify="right", no_wrap=True)
+    table.add_column("update every" if wide else "every", justify="right", no_wrap=True)
+    if wide:
+        table.add_column("train rows · labels", justify="right", no_wrap=True)
+    table.add_column("ε spent of its cap" if wide else "ε spent/cap", no_wrap=True)
+    table.add_column("acc", justify="right", no_wrap=True)
+    table.add_column("rej", justify="right", no_wrap=True)
+    table.add_column("process", no_wrap=True)
     for s in run.silos:
         rec = run.snapshot.silo(s.silo_id) or {}
         spent, cap = float(rec.get("epsilon_spent", 0.0)), s.plan.epsilon_cap
-        bar = ProgressBar(total=cap, completed=min(spent, cap), width=12,
+        bar = ProgressBar(total=cap, completed=min(spent, cap), width=12 if wide else 6,
                           complete_style="red" if spent > cap else "yellow", finished_style="yellow")
         eps = Table.grid(padding=(0, 1))
         eps.add_row(bar, Text(f"{spent:4.2f}/{cap:g}"))
         pace = run.snapshot.seconds_per_update(s.silo_id)
         style = "magenta" if s.plan.slow else ""
-        table.add_row(
-            Text(s.plan.name + (" (slow)" if s.plan.slow else ""), style="bold " + style),
+        row = [
+            Text(s.plan.name + (" slow" if s.plan.slow else ""), style="bold " + style),
             Text(s.plan.rest, style=style),
             Text("-" if pace is None else f"{pace:.1f} s", style=style),
-            f"{s.train_samples} · {_labels(s.label_counts)}",
-            eps,
-            str(rec.get("updates_accepted", 0)),
-            str(rec.get("updates_rejected", 0)),
-            _state(s),
-        )
+        ]
+        if wide:
+            row.append(Text(f"{s.train_samples} · {_labels(s.label_counts)}"))
+        row += [eps, Text(str(rec.get("updates_accepted", 0))), Text(str(rec.get("updates_rejected", 0))), _state(s)]
+        table.add_row(*row)
     return table
 
 
 def _notes(run: DemoRun) -> Text:
     slow = next((s for s in run.silos if s.plan.slow), None)
-    lines = ["ε: the coordinator's own RDP figure for each silo, recomputed from every update it accepted; "
-             "a silo stops by itself before its cap."]
-    if slow is not None:
+    fast = next((s for s in run.silos if not s.plan.slow), None)
+    lines = ["ε: the coordinator's own figure (RDP), recomputed from every update it accepted from the silo. "
+             "Each silo stops by itself before its cap."]
+    if slow is not None and fast is not None:
         lines.append(f"{slow.plan.name} is slow on purpose: the demo makes it rest {slow.plan.rest} between rounds "
-                     f"(the others {run.silos[0].plan.rest if run.silos[0] is not slow else run.silos[-1].plan.rest}); "
-                     "nobody waits for it.")
-    lines.append(f"Ctrl-C stops the demo and every process it started.  Output: {run.out}")
+                     f"(the others {fast.plan.rest}). Nobody waits for it.")
+    lines.append(f"Ctrl-C stops the demo and every process it started. Output: {run.out}")
     return Text("\n".join(lines), style="dim")
 
 
@@ -157,7 +160,7 @@ class LiveView:
             return Text("fedsilo demo: starting", style="bold")
         parts: list[Any] = [_global(run)]
         if run.silos:
-            parts.append(_silos(run))
+            parts.append(_silos(run, self.console.width))
         parts.append(_notes(run))
         return Panel(Group(*parts), title=_header(run), title_align="left", border_style="blue")
 
