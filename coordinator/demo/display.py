@@ -106,7 +106,7 @@ def _silos(run: DemoRun, width: int) -> Table:
     table.add_column("rests", justify="right", no_wrap=True)
     table.add_column("update every" if wide else "every", justify="right", no_wrap=True)
     if wide:
-        table.add_column("train rows · labels", justify="right", no_wrap=True)
+        table.add_column("rows · labels", justify="right", no_wrap=True)
     table.add_column("ε spent of its cap" if wide else "ε spent/cap", no_wrap=True)
     table.add_column("acc", justify="right", no_wrap=True)
     table.add_column("rej", justify="right", no_wrap=True)
@@ -126,7 +126,7 @@ def _silos(run: DemoRun, width: int) -> Table:
             Text("-" if pace is None else f"{pace:.1f} s", style=style),
         ]
         if wide:
-            row.append(Text(f"{s.train_samples} · {_labels(s.label_counts)}"))
+            row.append(Text(f"{sum(s.label_counts.values())} · {_labels(s.label_counts)}"))
         row += [eps, Text(str(rec.get("updates_accepted", 0))), Text(str(rec.get("updates_rejected", 0))), _state(s)]
         table.add_row(*row)
     return table
@@ -189,8 +189,8 @@ class PlainView:
     def phase(self, run: DemoRun, text: str) -> None:
         run.phase = text
         self._line(run, text)
-        if text == "training" and run.base_url:
-            self._line(run, f"coordinator {run.base_url}; output in {run.out}")
+        if text.startswith("starting the silos") and run.base_url:
+            self._line(run, f"coordinator {run.base_url}; output and logs in {run.out}")
 
     def refresh(self, run: DemoRun) -> None:
         now = time.monotonic()
@@ -204,8 +204,9 @@ class PlainView:
         acc = "-" if cur.accuracy is None else f"{cur.accuracy:.3f}"
         eps = " ".join(f"{s.plan.name}={float((snap.silo(s.silo_id) or {}).get('epsilon_spent', 0.0)):.2f}/{s.plan.epsilon_cap:g}"
                        for s in run.silos)
+        waiting = " (waiting for the first update)" if snap.accepted == 0 and run.silos else ""
         self._line(run, f"version {cur.version} accuracy {acc}; {snap.accepted} accepted, {snap.rejected} rejected; "
-                        f"epsilon {eps}")
+                        f"epsilon {eps}{waiting}")
 
     def close(self) -> None:
         pass
@@ -224,7 +225,7 @@ def _stopped(silo: dict) -> str:
 
 
 def print_summary(summary: dict, out_dir: str, console: Console | None = None) -> None:
-    """The summary for people: the three checks, the figures, where the files are."""
+    """The summary for people: the checks, the figures, where the files are."""
     console = console or Console(file=sys.stdout)
     acc = summary["accuracy"]
     ok = summary["ok"]

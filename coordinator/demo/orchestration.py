@@ -90,6 +90,7 @@ class DemoRun:
     started: float = field(default_factory=time.monotonic)
     phase: str = "starting"
     base_url: str = ""
+    database_url: str = ""
     silos: list[SiloRun] = field(default_factory=list)
     snapshot: Snapshot = field(default_factory=Snapshot)
     training_started_at: datetime | None = None  # wall clock when the silo processes started
@@ -171,6 +172,7 @@ def _start_coordinator(run: DemoRun, kids: Children) -> tuple[InitResult, Child]
                                        "--port", str(port), "--log-level", "warning"],
                        run.out / "logs" / "coordinator.log", child_env())
     run.base_url = f"http://127.0.0.1:{port}"
+    run.database_url = init.to_json()["database_url"]
     return init, child
 
 
@@ -178,8 +180,11 @@ def _enrol_silos(run: DemoRun, admin: AdminClient, init: InitResult, parts) -> N
     """Create each silo through the admin API (its cap), then enrol it over HTTP with its
     one-time token, pinning the coordinator's fingerprint -- ``fedsilo-silo init``'s own
     function, called here to spare N interpreter starts."""
+    from privacy.errors import PrivacyError
     from silo_node.cli import init_silo
+    from silo_node.client import ClientError
     from silo_node.config import ConfigError
+    from silo_node.tasks import TaskError
 
     for plan, path, counts in zip(silo_plans(run.options.silos), parts.paths, parts.label_counts):
         token = admin.create_silo(plan.name, plan.epsilon_cap, DELTA)["enrolment_token"]
@@ -187,8 +192,8 @@ def _enrol_silos(run: DemoRun, admin: AdminClient, init: InitResult, parts) -> N
         try:
             result = init_silo(data_dir=data_dir, coordinator_url=run.base_url, token=token, data_path=str(path),
                                expected_fingerprint=init.fingerprints["signing"], environ={})
-        except (ConfigError, OSError) as exc:
-            raise DemoError(f"enrolling {plan.name}: {getattr(exc, 'message', exc)}") from None
+        except (ConfigError, ClientError, TaskError, PrivacyError, OSError) as exc:
+            raise DemoError(f"enrolling {plan.name}: {getattr(exc, 'message', None) or exc}") from None
         if result.data_error is not None:
             raise DemoError(f"{plan.name}'s data does not fit the model: {result.data_error}")
         run.silos.append(SiloRun(plan, result.config.enrolment.silo_id, data_dir, Path(path),

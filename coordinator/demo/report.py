@@ -103,8 +103,9 @@ def build_summary(run: DemoRun, finale: Finale) -> dict[str, Any]:
             "pace": s.plan.pace,
             "pause_seconds": s.plan.pause_seconds,
             "jitter_seconds": s.plan.jitter_seconds,
-            "train_samples": s.train_samples,
+            "partition_rows": sum(s.label_counts.values()),
             "label_counts": {str(k): v for k, v in sorted(s.label_counts.items())},
+            "train_samples": s.train_samples,  # after the silo's own validation split
             "epsilon_cap": s.plan.epsilon_cap,
             "epsilon_spent": _round(spent, 6),  # recomputed by the coordinator from the silo's whole history
             "epsilon_recorded": _round(recorded, 6),  # what it recorded at its last acceptance
@@ -174,7 +175,7 @@ def build_summary(run: DemoRun, finale: Finale) -> dict[str, Any]:
         "training_started_at": run.training_started_at.isoformat() if run.training_started_at else None,
         "wall_time_seconds": round(run.elapsed(), 1),
         "training_seconds": round(run.training_seconds(), 1),
-        "coordinator": {"url": run.base_url, "data_dir": "coordinator", "database": "coordinator/*.db (SQLite)"},
+        "coordinator": {"url": run.base_url, "data_dir": "coordinator", "database_url": run.database_url},
         "timeline": [
             {"version": p.version, "seconds": round(_seconds(run, p.created_at), 2), "accuracy": _round(p.accuracy),
              "silo": run.name_of(p.silo_id), "update_id": p.update_id}
@@ -205,8 +206,8 @@ def plot_accuracy(run: DemoRun, finale: Finale, path: Path) -> Path:
     import matplotlib.pyplot as plt
 
     o = run.options
-    colours = plt.get_cmap("tab10")
-    colour = {s.silo_id: colours(i % 10) for i, s in enumerate(run.silos)}
+    colours = plt.get_cmap("tab10" if len(run.silos) <= 10 else "tab20")
+    colour = {s.silo_id: colours(i % colours.N) for i, s in enumerate(run.silos)}
     label = {s.silo_id: f"{s.plan.name}: cap ε={s.plan.epsilon_cap:g}, rests {s.plan.rest} between rounds"
                         + (" (slow on purpose)" if s.plan.slow else "") for s in run.silos}
 

@@ -19,8 +19,8 @@ from pathlib import Path
 import pytest
 
 from coordinator import audit
-
-pytestmark = pytest.mark.slow
+from coordinator.demo.options import parse_options, silo_plans
+from coordinator.demo.report import reconcile
 
 _SCRIPT = Path(sys.executable).with_name("fedsilo-coordinator")
 DEMO = [str(_SCRIPT), "demo"] if _SCRIPT.exists() else [sys.executable, "-m", "coordinator.demo"]
@@ -47,6 +47,7 @@ def read_jsonl(path: Path) -> list[dict]:
     return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
 
 
+@pytest.mark.slow
 def test_the_demo_improves_the_model_within_every_cap_and_leaves_verifiable_evidence(tmp_path):
     out = tmp_path / "demo"
     done = subprocess.run([*DEMO, "--silos", "2", "--updates", "3", "--quiet", "--json", "--out", str(out)],
@@ -102,6 +103,7 @@ def test_the_demo_improves_the_model_within_every_cap_and_leaves_verifiable_evid
     assert processes_mentioning(str(out)) == []  # nothing left running
 
 
+@pytest.mark.slow
 def test_an_interrupted_demo_stops_every_process_it_started(tmp_path):
     out = tmp_path / "demo"
     process = subprocess.Popen([*DEMO, "--silos", "2", "--quiet", "--out", str(out)], stdout=subprocess.PIPE,
@@ -124,3 +126,47 @@ def test_an_interrupted_demo_stops_every_process_it_started(tmp_path):
     summary = json.loads((out / "summary.json").read_text())  # what was done so far is kept
     assert summary["ended_because"] == "interrupted"
     assert summary["checks"]["audit_verified"]
+
+
+# --------------------------------------------------------------------------- the pieces, fast
+
+
+def test_each_silo_gets_its_own_cap_and_exactly_one_is_slow():
+    for count in (2, 5, 20):
+        plans = silo_plans(count)
+        assert len({p.epsilon_cap for p in plans}) == count
+        slow = [p for p in plans if p.slow]
+        assert len(slow) == 1 and slow[0].pause_seconds >= 4 * max(p.pause_seconds for p in plans if not p.slow)
+        assert "slow on purpose" in slow[0].pace and "--pause" in slow[0].pace
+
+
+def test_demo_options_accept_the_separator_make_may_pass_and_refuse_nonsense(capsys):
+    options = parse_options(["--", "--silos", "3", "--quiet", "--task", "digits"])
+    assert (options.silos, options.quiet, options.task) == (3, True, "digits")
+    with pytest.raises(SystemExit):
+        parse_options(["--silos", "1"])
+    assert "between 2 and 20" in capsys.readouterr().err
+
+
+def _ledger_row(update_id: str, status: str, digest: str = "d") -> dict:
+    return {"kind": "update", "update_id": update_id, "status": status, "envelope_digest": digest}
+
+
+def _record(update_id: str, status: str, digest: str = "d") -> dict:
+    return {"update_id": update_id, "status": status, "envelope_digest": digest}
+
+
+def test_reconcile_matches_a_ledger_with_the_coordinators_record_update_by_update():
+    ledger = [_ledger_row("a", "accepted"), _ledger_row("b", "buffered"), _ledger_row("c", "rejected"),
+              _ledger_row("d", "sent"), {"kind": "stop", "reason": "budget_exhausted"}]
+    records = [_record("a", "accepted"), _record("b", "accepted"), _record("c", "rejected")]
+    result = reconcile(ledger, records)
+    # A FedBuff update the silo saw buffered is accepted once its buffer was folded; one
+    # still in flight when the demo stopped has no verdict to compare.
+    assert result == {"ok": True, "updates": 4, "without_verdict": 1, "problems": []}
+
+    bad = reconcile([_ledger_row("a", "accepted", digest="other"), _ledger_row("x", "accepted")],
+                    [_record("a", "accepted"), _record("y", "accepted"), _record("x", "rejected")])
+    assert not bad["ok"]
+    assert bad["problems"] == ["a: envelope digests differ", "x: ledger says accepted, coordinator rejected",
+                               "y: at the coordinator, not in the ledger"]
