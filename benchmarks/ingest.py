@@ -400,13 +400,13 @@ def measure(kind: str, params: int, updates: int, clients: int, work: Path,
         floor_env = seal_batch(silos_, payloads, n, 0)
         e2e_env = seal_batch(silos_, payloads, n, n)  # the floor leaves version n current
         size = len(floor_env[0])
-        log(f"  {kind} {label(actual)}: {n} + {n} envelopes of {size / 1e6:.2f} MB sealed")
+        log(f"  {kind} {label(params)}: {n} + {n} envelopes of {size / 1e6:.2f} MB sealed")
 
         floor_s = run_floor(data_dir, floor_env)
         del floor_env
         log(f"    floor       {updates / floor_s:8.2f} updates/s")
         with serving(data_dir) as (base_url, proc):
-            prof = profile_dir / f"ingest-{kind}-{label(actual)}.svg" if profile_dir else None
+            prof = profile_dir / f"ingest-{kind}-{label(params)}.svg" if profile_dir else None
             with profiling(proc.pid, prof):
                 e2e_s = run_end_to_end(base_url, e2e_env, clients)
         log(f"    end-to-end  {updates / e2e_s:8.2f} updates/s")
@@ -453,10 +453,10 @@ def measure_memory(kind: str, params: int, work: Path, log) -> dict[str, Any]:
             peak = _proc_kb(proc.pid, "VmHWM")
     increase = (peak - before) * 1024
     ratio = increase / len(envelope)
-    log(f"  memory {kind} {label(actual)}: +{increase / 1e6:.0f} MB peak for a {len(envelope) / 1e6:.0f} MB update "
+    log(f"  memory {kind} {label(params)}: +{increase / 1e6:.0f} MB peak for a {len(envelope) / 1e6:.0f} MB update "
         f"({ratio:.2f}x) in {seconds:.1f} s")
     return {
-        "database": kind, "parameters": actual, "envelope_bytes": len(envelope),
+        "database": kind, "size": label(params), "parameters": actual, "envelope_bytes": len(envelope),
         "rss_before_bytes": before * 1024, "peak_rss_bytes": peak * 1024, "increase_bytes": increase,
         "ratio_to_update": ratio, "seconds": seconds, "goal": MEMORY_GOAL, "goal_met": ratio <= MEMORY_GOAL,
     }
@@ -588,6 +588,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         "machine": machine_info(),
         "config": {
             "sizes": [label(p) for p in sizes], "databases": databases, "clients": args.clients,
+            "updates": args.updates or {label(p): default_updates(p) for p in sizes},
             "strategy": "fedasync (polynomial staleness), every version kept",
             "base_version": "update j names max(0, j - clients) relative to the phase's start",
             "dp": DP, "epsilon_cap": EPSILON_CAP, "tiny": args.tiny,
@@ -618,7 +619,7 @@ def summary(results: dict[str, Any]) -> str:
                      f"{r['end_to_end']['mb_per_s']:8.1f} {r['ratio']:6.2f}"
                      + ("" if r["goal_met"] is None else ("  ok" if r["goal_met"] else "  BELOW GOAL")))
     for m in results["memory"]:
-        lines.append(f"peak memory ({m['database']}, {label(m['parameters'])}): +{m['increase_bytes'] / 1e6:.0f} MB "
+        lines.append(f"peak memory ({m['database']}, {m['size']}): +{m['increase_bytes'] / 1e6:.0f} MB "
                      f"= {m['ratio_to_update']:.2f}x the update" + ("  ok" if m["goal_met"] else "  ABOVE GOAL"))
     lines.append(f"wall time {results['wall_seconds']:.0f} s")
     return "\n".join(lines)

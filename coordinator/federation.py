@@ -213,7 +213,7 @@ def version_state(session: Session, federation_id: int, version: int) -> Version
 # --------------------------------------------------------------------------- blob I/O
 
 #: Bytes per slice when a blob moves between the database and memory.
-_BLOB_SLICE = 16 << 20
+_BLOB_SLICE = 4 << 20
 
 
 def _blob_length():

@@ -142,7 +142,7 @@ def _with_time(outcome: Outcome, seconds: float) -> Outcome:
 # Elements per slice when a strategy's result is written into the stored buffer: the
 # scratch memory of a fold is one slice, whatever the model's size. A multiple of any
 # SIMD width, so each element is computed exactly as on the whole tensor.
-_SLICE = 1 << 20
+_SLICE = 1 << 18
 
 
 def _fold_into(

@@ -1,7 +1,7 @@
 """Named tensors <-> safetensors bytes, and the model schema they must fit.
 
 Tensors cross every boundary as safetensors: a JSON header plus raw little-endian
-buffers, parsed without executing anything (unlike pickle or ``torch.load``).
+buffers, parsed without executing anything (unlike ``torch.load`` of a checkpoint).
 A :class:`Schema` is the ordered list of (name, shape, dtype) that every model
 version and every update of a federation shares; its digest pins it in headers.
 """

@@ -1,0 +1,81 @@
+"""benchmarks/ingest.py at tiny size, so the script cannot rot (not a timed test).
+
+Runs the script's own ``main`` with ``--tiny`` into ``tmp_path``: a real coordinator
+(in-process floor, then a ``fedsilo-coordinator serve`` subprocess fed over loopback
+HTTP), on SQLite and, when a server answers, PostgreSQL. The script raises if any
+update is not accepted; here we check what a reader of the results relies on: finite
+figures for both phases, their ratio, the peak-memory entry, and the plot.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import math
+import sys
+from pathlib import Path
+from types import ModuleType
+
+import pytest
+
+SCRIPT = Path(__file__).resolve().parents[2] / "benchmarks" / "ingest.py"
+
+pytestmark = pytest.mark.slow
+
+
+def _load_script() -> ModuleType:
+    # benchmarks/ is a folder of scripts, not a package: load the file itself.
+    spec = importlib.util.spec_from_file_location("bench_ingest", SCRIPT)
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses look their module up by name
+    try:
+        spec.loader.exec_module(module)
+    except BaseException:
+        sys.modules.pop(spec.name, None)
+        raise
+    return module
+
+
+def _finite(x: object) -> bool:
+    return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)
+
+
+@pytest.fixture(params=["sqlite", pytest.param("postgres", marks=pytest.mark.postgres)])
+def database(request: pytest.FixtureRequest) -> str:
+    if request.param == "postgres":
+        request.getfixturevalue("postgres_server_url")  # skips (or fails under CI) without a server
+    return request.param
+
+
+def test_tiny_run_reports_finite_figures_and_a_plot(database: str, tmp_path: Path) -> None:
+    bench = _load_script()
+    try:
+        status = bench.main(["--tiny", "--quiet", "--out", str(tmp_path), "--databases", database,
+                             "--memory-databases", database])
+    finally:
+        sys.modules.pop("bench_ingest", None)
+    assert status == 0
+    data = json.loads((tmp_path / "ingest.json").read_text())
+
+    assert data["skipped"] == []
+    (row,) = data["throughput"]
+    assert row["database"] == database and row["parameters"] > 0 and row["envelope_bytes"] > 0
+    for phase in ("floor", "end_to_end"):
+        figures = row[phase]
+        assert figures["updates"] == data["config"]["updates"], phase
+        for key in ("seconds", "updates_per_s", "mb_per_s"):
+            assert _finite(figures[key]) and figures[key] > 0, (phase, key)
+    assert row["ratio"] == pytest.approx(row["end_to_end"]["updates_per_s"] / row["floor"]["updates_per_s"])
+    assert row["goal"] is None and row["goal_met"] is None  # the goal is for 1M parameters and up
+
+    (memory,) = data["memory"]
+    assert memory["database"] == database and memory["envelope_bytes"] > 0
+    for key in ("rss_before_bytes", "peak_rss_bytes", "increase_bytes", "ratio_to_update", "seconds"):
+        assert _finite(memory[key]), key
+    assert memory["peak_rss_bytes"] >= memory["rss_before_bytes"]
+    assert memory["goal_met"] == (memory["ratio_to_update"] <= memory["goal"])
+
+    assert data["machine"]["cpu_count"] >= 1 and data["machine"]["torch"]
+    png = tmp_path / "ingest.png"
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
