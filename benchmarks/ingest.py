@@ -193,11 +193,16 @@ class Silo:
         return seal_update(header, payload, recipient=self.coordinator.hpke_key, signer=self.identity.signing)
 
 
+#: The staleness bound: far above what ``--clients`` in flight produce, so nothing is refused.
+MAX_STALENESS = 64
+PROFILE_FORMAT = "svg"
+
+
 def init_coordinator(data_dir: Path, database_url: str, params: int) -> int:
     """``fedsilo-coordinator init`` (in-process): FedAsync, every version kept; returns #params."""
     result = bootstrap.initialize(
         data_dir, task="csv", task_options=task_options(params), database_url=database_url,
-        name="ingest-benchmark", strategy="fedasync", settings={"max_staleness": 64},
+        name="ingest-benchmark", strategy="fedasync", settings={"max_staleness": MAX_STALENESS},
     )
     return result.parameters
 
@@ -367,8 +372,10 @@ def profiling(pid: int, path: Path | None) -> Iterator[None]:
     spy = shutil.which("py-spy", path=str(Path(sys.executable).parent)) or shutil.which("py-spy")
     if spy is None:
         raise RuntimeError("py-spy is not installed (pip install -e '.[bench]')")
+    fmt = "raw" if path.suffix == ".txt" else "flamegraph"  # raw: collapsed stacks, one per line
     proc = subprocess.Popen([spy, "record", "--pid", str(pid), "--output", str(path), "--rate", "200",
-                             "--threads", "--nonblocking"], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+                             "--threads", "--nonblocking", "--format", fmt],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     time.sleep(1.0)  # let it attach
     try:
         yield
@@ -406,7 +413,7 @@ def measure(kind: str, params: int, updates: int, clients: int, work: Path,
         del floor_env
         log(f"    floor       {updates / floor_s:8.2f} updates/s")
         with serving(data_dir) as (base_url, proc):
-            prof = profile_dir / f"ingest-{kind}-{label(params)}.svg" if profile_dir else None
+            prof = profile_dir / f"ingest-{kind}-{label(params)}.{PROFILE_FORMAT}" if profile_dir else None
             with profiling(proc.pid, prof):
                 e2e_s = run_end_to_end(base_url, e2e_env, clients)
         log(f"    end-to-end  {updates / e2e_s:8.2f} updates/s")
@@ -535,8 +542,11 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--memory-params", default="100M", help="model size of the peak-memory update ('0' skips it)")
     p.add_argument("--memory-databases", type=lambda s: [x for x in s.split(",") if x], default=["sqlite", "postgres"],
                    help="databases for the peak-memory run (default: sqlite,postgres)")
+    p.add_argument("--max-staleness", type=int, default=MAX_STALENESS, help=argparse.SUPPRESS)
     p.add_argument("--tiny", action="store_true", help="a few small updates, for the test")
-    p.add_argument("--profile", action="store_true", help="py-spy flame graphs of serve during (b), into --out")
+    p.add_argument("--profile", nargs="?", const="svg", choices=("svg", "txt"),
+                   help="py-spy profile of serve during (b), into --out: svg (flame graph, default) "
+                        "or txt (collapsed stacks)")
     p.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results")
     p.add_argument("--workdir", type=Path, help="keep data directories and serve logs here (a new directory)")
     p.add_argument("--quiet", action="store_true")
@@ -550,6 +560,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         args.updates = args.updates or TINY["updates"]
         args.memory_params = TINY["memory_params"]
     sizes = [parse_count(s) for s in args.sizes]
+    global MAX_STALENESS, PROFILE_FORMAT
+    MAX_STALENESS = args.max_staleness
+    PROFILE_FORMAT = args.profile or "svg"
     unknown = ({*args.databases, *args.memory_databases}) - set(DEFAULT_DATABASES)
     if unknown:
         raise SystemExit(f"unknown database(s) {sorted(unknown)}; choose from {', '.join(DEFAULT_DATABASES)}")

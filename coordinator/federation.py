@@ -145,7 +145,7 @@ def write_version(
     now: datetime,
     actor: str = "system",
     details: Mapping[str, Any] | None = None,
-    blob: bytes | bytearray | None = None,
+    blob: bytes | memoryview | None = None,
 ) -> tuple[ModelVersion, audit.AuditEvent]:
     """Store ``tensors`` as version ``fed.current_version + 1`` (0 for the first), make it
     current, and append the ``version_created`` entry. Call with the federation locked.
@@ -156,7 +156,7 @@ def write_version(
     version = 0 if parent is None else fed.current_version + 1
     if blob is None:
         blob = codec.encode(tensors)
-    streamed = _is_sqlite(session) and len(blob) > _BLOB_SLICE
+    streamed = _is_sqlite(session) and len(blob) >= _STREAM_MIN
     row = ModelVersion(
         federation_id=fed.id,
         version=version,
@@ -214,6 +214,11 @@ def version_state(session: Session, federation_id: int, version: int) -> Version
 
 #: Bytes per slice when a blob moves between the database and memory.
 _BLOB_SLICE = 4 << 20
+#: From this size on, SQLite gets a blob as zeros plus incremental writes instead of a
+#: bound parameter: pysqlite keeps a bound value alive in its statement cache (one
+#: copy per pooled connection, until that statement runs again). Smaller blobs are
+#: bound: zeros-then-data writes every page twice.
+_STREAM_MIN = 64 << 20
 
 
 def _blob_length():
@@ -236,7 +241,7 @@ def _sqlite_connection(session: Session):
     return session.connection().connection.driver_connection
 
 
-def _write_sqlite_blob(session: Session, federation_id: int, version: int, blob: bytes | bytearray) -> None:
+def _write_sqlite_blob(session: Session, federation_id: int, version: int, blob: bytes | bytearray | memoryview) -> None:
     rowid = session.scalar(select(literal_column("rowid")).select_from(ModelVersion).where(*_where(federation_id, version)))
     view = memoryview(blob)
     with _sqlite_connection(session).blobopen("model_versions", "blob", rowid) as out:
@@ -244,7 +249,7 @@ def _write_sqlite_blob(session: Session, federation_id: int, version: int, blob:
             out.write(view[start : start + _BLOB_SLICE])
 
 
-def read_blob(session: Session, federation_id: int, version: int) -> bytearray | None:
+def read_blob(session: Session, federation_id: int, version: int) -> memoryview | None:
     """The stored weights of ``version`` (None if it does not exist or was pruned).
 
     Read in slices into one buffer, so the peak is the blob itself, not two or three
@@ -258,17 +263,16 @@ def read_blob(session: Session, federation_id: int, version: int) -> bytearray |
         if found is None or found[1] is None:
             return None
         rowid, size = found
-        buf = bytearray(size)
-        view = memoryview(buf)
+        buf = codec.empty_buffer(size)
         with _sqlite_connection(session).blobopen("model_versions", "blob", rowid, readonly=True) as src:
             for start in range(0, size, _BLOB_SLICE):
                 chunk = src.read(_BLOB_SLICE)
-                view[start : start + len(chunk)] = chunk
+                buf[start : start + len(chunk)] = chunk
         return buf
     size = session.scalar(select(_blob_length()).where(*where))
     if size is None:
         return None
-    buf = bytearray(size)
+    buf = codec.empty_buffer(size)
     for start in range(0, size, _BLOB_SLICE):
         # substring() of an uncompressed TOASTed value fetches only the chunks it needs.
         chunk = session.scalar(
@@ -374,7 +378,7 @@ class ModelCache:
         self.put(version, key[1], tensors)
         return tensors
 
-    def checkout(self, session: Session, federation_id: int, version: int) -> tuple[Tensors, bytearray | None] | None:
+    def checkout(self, session: Session, federation_id: int, version: int) -> tuple[Tensors, memoryview | None] | None:
         """Like :meth:`weights`, for a fold that will write a new version.
 
         On a miss the version is loaded but *not* cached, and returned with the buffer
@@ -395,7 +399,7 @@ class ModelCache:
         return None if loaded is None else loaded
 
     def _load(self, session: Session, federation_id: int, version: int,
-              digest: str) -> tuple[Tensors, bytearray | None] | None:
+              digest: str) -> tuple[Tensors, memoryview | None] | None:
         blob = read_blob(session, federation_id, version)
         if blob is None:
             return None  # pruned between the two reads
@@ -415,7 +419,7 @@ class ModelCache:
                 del self._entries[oldest], self._sizes[oldest]
 
 
-def _decode_stored(session: Session, federation_id: int, blob: bytearray) -> tuple[Tensors, bytearray | None]:
+def _decode_stored(session: Session, federation_id: int, blob: memoryview) -> tuple[Tensors, memoryview | None]:
     """Tensors of a stored, digest-checked blob, and the buffer they are views of.
 
     Views when the blob has the schema's layout (every blob ``safetensors.save`` or a

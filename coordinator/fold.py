@@ -27,6 +27,7 @@ tensor by tensor as soon as it has been folded in.
 from __future__ import annotations
 
 import json
+import math
 import threading
 import time
 import weakref
@@ -118,17 +119,20 @@ def commit(ctx: Coordinator, p: Prepared) -> Outcome:
     """Fold ``p`` in one transaction under the federation lock; raise IngestRejected on refusal."""
     started = time.perf_counter()
     error = None
-    with _process_lock(ctx.engine), ctx.transaction() as s:
-        fed = db.lock_federation(s, ctx.federation_id)
-        now = ctx.clock()  # read under the lock, so times follow the order of the chain
-        try:
-            folded = _fold_locked(ctx, s, fed, p, now)
-        except Refusal as refusal:
-            error = rejections.record(s, ctx.identity, ctx.federation_id, p.evidence, refusal, now)
+    with _process_lock(ctx.engine):
+        with ctx.transaction() as s:
+            fed = db.lock_federation(s, ctx.federation_id)
+            now = ctx.clock()  # read under the lock, so times follow the order of the chain
+            try:
+                folded = _fold_locked(ctx, s, fed, p, now)
+            except Refusal as refusal:
+                error = rejections.record(s, ctx.identity, ctx.federation_id, p.evidence, refusal, now)
+        # Committed: cache the new version before the next fold of this process looks
+        # for it (else it would read back from the database what is in memory here).
+        if error is None and folded.new_version is not None:
+            ctx.cache.put(*folded.new_version)
     if error is not None:
         raise error
-    if folded.new_version is not None:
-        ctx.cache.put(*folded.new_version)
     outcome = folded.outcome
     if not outcome.resend:
         outcome = _with_time(outcome, time.perf_counter() - started)
@@ -181,6 +185,8 @@ def _check_norm(settings: StrategySettings, p: Prepared) -> None:
     """
     if p.norm is None:
         check_update_norm(settings, p.delta)
+    elif not math.isfinite(p.norm):  # finite values whose squares overflow (float64)
+        raise StrategyError(StrategyReason.NORM_EXCEEDED, "update has a non-finite norm")
     elif settings.max_update_norm is not None and p.norm > settings.max_update_norm:
         raise StrategyError(
             StrategyReason.NORM_EXCEEDED,
@@ -234,10 +240,10 @@ def _fold_locked(ctx: Coordinator, s: Session, fed: Federation, p: Prepared, now
     # version's own buffer when this fold owns it, else a fresh one.
     layout = codec.Schema.from_json(fed.schema).layout()
     new: dict[str, torch.Tensor] | None = None
-    blob: bytearray | None = None
+    blob: memoryview | None = None
     members = [h.update_id]
 
-    def output() -> tuple[bytearray, dict[str, torch.Tensor]]:
+    def output() -> tuple[memoryview, dict[str, torch.Tensor]]:
         if owned is not None:
             return owned, current
         fresh = layout.allocate()

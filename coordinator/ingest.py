@@ -55,31 +55,19 @@ async def read_envelope(ctx: Coordinator, chunks: AsyncIterator[bytes], declared
     """Read the request body, refusing (``too_large``) as soon as it passes the limit.
 
     A declared Content-Length over the limit is refused before a byte is read; a body
-    without one (chunked) is read only up to the limit. The body is received into one
-    buffer (sized by Content-Length when there is one): never a list of chunks plus
-    their join, which would hold the envelope twice.
+    without one (chunked) is read only up to the limit. Chunks are appended to one
+    buffer as they arrive -- never a list of chunks plus their join, which would hold
+    the envelope twice -- and the buffer is not pre-sized: zero-filling it would be
+    one more pass over the envelope on the event loop (appending grows it in place).
     """
     limit = ctx.config.max_update_bytes
-    declared = int(declared_length) if declared_length is not None and declared_length.isdigit() else None
-    if declared is not None and declared > limit:
-        await _too_large(ctx, declared, limit)
-    body = bytearray(declared or 0)  # zero pages until written
-    view = memoryview(body)
-    size = 0
+    if declared_length is not None and declared_length.isdigit() and int(declared_length) > limit:
+        await _too_large(ctx, int(declared_length), limit)
+    body = bytearray()
     async for chunk in chunks:
-        end = size + len(chunk)
-        if end > limit:
-            view.release()
-            await _too_large(ctx, end, limit)
-        if end <= len(view):
-            view[size:end] = chunk
-        else:  # longer than declared, or no Content-Length: grow
-            view.release()
-            body[size:] = chunk
-            view = memoryview(body)
-        size = end
-    view.release()
-    del body[size:]  # shorter than declared (the server refuses that first, normally)
+        if len(body) + len(chunk) > limit:
+            await _too_large(ctx, len(body) + len(chunk), limit)
+        body += chunk
     return body
 
 
@@ -140,8 +128,8 @@ def check(ctx: Coordinator, body: bytes | bytearray, received_at: datetime) -> P
 def _release(body: bytes | bytearray, sealed: SealedUpdate) -> None:
     """Free the envelope's buffer once its payload is decrypted (nothing reads it after)."""
     if isinstance(body, bytearray):
-        sealed.sealed.release()  # the one view into it that outlives parse_update
         try:
+            sealed.sealed.release()  # the one view into it that outlives parse_update
             body.clear()
         except BufferError:  # another view still exists: the memory is freed later
             pass

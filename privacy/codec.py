@@ -17,6 +17,7 @@ import sys
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 from safetensors import SafetensorError
 from safetensors.torch import load as _st_load
@@ -84,6 +85,15 @@ _ST_RANK = {name: rank for rank, name in enumerate(_ST_NAMES)}
 _NORM_CHUNK = 1 << 18
 
 
+def empty_buffer(size: int) -> memoryview:
+    """A writable buffer of ``size`` uninitialized bytes (``bytearray(size)`` zero-fills it).
+
+    For buffers that are written in full right away: a blob read from the database,
+    a model computed into a :class:`Layout`.
+    """
+    return memoryview(np.empty(size, dtype=np.uint8))
+
+
 @dataclass(frozen=True)
 class Layout:
     """Where ``safetensors.save`` puts each tensor of a schema: the same bytes, known in advance.
@@ -120,9 +130,10 @@ class Layout:
         )
         return cls(header, slots, base + offset)
 
-    def allocate(self) -> bytearray:
-        """A zeroed safetensors buffer of this layout (pages are touched only when written)."""
-        buf = bytearray(self.size)
+    def allocate(self) -> memoryview:
+        """A safetensors buffer of this layout: the header, then *uninitialized* tensor
+        bytes -- the caller writes every tensor (zero-filling would be a wasted pass)."""
+        buf = empty_buffer(self.size)
         buf[: len(self.header)] = self.header
         return buf
 
