@@ -97,6 +97,7 @@ class StrategySpec:
     kind: str
     settings: StrategySettings | None = None  # fedasync / fedbuff
     cohort: int | None = None  # fedavg: silos per round; None = all
+    lr: float | None = None  # the silos' local learning rate under this strategy; None = config's
 
     def to_dict(self) -> dict[str, Any]:
         out: dict[str, Any] = {"key": self.key, "label": self.label, "kind": self.kind}
@@ -108,6 +109,7 @@ class StrategySpec:
             out["settings"] = {k: getattr(s, k) for k in keep}
         if self.kind == "fedavg":
             out["cohort"] = self.cohort
+        out["local_lr"] = self.lr
         return out
 
 
@@ -300,7 +302,7 @@ class Simulator:
     def duration(self, silo: int, rng: np.random.Generator) -> float:
         return self.fed.silos[silo].speed * float(np.exp(self.cfg.jitter * rng.standard_normal()))
 
-    def train(self, silo: int, base: Tensors, round_no: int, sigma: float) -> Tensors:
+    def train(self, silo: int, base: Tensors, round_no: int, sigma: float, lr: float | None = None) -> Tensors:
         """A real local round from ``base``; returns ``trained - base``.
 
         ``sigma > 0``: DP-SGD through ``privacy.dp.train_dp`` (what a silo runs).
@@ -309,7 +311,7 @@ class Simulator:
         model = self.fed.task.build_model(0)
         model.load_state_dict(base)
         data = self.fed.silos[silo].data
-        lt = self.cfg.local
+        lt = self.cfg.local if lr is None else dataclasses.replace(self.cfg.local, lr=lr)
         seed = int(np.random.SeedSequence([self.cfg.seed, silo, round_no]).generate_state(1)[0])
         if sigma == 0:
             trained = plain_sgd(model, data, lt, seed)
@@ -393,7 +395,7 @@ class Simulator:
                 break
             models, weights = [], []
             for i in cohort:
-                delta = self.train(i, state, rounds[i], sigmas[i])
+                delta = self.train(i, state, rounds[i], sigmas[i], spec.lr)
                 models.append({k: state[k] + d for k, d in delta.items()})
                 weights.append(len(self.fed.silos[i].data))
                 rounds[i] += 1
@@ -435,7 +437,7 @@ class Simulator:
             if arrival > budget:
                 return  # would arrive after the run ends: not trained, not counted
             # Training at the start is exact: the update depends only on the base model.
-            delta = self.train(i, state, rounds[i], sigmas[i])
+            delta = self.train(i, state, rounds[i], sigmas[i], spec.lr)
             rounds[i] += 1
             run.trained += 1
             run.starts[i].append(t)
