@@ -8,7 +8,7 @@ PIP    := $(PY) -m pip install --disable-pip-version-check -q $(FIND_LINKS) -c c
 ARGS   ?=
 PYTEST_ARGS ?=
 
-.PHONY: demo test venv clean bench
+.PHONY: demo test venv clean bench bench-ingest bench-async bench-privacy
 
 venv: $(VENV)/.installed
 
@@ -24,9 +24,17 @@ demo: venv
 test: venv
 	$(PY) -m pytest $(PYTEST_ARGS)
 
-bench: venv
-	$(PY) benchmarks/ingest.py
-	$(PY) benchmarks/async_vs_sync.py
+# Each regenerates its committed results in benchmarks/results/ (see docs/benchmarks.md).
+bench: bench-ingest bench-async bench-privacy
+
+bench-ingest: venv
+	$(PY) benchmarks/ingest.py $(ARGS)
+
+bench-async: venv
+	$(PY) benchmarks/async_vs_sync.py $(ARGS)
+
+bench-privacy: venv
+	$(PY) benchmarks/privacy_accuracy.py $(ARGS)
 
 clean:
 	rm -rf $(VENV) build *.egg-info

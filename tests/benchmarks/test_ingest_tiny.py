@@ -9,36 +9,14 @@ figures for both phases, their ratio, the peak-memory entry, and the plot.
 
 from __future__ import annotations
 
-import importlib.util
 import json
-import math
-import sys
 from pathlib import Path
-from types import ModuleType
 
 import pytest
 
-SCRIPT = Path(__file__).resolve().parents[2] / "benchmarks" / "ingest.py"
+from tests.support.benchmarks import PNG_MAGIC, benchmark_script, finite
 
 pytestmark = pytest.mark.slow
-
-
-def _load_script() -> ModuleType:
-    # benchmarks/ is a folder of scripts, not a package: load the file itself.
-    spec = importlib.util.spec_from_file_location("bench_ingest", SCRIPT)
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # dataclasses look their module up by name
-    try:
-        spec.loader.exec_module(module)
-    except BaseException:
-        sys.modules.pop(spec.name, None)
-        raise
-    return module
-
-
-def _finite(x: object) -> bool:
-    return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)
 
 
 @pytest.fixture(params=["sqlite", pytest.param("postgres", marks=pytest.mark.postgres)])
@@ -49,12 +27,9 @@ def database(request: pytest.FixtureRequest) -> str:
 
 
 def test_tiny_run_reports_finite_figures_and_a_plot(database: str, tmp_path: Path) -> None:
-    bench = _load_script()
-    try:
+    with benchmark_script("ingest.py") as bench:
         status = bench.main(["--tiny", "--quiet", "--out", str(tmp_path), "--databases", database,
                              "--memory-databases", database])
-    finally:
-        sys.modules.pop("bench_ingest", None)
     assert status == 0
     data = json.loads((tmp_path / "ingest.json").read_text())
 
@@ -65,17 +40,17 @@ def test_tiny_run_reports_finite_figures_and_a_plot(database: str, tmp_path: Pat
         figures = row[phase]
         assert figures["updates"] == data["config"]["updates"], phase
         for key in ("seconds", "updates_per_s", "mb_per_s"):
-            assert _finite(figures[key]) and figures[key] > 0, (phase, key)
+            assert finite(figures[key]) and figures[key] > 0, (phase, key)
     assert row["ratio"] == pytest.approx(row["end_to_end"]["updates_per_s"] / row["floor"]["updates_per_s"])
     assert row["goal"] is None and row["goal_met"] is None  # the goal is for 1M parameters and up
 
     (memory,) = data["memory"]
     assert memory["database"] == database and memory["envelope_bytes"] > 0
     for key in ("rss_before_bytes", "peak_rss_bytes", "increase_bytes", "ratio_to_update", "seconds"):
-        assert _finite(memory[key]), key
+        assert finite(memory[key]), key
     assert memory["peak_rss_bytes"] >= memory["rss_before_bytes"]
     assert memory["goal_met"] == (memory["ratio_to_update"] <= memory["goal"])
 
     assert data["machine"]["cpu_count"] >= 1 and data["machine"]["torch"]
     png = tmp_path / "ingest.png"
-    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert png.read_bytes()[:8] == PNG_MAGIC
