@@ -164,12 +164,13 @@ class ModelVersion(Base):
     version: Mapped[int] = mapped_column(primary_key=True, autoincrement=False)
     digest: Mapped[str] = mapped_column(Hash)  # SHA-256 of the safetensors blob
     size: Mapped[int] = mapped_column(BigInt)
-    blob: Mapped[bytes | None] = mapped_column(LargeBinary)
     parent_version: Mapped[int | None]
     produced_by_update: Mapped[str | None] = mapped_column(ForeignKey("updates.id"))
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
     # Evaluation figures silos reported about this version: {silo_id: {...}}.
     metrics: Mapped[dict[str, Any]] = mapped_column(default=dict)
+    # Last: SQLite keeps a zeroblob lazy only in the row's last column (migration 0002).
+    blob: Mapped[bytes | None] = mapped_column(LargeBinary)
 
     federation: Mapped[Federation] = relationship()
     update: Mapped[Update | None] = relationship()

@@ -46,7 +46,7 @@ def test_upgrade_downgrade_upgrade(db_url: str) -> None:
     try:
         assert current_revision(engine) is None
         upgrade(db_url)
-        assert current_revision(engine) == head_revision() == "0001"
+        assert current_revision(engine) == head_revision() == "0002"
         assert APP_TABLES <= _tables(engine)
         with transaction(engine) as s:
             assert audit.get_head(s) == (0, audit.GENESIS_HASH)
@@ -63,7 +63,7 @@ def test_upgrade_downgrade_upgrade(db_url: str) -> None:
 
         upgrade(db_url)
         upgrade(db_url)  # at head: nothing to do
-        assert current_revision(engine) == "0001"
+        assert current_revision(engine) == "0002"
         with transaction(engine) as s:
             assert audit.get_head(s) == (0, audit.GENESIS_HASH)
     finally:
@@ -121,7 +121,7 @@ def test_concurrent_upgrades_from_several_processes(db_url: str) -> None:
     assert [p.returncode for p in procs] == [0, 0, 0], errors
     engine = make_engine(db_url)
     try:
-        assert current_revision(engine) == "0001"
+        assert current_revision(engine) == "0002"
         with transaction(engine) as s:
             assert audit.get_head(s) == (0, audit.GENESIS_HASH)
     finally:
@@ -140,7 +140,7 @@ def test_packaged_alembic_ini_works_from_any_directory(sqlite_url: str, tmp_path
     )
     engine = make_engine(sqlite_url)
     try:
-        assert current_revision(engine) == "0001"
+        assert current_revision(engine) == "0002"
     finally:
         engine.dispose()
 
@@ -155,3 +155,31 @@ def test_offline_sql_script(url: str, monkeypatch: pytest.MonkeyPatch) -> None:
     assert "CREATE TABLE audit_events" in script
     assert "audit_events is append-only" in script
     assert "INSERT INTO audit_head" in script
+
+
+def test_sqlite_keeps_the_model_blob_last_and_its_rows(sqlite_url: str) -> None:
+    # Migration 0002: SQLite keeps a zeroblob lazy only in a row's last column, so
+    # large versions are written without SQLite's own model-sized copies. Existing
+    # rows survive the table's rebuild, blobs included.
+    upgrade(sqlite_url, "0001")
+    engine = make_engine(sqlite_url)
+    try:
+        with engine.begin() as conn:
+            conn.exec_driver_sql(
+                "INSERT INTO federations (id, name, task_name, task_options, schema, schema_digest, settings, "
+                "current_version, buffer_count, buffer_updates, created_at) VALUES "
+                "(1, 'f', 't', '{}', '{}', 'd', '{}', 0, 0, '[]', '2026-11-21 10:00:00')"
+            )
+            conn.exec_driver_sql(
+                "INSERT INTO model_versions (federation_id, version, digest, size, blob, created_at, metrics) "
+                "VALUES (1, 0, 'd', 3, x'010203', '2026-11-21 10:00:00', '{}')"
+            )
+        upgrade(sqlite_url)
+        columns = [c["name"] for c in sa.inspect(engine).get_columns("model_versions")]
+        assert columns[-1] == "blob"
+        with engine.connect() as conn:
+            assert conn.exec_driver_sql("SELECT version, size, blob FROM model_versions").one() == (0, 3, b"\x01\x02\x03")
+        downgrade(sqlite_url, "0001")
+        assert [c["name"] for c in sa.inspect(engine).get_columns("model_versions")][4] == "blob"
+    finally:
+        engine.dispose()
