@@ -21,7 +21,7 @@ from silo_node.config import ConfigError, ConfigReason, SiloConfig, TrainingWind
 from silo_node.ledger import Ledger, Receipt
 from silo_node.partition import write_partitions
 
-from .test_client import FakeCoordinator
+from tests.support.fake_coordinator import FakeCoordinator
 
 URL = "https://coordinator.example"
 

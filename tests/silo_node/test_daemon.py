@@ -23,7 +23,7 @@ from silo_node.daemon import Outcome
 from silo_node.ledger import DPRun, Ledger
 from silo_node.trainer import BudgetExhausted, plan_round, schedule
 
-from .test_client import FakeCoordinator
+from tests.support.fake_coordinator import FakeCoordinator
 
 URL = "https://coordinator.example"
 FAST = {"pause_seconds": 0.0, "jitter_seconds": 0.0, "epochs": 1, "batch_size": 64, "lr": 0.1,
