@@ -25,8 +25,9 @@ just before the POST and read (``VmHWM``) after the reply; the increase over the
 before is reported relative to the update's size. The process starts cold (no model
 cached), as after a restart. Goal: <= 3x the update size.
 
-Run: ``python benchmarks/ingest.py`` (a few minutes on 2 cores); results go to
-``benchmarks/results/ingest.json`` and ``ingest.png``. PostgreSQL comes from
+Run: ``make bench-ingest`` or ``.venv/bin/python benchmarks/ingest.py`` (about 5 minutes
+on 2 cores); results go to ``benchmarks/results/ingest.json`` and ``ingest.png``.
+PostgreSQL comes from
 ``FEDSILO_TEST_POSTGRES_URL`` (default ``postgresql+psycopg://postgres@127.0.0.1:5432/test``);
 a throwaway database is created and dropped for every run, and PostgreSQL is skipped
 (with the reason recorded) when no server answers. ``--tiny`` is for the test.
