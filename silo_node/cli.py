@@ -1,8 +1,8 @@
 """``fedsilo-silo``: enrol a silo, run its daemon, show its status, export its ledger.
 
-Each command parses its options and calls one function (:func:`init_silo`,
-:func:`run_silo`, :func:`silo_status`, :func:`export_ledger`) that tests call
-directly. A user error prints one line, ``error: ...``, and exits 1; a refused model
+Each command parses its options and calls one function of :mod:`silo_node.commands`
+(``init_silo``, ``run_silo``, ``silo_status``, ``export_ledger``; re-exported here),
+which tests call directly. A user error prints one line, ``error: ...``, and exits 1; a refused model
 release or receipt exits 3; nothing prints a traceback unless ``--debug`` is given.
 """
 
@@ -10,37 +10,25 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import fcntl
 import json
 import logging
 import os
-import secrets
 import sys
 import threading
 import warnings
-from collections.abc import Callable, Iterator, Mapping, Sequence
-from dataclasses import dataclass
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, TextIO
+from typing import Any
 
 from privacy.errors import PrivacyError
-from privacy.keys import Identity
 
-from .client import ClientError, ClientReason, Enrolment as EnrolAnswer, RetryPolicy, SiloClient, Untrusted
-from .config import (
-    ENV_PREFIX,
-    ConfigError,
-    ConfigReason,
-    Enrolment,
-    NetworkOptions,
-    SiloConfig,
-    TrainingOptions,
-)
-from .ledger import Ledger, LedgerError
+from .client import ClientError, Untrusted
+from .commands import InitResult, export_ledger, init_silo, run_silo, silo_status
+from .config import ENV_PREFIX, ConfigError
+from .ledger import LedgerError
 
 __all__ = ["InitResult", "export_ledger", "init_silo", "main", "run_silo", "silo_status"]
 
-log = logging.getLogger("fedsilo.silo")
 
 EXIT_OK, EXIT_ERROR, EXIT_USAGE, EXIT_REFUSED = 0, 1, 2, 3
 #: Test-only: make `run` SIGKILL itself at a crash point (see daemon.CRASH_POINTS).
@@ -60,302 +48,6 @@ def _user_errors() -> tuple[type[BaseException], ...]:
 
 def _message(exc: BaseException) -> str:
     return getattr(exc, "message", None) or str(exc) or type(exc).__name__
-
-
-# --------------------------------------------------------------------------- init
-
-
-@dataclass(frozen=True)
-class InitResult:
-    config: SiloConfig
-    fingerprints: dict[str, str]  # the pinned coordinator keys, for out-of-band comparison
-    enrolled: bool  # False when an existing silo only re-pointed its data
-    num_samples: int
-    data_error: str | None = None  # set when the data does not fit (init then exits non-zero)
-
-
-class DataRefused(ConfigError):
-    """The silo's data does not fit the federation's model."""
-
-
-def _network(config_network: NetworkOptions) -> dict[str, Any]:
-    return {
-        "ca_bundle": config_network.ca_bundle or None,
-        "proxy": config_network.proxy or None,
-        "timeout": config_network.timeout_seconds,
-        "retry": RetryPolicy(max_attempts=config_network.max_attempts,
-                             max_elapsed=config_network.max_retry_seconds),
-    }
-
-
-def load_checked(config: SiloConfig):
-    """Build the task, check it against the pinned schema, load and split the data.
-
-    Returns ``(task, LocalData)``. Raises DataRefused (with the task's explanation)
-    when the task cannot be built here or the data does not fit the federation's model.
-    """
-    from privacy.codec import Schema
-
-    from .tasks import TaskError, get_task
-    from .trainer import load_local_data
-
-    enrol = config.enrolment
-    try:
-        task = get_task(enrol.task_name, enrol.task_options, allowed_custom=config.allowed_tasks)
-        pinned = Schema.from_json(enrol.schema)
-        ours = Schema.of(task.build_model().state_dict())
-    except TaskError as exc:
-        raise DataRefused(ConfigReason.INVALID, f"cannot build the federation's task: {exc.message}") from None
-    if pinned.digest != enrol.schema_digest or ours.digest != pinned.digest:
-        raise DataRefused(
-            ConfigReason.INVALID,
-            f"this silo builds task {enrol.task_name!r} with a different model schema than the federation's; "
-            "upgrade fedsilo-silo to the coordinator's version",
-        )
-    try:
-        data = load_local_data(task, config.data_source, config.target, config.training)
-    except TaskError as exc:
-        raise DataRefused(ConfigReason.INVALID, exc.message) from None
-    return task, data
-
-
-def check_data(config: SiloConfig) -> int:
-    """:func:`load_checked`, returning only the number of training samples."""
-    return load_checked(config)[1].num_samples
-
-
-def init_silo(
-    *,
-    data_dir: Path,
-    coordinator_url: str | None = None,
-    token: str | None = None,
-    data_path: str | None = None,
-    target: str | None = None,
-    name: str | None = None,
-    expected_fingerprint: str | None = None,
-    allowed_tasks: Sequence[str] = (),
-    ca_bundle: str | None = None,
-    proxy: str | None = None,
-    transport: Any = None,
-    environ: Mapping[str, str] | None = None,
-) -> InitResult:
-    """Enrol a new silo in ``data_dir`` (or re-point an enrolled one at other data).
-
-    New silo: generate keys locally (0600), enrol with the one-time ``token``, pin the
-    coordinator's keys (refusing if ``expected_fingerprint`` is given and differs),
-    save ``silo.toml``, then load the data once and check it fits the federation's model.
-    The result's ``data_error`` says why it does not (the enrolment is kept: re-run
-    ``init`` without a token once the data is fixed).
-    """
-    data_dir = Path(data_dir)
-    if SiloConfig.exists(data_dir):
-        config = SiloConfig.load(data_dir, environ={} if environ is None else environ)
-        if token:
-            raise ConfigError(
-                ConfigReason.ALREADY_INITIALISED,
-                f"{data_dir} is already enrolled as silo {config.enrolment.silo_id}; "
-                "to point it at other data, run init again without --token",
-            )
-        changes: dict[str, Any] = {}
-        if data_path is not None:
-            changes["data_path"] = str(Path(data_path).resolve()) if data_path else ""
-        if target is not None:
-            changes["target"] = target
-        config = config.with_(**changes)
-        samples = check_data(config)
-        config.save()
-        return InitResult(config, config.enrolment.fingerprints(), False, samples)
-
-    if not coordinator_url or not token:
-        raise ConfigError(ConfigReason.NOT_INITIALISED, "a new silo needs --coordinator URL and --token TOKEN")
-    network = NetworkOptions(ca_bundle=ca_bundle or "", proxy=proxy or "")
-    identity = Identity.generate()
-    # Keys first: if the answer to enrolment were lost after this, the key that enrolled survives.
-    identity.save(data_dir / "keys")
-    with SiloClient(coordinator_url, transport=transport, **_network(network)) as client:
-        answer = client.enroll(token, identity.public())
-    fingerprints = answer.coordinator.keys.fingerprints()
-    if expected_fingerprint and expected_fingerprint.strip() not in fingerprints.values():
-        raise Untrusted(
-            ClientReason.FINGERPRINT_MISMATCH,
-            f"the coordinator's signing key fingerprint is {fingerprints['signing']}, not "
-            f"{expected_fingerprint.strip()}; nothing was saved. Check the URL and ask the coordinator's operator",
-        )
-    config = SiloConfig(
-        data_dir=data_dir,
-        coordinator_url=coordinator_url,
-        enrolment=_pin(answer),
-        data_path=str(Path(data_path).resolve()) if data_path else "",
-        target=target or "target",
-        label=name or answer.name,
-        allowed_tasks=tuple(allowed_tasks),
-        # Fixed once: the validation rows stay the same across rounds and restarts.
-        training=TrainingOptions(split_seed=secrets.randbelow(2**31)),
-        network=network,
-    )
-    config.save()
-    try:
-        samples = check_data(config)
-    except DataRefused as exc:
-        return InitResult(config, fingerprints, True, 0, data_error=exc.message)
-    return InitResult(config, fingerprints, True, samples)
-
-
-def _pin(answer: EnrolAnswer) -> Enrolment:
-    fed, budget = answer.federation, answer.budget
-    return Enrolment(
-        silo_id=answer.silo_id,
-        name=answer.name,
-        federation=str(fed.get("name", "")),
-        coordinator_signing_key=answer.coordinator.keys.to_json()["signing_key"],
-        coordinator_hpke_key=answer.coordinator.keys.to_json()["hpke_key"],
-        task_name=str(fed["task"]["name"]),
-        task_options=dict(fed["task"].get("options") or {}),
-        schema=list(fed["schema"]),
-        schema_digest=str(fed["schema_digest"]),
-        epsilon_cap=float(budget["epsilon_cap"]),
-        delta=float(budget["delta"]),
-        accountant=str(budget.get("accountant") or "rdp"),
-    )
-
-
-# --------------------------------------------------------------------------- run
-
-
-@contextlib.contextmanager
-def run_lock(config: SiloConfig) -> Iterator[None]:
-    """One daemon per data dir: two would spend the budget twice."""
-    config.data_dir.mkdir(parents=True, exist_ok=True)
-    fd = os.open(config.lock_path, os.O_RDWR | os.O_CREAT, 0o600)
-    try:
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            other = os.read(fd, 32).decode(errors="replace").strip() or "?"
-            raise ConfigError(
-                ConfigReason.INVALID, f"another fedsilo-silo run (pid {other}) is using {config.data_dir}"
-            ) from None
-        os.ftruncate(fd, 0)
-        os.write(fd, f"{os.getpid()}\n".encode())
-        yield
-    finally:
-        os.close(fd)  # closing releases the lock
-
-
-def run_silo(
-    data_dir: Path,
-    *,
-    rounds: int | None = None,
-    overrides: Mapping[str, Any] | None = None,
-    environ: Mapping[str, str] | None = None,
-    stop: threading.Event | None = None,
-    transport: Any = None,
-    crash_at: str | None = None,
-    on_phase: Callable[[str, dict], None] | None = None,
-    **daemon_options: Any,
-):
-    """Run the daemon until ``rounds`` receipts, the budget runs out, or ``stop`` is set.
-
-    Returns a :class:`~silo_node.daemon.RunResult` (its ``exit_code`` is the process's).
-    """
-    # Imported here: torch and Opacus load in seconds; `status` and `ledger` never need them.
-    from .daemon import Daemon
-
-    config = SiloConfig.load(data_dir, environ).with_overrides(overrides or {})
-    if rounds is not None and rounds < 1:
-        raise ConfigError(ConfigReason.INVALID, "--rounds must be at least 1")
-    task, data = load_checked(config)  # refuse data that does not fit before touching the network
-    if config.training.threads:
-        import torch
-
-        torch.set_num_threads(config.training.threads)  # a shared machine: do not take every core
-    enrol = config.enrolment
-    identity = Identity.load(config.keys_dir)
-    stop = stop or threading.Event()
-    from privacy.codec import Schema
-
-    with run_lock(config), Ledger(config.ledger_path) as ledger, SiloClient(
-        config.coordinator_url,
-        silo_id=enrol.silo_id,
-        signer=identity.signing,
-        coordinator_key=enrol.coordinator_keys.signing_key,
-        federation=enrol.federation or None,
-        schema=Schema.from_json(enrol.schema),
-        transport=transport,
-        cancel=stop,
-        **_network(config.network),
-    ) as client:
-        log.info(
-            "silo %s: federation %r at %s, %d training samples, budget epsilon %.4g (delta %g)",
-            enrol.silo_id, enrol.federation, config.coordinator_url, data.num_samples, config.epsilon_cap, enrol.delta,
-        )
-        daemon = Daemon(
-            config, identity, client, ledger, task, data,
-            rounds=rounds, stop=stop, crash_at=crash_at, on_phase=on_phase, **daemon_options,
-        )
-        return daemon.run()
-
-
-# --------------------------------------------------------------------------- status, ledger
-
-
-def silo_status(data_dir: Path, *, remote: bool = False, environ: Mapping[str, str] | None = None,
-                transport: Any = None) -> dict:
-    """Budget spent and remaining, last version, counts -- from the ledger (and the coordinator)."""
-    config = SiloConfig.load(data_dir, environ)
-    enrol = config.enrolment
-    out: dict[str, Any] = {
-        "silo_id": enrol.silo_id,
-        "name": config.label or enrol.name,
-        "federation": enrol.federation,
-        "coordinator_url": config.coordinator_url,
-        "coordinator_fingerprints": enrol.fingerprints(),
-        "task": enrol.task_name,
-        "data": config.data_path or "(bundled data set)",
-        "epsilon_cap": config.epsilon_cap,
-        "epsilon_cap_federation": enrol.epsilon_cap,
-        "epsilon_cap_local": config.local_epsilon_cap,
-        "delta": enrol.delta,
-        "accountant": enrol.accountant,
-    }
-    if config.ledger_path.exists():
-        with Ledger(config.ledger_path, readonly=True) as ledger:
-            summary = ledger.summary()
-        stop = summary.last_stop
-        out.update({
-            "epsilon_spent": summary.epsilon_spent,
-            "last_version": summary.last_version,
-            "last_base_version": summary.last_base_version,
-            "last_update_at": summary.last_update_at,
-            "counts": summary.counts,
-            "pending": summary.pending,
-            "last_stop": None if stop is None else {"at": stop.created_at, "reason": stop.reason, "detail": stop.detail},
-        })
-    else:
-        out.update({"epsilon_spent": 0.0, "last_version": None, "last_base_version": None, "last_update_at": None,
-                    "counts": {}, "pending": 0, "last_stop": None})
-    out["epsilon_remaining"] = max(0.0, config.epsilon_cap - out["epsilon_spent"])
-    if remote:
-        identity = Identity.load(config.keys_dir)
-        with SiloClient(config.coordinator_url, silo_id=enrol.silo_id, signer=identity.signing,
-                        transport=transport, **_network(config.network)) as client:
-            out["coordinator"] = client.status()
-    return out
-
-
-def export_ledger(data_dir: Path, fmt: str, out: TextIO, *, environ: Mapping[str, str] | None = None) -> int:
-    """Write the ledger to ``out`` as ``jsonl`` or ``csv``; return the number of entries."""
-    config = SiloConfig.load(data_dir, environ)
-    if not config.ledger_path.exists():
-        if fmt not in ("jsonl", "csv"):
-            raise LedgerError("bad_format", f"unknown export format {fmt!r}; use jsonl or csv")
-        if fmt == "csv":
-            from .ledger import export_entries
-
-            export_entries([], "csv", out)
-        return 0
-    with Ledger(config.ledger_path, readonly=True) as ledger:
-        return ledger.export(fmt, out)
 
 
 # --------------------------------------------------------------------------- presentation
