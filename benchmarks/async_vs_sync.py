@@ -12,7 +12,7 @@ async/sync ratio of times to target, and the per-silo epsilon spent by then. Goa
 best async strategy reaches the target in <= 1/3 of sync FedAvg's time at equal or
 better final accuracy.
 
-Run: ``make bench-async`` or ``.venv/bin/python benchmarks/async_vs_sync.py`` (about 10
+Run: ``make bench-async`` or ``.venv/bin/python benchmarks/async_vs_sync.py`` (about 3
 minutes on 2 cores); results go to ``benchmarks/results/async_vs_sync.json`` and
 ``.png``. ``--tiny`` is for the test.
 """
@@ -121,8 +121,6 @@ def summarize(runs: dict[str, RunResult], specs: Sequence[StrategySpec], cfg: As
         verdict |= {
             "best_async_ratio": rounded(ratio),
             "best_async_final_minus_sync": rounded(gap),
-            # "Equal" final accuracy: within one point, about 3-4 held-out samples, below
-            # the run-to-run spread of DP training (reported, not hidden: see the gap).
             "goal_met": bool(ratio <= 1 / 3 and gap >= -EQUAL_ACCURACY),
         }
     return {"strategies": out, "verdict": verdict}

@@ -14,7 +14,7 @@ per-silo epsilon actually spent (recomputed from the rounds that ran), and the v
 time the run took.
 
 Run: ``make bench-privacy`` or ``.venv/bin/python benchmarks/privacy_accuracy.py``
-(about 5 minutes on 2 cores); results go to ``benchmarks/results/privacy_accuracy.json``
+(about 2 minutes on 2 cores); results go to ``benchmarks/results/privacy_accuracy.json``
 and ``.png``. ``--tiny`` is for the test.
 """
 
