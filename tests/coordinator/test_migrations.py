@@ -46,7 +46,7 @@ def test_upgrade_downgrade_upgrade(db_url: str) -> None:
     try:
         assert current_revision(engine) is None
         upgrade(db_url)
-        assert current_revision(engine) == head_revision() == "0002"
+        assert current_revision(engine) == head_revision() == "0003"
         assert APP_TABLES <= _tables(engine)
         with transaction(engine) as s:
             assert audit.get_head(s) == (0, audit.GENESIS_HASH)
@@ -63,7 +63,7 @@ def test_upgrade_downgrade_upgrade(db_url: str) -> None:
 
         upgrade(db_url)
         upgrade(db_url)  # at head: nothing to do
-        assert current_revision(engine) == "0002"
+        assert current_revision(engine) == "0003"
         with transaction(engine) as s:
             assert audit.get_head(s) == (0, audit.GENESIS_HASH)
     finally:
@@ -121,7 +121,7 @@ def test_concurrent_upgrades_from_several_processes(db_url: str) -> None:
     assert [p.returncode for p in procs] == [0, 0, 0], errors
     engine = make_engine(db_url)
     try:
-        assert current_revision(engine) == "0002"
+        assert current_revision(engine) == "0003"
         with transaction(engine) as s:
             assert audit.get_head(s) == (0, audit.GENESIS_HASH)
     finally:
@@ -140,7 +140,7 @@ def test_packaged_alembic_ini_works_from_any_directory(sqlite_url: str, tmp_path
     )
     engine = make_engine(sqlite_url)
     try:
-        assert current_revision(engine) == "0002"
+        assert current_revision(engine) == "0003"
     finally:
         engine.dispose()
 
@@ -181,5 +181,28 @@ def test_sqlite_keeps_the_model_blob_last_and_its_rows(sqlite_url: str) -> None:
             assert conn.exec_driver_sql("SELECT version, size, blob FROM model_versions").one() == (0, 3, b"\x01\x02\x03")
         downgrade(sqlite_url, "0001")
         assert [c["name"] for c in sa.inspect(engine).get_columns("model_versions")][4] == "blob"
+    finally:
+        engine.dispose()
+
+
+@pytest.mark.postgres
+def test_postgres_stores_model_blobs_uncompressed_out_of_line(postgres_url: str) -> None:
+    # Migration 0003: no pglz attempt on every fold, and slice reads fetch only the
+    # TOAST chunks they need. Downgrading restores PostgreSQL's default.
+    def storage() -> dict[str, str]:
+        with engine.connect() as conn:
+            rows = conn.exec_driver_sql(
+                "SELECT c.relname || '.' || a.attname, a.attstorage FROM pg_attribute a "
+                "JOIN pg_class c ON c.oid = a.attrelid "
+                "WHERE (c.relname, a.attname) IN (('model_versions', 'blob'), ('federations', 'buffer_blob'))"
+            ).all()
+        return dict(rows)
+
+    upgrade(postgres_url)
+    engine = make_engine(postgres_url)
+    try:
+        assert storage() == {"model_versions.blob": "e", "federations.buffer_blob": "e"}
+        downgrade(postgres_url, "0002")
+        assert storage() == {"model_versions.blob": "x", "federations.buffer_blob": "x"}
     finally:
         engine.dispose()
