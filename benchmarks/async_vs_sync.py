@@ -20,10 +20,7 @@ minutes on 2 cores); results go to ``benchmarks/results/async_vs_sync.json`` and
 from __future__ import annotations
 
 import argparse
-import os
 import sys
-import time
-import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -41,19 +38,18 @@ from simulation import (  # noqa: E402
     Job,
     LocalTraining,
     Progress,
-    RunResult,
     Runner,
+    RunResult,
     StrategySpec,
+    benchmark_parser,
     build_federation,
     default_strategies,
     dp_schedule,
     epsilons_by,
     final_accuracy,
-    machine_info,
-    progress_bars,
     rounded,
+    run_script,
     time_to_target,
-    write_json,
 )
 
 # "Equal" final accuracy: within one point, about 3-4 held-out samples, below the
@@ -212,16 +208,7 @@ def config_from_args(args: argparse.Namespace) -> AsyncConfig:
 
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--silos", type=int, default=None, help="number of silos (default 20; 4 with --tiny)")
-    parser.add_argument("--seed", type=int, default=0, help="seed for data split, speeds and training")
-    parser.add_argument("--tiny", action="store_true", help="a seconds-long smoke run (for the test)")
-    parser.add_argument("--out", type=Path, default=HERE / "results",
-                        help="directory for async_vs_sync.json and .png (default: benchmarks/results)")
-    parser.add_argument("--jobs", type=int, default=min(2, os.cpu_count() or 1),
-                        help="worker processes, one run each (default: 2, or the CPU count if lower)")
-    parser.add_argument("--quiet", action="store_true", help="no progress display")
-    return parser.parse_args(argv)
+    return benchmark_parser(__doc__, "async_vs_sync", HERE / "results").parse_args(argv)
 
 
 def print_summary(results: dict[str, Any], quiet: bool) -> None:
@@ -244,22 +231,7 @@ def print_summary(results: dict[str, Any], quiet: bool) -> None:
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the benchmark, write JSON and PNG, print a summary. Returns the exit code."""
     args = parse_args(argv)
-    # Opacus says so on every round; train_dp's choice, and irrelevant to a simulation.
-    warnings.filterwarnings("ignore", message=".*Secure RNG turned off.*", category=UserWarning)
-    torch.set_num_threads(1)  # determinism, and a fair share of a small shared machine
-    cfg = config_from_args(args)
-    started = time.perf_counter()
-    with progress_bars(args.quiet) as progress:
-        results = run_benchmark(cfg, jobs=max(1, args.jobs), progress=progress)
-    results["machine"] = machine_info()
-    results["runtime_seconds"] = round(time.perf_counter() - started, 1)
-    json_path = write_json(results, args.out / "async_vs_sync.json")
-    png_path = args.out / "async_vs_sync.png"
-    plot(results, png_path)
-    print_summary(results, args.quiet)
-    if not args.quiet:
-        print(f"wrote {json_path} and {png_path} in {results['runtime_seconds']}s", file=sys.stderr)
-    return 0
+    return run_script(args, "async_vs_sync", config_from_args(args), run_benchmark, plot, print_summary)
 
 
 if __name__ == "__main__":

@@ -22,16 +22,11 @@ from __future__ import annotations
 
 import argparse
 import math
-import os
 import sys
-import time
-import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
-
-import torch
 
 HERE = Path(__file__).resolve().parent
 if str(HERE) not in sys.path:  # loaded by path (the tests): find simulation.py beside it
@@ -44,15 +39,14 @@ from simulation import (  # noqa: E402
     Progress,
     Runner,
     StrategySpec,
+    benchmark_parser,
     build_federation,
     default_strategies,
     dp_schedule,
     epsilons_by,
-    machine_info,
     planned_sigmas,
-    progress_bars,
     rounded,
-    write_json,
+    run_script,
 )
 
 
@@ -179,36 +173,13 @@ def config_from_args(args: argparse.Namespace) -> PrivacyConfig:
 
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--silos", type=int, default=None, help="number of silos (default 20; 4 with --tiny)")
-    parser.add_argument("--seed", type=int, default=0, help="seed for data split, speeds and training")
-    parser.add_argument("--tiny", action="store_true", help="a seconds-long smoke run (for the test)")
-    parser.add_argument("--out", type=Path, default=HERE / "results",
-                        help="directory for privacy_accuracy.json and .png (default: benchmarks/results)")
-    parser.add_argument("--jobs", type=int, default=min(2, os.cpu_count() or 1),
-                        help="worker processes, one run each (default: 2, or the CPU count if lower)")
-    parser.add_argument("--quiet", action="store_true", help="no progress display")
-    return parser.parse_args(argv)
+    return benchmark_parser(__doc__, "privacy_accuracy", HERE / "results").parse_args(argv)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """Run the benchmark, write JSON and PNG, print the table. Returns the exit code."""
+    """Run the benchmark, write JSON and PNG, print a summary. Returns the exit code."""
     args = parse_args(argv)
-    warnings.filterwarnings("ignore", message=".*Secure RNG turned off.*", category=UserWarning)
-    torch.set_num_threads(1)  # determinism, and a fair share of a small shared machine
-    cfg = config_from_args(args)
-    started = time.perf_counter()
-    with progress_bars(args.quiet) as progress:
-        results = run_benchmark(cfg, jobs=max(1, args.jobs), progress=progress)
-    results["machine"] = machine_info()
-    results["runtime_seconds"] = round(time.perf_counter() - started, 1)
-    json_path = write_json(results, args.out / "privacy_accuracy.json")
-    png_path = args.out / "privacy_accuracy.png"
-    plot(results, png_path)
-    print_summary(results, args.quiet)
-    if not args.quiet:
-        print(f"wrote {json_path} and {png_path} in {results['runtime_seconds']}s", file=sys.stderr)
-    return 0
+    return run_script(args, "privacy_accuracy", config_from_args(args), run_benchmark, plot, print_summary)
 
 
 if __name__ == "__main__":

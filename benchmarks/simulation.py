@@ -25,6 +25,7 @@ Not a script: the benchmark scripts next to it import it.
 
 from __future__ import annotations
 
+import argparse
 import dataclasses
 import datetime as dt
 import heapq
@@ -34,6 +35,9 @@ import multiprocessing as mp
 import os
 import platform
 import queue
+import sys
+import time
+import warnings
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -682,3 +686,46 @@ def write_json(results: dict[str, Any], path: Path) -> Path:
     tmp.write_text(json.dumps(results, indent=1, allow_nan=False) + "\n")
     os.replace(tmp, path)
     return path
+
+
+# --------------------------------------------------------------------------- the scripts' CLI
+
+
+def benchmark_parser(doc: str, name: str, out: Path) -> argparse.ArgumentParser:
+    """The options every simulation benchmark takes (``name``: its results' file stem)."""
+    parser = argparse.ArgumentParser(description=doc.split("\n\n")[0])
+    parser.add_argument("--silos", type=int, default=None, help="number of silos (default 20; 4 with --tiny)")
+    parser.add_argument("--seed", type=int, default=0, help="seed for data split, speeds and training")
+    parser.add_argument("--tiny", action="store_true", help="a seconds-long smoke run (for the test)")
+    parser.add_argument("--out", type=Path, default=out,
+                        help=f"directory for {name}.json and .png (default: benchmarks/results)")
+    parser.add_argument("--jobs", type=int, default=min(2, os.cpu_count() or 1),
+                        help="worker processes, one run each (default: 2, or the CPU count if lower)")
+    parser.add_argument("--quiet", action="store_true", help="no progress display")
+    return parser
+
+
+def run_script(
+    args: argparse.Namespace,
+    name: str,
+    cfg: FederationConfig,
+    run: Callable[..., dict[str, Any]],
+    plot: Callable[[dict[str, Any], Path], None],
+    summary: Callable[[dict[str, Any], bool], None],
+) -> int:
+    """Run one benchmark, write ``name``.json and .png to ``args.out``, print its summary."""
+    # Opacus says so on every round; train_dp's choice, and irrelevant to a simulation.
+    warnings.filterwarnings("ignore", message=".*Secure RNG turned off.*", category=UserWarning)
+    torch.set_num_threads(1)  # determinism, and a fair share of a small shared machine
+    started = time.perf_counter()
+    with progress_bars(args.quiet) as progress:
+        results = run(cfg, jobs=max(1, args.jobs), progress=progress)
+    results["machine"] = machine_info()
+    results["runtime_seconds"] = round(time.perf_counter() - started, 1)
+    json_path = write_json(results, args.out / f"{name}.json")
+    png_path = args.out / f"{name}.png"
+    plot(results, png_path)
+    summary(results, args.quiet)
+    if not args.quiet:
+        print(f"wrote {json_path} and {png_path} in {results['runtime_seconds']}s", file=sys.stderr)
+    return 0
