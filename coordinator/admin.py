@@ -1,15 +1,15 @@
-"""Services behind the admin and audit APIs: silos, settings, versions, updates, budgets.
+"""Services behind the admin and audit APIs: silos, settings, versions, updates.
 
 Each function takes a Session (and the clock, the actor, a key where it needs one),
 does its SQL here and returns small frozen dataclasses with ``to_json()``; the routes
 in ``coordinator.api`` only parse, call and serialize. Writes (settings changes)
 append their audit entry in the caller's transaction. Creating, enrolling and
-revoking silos live in ``coordinator.enrolment``; tokens in ``coordinator.tokens``.
+revoking silos live in ``coordinator.enrolment``; tokens in ``coordinator.tokens``;
+budget reports in ``coordinator.budget``.
 """
 
 from __future__ import annotations
 
-import math
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass
 from datetime import datetime
@@ -31,15 +31,11 @@ __all__ = [
     "ACTION_SETTINGS_CHANGED",
     "DEFAULT_LIMIT",
     "MAX_LIMIT",
-    "BudgetEntry",
-    "BudgetReport",
     "FederationInfo",
     "Page",
     "SiloSummary",
     "UpdateInfo",
     "VersionInfo",
-    "budget_report",
-    "budgets",
     "change_settings",
     "get_federation",
     "get_silo",
@@ -56,8 +52,6 @@ DEFAULT_LIMIT = 100
 #: Upper bound of any page: a listing never loads an unbounded number of rows.
 MAX_LIMIT = 1000
 
-# Relative tolerance when comparing the recorded epsilon with a recomputation.
-_EPSILON_RTOL = 1e-6
 
 
 def _ts(value: datetime | None) -> str | None:
@@ -430,130 +424,3 @@ def get_update(session: Session, update_id: str) -> UpdateInfo:
     if u is None:
         raise ApiError(Reason.NOT_FOUND, f"no update with id {update_id!r}")
     return _update_info(u)
-
-
-# --------------------------------------------------------------------------- budgets
-
-
-@dataclass(frozen=True)
-class BudgetEntry:
-    """One term of a silo's composition: the DP parameters of one accepted update."""
-
-    update_id: str
-    noise_multiplier: float
-    sample_rate: float
-    steps: int
-    max_grad_norm: float
-    delta: float
-    accountant: str
-    epsilon_after: float  # the coordinator's figure recorded when it accepted this update
-    epsilon_claimed: float | None  # the silo's own figure from its signed header
-    created_at: datetime
-
-    def to_json(self) -> dict[str, Any]:
-        d = asdict(self)
-        d["created_at"] = _ts(self.created_at)
-        return d
-
-
-@dataclass(frozen=True)
-class BudgetReport:
-    """A silo's privacy spend, recomputed now from its whole accepted history.
-
-    ``epsilon_spent`` is recomputed with ``privacy.accounting`` at the silo's delta;
-    ``epsilon_recorded`` is what the coordinator recorded at its last acceptance;
-    ``consistent`` says they agree (they must, unless the accountant changed).
-    """
-
-    silo_id: str
-    name: str
-    status: str
-    accountant: str
-    delta: float
-    epsilon_cap: float
-    epsilon_spent: float
-    epsilon_recorded: float
-    epsilon_claimed: float | None  # the silo's claim on its latest accepted update
-    epsilon_remaining: float
-    consistent: bool
-    history_length: int
-    history: list[BudgetEntry] | None = None
-
-    def to_json(self) -> dict[str, Any]:
-        d = asdict(self)
-        for k in ("epsilon_spent", "epsilon_remaining"):  # JSON has no infinity: null = unbounded
-            if not math.isfinite(d[k]):
-                d[k] = None
-        if self.history is None:
-            del d["history"]
-        else:
-            d["history"] = [h.to_json() for h in self.history]
-        return d
-
-
-def _history(session: Session, silo_id: str) -> list[BudgetEntry]:
-    stmt = select(PrivacyCharge).where(PrivacyCharge.silo_id == silo_id).order_by(PrivacyCharge.id)
-    return [
-        BudgetEntry(
-            update_id=c.update_id,
-            noise_multiplier=c.noise_multiplier,
-            sample_rate=c.sample_rate,
-            steps=int(c.steps),
-            max_grad_norm=c.max_grad_norm,
-            delta=c.delta,
-            accountant=c.accountant,
-            epsilon_after=c.epsilon_after,
-            epsilon_claimed=c.epsilon_claimed,
-            created_at=c.created_at,
-        )
-        for c in session.scalars(stmt)
-    ]
-
-
-def _recompute(history: list[BudgetEntry], delta: float, accountant: str) -> float:
-    from privacy.accounting import epsilon_of  # heavy (scipy); only needed here
-
-    if not history:
-        return 0.0
-    terms = [(h.noise_multiplier, h.sample_rate, h.steps) for h in history]
-    return float(epsilon_of(terms, delta, accountant=accountant))
-
-
-def _report(session: Session, silo: Silo, *, default_accountant: str, with_history: bool) -> BudgetReport:
-    history = _history(session, silo.id)
-    accountant = history[-1].accountant if history else default_accountant
-    spent = _recompute(history, silo.delta, accountant)
-    recorded = max((h.epsilon_after for h in history), default=0.0)
-    return BudgetReport(
-        silo_id=silo.id,
-        name=silo.name,
-        status=silo.status,
-        accountant=accountant,
-        delta=silo.delta,
-        epsilon_cap=silo.epsilon_cap,
-        epsilon_spent=spent,
-        epsilon_recorded=recorded,
-        epsilon_claimed=history[-1].epsilon_claimed if history else None,
-        epsilon_remaining=max(silo.epsilon_cap - spent, 0.0),
-        consistent=math.isclose(spent, recorded, rel_tol=_EPSILON_RTOL, abs_tol=1e-9),
-        history_length=len(history),
-        history=history if with_history else None,
-    )
-
-
-def budgets(session: Session, *, accountant: str = "rdp", federation_id: int = 1) -> list[BudgetReport]:
-    """Every silo's budget, recomputed from its history (no per-update history listed).
-
-    Each history is recomputed with the accountant its charges were recorded with;
-    ``accountant`` (the coordinator's configured one) applies to silos without any.
-    """
-    silos = session.scalars(select(Silo).where(Silo.federation_id == federation_id).order_by(Silo.created_at, Silo.name))
-    return [_report(session, s, default_accountant=accountant, with_history=False) for s in silos]
-
-
-def budget_report(session: Session, silo_id: str, *, accountant: str = "rdp", federation_id: int = 1) -> BudgetReport:
-    """One silo's budget with its full history, so anyone can recompute it independently."""
-    silo = session.get(Silo, silo_id)
-    if silo is None or silo.federation_id != federation_id:
-        raise ApiError(Reason.NOT_FOUND, f"no silo with id {silo_id!r}")
-    return _report(session, silo, default_accountant=accountant, with_history=True)

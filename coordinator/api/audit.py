@@ -21,7 +21,8 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
 
-from coordinator import admin, audit
+from coordinator import audit
+from coordinator import budget as budget_reports
 from coordinator.api._params import query_int, query_str
 from coordinator.api.auth import ANY_ROLE, Principal, guarded
 from coordinator.context import Coordinator
@@ -143,14 +144,14 @@ def routes(ctx: Coordinator) -> list[Route]:
     @describe("Every silo's privacy spend, recomputed from its accepted history", tag="audit",
               response="BudgetList")
     async def budgets(request: Request, who: Principal) -> Response:
-        items = await read(admin.budgets, accountant=ctx.config.accountant, federation_id=ctx.federation_id)
+        items = await read(budget_reports.budgets, accountant=ctx.config.accountant, federation_id=ctx.federation_id)
         return JSONResponse({"budgets": [b.to_json() for b in items]})
 
     @guarded(ctx, *ANY_ROLE)
     @describe("One silo's privacy spend with its full DP history, to recompute independently", tag="audit",
               parameters=[path_param("silo_id")], response="Budget", errors=[Reason.NOT_FOUND])
     async def budget(request: Request, who: Principal) -> Response:
-        report = await read(admin.budget_report, request.path_params["silo_id"],
+        report = await read(budget_reports.budget_report, request.path_params["silo_id"],
                             accountant=ctx.config.accountant, federation_id=ctx.federation_id)
         return JSONResponse(report.to_json())
 

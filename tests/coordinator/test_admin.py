@@ -14,7 +14,7 @@ import pytest
 import torch
 from sqlalchemy import select
 
-from coordinator import admin, audit, enrolment, federation
+from coordinator import admin, audit, budget, enrolment, federation
 from coordinator.db import lock_federation, transaction
 from coordinator.errors import ApiError, Reason
 from coordinator.models import AuditEvent, Federation, ModelVersion, PrivacyCharge, Update
@@ -193,12 +193,12 @@ def test_budgets_are_recomputed_from_the_whole_history(engine):
     _update(engine, "u1", a, "accepted", charge=(*runs[0], eps1))
     _update(engine, "u2", a, "accepted", at=T0 + timedelta(seconds=1), charge=(*runs[1], eps2))
     with transaction(engine, read_only=True) as s:
-        alpha, beta = admin.budgets(s)
+        alpha, beta = budget.budgets(s)
         assert alpha.epsilon_spent == pytest.approx(eps2) and alpha.consistent
         assert alpha.epsilon_remaining == pytest.approx(3.0 - eps2) and alpha.history_length == 2
         assert alpha.epsilon_claimed == pytest.approx(eps2 * 0.9) and "history" not in alpha.to_json()
         assert (beta.epsilon_spent, beta.history_length, beta.consistent) == (0.0, 0, True)
-        detail = admin.budget_report(s, a).to_json()
+        detail = budget.budget_report(s, a).to_json()
         assert [(h["noise_multiplier"], h["sample_rate"], h["steps"]) for h in detail["history"]] == runs
     # docs/compliance.md's independent recomputation (dp-accounting) gives the same figure.
     from dp_accounting import GaussianDpEvent, PoissonSampledDpEvent
@@ -212,4 +212,4 @@ def test_budgets_are_recomputed_from_the_whole_history(engine):
     with transaction(engine) as s:  # a recorded figure that does not match its history is flagged
         s.execute(PrivacyCharge.__table__.update().where(PrivacyCharge.update_id == "u2").values(epsilon_after=0.1))
     with transaction(engine, read_only=True) as s:
-        assert admin.budget_report(s, a).consistent is False
+        assert budget.budget_report(s, a).consistent is False
