@@ -46,7 +46,7 @@ from privacy.envelope import sign_request, verify_release
 from privacy.errors import PrivacyError
 from privacy.keys import PublicIdentity, b64d, fingerprint
 
-from .ledger import Receipt
+from .receipt import Receipt
 
 if TYPE_CHECKING:  # torch is heavy; status and ledger commands never need it
     import torch

@@ -44,7 +44,8 @@ from privacy.keys import Identity
 
 from .client import BadResponse, Cancelled, ClientError, Rejected, Release, SiloClient, Unreachable, Untrusted
 from .config import SiloConfig
-from .ledger import DPRun, Ledger, Receipt
+from .ledger import DPRun, Ledger
+from .receipt import Receipt
 from .tasks import Task
 from .trainer import BudgetExhausted, LocalData, plan_round, run_round
 

@@ -23,11 +23,10 @@ fsynced, so "written to the ledger before sending" survives a power cut.
 from __future__ import annotations
 
 import csv
-import io
 import json
 import os
 import sqlite3
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, fields
 from datetime import UTC, datetime
 from enum import StrEnum
@@ -36,9 +35,10 @@ from typing import Any, NamedTuple, TextIO
 
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
-from privacy.envelope import utc_timestamp, verify_statement
-from privacy.errors import EnvelopeError, Reason
+from privacy.envelope import utc_timestamp
 from privacy.keys import b64e
+
+from .receipt import Receipt  # re-exported: ledger entries hold verified receipts
 
 __all__ = [
     "COUNTED_STATUSES",
@@ -95,68 +95,6 @@ class DPRun(NamedTuple):
     noise_multiplier: float
     sample_rate: float
     steps: int
-
-
-# --------------------------------------------------------------------------- receipts
-
-_RECEIPT_STATUSES = {"accepted", "buffered", "rejected"}
-
-
-@dataclass(frozen=True)
-class Receipt:
-    """A coordinator's signed receipt for one update; build it with :meth:`verify`."""
-
-    statement: bytes  # the signed canonical JSON, kept byte for byte
-    signature: bytes
-    update_id: str
-    silo_id: str
-    status: str
-    envelope_digest: str
-    resulting_version: int | None
-    staleness: int | None
-    weight: float | None
-    epsilon_computed: float | None
-    audit_seq: int | None
-    audit_hash: str | None
-    reason: str | None
-    fields: dict
-
-    @classmethod
-    def verify(cls, statement: bytes, signature: bytes, coordinator_key: Ed25519PublicKey) -> Receipt:
-        """Verify the signature with the pinned key, then parse; raises EnvelopeError."""
-        obj = verify_statement("receipt", statement, signature, coordinator_key)
-
-        def opt(key: str, kind: type | tuple[type, ...]) -> Any:
-            value = obj.get(key)
-            if value is not None and (not isinstance(value, kind) or isinstance(value, bool)):
-                raise EnvelopeError(Reason.MALFORMED, f"receipt field {key!r} has the wrong type")
-            return value
-
-        for key in ("update_id", "silo_id", "status", "envelope_digest"):
-            if not isinstance(obj.get(key), str):
-                raise EnvelopeError(Reason.MALFORMED, f"receipt lacks {key!r}")
-        if obj["status"] not in _RECEIPT_STATUSES:
-            raise EnvelopeError(Reason.MALFORMED, f"receipt status {obj['status']!r} is unknown")
-        return cls(
-            statement=bytes(statement),
-            signature=bytes(signature),
-            update_id=obj["update_id"],
-            silo_id=obj["silo_id"],
-            status=obj["status"],
-            envelope_digest=obj["envelope_digest"],
-            resulting_version=opt("resulting_version", int),
-            staleness=opt("staleness", int),
-            weight=_float(opt("weight", (int, float))),
-            epsilon_computed=_float(opt("epsilon_computed", (int, float))),
-            audit_seq=opt("audit_seq", int),
-            audit_hash=opt("audit_hash", str),
-            reason=opt("reason", str),
-            fields=obj,
-        )
-
-
-def _float(value: Any) -> float | None:
-    return None if value is None else float(value)
 
 
 # --------------------------------------------------------------------------- entries
@@ -563,16 +501,3 @@ def export_entries(entries: Iterable[LedgerEntry], fmt: str, out: TextIO) -> int
     else:
         raise LedgerError(LedgerReason.BAD_FORMAT, f"unknown export format {fmt!r}; use jsonl or csv")
     return n
-
-
-def export_text(entries: Iterable[LedgerEntry], fmt: str) -> str:
-    buf = io.StringIO()
-    export_entries(entries, fmt, buf)
-    return buf.getvalue()
-
-
-def iter_jsonl(text: str) -> Iterator[dict]:
-    """Parse an export back (for tests and reconciliation scripts)."""
-    for line in text.splitlines():
-        if line.strip():
-            yield json.loads(line)
