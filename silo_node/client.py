@@ -15,14 +15,8 @@ listens. The client
   the bytes against the release's digest, before decoding anything;
 - verifies every receipt before returning it.
 
-Errors (httpx's are translated here, at the boundary, and never escape)::
-
-    ClientError            root: ``reason`` (a stable code), ``message``
-    ├── Unreachable        no usable answer within the retry bound, or TLS/proxy trouble
-    ├── Rejected           the coordinator (or a proxy) refused with a 4xx: never retried
-    ├── BadResponse        an answer that does not follow the protocol
-    ├── Untrusted          a signature, digest, version or schema check failed: nothing loaded
-    └── Cancelled          the daemon was asked to stop while waiting to retry
+The errors it raises are defined in :mod:`silo_node.client_errors` (and re-exported
+here); httpx's own errors are translated at this boundary and never escape.
 """
 
 from __future__ import annotations
@@ -36,7 +30,6 @@ import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime
-from enum import StrEnum
 from typing import TYPE_CHECKING, Any
 
 import httpx
@@ -46,6 +39,16 @@ from privacy.envelope import sign_request, verify_release
 from privacy.errors import PrivacyError
 from privacy.keys import PublicIdentity, b64d, fingerprint
 
+from .client_errors import (
+    BadResponse,
+    Cancelled,
+    ClientError,
+    ClientReason,
+    Rejected,
+    Unreachable,
+    Untrusted,
+    transport_problem,
+)
 from .receipt import Receipt
 
 if TYPE_CHECKING:  # torch is heavy; status and ledger commands never need it
@@ -69,72 +72,6 @@ __all__ = [
 API_PREFIX = "/api/v1"
 USER_AGENT = "fedsilo-silo/0.1"
 RETRY_STATUSES = frozenset({408, 429, 500, 502, 503, 504}) | frozenset(range(505, 600))
-
-
-class ClientReason(StrEnum):
-    """Codes of errors the client raises itself (:class:`Rejected` carries the server's)."""
-
-    UNREACHABLE = "unreachable"
-    TLS_FAILED = "tls_failed"
-    PROXY_FAILED = "proxy_failed"
-    INVALID_URL = "invalid_url"
-    BAD_RESPONSE = "bad_response"
-    BAD_SIGNATURE = "bad_signature"
-    DIGEST_MISMATCH = "digest_mismatch"
-    VERSION_MISMATCH = "version_mismatch"
-    FEDERATION_MISMATCH = "federation_mismatch"
-    SCHEMA_MISMATCH = "schema_mismatch"
-    RECEIPT_MISMATCH = "receipt_mismatch"
-    FINGERPRINT_MISMATCH = "fingerprint_mismatch"
-    CANCELLED = "cancelled"
-
-
-class ClientError(Exception):
-    """Root of the client's errors."""
-
-    def __init__(self, reason: str, message: str = "") -> None:
-        self.reason = reason
-        self.message = message or str(reason).replace("_", " ")
-        super().__init__(self.message)
-
-
-class Unreachable(ClientError):
-    """No usable answer: connection errors, timeouts or 5xx/429 until the retry bound ran out."""
-
-
-class Rejected(ClientError):
-    """A 4xx refusal. ``reason`` is the coordinator's code (``budget_exceeded`` ...).
-
-    ``receipt`` is the coordinator's signed rejection receipt when it sent one and it
-    verified against the pinned key; ``audit_seq`` is the audit entry it wrote.
-    """
-
-    def __init__(
-        self,
-        reason: str,
-        detail: str,
-        *,
-        status: int,
-        receipt: Receipt | None = None,
-        audit_seq: int | None = None,
-    ) -> None:
-        super().__init__(reason, f"{detail} ({reason}, HTTP {status})")
-        self.detail = detail
-        self.status = status
-        self.receipt = receipt
-        self.audit_seq = audit_seq
-
-
-class BadResponse(ClientError):
-    """The answer does not follow the protocol (not JSON, missing headers ...)."""
-
-
-class Untrusted(ClientError):
-    """A signature, digest, version or schema check failed; the data was not used."""
-
-
-class Cancelled(ClientError):
-    """A stop was requested while the client waited to retry."""
 
 
 # --------------------------------------------------------------------------- retry policy
@@ -201,18 +138,6 @@ class Release:
 
 
 # --------------------------------------------------------------------------- the client
-
-
-def _tls_failure(exc: BaseException) -> ssl.SSLError | None:
-    """The ssl error under an httpx/httpcore connection error, if there is one."""
-    seen: BaseException | None = exc
-    for _ in range(8):
-        if seen is None:
-            return None
-        if isinstance(seen, ssl.SSLError):
-            return seen
-        seen = seen.__cause__ or seen.__context__
-    return None
 
 
 class SiloClient:
@@ -474,7 +399,7 @@ class SiloClient:
             try:
                 response = self._http.send(request)
             except httpx.TransportError as exc:
-                problem, retry_ok = self._transport_problem(exc, idempotent)
+                problem, retry_ok = transport_problem(exc, self.base_url, idempotent)
                 if not retry_ok:
                     raise problem from None
             else:
@@ -512,28 +437,6 @@ class SiloClient:
             self._sleep(delay)
             if self._cancel is not None and self._cancel.is_set():
                 raise Cancelled(ClientReason.CANCELLED, "stopped while waiting to retry")
-
-    def _transport_problem(self, exc: httpx.TransportError, idempotent: bool) -> tuple[ClientError, bool]:
-        """Translate an httpx transport error; say whether trying again could help."""
-        where = self.base_url
-        tls = _tls_failure(exc)
-        if tls is not None and isinstance(tls, ssl.SSLCertVerificationError):
-            return Unreachable(
-                ClientReason.TLS_FAILED,
-                f"the TLS certificate presented for {where} does not verify ({tls.verify_message or tls}); "
-                "if your network inspects TLS, set the CA bundle (ca_bundle / FEDSILO_SILO_CA_BUNDLE)",
-            ), False
-        if isinstance(exc, httpx.UnsupportedProtocol):
-            return ClientError(ClientReason.INVALID_URL, f"unsupported URL {where}: {exc}"), False
-        if isinstance(exc, httpx.ProxyError):
-            return Unreachable(ClientReason.PROXY_FAILED, f"the proxy refused or failed: {exc}"), True
-        if isinstance(exc, httpx.TimeoutException):
-            # A connect timeout means nothing was sent; a read timeout may follow a processed request.
-            ok = idempotent or isinstance(exc, httpx.ConnectTimeout | httpx.PoolTimeout)
-            return Unreachable(ClientReason.UNREACHABLE, f"timed out talking to {where}: {type(exc).__name__}"), ok
-        if isinstance(exc, httpx.ConnectError):
-            return Unreachable(ClientReason.UNREACHABLE, f"cannot connect to {where}: {exc or type(exc).__name__}"), True
-        return Unreachable(ClientReason.UNREACHABLE, f"connection to {where} failed: {exc or type(exc).__name__}"), idempotent
 
     def _rejection(self, response: httpx.Response) -> Rejected:
         status = response.status_code
