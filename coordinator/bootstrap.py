@@ -26,7 +26,7 @@ from sqlalchemy.engine import make_url
 from privacy.keys import Identity
 
 from . import audit, db, federation, tokens
-from .config import CONFIG_FILE, CoordinatorConfig
+from .config import CONFIG_FILE, ConfigError, CoordinatorConfig
 from .models import Federation
 from .strategies import StrategyError, StrategySettings
 
@@ -115,11 +115,15 @@ def initialize(
     except StrategyError as exc:
         raise InitError(f"strategy settings: {exc.message}") from None
 
+    try:
+        config = CoordinatorConfig(
+            data_dir=data_dir, database_url=database_url or "", federation_name=name,
+            host=host, port=port, public_url=public_url, **dict(config_overrides or {}),
+        )
+    except ConfigError as exc:
+        raise InitError(str(exc)) from None
+
     data_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
-    config = CoordinatorConfig(
-        data_dir=data_dir, database_url=database_url or "", federation_name=name,
-        host=host, port=port, public_url=public_url, **dict(config_overrides or {}),
-    )
     try:
         db.upgrade(config.database_url)
         _private_sqlite_file(config.database_url)

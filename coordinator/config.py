@@ -1,21 +1,42 @@
-"""The coordinator's configuration: one frozen object, read once at start-up.
+"""The coordinator's configuration: one frozen object, read and checked once at start-up.
 
 Sources, later ones winning: defaults below, ``DIR/coordinator.toml`` (written by
 ``fedsilo-coordinator init``), then environment variables ``FEDSILO_<FIELD>`` (e.g.
 ``FEDSILO_DATABASE_URL``) so containers and CI can override without editing files.
+
+Every value is checked here (type, range, choice), so a typo stops the coordinator at
+start-up with a message saying what to write, instead of turning every update into a
+rejection later. The ``FEDSILO_`` namespace is the coordinator's: a variable in it that
+names no setting is refused too (a misspelt override would otherwise be ignored), except
+
+* ``FEDSILO_DATA_DIR`` -- the data directory of an app-factory process (set by ``serve``);
+* ``FEDSILO_SILO_*`` -- the silo's own settings, checked by the silo (silo_node/config.py);
+* ``FEDSILO_TEST_*`` -- test and benchmark hooks, never read by a serving coordinator.
 """
 
 from __future__ import annotations
 
+import difflib
 import os
 import tomllib
+from collections.abc import Callable, Mapping
 from dataclasses import asdict, dataclass, fields, replace
 from pathlib import Path
+from typing import Any
 
 import tomli_w
+from sqlalchemy.engine import make_url
+from sqlalchemy.exc import ArgumentError
 
 CONFIG_FILE = "coordinator.toml"
 KEYS_DIR = "keys"
+ENV_PREFIX = "FEDSILO_"
+#: Names under ENV_PREFIX that are not coordinator settings (see the module docstring).
+ENV_NOT_SETTINGS = frozenset({"FEDSILO_DATA_DIR"})
+ENV_FOREIGN_PREFIXES = ("FEDSILO_SILO_", "FEDSILO_TEST_")
+#: The accountants ``accountant`` may name: privacy.accounting.ACCOUNTANTS (a test keeps
+#: them equal; not imported, so that start-up checks do not load the accounting maths).
+ACCOUNTANT_CHOICES = ("rdp", "prv", "pld")
 
 
 class ConfigError(Exception):
@@ -24,6 +45,8 @@ class ConfigError(Exception):
 
 @dataclass(frozen=True)
 class CoordinatorConfig:
+    """The coordinator's settings (docs/operations.md has the table of them all)."""
+
     data_dir: Path
     database_url: str = ""  # default: SQLite file in data_dir
     federation_name: str = "fedsilo"
@@ -37,14 +60,17 @@ class CoordinatorConfig:
     retain_versions: int = 0  # 0: keep every version's weights; N: keep the newest N + staleness window
     ingest_workers: int = 2  # threads for verify/decrypt/decode outside the fold lock
     fold_workers: int = 4  # threads per process that may queue for the fold lock
-    max_request_bytes: int = 64 * 1024  # JSON bodies of the silo API (enrolment)
-    accountant: str = "rdp"  # how the coordinator composes a silo's epsilon ("rdp" or "prv")
+    max_request_bytes: int = 64 * 1024  # JSON bodies: enrolment, admin API
+    accountant: str = "rdp"  # how the coordinator composes a silo's epsilon (ACCOUNTANT_CHOICES)
     # torch intra-op threads per process: updates are already processed in parallel by the
     # ingest workers, and torch's own pool only contends with them (measured 3-4x slower checks).
     torch_threads: int = 1
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "data_dir", Path(self.data_dir))
+        for f in fields(self):
+            if f.name != "data_dir":
+                _check(f.name, getattr(self, f.name), where=f"setting {f.name}")
         if not self.database_url:
             object.__setattr__(self, "database_url", f"sqlite:///{Path(self.data_dir).resolve() / 'coordinator.db'}")
 
@@ -57,8 +83,11 @@ class CoordinatorConfig:
         return self.public_url or f"http://{self.host}:{self.port}"
 
     @classmethod
-    def load(cls, data_dir: Path | str, environ: dict[str, str] | None = None, **overrides) -> CoordinatorConfig:
-        """Read ``data_dir/coordinator.toml`` then ``FEDSILO_*`` variables, then ``overrides``."""
+    def load(cls, data_dir: Path | str, environ: Mapping[str, str] | None = None, **overrides) -> CoordinatorConfig:
+        """Read ``data_dir/coordinator.toml`` then ``FEDSILO_*`` variables, then ``overrides``.
+
+        Raises ConfigError naming the file or variable at fault and what to write instead.
+        """
         data_dir = Path(data_dir)
         environ = os.environ if environ is None else environ
         values: dict = {}
@@ -68,17 +97,12 @@ class CoordinatorConfig:
                 values.update(tomllib.loads(path.read_text()).get("coordinator", {}))
             except tomllib.TOMLDecodeError as exc:
                 raise ConfigError(f"{path} is not valid TOML: {exc}") from None
-        known = {f.name: f for f in fields(cls)}
-        unknown = set(values) - set(known)
+        unknown = set(values) - set(_RULES)
         if unknown:
-            raise ConfigError(f"{path}: unknown settings {sorted(unknown)}")
-        for name, f in known.items():
-            env = environ.get(f"FEDSILO_{name.upper()}")
-            if env is not None and name != "data_dir":
-                try:
-                    values[name] = int(env) if f.type in ("int", int) else env
-                except ValueError:
-                    raise ConfigError(f"FEDSILO_{name.upper()} must be an integer, not {env!r}") from None
+            raise ConfigError(f"{path}: unknown settings {sorted(unknown)}; the settings are {sorted(_RULES)}")
+        for name, value in values.items():
+            _check(name, value, where=str(path))
+        values.update(_env_values(environ))
         values.update({k: v for k, v in overrides.items() if v is not None})
         values["data_dir"] = data_dir
         return cls(**values)
@@ -94,3 +118,94 @@ class CoordinatorConfig:
 
     def with_(self, **changes) -> CoordinatorConfig:
         return replace(self, **changes)
+
+
+# --------------------------------------------------------------------------- checks
+
+
+@dataclass(frozen=True)
+class _Rule:
+    kind: type
+    ok: Callable[[Any], bool]
+    expect: str  # completes "NAME must be ..."
+    example: str  # a value that would do
+
+
+def _url(value: str) -> bool:
+    if not value:
+        return True  # the default: SQLite in the data directory
+    try:
+        return make_url(value).get_backend_name() in ("sqlite", "postgresql")
+    except (ArgumentError, ValueError):
+        return False
+
+
+def _at_least(lo: int) -> Callable[[int], bool]:
+    return lambda v: v >= lo
+
+
+_RULES: dict[str, _Rule] = {
+    "database_url": _Rule(str, _url, "a SQLite or PostgreSQL SQLAlchemy URL, or empty for SQLite in the data directory",
+                          "postgresql+psycopg://fedsilo@db.internal/fedsilo"),
+    "federation_name": _Rule(str, lambda v: bool(v.strip()), "a non-empty name", "fedsilo"),
+    "host": _Rule(str, lambda v: bool(v.strip()), "an address to listen on", "127.0.0.1"),
+    "port": _Rule(int, lambda v: 1 <= v <= 65535, "an integer from 1 to 65535", "8600"),
+    "public_url": _Rule(str, lambda v: v == "" or v.startswith(("https://", "http://")),
+                        "empty or an http(s):// URL", "https://fl.example.org"),
+    "max_update_bytes": _Rule(int, _at_least(1024), "an integer number of bytes >= 1024", str(512 * 1024 * 1024)),
+    "max_clock_skew_seconds": _Rule(int, _at_least(0), "an integer >= 0", "300"),
+    "max_update_age_seconds": _Rule(int, _at_least(1), "an integer >= 1", str(7 * 24 * 3600)),
+    "enrolment_token_ttl_seconds": _Rule(int, _at_least(1), "an integer >= 1", str(7 * 24 * 3600)),
+    "retain_versions": _Rule(int, _at_least(0), "an integer >= 0 (0 keeps every version)", "0"),
+    "ingest_workers": _Rule(int, _at_least(1), "an integer >= 1", "2"),
+    "fold_workers": _Rule(int, _at_least(1), "an integer >= 1", "4"),
+    "max_request_bytes": _Rule(int, _at_least(1024), "an integer number of bytes >= 1024", str(64 * 1024)),
+    "accountant": _Rule(str, lambda v: v in ACCOUNTANT_CHOICES, f"one of {', '.join(ACCOUNTANT_CHOICES)}", "rdp"),
+    "torch_threads": _Rule(int, _at_least(0), "an integer >= 0 (0 keeps torch's default)", "1"),
+}
+
+
+def _check(name: str, value: Any, *, where: str) -> None:
+    rule = _RULES[name]
+    # bool is an int subclass, but `port = true` is a mistake, not port 1.
+    typed = isinstance(value, rule.kind) and not isinstance(value, bool)
+    if not (typed and rule.ok(value)):
+        # A database URL may carry a password: never echo it.
+        given = "the value given" if name == "database_url" else repr(value)
+        raise ConfigError(f"{where}: {name} must be {rule.expect}, not {given}; "
+                          f"write e.g. {_hint(name, rule, where)}")
+
+
+def _hint(name: str, rule: _Rule, where: str) -> str:
+    if where.startswith(ENV_PREFIX):
+        return f"{env_name(name)}={rule.example}"
+    return f"{name} = {rule.example}" if rule.kind is int else f'{name} = "{rule.example}"'
+
+
+def env_name(setting: str) -> str:
+    """The environment variable that overrides ``setting``."""
+    return f"{ENV_PREFIX}{setting.upper()}"
+
+
+def _env_values(environ: Mapping[str, str]) -> dict[str, Any]:
+    """The settings ``FEDSILO_*`` variables override, typed and checked; unknown names refused."""
+    by_env = {env_name(name): name for name in _RULES}
+    out: dict[str, Any] = {}
+    for key, raw in environ.items():
+        if not key.startswith(ENV_PREFIX) or key in ENV_NOT_SETTINGS or key.startswith(ENV_FOREIGN_PREFIXES):
+            continue
+        name = by_env.get(key)
+        if name is None:
+            close = difflib.get_close_matches(key, by_env, n=1)
+            hint = f"did you mean {close[0]}? " if close else ""
+            raise ConfigError(f"unknown environment variable {key}; {hint}unset it, or use one of "
+                              f"{', '.join(sorted(by_env))} (see docs/operations.md)")
+        value: Any = raw
+        if _RULES[name].kind is int:
+            try:
+                value = int(raw)
+            except ValueError:
+                pass  # _check names the variable and what it must be
+        _check(name, value, where=key)
+        out[name] = value
+    return out
