@@ -1,7 +1,10 @@
-"""Parsing helpers shared by the admin and audit routes: query parameters and JSON bodies.
+"""Parsing helpers shared by the HTTP routes: query and path parameters, small bodies.
 
 Anything a client gets wrong becomes ApiError ``invalid_request`` (422) naming the
-parameter (``too_large``, 413, for an oversized body), never a 500.
+parameter, never a 500. Small bodies (enrolment, signed silo requests, admin changes)
+are read by :func:`read_body`, with one answer per fault (docs/protocol.md, section 7):
+over ``max_request_bytes`` -> 413 ``too_large``; not a JSON object -> 422
+``invalid_request``. Update envelopes have their own, audited reader (ingest.py).
 """
 
 from __future__ import annotations
@@ -12,10 +15,6 @@ from typing import Any
 from starlette.requests import Request
 
 from coordinator.errors import ApiError, Reason
-
-#: Largest JSON body an admin route reads; they are all small.
-MAX_JSON_BYTES = 64 * 1024
-
 
 def query_int(request: Request, name: str, *, default: int | None = None, lo: int | None = None,
               hi: int | None = None) -> int | None:
@@ -51,16 +50,27 @@ def path_int(request: Request, name: str) -> int:
         raise ApiError(Reason.INVALID_REQUEST, f"{name} must be an integer") from None
 
 
-async def json_object(request: Request, *, optional: bool = False) -> dict[str, Any]:
-    """The request body as a JSON object (size-limited); ``{}`` for no body if ``optional``."""
-    # Read chunk by chunk and stop at the limit: never buffer an oversized body.
+async def read_body(request: Request, limit: int) -> bytes:
+    """The whole body of a small request; 413 ``too_large`` past ``limit`` bytes.
+
+    A declared Content-Length over the limit is refused before a byte is read; a
+    chunked body is read only up to the limit, never buffered whole.
+    """
+    declared = request.headers.get("content-length")
+    if declared is not None and declared.isdigit() and int(declared) > limit:
+        raise ApiError(Reason.TOO_LARGE, f"the request body is {declared} bytes; the limit is {limit}")
     chunks, size = [], 0
     async for chunk in request.stream():
         size += len(chunk)
-        if size > MAX_JSON_BYTES:
-            raise ApiError(Reason.TOO_LARGE, f"JSON body larger than {MAX_JSON_BYTES} bytes")
+        if size > limit:
+            raise ApiError(Reason.TOO_LARGE, f"the request body is over the limit of {limit} bytes")
         chunks.append(chunk)
-    body = b"".join(chunks)
+    return b"".join(chunks)
+
+
+async def json_object(request: Request, limit: int, *, optional: bool = False) -> dict[str, Any]:
+    """The body as a JSON object (via :func:`read_body`); ``{}`` for no body if ``optional``."""
+    body = await read_body(request, limit)
     if optional and not body.strip():
         return {}
     try:

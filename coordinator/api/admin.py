@@ -51,6 +51,7 @@ def _limit(request: Request) -> int:
 def routes(ctx: Coordinator) -> list[Route]:
     """The admin routes, relative to their mount point."""
     fid = ctx.federation_id
+    body_limit = ctx.config.max_request_bytes
 
     def read(fn, *args, **kwargs):
         """Run ``fn(session, ...)`` in a read-only transaction, in a worker thread."""
@@ -77,7 +78,7 @@ def routes(ctx: Coordinator) -> list[Route]:
               tag="silos", body="CreateSilo", response="SiloCreated", status=201,
               errors=[Reason.INVALID_REQUEST, Reason.CONFLICT])
     async def create_silo(request: Request, who: Principal) -> Response:
-        body = await json_object(request)
+        body = await json_object(request, body_limit)
         new = await write(
             enrolment.create_silo,
             name=field(body, "name", str),
@@ -113,7 +114,7 @@ def routes(ctx: Coordinator) -> list[Route]:
               errors=[Reason.NOT_FOUND])
     async def revoke_silo(request: Request, who: Principal) -> Response:
         silo_id = request.path_params["silo_id"]
-        body = await json_object(request, optional=True)
+        body = await json_object(request, body_limit, optional=True)
         await write(enrolment.revoke_silo, silo_id, actor=who.actor, now=ctx.clock(),
                     reason=field(body, "reason", str, required=False))
         return JSONResponse((await read(admin.get_silo, silo_id, federation_id=fid)).to_json())
@@ -131,7 +132,7 @@ def routes(ctx: Coordinator) -> list[Route]:
               body="SettingsChange", response="Federation",
               errors=[Reason.INVALID_REQUEST, Reason.CONFLICT])
     async def patch_federation(request: Request, who: Principal) -> Response:
-        body = await json_object(request)
+        body = await json_object(request, body_limit)
         settings = field(body, "settings", dict)
         info = await write(admin.change_settings, settings, actor=who.actor, now=ctx.clock(), federation_id=fid)
         return JSONResponse(info.to_json())
@@ -207,7 +208,7 @@ def routes(ctx: Coordinator) -> list[Route]:
               body="CreateToken", response="TokenCreated", status=201,
               errors=[Reason.INVALID_REQUEST, Reason.CONFLICT])
     async def create_token(request: Request, who: Principal) -> Response:
-        body = await json_object(request)
+        body = await json_object(request, body_limit)
         token, row = await write(tokens.create_token, name=field(body, "name", str),
                                  role=field(body, "role", str), actor=who.actor, now=ctx.clock())
         return JSONResponse({**token_json(row), "token": token}, status_code=201)

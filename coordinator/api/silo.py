@@ -7,8 +7,6 @@ Errors are raised, never caught here: ``coordinator.api.errors`` renders them.
 
 from __future__ import annotations
 
-import json
-
 from starlette.concurrency import run_in_threadpool
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
@@ -19,6 +17,7 @@ from privacy.keys import b64e
 from .. import ingest, silos
 from ..context import Coordinator
 from ..errors import ApiError, Reason
+from ._params import json_object, read_body
 
 __all__ = ["routes", "target_of"]
 
@@ -30,36 +29,16 @@ def target_of(request: Request) -> str:
     return (path + (b"?" + query if query else b"")).decode("latin-1")
 
 
-async def _small_body(request: Request, limit: int) -> bytes:
-    """The body of a small request, refused past ``limit`` bytes without reading on."""
-    declared = request.headers.get("content-length")
-    if declared is not None and declared.isdigit() and int(declared) > limit:
-        raise ApiError(Reason.INVALID_REQUEST, f"the request body is larger than {limit} bytes")
-    parts, size = [], 0
-    async for chunk in request.stream():
-        size += len(chunk)
-        if size > limit:
-            raise ApiError(Reason.INVALID_REQUEST, f"the request body is larger than {limit} bytes")
-        parts.append(chunk)
-    return b"".join(parts)
-
-
 def routes(ctx: Coordinator) -> list[Route]:
     """The silo-facing routes, relative to their mount point ``/api/v1``."""
     limit = ctx.config.max_request_bytes
 
     async def signed(request: Request) -> silos.SignedRequest:
-        body = await _small_body(request, limit)
+        body = await read_body(request, limit)
         return silos.SignedRequest(request.method, target_of(request), body, request.headers)
 
     async def enroll(request: Request) -> Response:
-        raw = await _small_body(request, limit)
-        try:
-            body = json.loads(raw)
-        except (UnicodeDecodeError, json.JSONDecodeError):
-            raise ApiError(Reason.INVALID_REQUEST, "the body is not valid JSON") from None
-        if not isinstance(body, dict):
-            raise ApiError(Reason.INVALID_REQUEST, "the body must be a JSON object")
+        body = await json_object(request, limit)
         remote = request.client.host if request.client else None
         return JSONResponse(await run_in_threadpool(silos.enroll, ctx, body, remote=remote))
 
