@@ -43,10 +43,6 @@ class Coordinator:
         self._sessions = sessionmaker(self.engine, expire_on_commit=False)
         self.metrics = Metrics(self.engine, federation_id=self.federation_id)
 
-    @classmethod
-    def open(cls, config: CoordinatorConfig, *, clock: Callable[[], datetime] = utc_now) -> Coordinator:
-        return cls(config, cls.engine_for(config), Identity.load(config.keys_dir), clock)
-
     @staticmethod
     def engine_for(config: CoordinatorConfig) -> Engine:
         """The engine for ``config``: enough connections for every fold thread and reader."""
@@ -54,14 +50,6 @@ class Coordinator:
 
         pool = max(5, config.ingest_workers + config.fold_workers + 2)
         return make_engine(config.database_url, pool_size=pool, max_overflow=pool)
-
-    def session(self) -> Session:
-        """A session for reads; the caller closes it (``with ctx.session() as s``).
-
-        On SQLite its first statement begins a *write* transaction (``BEGIN
-        IMMEDIATE``, see db.py); prefer :meth:`read` for reads.
-        """
-        return self._sessions()
 
     @contextmanager
     def read(self) -> Iterator[Session]:

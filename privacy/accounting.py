@@ -43,9 +43,10 @@ PRV and PLD are tighter than RDP but need time and memory that grow with epsilon
 :data:`NUMERIC_EPSILON_CEILING` (RDP epsilon) they therefore return the RDP figure,
 which is also a valid upper bound; no sensible budget lives up there.
 
-Planning (the silo side): :func:`plan_noise_multiplier` finds the smallest noise
-multiplier for the next run that keeps the composed epsilon within a cap;
-:func:`check_budget` is the coordinator's charge test.
+The coordinator composes a silo's charges with :func:`epsilon_of` (coordinator/budget.py)
+and compares the figure with the silo's cap itself. Planning (the silo side):
+:func:`plan_noise_multiplier` finds the smallest noise multiplier for the next run that
+keeps the composed epsilon within a cap.
 """
 
 from __future__ import annotations
@@ -71,11 +72,8 @@ __all__ = [
     "DPRun",
     "RunLike",
     "SupportsDPRun",
-    "check_budget",
     "epsilon_of",
     "plan_noise_multiplier",
-    "rdp_curve",
-    "remaining_budget",
 ]
 
 DEFAULT_ACCOUNTANT = "rdp"
@@ -279,56 +277,6 @@ def epsilon_of(
     if not groups:
         return 0.0
     return compute(groups, delta)
-
-
-def rdp_curve(history: Iterable[RunLike]) -> tuple[tuple[float, float], ...]:
-    """The composed RDP of ``history`` as ``(order, rdp)`` pairs over :data:`RDP_ORDERS`.
-
-    For audit exports and plots: epsilon at any delta can be re-derived from it.
-    """
-    total = rdp_total(_group(_runs(history)))
-    return tuple(zip(RDP_ORDERS, (float(r) for r in total)))
-
-
-def remaining_budget(
-    history: Iterable[RunLike],
-    delta: float,
-    epsilon_cap: float,
-    accountant: str = DEFAULT_ACCOUNTANT,
-) -> float:
-    """``epsilon_cap`` minus what ``history`` has spent, floored at 0.
-
-    Epsilons do not add across runs, so this is a display figure, not a quantity
-    to plan with: use :func:`plan_noise_multiplier` or :func:`check_budget`.
-    """
-    cap = _check_cap(epsilon_cap)
-    return max(0.0, cap - epsilon_of(history, delta, accountant))
-
-
-def check_budget(
-    history: Iterable[RunLike],
-    run: RunLike,
-    delta: float,
-    epsilon_cap: float,
-    accountant: str = DEFAULT_ACCOUNTANT,
-) -> float:
-    """Epsilon of ``history`` plus ``run``; raise if it passes ``epsilon_cap``.
-
-    The coordinator's charge test for an incoming update.
-
-    Raises:
-        AccountingError: ``budget_exhausted`` when the composed epsilon exceeds the
-            cap; ``invalid_dp_parameters`` for malformed input.
-    """
-    cap = _check_cap(epsilon_cap)
-    runs = [*_runs(history), DPRun.of(run)]
-    eps = epsilon_of(runs, delta, accountant)
-    if not eps <= cap:
-        raise AccountingError(
-            Reason.BUDGET_EXHAUSTED,
-            f"composed epsilon {eps:.6g} at delta {delta:g} would exceed the cap {cap:g}",
-        )
-    return eps
 
 
 def plan_noise_multiplier(

@@ -16,13 +16,11 @@ from privacy.accounting import (
     NUMERIC_EPSILON_CEILING,
     RDP_ORDERS,
     DPRun,
-    check_budget,
     epsilon_of,
     plan_noise_multiplier,
-    rdp_curve,
-    remaining_budget,
 )
 from privacy.errors import AccountingError, PrivacyError, Reason
+from privacy.rdp import rdp_total
 
 DELTA = 1e-5
 
@@ -33,6 +31,11 @@ def dp_accounting_rdp(history, delta):
     for sigma, q, steps in history:
         acc.compose(PoissonSampledDpEvent(q, GaussianDpEvent(sigma)), count=steps)
     return acc.get_epsilon(delta)
+
+
+def _rdp_curve(history):
+    """The composed RDP of ``history`` (one group per run), order -> value."""
+    return dict(zip(RDP_ORDERS, (float(r) for r in rdp_total(history))))
 
 
 # ----------------------------------------------------------------- vs dp-accounting
@@ -105,7 +108,7 @@ def test_matches_dp_accounting_where_fractional_orders_do_not_converge():
     reference = dp_accounting_rdp(history, DELTA)
     assert math.isfinite(reference)
     assert epsilon_of(history, DELTA) == pytest.approx(reference, rel=1e-9)
-    curve = dict(rdp_curve([(0.5, 0.3, 1)]))
+    curve = _rdp_curve([(0.5, 0.3, 1)])
     assert math.isinf(curve[1.1])
 
 
@@ -120,7 +123,7 @@ def test_order_two_and_three_match_hand_computed_rdp():
     a2 = 1 + q**2 * (e - 1)
     a3 = (1 - q) ** 3 + 3 * q * (1 - q) ** 2 + 3 * q**2 * (1 - q) * e
     a3 += q**3 * math.exp(3 / sigma**2)
-    curve = dict(rdp_curve([(sigma, q, steps)]))
+    curve = _rdp_curve([(sigma, q, steps)])
     assert curve[2.0] == pytest.approx(steps * math.log(a2), rel=1e-12)
     assert curve[3.0] == pytest.approx(steps * math.log(a3) / 2, rel=1e-12)
 
@@ -315,18 +318,6 @@ def test_plan_rejects_invalid_input(kwargs):
     with pytest.raises(AccountingError) as info:
         plan_noise_multiplier(**{**args, **kwargs})
     assert info.value.reason is Reason.INVALID_DP_PARAMETERS
-
-
-def test_check_budget_and_remaining_budget():
-    history = [(1.0, 0.01, 500)]
-    spent = epsilon_of(history, DELTA)
-    assert remaining_budget(history, DELTA, 10.0) == pytest.approx(10.0 - spent)
-    assert remaining_budget(history, DELTA, spent / 2) == 0.0
-    eps = check_budget(history, DPRun(1.0, 0.01, 500), DELTA, 10.0)
-    assert eps == epsilon_of([*history, (1.0, 0.01, 500)], DELTA)
-    with pytest.raises(AccountingError) as info:
-        check_budget(history, (1.0, 0.01, 500), DELTA, eps * 0.99)
-    assert info.value.reason is Reason.BUDGET_EXHAUSTED
 
 
 # ----------------------------------------------------------------- PRV and PLD

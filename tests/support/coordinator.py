@@ -258,10 +258,11 @@ def running_coordinator(
 
 def open_context(data_dir: Path):
     """A Coordinator on ``data_dir``'s database and keys, for direct inspection (close it)."""
-    from coordinator.config import CoordinatorConfig
     from coordinator.context import Coordinator
+    from coordinator.startup import load_config, load_identity
 
-    return Coordinator.open(CoordinatorConfig.load(data_dir))
+    config = load_config(data_dir)
+    return Coordinator(config, Coordinator.engine_for(config), load_identity(config))
 
 
 # --------------------------------------------------------------------------- silos
