@@ -21,8 +21,9 @@ What only a process can know is kept *per process* by :class:`Metrics`:
   where queueing shows), observed by ``coordinator.ingest`` via
   :meth:`Metrics.observe_update`;
 * ``fedsilo_ingest_decisions_total{outcome, reason}`` -- decisions this process
-  made, including rejections that leave no ``updates`` row (an envelope too large,
-  malformed or from an unknown signer).
+  made, including rejections that leave no ``updates`` row: those made before the
+  envelope's signature verified (``too_large`` ... ``bad_signature``). Alert on this
+  series for forged uploads; ``fedsilo_updates_total`` never counts them.
 
 With ``--workers N`` a scrape sees one worker's per-process series; give each worker
 its own ``instance`` (one port each) or aggregate with ``sum()`` across instances.

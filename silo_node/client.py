@@ -1,6 +1,6 @@
 """The silo's HTTP client: outbound only, signed, patient, and suspicious of answers.
 
-Every call goes from the silo to the coordinator (docs/dev/api-contract.md); nothing
+Every call goes from the silo to the coordinator (docs/protocol.md); nothing
 listens. The client
 
 - signs each request with the silo's Ed25519 key (``privacy.envelope.sign_request``),

@@ -1,6 +1,6 @@
 """A faithful fake of the coordinator's silo-facing API, for the silo node's tests.
 
-It follows docs/dev/api-contract.md with real keys, signatures, HPKE and safetensors,
+It follows docs/protocol.md with real keys, signatures, HPKE and safetensors,
 in memory (no SQL, no HTTP server): it is an ``httpx.MockTransport`` handler. The real
 coordinator is exercised in tests/integration/test_silos.py.
 """
