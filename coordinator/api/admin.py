@@ -8,13 +8,15 @@ change is audited by its service in the same transaction as the change.
 
 from __future__ import annotations
 
-from starlette.concurrency import run_in_threadpool
+import functools
+
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
 from coordinator import admin, enrolment, tokens
 from coordinator.api._params import field, json_object, path_int, query_int, query_str
+from coordinator.api._threads import in_read, in_transaction
 from coordinator.api.auth import ADMIN, ANY_ROLE, Principal, guarded
 from coordinator.context import Coordinator
 from coordinator.models import ApiToken, SiloStatus, UpdateStatus
@@ -53,23 +55,8 @@ def routes(ctx: Coordinator) -> list[Route]:
     fid = ctx.federation_id
     body_limit = ctx.config.max_request_bytes
 
-    def read(fn, *args, **kwargs):
-        """Run ``fn(session, ...)`` in a read-only transaction, in a worker thread."""
-
-        def run():
-            with ctx.read() as session:
-                return fn(session, *args, **kwargs)
-
-        return run_in_threadpool(run)
-
-    def write(fn, *args, **kwargs):
-        """Run ``fn(session, ...)`` in one write transaction, in a worker thread."""
-
-        def run():
-            with ctx.transaction() as session:
-                return fn(session, *args, **kwargs)
-
-        return run_in_threadpool(run)
+    read = functools.partial(in_read, ctx)
+    write = functools.partial(in_transaction, ctx)
 
     # ------------------------------------------------------------------ silos
 

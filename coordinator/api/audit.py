@@ -13,10 +13,10 @@ stays bounded by one batch, and a slow download never holds a database snapshot 
 from __future__ import annotations
 
 import csv
+import functools
 import io
 from collections.abc import Iterator
 
-from starlette.concurrency import run_in_threadpool
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
@@ -24,6 +24,7 @@ from starlette.routing import Route
 from coordinator import audit
 from coordinator import budget as budget_reports
 from coordinator.api._params import query_int, query_str
+from coordinator.api._threads import in_read
 from coordinator.api.auth import ANY_ROLE, Principal, guarded
 from coordinator.context import Coordinator
 from coordinator.errors import Reason
@@ -80,12 +81,7 @@ def export_lines(ctx: Coordinator, fmt: str, *, after_seq: int, upto_seq: int) -
 def routes(ctx: Coordinator) -> list[Route]:
     """The audit routes, relative to their mount point."""
 
-    def read(fn, *args, **kwargs):
-        def run():
-            with ctx.read() as session:
-                return fn(session, *args, **kwargs)
-
-        return run_in_threadpool(run)
+    read = functools.partial(in_read, ctx)
 
     @guarded(ctx, *ANY_ROLE)
     @describe("Audit log entries in seq order, filtered, paged by seq", tag="audit",
