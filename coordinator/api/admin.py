@@ -63,7 +63,7 @@ def routes(ctx: Coordinator) -> list[Route]:
     @guarded(ctx, *ADMIN)
     @describe("Create a silo with a privacy budget; returns its one-time enrolment token",
               tag="silos", body="CreateSilo", response="SiloCreated", status=201,
-              errors=[Reason.INVALID_REQUEST, Reason.CONFLICT])
+              errors=[Reason.TOO_LARGE, Reason.INVALID_REQUEST, Reason.CONFLICT])
     async def create_silo(request: Request, who: Principal) -> Response:
         body = await json_object(request, body_limit)
         new = await write(
@@ -98,7 +98,7 @@ def routes(ctx: Coordinator) -> list[Route]:
     @describe("Revoke a silo: its signatures stop being accepted at once", tag="silos",
               parameters=[path_param("silo_id")],
               body={"type": "object", "properties": {"reason": _STR}}, response="Silo",
-              errors=[Reason.NOT_FOUND])
+              errors=[Reason.TOO_LARGE, Reason.INVALID_REQUEST, Reason.NOT_FOUND])
     async def revoke_silo(request: Request, who: Principal) -> Response:
         silo_id = request.path_params["silo_id"]
         body = await json_object(request, body_limit, optional=True)
@@ -117,7 +117,7 @@ def routes(ctx: Coordinator) -> list[Route]:
     @guarded(ctx, *ADMIN)
     @describe("Change strategy settings (partial; validated as a whole; audited)", tag="federation",
               body="SettingsChange", response="Federation",
-              errors=[Reason.INVALID_REQUEST, Reason.CONFLICT])
+              errors=[Reason.TOO_LARGE, Reason.INVALID_REQUEST, Reason.CONFLICT])
     async def patch_federation(request: Request, who: Principal) -> Response:
         body = await json_object(request, body_limit)
         settings = field(body, "settings", dict)
@@ -193,7 +193,7 @@ def routes(ctx: Coordinator) -> list[Route]:
     @guarded(ctx, *ADMIN)
     @describe("Create an API token (admin or auditor); the token is shown once", tag="tokens",
               body="CreateToken", response="TokenCreated", status=201,
-              errors=[Reason.INVALID_REQUEST, Reason.CONFLICT])
+              errors=[Reason.TOO_LARGE, Reason.INVALID_REQUEST, Reason.CONFLICT])
     async def create_token(request: Request, who: Principal) -> Response:
         body = await json_object(request, body_limit)
         token, row = await write(tokens.create_token, name=field(body, "name", str),
