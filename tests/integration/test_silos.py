@@ -33,11 +33,12 @@ import httpx
 import pytest
 
 from privacy import codec
-from silo_node.cli import init_silo
+from silo_node.commands import init_silo
 from silo_node.config import SiloConfig
 from silo_node.ledger import Ledger
 from silo_node.partition import write_partitions
-from silo_node.tasks import Standardizer, get_task
+from silo_node.tabular import Standardizer
+from silo_node.tasks import get_task
 from tests.support.coordinator import create_silo, running_coordinator
 
 pytestmark = pytest.mark.slow
