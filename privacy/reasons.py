@@ -14,7 +14,7 @@ from __future__ import annotations
 
 from enum import StrEnum
 
-__all__ = ["Reason"]
+__all__ = ["Reason", "known"]
 
 
 class Reason(StrEnum):
@@ -60,3 +60,11 @@ class Reason(StrEnum):
     METHOD_NOT_ALLOWED = "method_not_allowed", 405, "this route does not accept this HTTP method"
     # the coordinator's own fault: never the client's, details only in the coordinator's log
     INTERNAL_ERROR = "internal_error", 500, "internal error; see the coordinator's log"
+
+
+def known(code: object) -> Reason | None:
+    """The member for ``code``, or None when it is not a protocol code (a proxy's ``http_403``)."""
+    try:
+        return Reason(code)
+    except ValueError:
+        return None

@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING
 
 import httpx
 
-from privacy.reasons import Reason
+from privacy.reasons import Reason, known
 
 if TYPE_CHECKING:
     from .receipt import Receipt
@@ -85,7 +85,7 @@ class Rejected(ClientError):
         audit_seq: int | None = None,
     ) -> None:
         super().__init__(reason, f"{detail} ({reason}, HTTP {status})")
-        self.reason: Reason | str = Reason._value2member_map_.get(reason, reason)  # type: ignore[assignment]
+        self.reason: Reason | str = known(reason) or reason
         self.detail = detail
         self.status = status
         self.receipt = receipt

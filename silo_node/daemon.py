@@ -41,7 +41,7 @@ from typing import Any
 from privacy import codec
 from privacy.envelope import UpdateHeader, parse_update, seal_update, utc_timestamp
 from privacy.keys import Identity
-from privacy.reasons import Reason
+from privacy.reasons import Reason, known
 
 from .client import Release, SiloClient
 from .client_errors import BadResponse, Cancelled, ClientError, Rejected, Unreachable, Untrusted
@@ -113,8 +113,8 @@ ON_REJECTION: dict[Reason, OnRejection] = {
 def on_rejection(code: str) -> OnRejection:
     """The daemon's course for a refusal; a code outside the protocol (a proxy's page,
     ``http_4xx``) concerns this attempt only."""
-    known = Reason._value2member_map_.get(code)
-    return ON_REJECTION[known] if isinstance(known, Reason) else OnRejection.NEXT_ROUND
+    reason = known(code)
+    return OnRejection.NEXT_ROUND if reason is None else ON_REJECTION[reason]
 
 
 MIN_RETRY_PAUSE = 10.0  # seconds between loop iterations after a network failure

@@ -16,7 +16,7 @@ from coordinator.rejections import TRANSLATION, translate
 from coordinator.strategies import StrategyError, StrategyReason
 from privacy.errors import PrivacyError
 from privacy.errors import Reason as PrivacyReason
-from privacy.reasons import Reason
+from privacy.reasons import Reason, known
 from silo_node.daemon import ON_REJECTION, OnRejection, on_rejection
 
 PROTOCOL = Path(__file__).resolve().parents[1] / "docs" / "protocol.md"
@@ -54,6 +54,20 @@ def test_the_silo_classifies_every_code() -> None:
     assert on_rejection("budget_exceeded") is OnRejection.BUDGET
     assert on_rejection("stale") is OnRejection.NEXT_ROUND
     assert on_rejection("http_403") is OnRejection.NEXT_ROUND  # not the coordinator's answer
+    assert known("stale") is Reason.STALE and known("http_403") is None
+
+
+def test_the_silo_guide_lists_the_daemons_course_for_every_code() -> None:
+    text = (PROTOCOL.parent / "silo.md").read_text(encoding="utf-8")
+    heads = {"stop, exit 1": OnRejection.FATAL, "stop, exit 0": OnRejection.BUDGET, "next round": OnRejection.NEXT_ROUND}
+    documented = {}
+    for item in re.findall(r"^- \*\*(.+?)\*\*(.*?)(?=^- |^\n)", text, flags=re.MULTILINE | re.DOTALL):
+        head, body = item
+        if head in heads:
+            documented[heads[head]] = set(re.findall(r"`([a-z_]+)`", body))
+    assert set(documented) == set(OnRejection)
+    for course, codes in documented.items():
+        assert codes == {r.value for r, c in ON_REJECTION.items() if c is course}, course
 
 
 @pytest.mark.parametrize("foreign", [*PrivacyReason, *StrategyReason])

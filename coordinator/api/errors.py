@@ -27,7 +27,12 @@ __all__ = ["exception_handlers"]
 
 log = logging.getLogger("fedsilo.coordinator")
 
-_HTTP_REASONS = {404: Reason.NOT_FOUND, 405: Reason.METHOD_NOT_ALLOWED, 413: Reason.TOO_LARGE}
+_HTTP_REASONS = {
+    400: Reason.MALFORMED,
+    404: Reason.NOT_FOUND,
+    405: Reason.METHOD_NOT_ALLOWED,
+    413: Reason.TOO_LARGE,
+}
 
 
 async def coordinator_error(request: Request, exc: CoordinatorError) -> Response:
