@@ -39,10 +39,10 @@ from torch import nn
 from .tabular import (
     BUNDLED,
     DEFAULT_TARGET,
+    Standardizer,
     TabularData,
     TaskError,
     TaskReason,
-    Standardizer,
     bundled_arrays,
     is_int,
     is_real,
