@@ -194,7 +194,7 @@ def test_init_pins_the_coordinator_and_refuses_data_that_does_not_fit(federation
     assert server.init["fingerprints"]["signing"] in init.stdout  # printed for out-of-band comparison
     refused = federation["refused"]
     assert refused.returncode != 0
-    assert "2 feature columns" in refused.stderr and "expects 30" in refused.stderr
+    assert "not expected: age, weight" in refused.stderr and "expects these 30 feature columns" in refused.stderr
     assert "Traceback" not in refused.stderr
 
 
