@@ -111,7 +111,8 @@ def task_options(params: int) -> dict[str, Any]:
     """Options of the built-in ``csv`` task whose MLP has about ``params`` parameters."""
     fixed = LAST_HIDDEN + LAST_HIDDEN * CLASSES + CLASSES  # layers 2 and 3, without the first hidden
     hidden = max(1, round((params - fixed) / (FEATURES + 1 + LAST_HIDDEN)))
-    return {"features": FEATURES, "classes": CLASSES, "hidden": [hidden, LAST_HIDDEN]}
+    names = [f"f{i}" for i in range(FEATURES)]
+    return {"classes": CLASSES, "hidden": [hidden, LAST_HIDDEN], "feature_names": names}
 
 
 def label(params: int) -> str:

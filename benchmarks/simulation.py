@@ -61,7 +61,8 @@ from coordinator.strategies import (
 from privacy import accounting
 from privacy.dp import sampling_plan, train_dp
 from silo_node.partition import DEFAULT_MIN_SIZE, dirichlet_partition
-from silo_node.tasks import Standardizer, TabularData, Task, get_task
+from silo_node.tabular import Standardizer, TabularData
+from silo_node.tasks import Task, get_task
 
 Tensors = dict[str, torch.Tensor]
 Progress = Callable[[str, float], None]  # (strategy label, fraction done in [0, 1])

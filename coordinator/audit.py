@@ -59,6 +59,7 @@ from typing import IO, Any
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
+from coordinator.errors import InternalFault
 from coordinator.models import AuditEvent, AuditHead
 
 __all__ = [
@@ -94,7 +95,7 @@ class AuditReason(StrEnum):
     NO_HEAD = "no_head"  # audit_head row missing: the schema was not migrated
 
 
-class AuditError(Exception):
+class AuditError(InternalFault):
     """An entry cannot be written; ``reason`` is a stable code."""
 
     def __init__(self, reason: AuditReason, message: str = "") -> None:

@@ -77,7 +77,8 @@ class InitResult:
 
 def _model_weights(task: str, options: Mapping[str, Any]) -> tuple[dict[str, Any], dict]:
     # Imported here: serving never needs task code, and must not load it.
-    from silo_node.tasks import TaskError, get_task, task_spec
+    from silo_node.tabular import TaskError
+    from silo_node.tasks import get_task, task_spec
 
     try:
         t = get_task(task, options)

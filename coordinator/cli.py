@@ -1,7 +1,7 @@
 """``fedsilo-coordinator``: init, serve, verify, migrate (and demo, when installed).
 
 Each command parses its options and calls one function (``bootstrap.initialize``,
-:func:`serve`, :func:`verify_log`, ``db.upgrade``), which tests call directly too.
+:func:`serve`, ``verify.verify_log``, ``db.upgrade``), which tests call directly too.
 User errors print one line saying what to do and exit 2; ``verify`` exits 1 when the
 log does not verify, naming the first bad entry.
 """
@@ -13,11 +13,11 @@ import importlib.util
 import json
 import os
 import sys
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-__all__ = ["main", "serve", "verify_log"]
+__all__ = ["main", "serve"]
 
 EXIT_OK, EXIT_BAD_LOG, EXIT_USAGE = 0, 1, 2
 APP_FACTORY = "coordinator.app:create_app_from_env"
@@ -52,7 +52,11 @@ def _parser() -> argparse.ArgumentParser:
     init.add_argument("--database-url", metavar="URL", help="any SQLAlchemy URL, e.g. postgresql://user@host/db (default: SQLite in DIR)")
     init.add_argument("--task", required=True, metavar="NAME", help="built-in task (breast_cancer, csv, digits) or package.module:factory")
     init.add_argument("--task-option", action="append", type=_key_value, default=[], metavar="KEY=VALUE",
-                      help="task option, value as JSON if it parses (e.g. features=8, hidden=[16,8]); repeatable")
+                      help="task option, value as JSON if it parses (e.g. classes=2, hidden=[16,8]); repeatable")
+    init.add_argument("--features-from", type=Path, metavar="FILE",
+                      help="csv task: take feature_names from this CSV's header row (every column but the label)")
+    init.add_argument("--label-column", default="target", metavar="NAME",
+                      help="with --features-from: the header's label column, left out of the features (default: target)")
     init.add_argument("--name", default="fedsilo", help="the federation's name (default: fedsilo)")
     init.add_argument("--strategy", choices=("fedasync", "fedbuff"), default="fedasync", help="aggregation strategy (default: fedasync)")
     init.add_argument("--setting", action="append", type=_key_value, default=[], metavar="KEY=VALUE",
@@ -120,46 +124,31 @@ def serve(data_dir: Path, *, host: str | None = None, port: int | None = None, w
     )
 
 
-def _jsonl(path: Path) -> Iterator[dict]:
-    with path.open(encoding="utf-8") as f:
-        for line in f:
-            if not line.strip():
-                continue
-            try:
-                yield json.loads(line)
-            except json.JSONDecodeError:
-                yield {}  # verify reports it as malformed, at its position in the chain
+def _feature_names(path: Path, label: str) -> list[str]:
+    """The feature columns a header row names: every column but ``label``."""
+    from silo_node.tabular import TaskError, read_header
 
-
-def verify_log(*, data_dir: Path | None = None, export: Path | None = None):
-    """Verify the live log (``data_dir``) or a JSONL export; return audit.VerifyResult."""
-    from . import audit, db
-    from .config import ConfigError, CoordinatorConfig
-
-    if export is not None:
-        if not export.exists():
-            raise CliError(f"{export} does not exist")
-        return audit.verify(_jsonl(export))
-    if data_dir is None or not (data_dir / "coordinator.toml").exists():
-        raise CliError(f"{data_dir} is not a coordinator data directory (no coordinator.toml)")
     try:
-        config = CoordinatorConfig.load(data_dir)
-    except ConfigError as exc:
-        raise CliError(str(exc)) from None
-    engine = db.make_engine(config.database_url)
-    try:
-        with db.transaction(engine, read_only=True) as s:
-            return audit.verify(s)
-    finally:
-        engine.dispose()
+        header = read_header(path)
+    except TaskError as exc:
+        raise CliError(f"--features-from: {exc.message}") from None
+    if label not in header:
+        raise CliError(f"--features-from: {path} has no label column {label!r} (its columns: {', '.join(header)}); "
+                       "name it with --label-column")
+    return [c for c in header if c != label]
 
 
 def _init(args: argparse.Namespace) -> int:
     from .bootstrap import InitError, initialize
 
+    options = dict(args.task_option)
+    if args.features_from is not None:
+        if "feature_names" in options:
+            raise CliError("give the feature names either with --features-from or as a task option, not both")
+        options["feature_names"] = _feature_names(args.features_from, args.label_column)
     try:
         result = initialize(
-            args.data_dir, task=args.task, task_options=dict(args.task_option), database_url=args.database_url,
+            args.data_dir, task=args.task, task_options=options, database_url=args.database_url,
             name=args.name, strategy=args.strategy, settings=dict(args.setting), host=args.host, port=args.port,
             public_url=args.public_url,
         )
@@ -183,7 +172,12 @@ def _init(args: argparse.Namespace) -> int:
 
 
 def _verify(args: argparse.Namespace) -> int:
-    result = verify_log(data_dir=args.data_dir, export=args.export)
+    from .verify import VerifyError, verify_log
+
+    try:
+        result = verify_log(data_dir=args.data_dir, export=args.export)
+    except VerifyError as exc:
+        raise CliError(str(exc)) from None
     if args.json:
         print(json.dumps({
             "ok": result.ok, "checked": result.checked, "first_bad_seq": result.first_bad_seq,

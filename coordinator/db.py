@@ -35,6 +35,7 @@ from sqlalchemy import Engine, create_engine, event, select, text
 from sqlalchemy.engine import URL, Connection, make_url
 from sqlalchemy.orm import Session, sessionmaker
 
+from coordinator.errors import InternalFault
 from coordinator.models import Federation
 
 __all__ = [
@@ -68,7 +69,7 @@ class DbReason(StrEnum):
     UNSUPPORTED_DATABASE = "unsupported_database"
 
 
-class DatabaseError(Exception):
+class DatabaseError(InternalFault):
     """A database-layer condition the caller must handle; ``reason`` is stable."""
 
     def __init__(self, reason: DbReason, message: str = "") -> None:

@@ -1,103 +1,45 @@
-"""The coordinator's error tree and the one table from reason code to HTTP status.
+"""The coordinator's error trees: refusals a client caused, and faults it did not.
 
-    CoordinatorError            root: ``reason`` (stable code), ``detail``, ``status``
+    CoordinatorError            root of refusals: ``reason`` (a wire code), ``detail``, ``status``
     ├── IngestRejected          an update was refused (audited; nothing else changed)
     ├── AuthError               401/403 for tokens, roles and signed requests
     └── ApiError                anything else a route refuses (404, 409, 422 ...)
 
-Routes never catch these: one exception handler in ``app.py`` turns any of them into
-``{"reason": ..., "detail": ...}`` with the status below. A code is never renamed and a
-retired code is never reused (silos and scripts match on them).
+    InternalFault               root of the coordinator's own faults (never the client's)
+    ├── audit.AuditError        an audit entry cannot be written
+    ├── db.DatabaseError        a database-layer condition
+    └── federation.StorageCorrupted   a stored blob does not match its digest
+
+Routes never catch these: one exception handler (``api/errors.py``) turns a refusal into
+``{"reason": ..., "detail": ...}`` with its reason's status, and a fault into a 500
+``internal_error`` whose details stay in the log. The codes, their statuses and
+messages are :class:`privacy.reasons.Reason`, shared with the silo.
 """
 
 from __future__ import annotations
 
-from enum import StrEnum
+from collections.abc import Mapping
+from types import MappingProxyType
 
+from privacy.reasons import Reason
 
-class Reason(StrEnum):
-    # ingest, in pipeline order
-    TOO_LARGE = "too_large"
-    MALFORMED = "malformed"
-    UNSUPPORTED_VERSION = "unsupported_version"
-    UNKNOWN_SILO = "unknown_silo"
-    REVOKED = "revoked"
-    BAD_SIGNATURE = "bad_signature"
-    REPLAY = "replay"
-    UNKNOWN_BASE_VERSION = "unknown_base_version"
-    STALE = "stale"
-    DECRYPT_FAILED = "decrypt_failed"
-    DIGEST_MISMATCH = "digest_mismatch"
-    MALFORMED_PAYLOAD = "malformed_payload"
-    SCHEMA_MISMATCH = "schema_mismatch"
-    NON_FINITE = "non_finite"
-    NORM_EXCEEDED = "norm_exceeded"
-    BUDGET_EXCEEDED = "budget_exceeded"
-    INVALID_DP_PARAMETERS = "invalid_dp_parameters"
-    # enrolment and auth
-    BAD_TOKEN = "bad_token"
-    FORBIDDEN = "forbidden"
-    ALREADY_ENROLLED = "already_enrolled"
-    # generic API
-    NOT_FOUND = "not_found"
-    UNKNOWN_VERSION = "unknown_version"
-    CONFLICT = "conflict"
-    INVALID_REQUEST = "invalid_request"
+# ``Reason`` is named here as well as in its home, privacy.reasons: it is the vocabulary
+# of every error below (``CoordinatorError(reason)``), and coordinator modules take it
+# with the errors they raise.
+__all__ = [
+    "MESSAGES",
+    "STATUS",
+    "ApiError",
+    "AuthError",
+    "CoordinatorError",
+    "IngestRejected",
+    "InternalFault",
+    "Reason",
+]
 
-
-STATUS: dict[Reason, int] = {
-    Reason.TOO_LARGE: 413,
-    Reason.MALFORMED: 400,
-    Reason.UNSUPPORTED_VERSION: 400,
-    Reason.UNKNOWN_SILO: 401,
-    Reason.REVOKED: 403,
-    Reason.BAD_SIGNATURE: 401,
-    Reason.REPLAY: 409,
-    Reason.UNKNOWN_BASE_VERSION: 409,
-    Reason.STALE: 409,
-    Reason.DECRYPT_FAILED: 400,
-    Reason.DIGEST_MISMATCH: 400,
-    Reason.MALFORMED_PAYLOAD: 422,
-    Reason.SCHEMA_MISMATCH: 422,
-    Reason.NON_FINITE: 422,
-    Reason.NORM_EXCEEDED: 422,
-    Reason.BUDGET_EXCEEDED: 403,
-    Reason.INVALID_DP_PARAMETERS: 422,
-    Reason.BAD_TOKEN: 401,
-    Reason.FORBIDDEN: 403,
-    Reason.ALREADY_ENROLLED: 409,
-    Reason.NOT_FOUND: 404,
-    Reason.UNKNOWN_VERSION: 404,
-    Reason.CONFLICT: 409,
-    Reason.INVALID_REQUEST: 422,
-}
-
-MESSAGES: dict[Reason, str] = {
-    Reason.TOO_LARGE: "the request body exceeds the coordinator's size limit",
-    Reason.MALFORMED: "the envelope or request is not well formed",
-    Reason.UNSUPPORTED_VERSION: "the envelope's format or cipher suite is not supported",
-    Reason.UNKNOWN_SILO: "no enrolled silo has this id",
-    Reason.REVOKED: "this silo has been revoked by the operator",
-    Reason.BAD_SIGNATURE: "the signature does not verify",
-    Reason.REPLAY: "this update id was already used, or its timestamp is outside the allowed window",
-    Reason.UNKNOWN_BASE_VERSION: "the update's base version is not known to the coordinator",
-    Reason.STALE: "the update's base version is older than the staleness bound",
-    Reason.DECRYPT_FAILED: "the payload does not decrypt with the coordinator's key",
-    Reason.DIGEST_MISMATCH: "the payload does not match the digest in its signed header",
-    Reason.MALFORMED_PAYLOAD: "the payload is not valid safetensors",
-    Reason.SCHEMA_MISMATCH: "the payload's tensors do not match the federation's model schema",
-    Reason.NON_FINITE: "the payload contains NaN or infinite values",
-    Reason.NORM_EXCEEDED: "the update's L2 norm exceeds the federation's bound",
-    Reason.BUDGET_EXCEEDED: "accepting this update would take the silo past its privacy budget",
-    Reason.INVALID_DP_PARAMETERS: "the update's DP parameters are invalid",
-    Reason.BAD_TOKEN: "missing, unknown, used, expired or revoked token",
-    Reason.FORBIDDEN: "this token's role may not do this",
-    Reason.ALREADY_ENROLLED: "this silo has already enrolled",
-    Reason.NOT_FOUND: "no such resource",
-    Reason.UNKNOWN_VERSION: "this model version does not exist or its weights were pruned",
-    Reason.CONFLICT: "the request conflicts with the current state",
-    Reason.INVALID_REQUEST: "the request's parameters are invalid",
-}
+#: Each code's HTTP status and default message, as tables (read from the enum, not restated).
+STATUS: Mapping[Reason, int] = MappingProxyType({r: r.status for r in Reason})
+MESSAGES: Mapping[Reason, str] = MappingProxyType({r: r.message for r in Reason})
 
 
 class CoordinatorError(Exception):
@@ -105,13 +47,13 @@ class CoordinatorError(Exception):
 
     def __init__(self, reason: Reason | str, detail: str | None = None, *, extra: dict | None = None):
         self.reason = Reason(reason)
-        self.detail = detail or MESSAGES[self.reason]
+        self.detail = detail or self.reason.message
         self.extra = extra or {}  # e.g. audit_seq, a signed rejection receipt
         super().__init__(f"{self.reason.value}: {self.detail}")
 
     @property
     def status(self) -> int:
-        return STATUS[self.reason]
+        return self.reason.status
 
     def to_json(self) -> dict:
         return {"reason": self.reason.value, "detail": self.detail, **self.extra}
@@ -127,3 +69,11 @@ class AuthError(CoordinatorError):
 
 class ApiError(CoordinatorError):
     """Any other refusal of an API request."""
+
+
+class InternalFault(Exception):
+    """Root of the coordinator's own faults (storage, database, audit chain).
+
+    Never a client's doing: answered as 500 ``internal_error`` without details, logged
+    in full. Subclasses keep their own ``reason`` enums for the log and for tests.
+    """

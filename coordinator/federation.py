@@ -34,7 +34,7 @@ from privacy.envelope import release_statement, utc_timestamp
 from privacy.keys import Identity
 
 from . import audit
-from .errors import ApiError, Reason
+from .errors import ApiError, InternalFault, Reason
 from .models import Federation, ModelVersion
 from .strategies import StrategySettings
 
@@ -63,7 +63,7 @@ ACTION_VERSIONS_PRUNED = "versions_pruned"
 Tensors = dict[str, torch.Tensor]
 
 
-class StorageCorrupted(Exception):
+class StorageCorrupted(InternalFault):
     """A stored blob does not match its recorded digest (disk or database damage).
 
     Never a client's fault: it surfaces as a 500 and in the logs.

@@ -23,7 +23,7 @@ from starlette.responses import JSONResponse
 from starlette.routing import BaseRoute, Mount, Route
 
 from coordinator.api.auth import roles_of
-from coordinator.errors import STATUS, Reason
+from privacy.reasons import Reason
 
 __all__ = ["OPERATIONS", "SCHEMAS", "build_spec", "describe", "iter_operations", "path_param", "query", "routes"]
 
@@ -222,7 +222,7 @@ def _operation(
         ok["headers"] = {k: {"description": v, "schema": _STR} for k, v in response_headers.items()}
     responses: dict[str, Any] = {str(status): ok}
     for reason in errors:
-        code = str(STATUS[reason])
+        code = str(reason.status)
         entry = responses.setdefault(code, {"description": "", "content": _json("Error")})
         entry["description"] = ", ".join(filter(None, [entry["description"], reason.value]))
     op: dict[str, Any] = {"summary": summary, "responses": responses}

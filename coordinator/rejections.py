@@ -53,6 +53,11 @@ TRANSLATION: dict[PrivacyReason | StrategyReason, Reason] = {
     StrategyReason.INVALID_STALENESS: Reason.UNKNOWN_BASE_VERSION,
     StrategyReason.NORM_EXCEEDED: Reason.NORM_EXCEEDED,
     StrategyReason.MISMATCHED_TENSORS: Reason.SCHEMA_MISMATCH,
+    # The federation's settings do not let this update fold (settings are validated when
+    # written, so only a bug gets here): the state conflicts, not the silo's request. A
+    # 4xx, not a 500: the refusal is recorded, and a stored 500 would be retried forever.
+    StrategyReason.INVALID_SETTINGS: Reason.CONFLICT,
+    StrategyReason.INVALID_ARGUMENT: Reason.CONFLICT,
 }
 
 

@@ -1,7 +1,7 @@
 """``fedsilo-silo``: enrol a silo, run its daemon, show its status, export its ledger.
 
 Each command parses its options and calls one function of :mod:`silo_node.commands`
-(``init_silo``, ``run_silo``, ``silo_status``, ``export_ledger``; re-exported here),
+(``init_silo``, ``run_silo``, ``silo_status``, ``export_ledger``),
 which tests call directly. A user error prints one line, ``error: ...``, and exits 1; a refused model
 release or receipt exits 3; nothing prints a traceback unless ``--debug`` is given.
 """
@@ -22,12 +22,12 @@ from typing import Any
 
 from privacy.errors import PrivacyError
 
-from .client import ClientError, Untrusted
+from .client_errors import ClientError, Untrusted
 from .commands import InitResult, export_ledger, init_silo, run_silo, silo_status
 from .config import ENV_PREFIX, ConfigError
 from .ledger import LedgerError
 
-__all__ = ["InitResult", "export_ledger", "init_silo", "main", "run_silo", "silo_status"]
+__all__ = ["main"]
 
 
 EXIT_OK, EXIT_ERROR, EXIT_USAGE, EXIT_REFUSED = 0, 1, 2, 3
@@ -36,7 +36,7 @@ TEST_CRASH_ENV = "FEDSILO_TEST_CRASH_AT"
 
 
 def _user_errors() -> tuple[type[BaseException], ...]:
-    from .tasks import TaskError
+    from .tabular import TaskError
 
     errors: list[type[BaseException]] = [ConfigError, ClientError, LedgerError, TaskError, PrivacyError]
     if "silo_node.trainer" in sys.modules:  # imported only by `run`

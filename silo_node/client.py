@@ -15,8 +15,8 @@ listens. The client
   the bytes against the release's digest, before decoding anything;
 - verifies every receipt before returning it.
 
-The errors it raises are defined in :mod:`silo_node.client_errors` (and re-exported
-here); httpx's own errors are translated at this boundary and never escape.
+The errors it raises are defined in :mod:`silo_node.client_errors`; httpx's own
+errors are translated at this boundary and never escape.
 """
 
 from __future__ import annotations
@@ -56,17 +56,10 @@ if TYPE_CHECKING:  # torch is heavy; status and ledger commands never need it
 
 __all__ = [
     "API_PREFIX",
-    "BadResponse",
-    "Cancelled",
-    "ClientError",
-    "ClientReason",
     "Enrolment",
-    "Rejected",
     "Release",
     "RetryPolicy",
     "SiloClient",
-    "Unreachable",
-    "Untrusted",
 ]
 
 API_PREFIX = "/api/v1"

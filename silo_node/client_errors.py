@@ -19,6 +19,8 @@ from typing import TYPE_CHECKING
 
 import httpx
 
+from privacy.reasons import Reason, known
+
 if TYPE_CHECKING:
     from .receipt import Receipt
 
@@ -66,7 +68,8 @@ class Unreachable(ClientError):
 
 
 class Rejected(ClientError):
-    """A 4xx refusal. ``reason`` is the coordinator's code (``budget_exceeded`` ...).
+    """A 4xx refusal. ``reason`` is the coordinator's code: a :class:`privacy.reasons.Reason`
+    when it is one of the protocol's, else the string received (a proxy's ``http_403`` ...).
 
     ``receipt`` is the coordinator's signed rejection receipt when it sent one and it
     verified against the pinned key; ``audit_seq`` is the audit entry it wrote.
@@ -82,6 +85,7 @@ class Rejected(ClientError):
         audit_seq: int | None = None,
     ) -> None:
         super().__init__(reason, f"{detail} ({reason}, HTTP {status})")
+        self.reason: Reason | str = known(reason) or reason
         self.detail = detail
         self.status = status
         self.receipt = receipt

@@ -20,7 +20,8 @@ from typing import Any, TextIO
 
 from privacy.keys import Identity
 
-from .client import ClientReason, Enrolment as EnrolAnswer, RetryPolicy, SiloClient, Untrusted
+from .client import Enrolment as EnrolAnswer, RetryPolicy, SiloClient
+from .client_errors import ClientReason, Untrusted
 from .config import (
     ConfigError,
     ConfigReason,
@@ -80,7 +81,8 @@ def load_checked(config: SiloConfig):
     """
     from privacy.codec import Schema
 
-    from .tasks import TaskError, get_task
+    from .tabular import TaskError
+    from .tasks import get_task
     from .trainer import load_local_data
 
     enrol = config.enrolment

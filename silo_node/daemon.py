@@ -41,30 +41,82 @@ from typing import Any
 from privacy import codec
 from privacy.envelope import UpdateHeader, parse_update, seal_update, utc_timestamp
 from privacy.keys import Identity
+from privacy.reasons import Reason, known
 
-from .client import BadResponse, Cancelled, ClientError, Rejected, Release, SiloClient, Unreachable, Untrusted
+from .client import Release, SiloClient
+from .client_errors import BadResponse, Cancelled, ClientError, Rejected, Unreachable, Untrusted
 from .config import SiloConfig
 from .ledger import DPRun, Ledger
 from .receipt import Receipt
 from .tasks import Task
 from .trainer import BudgetExhausted, LocalData, plan_round, run_round
 
-__all__ = ["CRASH_POINTS", "Daemon", "Outcome", "RunResult", "install_signal_handlers"]
+__all__ = [
+    "CRASH_POINTS",
+    "ON_REJECTION",
+    "Daemon",
+    "OnRejection",
+    "Outcome",
+    "RunResult",
+    "install_signal_handlers",
+    "on_rejection",
+]
 
 log = logging.getLogger("fedsilo.silo")
 
 #: Test hook points (FEDSILO_TEST_CRASH_AT): the process SIGKILLs itself there.
 CRASH_POINTS = ("sealed", "pushed")
-#: Rejections that another round would only repeat: this silo (its keys, its software, its
-#: pinned coordinator key) and the coordinator disagree, and a person must look. Others
-#: (stale, unknown_base_version, norm_exceeded, non_finite, replay ...) concern one update.
-FATAL_REJECTIONS = {
-    "revoked", "unknown_silo", "bad_signature", "bad_token", "forbidden",
-    "too_large", "malformed", "unsupported_version", "decrypt_failed", "digest_mismatch",
-    "malformed_payload", "schema_mismatch", "invalid_dp_parameters",
+
+
+class OnRejection(StrEnum):
+    """What the daemon does when the coordinator refuses an update with a wire code."""
+
+    FATAL = "fatal"  # another round would only repeat it: a person must look; stop
+    BUDGET = "budget"  # the coordinator's accountant says the budget is spent; stop
+    NEXT_ROUND = "next_round"  # it concerns this update only; train a fresh one
+
+
+#: Every wire code, classified (a test checks that none is missing). FATAL: this silo (its
+#: keys, its software, its pinned coordinator key, its address for the coordinator) and
+#: the coordinator disagree. NEXT_ROUND: the update was too old, too large a step, or
+#: met a passing fault; a fresh update from a fresh model can succeed.
+ON_REJECTION: dict[Reason, OnRejection] = {
+    Reason.TOO_LARGE: OnRejection.FATAL,
+    Reason.MALFORMED: OnRejection.FATAL,
+    Reason.UNSUPPORTED_VERSION: OnRejection.FATAL,
+    Reason.UNKNOWN_SILO: OnRejection.FATAL,
+    Reason.REVOKED: OnRejection.FATAL,
+    Reason.BAD_SIGNATURE: OnRejection.FATAL,
+    Reason.REPLAY: OnRejection.NEXT_ROUND,
+    Reason.UNKNOWN_BASE_VERSION: OnRejection.NEXT_ROUND,
+    Reason.STALE: OnRejection.NEXT_ROUND,
+    Reason.DECRYPT_FAILED: OnRejection.FATAL,
+    Reason.DIGEST_MISMATCH: OnRejection.FATAL,
+    Reason.MALFORMED_PAYLOAD: OnRejection.FATAL,
+    Reason.SCHEMA_MISMATCH: OnRejection.FATAL,
+    Reason.NON_FINITE: OnRejection.NEXT_ROUND,
+    Reason.NORM_EXCEEDED: OnRejection.NEXT_ROUND,
+    Reason.BUDGET_EXCEEDED: OnRejection.BUDGET,
+    Reason.INVALID_DP_PARAMETERS: OnRejection.FATAL,
+    Reason.BAD_TOKEN: OnRejection.FATAL,
+    Reason.FORBIDDEN: OnRejection.FATAL,
+    Reason.ALREADY_ENROLLED: OnRejection.FATAL,
+    Reason.NOT_FOUND: OnRejection.FATAL,  # the coordinator's address or API is not ours
+    Reason.UNKNOWN_VERSION: OnRejection.NEXT_ROUND,  # the base was pruned: fetch again
+    Reason.CONFLICT: OnRejection.NEXT_ROUND,
+    Reason.INVALID_REQUEST: OnRejection.FATAL,
+    Reason.METHOD_NOT_ALLOWED: OnRejection.FATAL,
+    Reason.INTERNAL_ERROR: OnRejection.NEXT_ROUND,  # the coordinator's fault, logged there
 }
-#: The coordinator's accountant disagrees with ours: stop rather than guess.
-BUDGET_REJECTIONS = {"budget_exceeded"}
+
+
+def on_rejection(code: str) -> OnRejection:
+    """The daemon's course for a refusal; a code outside the protocol (a proxy's page,
+    ``http_4xx``) concerns this attempt only."""
+    reason = known(code)
+    return OnRejection.NEXT_ROUND if reason is None else ON_REJECTION[reason]
+
+
 MIN_RETRY_PAUSE = 10.0  # seconds between loop iterations after a network failure
 
 
@@ -285,9 +337,10 @@ class Daemon:
             )
             self._receipts += exc.receipt is not None
             log.warning("update %s rejected by the coordinator: %s", update_id, exc.message)
-            if exc.reason in FATAL_REJECTIONS:
+            course = on_rejection(exc.reason)
+            if course is OnRejection.FATAL:
                 raise _Stop(RunResult(Outcome.FATAL, self._receipts, f"the coordinator refuses this silo: {exc.message}"))
-            if exc.reason in BUDGET_REJECTIONS:
+            if course is OnRejection.BUDGET:
                 message = f"not started: budget. The coordinator's accountant says it is spent: {exc.detail}"
                 self.ledger.record_stop("budget_exceeded", message)
                 raise _Stop(RunResult(Outcome.BUDGET_EXHAUSTED, self._receipts, message))
@@ -317,7 +370,7 @@ class Daemon:
             raise _Stop(RunResult(Outcome.REFUSED, self._receipts, exc.message)) from None
         except Rejected as exc:
             hint = " (is this machine's clock right? signed requests must be within minutes of the coordinator's)" \
-                if exc.reason == "bad_signature" else ""
+                if exc.reason == Reason.BAD_SIGNATURE else ""
             raise _Stop(RunResult(Outcome.FATAL, self._receipts, f"the coordinator refused the model request: "
                                                                     f"{exc.message}{hint}")) from None
         except Cancelled:

@@ -22,7 +22,8 @@ from typing import Any
 
 import numpy as np
 
-from .tasks import DEFAULT_TARGET, get_task
+from .tabular import DEFAULT_TARGET
+from .tasks import get_task
 
 __all__ = [
     "DEFAULT_MIN_SIZE",
@@ -160,7 +161,7 @@ def write_partitions(
     ``holdout_fraction`` of each class is held out first (no silo sees it); the rest is
     split by :func:`dirichlet_partition`. Files carry the bundled data set's column
     names plus a ``target`` column, so ``get_task(task_name).load_data(path, "target")``
-    reads them. Raises :class:`~silo_node.tasks.TaskError` for a task without bundled
+    reads them. Raises :class:`~silo_node.tabular.TaskError` for a task without bundled
     data and :class:`PartitionError` for impossible arguments.
     """
     if not _is_real(holdout_fraction) or not 0 < holdout_fraction < 1:

@@ -1,8 +1,8 @@
 """Tabular data for tasks: CSV reading, validation with operator-facing messages,
 bundled scikit-learn data sets, and per-silo standardisation.
 
-Split from :mod:`silo_node.tasks` (which re-exports these names): this module knows
-about data files, ``tasks`` about models and the task registry.
+This module knows about data files and never imports :mod:`silo_node.tasks`, which
+knows about models and the task registry and builds on what is here.
 """
 
 from __future__ import annotations
@@ -12,13 +12,25 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from enum import StrEnum
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
 
-if TYPE_CHECKING:
-    from .tasks import Task
+__all__ = [
+    "BUNDLED",
+    "DEFAULT_TARGET",
+    "Standardizer",
+    "TabularData",
+    "TaskError",
+    "TaskReason",
+    "bundled_arrays",
+    "is_int",
+    "is_real",
+    "list_names",
+    "read_csv",
+    "read_header",
+    "to_floats",
+]
 
 DEFAULT_TARGET = "target"
 _CHUNK_ROWS = 10_000  # rows converted to floats at a time, to bound memory on big files
@@ -57,7 +69,7 @@ class TaskError(Exception):
         return f"{type(self).__name__}({self.reason.value!r}, {self.message!r})"
 
 
-def _names(names: Sequence[str]) -> str:
+def list_names(names: Sequence[str]) -> str:
     """``a, b, c`` — or the first names and a count when the list is long."""
     # pandas' to_csv writes its index as a column with an empty name: make it visible.
     shown = [n if n else "(unnamed column)" for n in names]
@@ -66,11 +78,11 @@ def _names(names: Sequence[str]) -> str:
     return ", ".join(shown[: _LIST_LIMIT - 2]) + f", ... ({len(shown)} in all)"
 
 
-def _is_int(value: object) -> bool:
+def is_int(value: object) -> bool:
     return isinstance(value, int) and not isinstance(value, bool)
 
 
-def _is_real(value: object) -> bool:
+def is_real(value: object) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool)
 
 
@@ -158,13 +170,13 @@ _BREAST_CANCER_NAMES: tuple[str, ...] = tuple(
     )
 )
 _DIGITS_NAMES: tuple[str, ...] = tuple(f"pixel_{r}_{c}" for r in range(8) for c in range(8))
-_BUNDLED: dict[str, tuple[tuple[str, ...], int]] = {
+BUNDLED: dict[str, tuple[tuple[str, ...], int]] = {
     "breast_cancer": (_BREAST_CANCER_NAMES, 2),
     "digits": (_DIGITS_NAMES, 10),
 }
 
 
-def _bundled_arrays(name: str) -> tuple[np.ndarray, np.ndarray, tuple[str, ...]]:
+def bundled_arrays(name: str) -> tuple[np.ndarray, np.ndarray, tuple[str, ...]]:
     # Imported here: sklearn is slow to import and only bundled data needs it.
     from sklearn import datasets
 
@@ -173,11 +185,16 @@ def _bundled_arrays(name: str) -> tuple[np.ndarray, np.ndarray, tuple[str, ...]]
     return (
         np.asarray(bunch.data, dtype=np.float64),
         np.asarray(bunch.target, dtype=np.int64),
-        _BUNDLED[name][0],
+        BUNDLED[name][0],
     )
 
 
-def _read_csv(path: Path) -> tuple[list[str], list[list[str]], list[int]]:
+def read_header(path: Path) -> list[str]:
+    """The column names of a CSV's header row (nothing else is read); errors become TaskError."""
+    return read_csv(path, header_only=True)[0]
+
+
+def read_csv(path: Path, *, header_only: bool = False) -> tuple[list[str], list[list[str]], list[int]]:
     """Header, non-blank rows and their line numbers; errors become TaskError."""
     shown = str(path)
     try:
@@ -191,7 +208,7 @@ def _read_csv(path: Path) -> tuple[list[str], list[list[str]], list[int]]:
             header = [c.strip() for c in header]
             rows: list[list[str]] = []
             lines: list[int] = []
-            for row in reader:
+            for row in () if header_only else reader:
                 if not any(c.strip() for c in row):
                     continue
                 if len(row) != len(header):
@@ -218,10 +235,13 @@ def _read_csv(path: Path) -> tuple[list[str], list[list[str]], list[int]]:
     return header, rows, lines
 
 
-def _to_floats(
-    rows: list[list[str]], lines: list[int], header: list[str], target: str, shown: str, task: Task
+def to_floats(
+    rows: list[list[str]], lines: list[int], header: list[str], target: str, shown: str, label_range: str
 ) -> np.ndarray:
-    """Rows of strings -> float64 ``[n, columns]``, naming the first bad cell."""
+    """Rows of strings -> float64 ``[n, columns]``, naming the first bad cell.
+
+    ``label_range`` (``0..k-1``) is quoted when a label cell is not a number.
+    """
     chunks = []
     for start in range(0, len(rows), _CHUNK_ROWS):
         chunk = rows[start : start + _CHUNK_ROWS]
@@ -240,7 +260,7 @@ def _to_floats(
                     if header[col] == target:
                         raise TaskError(
                             TaskReason.INVALID_LABELS,
-                            f"{where} {value}; labels must be class indices {task.label_range()}",
+                            f"{where} {value}; labels must be class indices {label_range}",
                         ) from None
                     raise TaskError(
                         TaskReason.NON_NUMERIC, f"{where} {value}; features must be numbers"

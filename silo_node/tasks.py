@@ -6,9 +6,10 @@ the same :class:`Task` with :func:`get_task`. Built-in tasks:
 
 - ``breast_cancer``: sklearn's Wisconsin breast cancer data, 30 features, 2 classes.
 - ``digits``: sklearn's 8x8 digits, 64 features, 10 classes.
-- ``csv``: any local CSV with ``features`` numeric columns and a label column holding
-  class indices ``0 .. classes-1``; options ``features``, ``classes``, ``hidden`` and
-  optionally ``feature_names`` (then columns are matched by name, in any order).
+- ``csv``: any local CSV with the numeric feature columns named at init and a label
+  column holding class indices ``0 .. classes-1``; options ``feature_names`` (required:
+  columns are matched by name, in any order), ``classes``, ``hidden`` (``features``
+  follows from the names).
 
 Each is an MLP (``Linear``/``ReLU`` only, so Opacus can compute per-sample gradients)
 with hidden sizes ``hidden`` (default ``[32]``). A custom task is named by import path
@@ -35,35 +36,24 @@ import numpy as np
 import torch
 from torch import nn
 
-__all__ = [
-    "BUILTIN_TASKS",
-    "DEFAULT_HIDDEN",
-    "DEFAULT_TARGET",
-    "Standardizer",
-    "TabularData",
-    "Task",
-    "TaskError",
-    "TaskReason",
-    "get_task",
-    "task_spec",
-]
-
-DEFAULT_HIDDEN: tuple[int, ...] = (32,)
-
-from .tabular import (  # noqa: F401  (re-exported: the public surface stays here)
-    _BUNDLED,
+from .tabular import (
+    BUNDLED,
     DEFAULT_TARGET,
     Standardizer,
     TabularData,
     TaskError,
     TaskReason,
-    _bundled_arrays,
-    _is_int,
-    _is_real,
-    _names,
-    _read_csv,
-    _to_floats,
+    bundled_arrays,
+    is_int,
+    is_real,
+    list_names,
+    read_csv,
+    to_floats,
 )
+
+__all__ = ["BUILTIN_TASKS", "DEFAULT_HIDDEN", "Task", "get_task", "task_spec"]
+
+DEFAULT_HIDDEN: tuple[int, ...] = (32,)
 
 
 # --- tasks ---------------------------------------------------------------------------
@@ -89,11 +79,11 @@ class Task:
 
     def __post_init__(self) -> None:
         bad = TaskReason.INVALID_OPTIONS
-        if not _is_int(self.n_features) or self.n_features < 1:
+        if not is_int(self.n_features) or self.n_features < 1:
             raise TaskError(
                 bad, f"task {self.name!r}: features must be an integer >= 1, not {self.n_features!r}"
             )
-        if not _is_int(self.n_classes) or self.n_classes < 2:
+        if not is_int(self.n_classes) or self.n_classes < 2:
             raise TaskError(
                 bad, f"task {self.name!r}: classes must be an integer >= 2, not {self.n_classes!r}"
             )
@@ -111,7 +101,7 @@ class Task:
                     "without surrounding spaces",
                 )
             object.__setattr__(self, "feature_names", names)
-        if self.bundled is not None and self.bundled not in _BUNDLED:
+        if self.bundled is not None and self.bundled not in BUNDLED:
             raise TaskError(bad, f"task {self.name!r}: no bundled data set {self.bundled!r}")
 
     # -- model --
@@ -121,7 +111,7 @@ class Task:
 
         The global torch RNG is left as it was (``fork_rng``).
         """
-        if not _is_int(seed):
+        if not is_int(seed):
             raise TaskError(TaskReason.INVALID_ARGUMENT, f"seed must be an integer, not {seed!r}")
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(seed)
@@ -150,7 +140,7 @@ class Task:
                 f"task {self.name!r} has no bundled data; give the path of a CSV file with "
                 f"{self.n_features} feature columns and a label column",
             )
-        return _bundled_arrays(self.bundled)
+        return bundled_arrays(self.bundled)
 
     def load_data(self, path: str | Path | None, target: str | None = None) -> TabularData:
         """Load the silo's data: a CSV at ``path`` whose ``target`` column is the label.
@@ -164,21 +154,21 @@ class Task:
             return self._checked(x, y, names, "the bundled data")
         target = (target or DEFAULT_TARGET).strip()
         shown = str(path)
-        header, rows, lines = _read_csv(Path(path))
+        header, rows, lines = read_csv(Path(path))
         dupes = sorted({c for c in header if header.count(c) > 1})
         if dupes:
-            raise TaskError(TaskReason.FEATURE_MISMATCH, f"{shown} has duplicate columns: {_names(dupes)}")
+            raise TaskError(TaskReason.FEATURE_MISMATCH, f"{shown} has duplicate columns: {list_names(dupes)}")
         if target not in header:
             raise TaskError(
                 TaskReason.MISSING_TARGET,
-                f"{shown} has no label column {target!r}; its columns are: {_names(header)}. "
+                f"{shown} has no label column {target!r}; its columns are: {list_names(header)}. "
                 "Name the column that holds the class index",
             )
         present = [c for c in header if c != target]
         order = self._feature_columns(present, shown)
         if not rows:
             raise TaskError(TaskReason.EMPTY_DATA, f"{shown} has a header but no rows of data")
-        table = _to_floats(rows, lines, header, target, shown, self)
+        table = to_floats(rows, lines, header, target, shown, self.label_range())
         x = table[:, [header.index(c) for c in order]]
         y = table[:, header.index(target)]
         bad_feature = ~np.isfinite(x)
@@ -200,19 +190,21 @@ class Task:
             if missing or unknown:
                 detail = []
                 if missing:
-                    detail.append(f"missing: {_names(missing)}")
+                    detail.append(f"missing: {list_names(missing)}")
                 if unknown:
-                    detail.append(f"not expected: {_names(unknown)}")
+                    detail.append(f"not expected: {list_names(unknown)}")
                 raise TaskError(
                     TaskReason.FEATURE_MISMATCH,
-                    f"{shown} has {len(present)} feature columns; the federation's model {self.name!r} "
-                    f"expects {len(expected)}: {_names(expected)} ({'; '.join(detail)})",
+                    f"the columns of {shown} are not the ones the federation's model {self.name!r} "
+                    f"was set up with ({'; '.join(detail)}). The model expects these "
+                    f"{len(expected)} feature columns, in any order: {list_names(expected)}. "
+                    "Rename or remove columns so that the header matches",
                 )
             return list(expected)
         if len(present) != self.n_features:
             raise TaskError(
                 TaskReason.FEATURE_MISMATCH,
-                f"{shown} has {len(present)} feature columns ({_names(present)}); "
+                f"{shown} has {len(present)} feature columns ({list_names(present)}); "
                 f"the federation's model {self.name!r} expects {self.n_features}",
             )
         return present
@@ -253,7 +245,7 @@ class Task:
         mean and std (:class:`Standardizer`, kept on both results). ``val_fraction`` 0
         gives an empty validation part; otherwise each part has at least one sample.
         """
-        if not _is_real(val_fraction) or not 0 <= val_fraction < 1:
+        if not is_real(val_fraction) or not 0 <= val_fraction < 1:
             raise TaskError(
                 TaskReason.INVALID_ARGUMENT, f"val_fraction must be in [0, 1), not {val_fraction!r}"
             )
@@ -316,7 +308,7 @@ def _hidden(value: object, task: str) -> tuple[int, ...]:
             TaskReason.INVALID_OPTIONS, f"task {task!r}: hidden must be a list of layer sizes, not {value!r}"
         )
     sizes = tuple(value)
-    if not all(_is_int(h) and h >= 1 for h in sizes):
+    if not all(is_int(h) and h >= 1 for h in sizes):
         raise TaskError(
             TaskReason.INVALID_OPTIONS,
             f"task {task!r}: hidden sizes must be integers >= 1, not {list(sizes)!r}",
@@ -329,7 +321,7 @@ def _hidden(value: object, task: str) -> tuple[int, ...]:
 
 def _bundled_task(name: str, hidden: Sequence[int]) -> Task:
     hidden_t = _hidden(hidden, name)
-    names, n_classes = _BUNDLED[name]
+    names, n_classes = BUNDLED[name]
     return Task(
         name=name,
         options={"hidden": list(hidden_t)},
@@ -352,27 +344,46 @@ def digits(hidden: Sequence[int] = DEFAULT_HIDDEN) -> Task:
 
 
 def csv_task(
-    features: int,
-    classes: int,
+    features: int | None = None,
+    classes: int | None = None,
     hidden: Sequence[int] = DEFAULT_HIDDEN,
     feature_names: Sequence[str] | None = None,
 ) -> Task:
-    """A local CSV: ``features`` numeric columns and a label column with ``classes`` classes."""
+    """A local CSV: the feature columns named by ``feature_names`` (in the model's input
+    order) and a label column with ``classes`` classes.
+
+    The names are fixed at ``init`` so that every silo's file is matched by column name:
+    columns in another order are mapped, a missing or renamed column is refused. The
+    count ``features`` follows from the names; when it is given too it must agree.
+    """
     hidden_t = _hidden(hidden, "csv")
-    options: dict[str, Any] = {"features": features, "classes": classes, "hidden": list(hidden_t)}
-    if feature_names is not None:
-        if isinstance(feature_names, (str, bytes)) or not isinstance(feature_names, Sequence):
-            raise TaskError(
-                TaskReason.INVALID_OPTIONS, "task 'csv': feature_names must be a list of column names"
-            )
-        options["feature_names"] = list(feature_names)
+    bad = TaskReason.INVALID_OPTIONS
+    if feature_names is None:
+        raise TaskError(
+            bad,
+            "task 'csv' needs feature_names: the names of the CSV's feature columns, in the "
+            "model's order (e.g. feature_names=[\"age\",\"bmi\"], or init's --features-from FILE), "
+            "so that each silo's file is matched by column name",
+        )
+    if isinstance(feature_names, (str, bytes)) or not isinstance(feature_names, Sequence):
+        raise TaskError(bad, "task 'csv': feature_names must be a list of column names")
+    names = tuple(feature_names)
+    if features is not None and features != len(names):
+        raise TaskError(
+            bad, f"task 'csv': features is {features!r} but feature_names lists {len(names)} columns"
+        )
+    if classes is None:
+        raise TaskError(bad, "task 'csv' needs classes: the number of classes of the label column")
+    options: dict[str, Any] = {
+        "features": len(names), "classes": classes, "hidden": list(hidden_t), "feature_names": list(names),
+    }
     return Task(
         name="csv",
         options=options,
-        n_features=features,
+        n_features=len(names),
         n_classes=classes,
         hidden=hidden_t,
-        feature_names=tuple(feature_names) if feature_names is not None else None,
+        feature_names=names,
     )
 
 

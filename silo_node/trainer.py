@@ -30,7 +30,8 @@ from privacy.errors import AccountingError, Reason
 
 from .config import TrainingOptions
 from .ledger import DPRun
-from .tasks import TabularData, Task
+from .tabular import TabularData
+from .tasks import Task
 
 __all__ = [
     "BudgetExhausted",

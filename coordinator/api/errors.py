@@ -1,11 +1,14 @@
 """The one place where errors become HTTP responses.
 
-* :class:`~coordinator.errors.CoordinatorError` -> ``{"reason", "detail", ...}`` with the
-  status from ``coordinator.errors.STATUS`` (rejections add ``audit_seq`` and, when the
-  envelope's signature verified, a signed rejection receipt).
+* :class:`~coordinator.errors.CoordinatorError` -> ``{"reason", "detail", ...}`` with its
+  reason's status (rejections add ``audit_seq`` and, when the envelope's signature
+  verified, a signed rejection receipt).
 * Starlette's own HTTPException (unknown route, wrong method) -> the same JSON shape.
-* Anything else -> 500 with a generic body; the traceback goes to the log, never to
-  the client.
+* Anything else, :class:`~coordinator.errors.InternalFault` included -> 500
+  ``internal_error`` with a generic body; the traceback goes to the log, never to the
+  client.
+
+Every code answered here is a member of :class:`privacy.reasons.Reason`.
 """
 
 from __future__ import annotations
@@ -16,14 +19,20 @@ from starlette.exceptions import HTTPException
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 
-from ..errors import CoordinatorError, Reason
+from privacy.reasons import Reason
 
-__all__ = ["INTERNAL_ERROR", "exception_handlers"]
+from ..errors import CoordinatorError
+
+__all__ = ["exception_handlers"]
 
 log = logging.getLogger("fedsilo.coordinator")
 
-INTERNAL_ERROR = "internal_error"
-_HTTP_REASONS = {404: "not_found", 405: "method_not_allowed", 413: "too_large"}
+_HTTP_REASONS = {
+    400: Reason.MALFORMED,
+    404: Reason.NOT_FOUND,
+    405: Reason.METHOD_NOT_ALLOWED,
+    413: Reason.TOO_LARGE,
+}
 
 
 async def coordinator_error(request: Request, exc: CoordinatorError) -> Response:
@@ -35,14 +44,17 @@ async def coordinator_error(request: Request, exc: CoordinatorError) -> Response
 
 
 async def http_error(request: Request, exc: HTTPException) -> Response:
-    reason = _HTTP_REASONS.get(exc.status_code, "invalid_request" if exc.status_code < 500 else INTERNAL_ERROR)
-    return JSONResponse({"reason": reason, "detail": exc.detail}, status_code=exc.status_code, headers=exc.headers)
+    reason = _HTTP_REASONS.get(
+        exc.status_code, Reason.INVALID_REQUEST if exc.status_code < 500 else Reason.INTERNAL_ERROR
+    )
+    return JSONResponse({"reason": reason.value, "detail": exc.detail}, status_code=exc.status_code,
+                        headers=exc.headers)
 
 
 async def internal_error(request: Request, exc: Exception) -> Response:
     log.error("unhandled error on %s %s", request.method, request.url.path, exc_info=exc)
-    return JSONResponse({"reason": INTERNAL_ERROR, "detail": "internal error; see the coordinator's log"},
-                        status_code=500)
+    reason = Reason.INTERNAL_ERROR
+    return JSONResponse({"reason": reason.value, "detail": reason.message}, status_code=reason.status)
 
 
 def exception_handlers() -> dict:

@@ -111,7 +111,8 @@ class Holdout:
 
     def __init__(self, task_name: str, task_options: dict, path: Path) -> None:
         # Task code in the operator's tool, never in the serving coordinator.
-        from silo_node.tasks import Standardizer, get_task
+        from silo_node.tabular import Standardizer
+        from silo_node.tasks import get_task
 
         self.task = get_task(task_name, task_options)
         data = self.task.load_data(path, "target")

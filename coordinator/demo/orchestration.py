@@ -181,10 +181,10 @@ def _enrol_silos(run: DemoRun, admin: AdminClient, init: InitResult, parts) -> N
     one-time token, pinning the coordinator's fingerprint -- ``fedsilo-silo init``'s own
     function, called here to spare N interpreter starts."""
     from privacy.errors import PrivacyError
-    from silo_node.cli import init_silo
-    from silo_node.client import ClientError
+    from silo_node.client_errors import ClientError
+    from silo_node.commands import init_silo
     from silo_node.config import ConfigError
-    from silo_node.tasks import TaskError
+    from silo_node.tabular import TaskError
 
     for plan, path, counts in zip(silo_plans(run.options.silos), parts.paths, parts.label_counts):
         token = admin.create_silo(plan.name, plan.epsilon_cap, DELTA)["enrolment_token"]
@@ -237,8 +237,8 @@ def _finale(run: DemoRun, admin: AdminClient) -> Finale:
     """Exports and verification: the audit log (verified online and, from its export,
     offline), each silo's ledger (``fedsilo-silo ledger --format jsonl``'s function),
     the final records."""
-    from coordinator.cli import verify_log
-    from silo_node.cli import export_ledger
+    from coordinator.verify import verify_log
+    from silo_node.commands import export_ledger
     from silo_node.config import ConfigError
     from silo_node.ledger import LedgerError
 

@@ -53,6 +53,41 @@ def test_init_refuses_an_initialised_directory_and_bad_input_without_a_traceback
     assert not (tmp_path / "x").exists() and not (tmp_path / "y").exists()  # refused before writing
 
 
+def test_init_records_the_csv_feature_names_from_a_header(tmp_path, capsys):
+    header = tmp_path / "header.csv"
+    header.write_text("\ufeffage, outcome ,bmi\n", encoding="utf-8")
+    argv = ["init", "--task", "csv", "--task-option", "classes=2", "--features-from", str(header),
+            "--label-column", "outcome", "--data-dir", str(tmp_path / "c"), "--json"]
+    assert cli.main(argv) == 0
+    task = json.loads(capsys.readouterr().out)["task"]
+    assert task == {"name": "csv", "options": {"features": 2, "classes": 2, "hidden": [32],
+                                               "feature_names": ["age", "bmi"]}}
+    # The federation hands exactly this spec to every silo at enrolment.
+    engine = make_engine(CoordinatorConfig.load(tmp_path / "c").database_url)
+    with transaction(engine, read_only=True) as s:
+        stored = s.execute(text("SELECT task_options FROM federations")).scalar_one()
+    engine.dispose()
+    assert json.loads(stored)["feature_names"] == ["age", "bmi"]
+
+
+def test_init_of_a_csv_task_needs_its_feature_names(tmp_path, capsys):
+    header = tmp_path / "header.csv"
+    header.write_text("age,bmi\n")
+    cases = [
+        (["--task-option", "features=2"], "needs feature_names"),
+        (["--features-from", str(header)], "no label column 'target'"),
+        (["--features-from", str(tmp_path / "missing.csv")], "does not exist"),
+        (["--features-from", str(header), "--label-column", "bmi", "--task-option", 'feature_names=["age"]'],
+         "not both"),
+    ]
+    for extra, fragment in cases:
+        argv = ["init", "--task", "csv", "--task-option", "classes=2", *extra, "--data-dir", str(tmp_path / "c")]
+        assert cli.main(argv) == cli.EXIT_USAGE, extra
+        err = capsys.readouterr().err
+        assert err.startswith("fedsilo-coordinator init: error: ") and fragment in err, err
+    assert not (tmp_path / "c").exists()
+
+
 def test_verify_names_the_first_altered_entry(initialised, capsys, tmp_path):
     data_dir, _ = initialised
     assert cli.main(["verify", "--data-dir", str(data_dir)]) == 0

@@ -34,7 +34,7 @@ from privacy.keys import Identity
 from tests.support.coordinator import FakeSilo
 
 # 16 -> 40 -> 3: tensors of 640, 40, 120 and 3 elements, a 3.3 kB blob.
-TASK_OPTIONS = {"features": 16, "classes": 3, "hidden": [40]}
+TASK_OPTIONS = {"classes": 3, "hidden": [40], "feature_names": [f"f{i}" for i in range(16)]}
 
 
 @pytest.fixture(autouse=True)

@@ -33,11 +33,12 @@ import httpx
 import pytest
 
 from privacy import codec
-from silo_node.cli import init_silo
+from silo_node.commands import init_silo
 from silo_node.config import SiloConfig
 from silo_node.ledger import Ledger
 from silo_node.partition import write_partitions
-from silo_node.tasks import Standardizer, get_task
+from silo_node.tabular import Standardizer
+from silo_node.tasks import get_task
 from tests.support.coordinator import create_silo, running_coordinator
 
 pytestmark = pytest.mark.slow
@@ -193,7 +194,7 @@ def test_init_pins_the_coordinator_and_refuses_data_that_does_not_fit(federation
     assert server.init["fingerprints"]["signing"] in init.stdout  # printed for out-of-band comparison
     refused = federation["refused"]
     assert refused.returncode != 0
-    assert "2 feature columns" in refused.stderr and "expects 30" in refused.stderr
+    assert "not expected: age, weight" in refused.stderr and "expects these 30 feature columns" in refused.stderr
     assert "Traceback" not in refused.stderr
 
 

@@ -15,8 +15,9 @@ import pytest
 
 from privacy.envelope import sign_statement
 from privacy.keys import Identity
-from silo_node.cli import init_silo, main, silo_status
-from silo_node.client import Untrusted
+from silo_node.cli import main
+from silo_node.client_errors import Untrusted
+from silo_node.commands import init_silo, silo_status
 from silo_node.config import ConfigError, ConfigReason, SiloConfig, TrainingWindow
 from silo_node.ledger import Ledger, Receipt
 from silo_node.partition import write_partitions
@@ -67,7 +68,7 @@ def test_init_refuses_data_that_does_not_fit_the_federation_model(tmp_path, fake
     bad.write_text("a,b,c,target\n1,2,3,0\n4,5,6,1\n")
     result = enrol(tmp_path, fake, data_path=str(bad))
     assert result.data_error is not None
-    assert "3 feature columns" in result.data_error and "expects 30" in result.data_error
+    assert "not expected: a, b, c" in result.data_error and "expects these 30 feature columns" in result.data_error
 
 
 def test_a_bundled_task_without_data_uses_the_bundled_set(tmp_path, fake):

@@ -24,16 +24,8 @@ import torch
 from privacy import codec
 from privacy.envelope import parse_update, utc_timestamp, verify_request
 from privacy.keys import Identity, b64d, b64e
-from silo_node.client import (
-    Cancelled,
-    ClientReason,
-    Rejected,
-    RetryPolicy,
-    SiloClient,
-    Unreachable,
-    Untrusted,
-    parse_retry_after,
-)
+from silo_node.client import RetryPolicy, SiloClient, parse_retry_after
+from silo_node.client_errors import Cancelled, ClientReason, Rejected, Unreachable, Untrusted
 
 from tests.support.fake_coordinator import NOW, FakeCoordinator
 

@@ -17,7 +17,7 @@ import pytest
 
 from privacy import accounting
 from privacy.keys import Identity
-from silo_node.cli import init_silo, run_silo
+from silo_node.commands import init_silo, run_silo
 from silo_node.config import SiloConfig, TrainingOptions
 from silo_node.daemon import Outcome
 from silo_node.ledger import DPRun, Ledger

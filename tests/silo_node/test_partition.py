@@ -9,7 +9,8 @@ import pytest
 import torch
 
 from silo_node.partition import PartitionError, dirichlet_partition, write_partitions
-from silo_node.tasks import TaskError, get_task
+from silo_node.tabular import TaskError
+from silo_node.tasks import get_task
 
 LABELS = np.repeat(np.arange(4), 250)  # 4 balanced classes, 1000 samples
 
@@ -129,7 +130,7 @@ def test_written_partitions_are_deterministic_and_skewed(tmp_path: Path) -> None
 
 def test_partitions_need_a_task_with_bundled_data(tmp_path: Path) -> None:
     with pytest.raises(TaskError) as exc:
-        write_partitions("csv", tmp_path, 2, options={"features": 2, "classes": 2})
+        write_partitions("csv", tmp_path, 2, options={"classes": 2, "feature_names": ["a", "b"]})
     assert exc.value.reason == "no_data"
 
 

@@ -14,15 +14,8 @@ import pytest
 import torch
 from torch import nn
 
-from silo_node.tasks import (
-    BUILTIN_TASKS,
-    Standardizer,
-    TabularData,
-    Task,
-    TaskError,
-    get_task,
-    task_spec,
-)
+from silo_node.tabular import Standardizer, TabularData, TaskError
+from silo_node.tasks import BUILTIN_TASKS, Task, get_task, task_spec
 
 
 def write_csv(path: Path, header: list[str], rows: list[list[object]]) -> Path:
@@ -65,17 +58,18 @@ def test_bundled_feature_names_are_sklearns() -> None:
 
 
 def test_task_spec_is_json_friendly_and_round_trips() -> None:
-    for name, options in [("breast_cancer", None), ("digits", {"hidden": [8]}), ("csv", {"features": 3, "classes": 4})]:
+    for name, options in [("breast_cancer", None), ("digits", {"hidden": [8]}), ("csv", {"classes": 4, "feature_names": ["a", "b", "c"]})]:
         task = get_task(name, options)
         spec = task_spec(task)
         assert spec["name"] == name
         assert get_task(spec["name"], spec["options"]) == task
     # defaults are written into the spec, so a later default change cannot alter a federation
     assert task_spec(get_task("breast_cancer")) == {"name": "breast_cancer", "options": {"hidden": [32]}}
-    assert task_spec(get_task("csv", {"features": 3, "classes": 4}))["options"] == {
+    assert task_spec(get_task("csv", {"classes": 4, "feature_names": ["a", "b", "c"]}))["options"] == {
         "features": 3,
         "classes": 4,
         "hidden": [32],
+        "feature_names": ["a", "b", "c"],
     }
 
 
@@ -93,11 +87,14 @@ def test_unknown_task_names_the_builtins() -> None:
         ("breast_cancer", {"hiden": [8]}, "hiden"),
         ("breast_cancer", {"hidden": [0]}, "hidden"),
         ("breast_cancer", {"hidden": 32}, "hidden"),
-        ("csv", {"classes": 2}, "features"),
-        ("csv", {"features": 0, "classes": 2}, "features"),
-        ("csv", {"features": 3, "classes": 1}, "classes"),
-        ("csv", {"features": 2, "classes": 2, "feature_names": ["a", "a"]}, "feature_names"),
-        ("csv", {"features": 2, "classes": 2, "feature_names": ["a"]}, "feature_names"),
+        ("csv", {"features": 2, "classes": 2}, "needs feature_names"),
+        ("csv", {"classes": 2, "feature_names": []}, "features"),
+        ("csv", {"classes": 2, "feature_names": "ab"}, "list of column names"),
+        ("csv", {"features": 3, "classes": 2, "feature_names": ["a", "b"]}, "lists 2 columns"),
+        ("csv", {"feature_names": ["a", "b"]}, "needs classes"),
+        ("csv", {"classes": 1, "feature_names": ["a"]}, "classes"),
+        ("csv", {"classes": 2, "feature_names": ["a", "a"]}, "feature_names"),
+        ("csv", {"classes": 2, "feature_names": ["a", " b"]}, "feature_names"),
         ("digits", {"hidden": [float("nan")]}, "JSON"),
     ],
 )
@@ -135,7 +132,7 @@ def test_model_shapes_follow_hidden_option() -> None:
         "4.weight": (10, 8),
         "4.bias": (10,),
     }
-    linear = get_task("csv", {"features": 3, "classes": 2, "hidden": []}).build_model()
+    linear = get_task("csv", {"classes": 2, "hidden": [], "feature_names": ["a", "b", "c"]}).build_model()
     assert {k: tuple(v.shape) for k, v in linear.state_dict().items()} == {"0.weight": (2, 3), "0.bias": (2,)}
 
 
@@ -177,10 +174,74 @@ def test_wrong_feature_columns_explain_what_is_expected(tmp_path: Path) -> None:
         task.load_data(path, "target")
     err = exc.value
     assert err.reason == "feature_mismatch"
-    assert f"{path} has 12 feature columns" in err.message
-    assert "'breast_cancer' expects 30: mean radius, mean texture" in err.message
+    assert f"the columns of {path} are not the ones the federation's model 'breast_cancer'" in err.message
+    assert "expects these 30 feature columns, in any order: mean radius, mean texture" in err.message
     assert "not expected: f0, f1" in err.message
     assert "Traceback" not in str(err)
+
+
+# --- the csv task: columns matched by the names recorded at init ------------------------
+
+CSV_NAMES = [f"m{i}" for i in range(30)]
+
+
+def _columns_csv(path: Path, names: list[str], x: np.ndarray, y: np.ndarray, order: list[str]) -> Path:
+    """A CSV holding ``x`` (columns named ``names``) and ``y``, columns written in ``order``."""
+    column = {name: x[:, i] for i, name in enumerate(names)} | {"target": y}
+    return write_csv(path, order, [[repr(float(column[c][r])) if c != "target" else int(y[r]) for c in order]
+                                   for r in range(len(y))])
+
+
+def _train(task: Task, data: TabularData, steps: int = 5) -> dict[str, torch.Tensor]:
+    model = task.build_model(seed=3)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    for _ in range(steps):
+        opt.zero_grad()
+        task.criterion()(model(data.features), data.labels).backward()
+        opt.step()
+    return model.state_dict()
+
+
+def test_csv_task_maps_reordered_columns_by_name_and_trains_the_same(tmp_path: Path) -> None:
+    rng = np.random.default_rng(1)
+    x, y = rng.normal(size=(40, 30)), rng.integers(0, 2, size=40)
+    task = get_task("csv", {"classes": 2, "feature_names": CSV_NAMES})
+    in_order = task.load_data(_columns_csv(tmp_path / "a.csv", CSV_NAMES, x, y, [*CSV_NAMES, "target"]))
+    shuffled = [CSV_NAMES[i] for i in rng.permutation(30)]
+    reordered = task.load_data(_columns_csv(tmp_path / "b.csv", CSV_NAMES, x, y, ["target", *shuffled]))
+    assert reordered.feature_names == tuple(CSV_NAMES)
+    assert torch.equal(reordered.features, torch.tensor(x, dtype=torch.float32))
+    assert torch.equal(reordered.features, in_order.features)
+    trained_a, trained_b = _train(task, in_order), _train(task, reordered)
+    assert trained_a.keys() == trained_b.keys()
+    assert all(torch.equal(trained_a[k], trained_b[k]) for k in trained_a)
+    # ... and a file taken positionally would have trained something else.
+    assert not torch.equal(reordered.features, torch.tensor(x[:, [CSV_NAMES.index(c) for c in shuffled]],
+                                                            dtype=torch.float32))
+
+
+def test_csv_task_refuses_renamed_columns_listing_the_names(tmp_path: Path) -> None:
+    rng = np.random.default_rng(2)
+    x, y = rng.normal(size=(10, 30)), rng.integers(0, 2, size=10)
+    renamed = [f"x{i}" for i in range(30)]
+    path = _columns_csv(tmp_path / "renamed.csv", renamed, x, y, [*renamed, "target"])
+    task = get_task("csv", {"classes": 2, "feature_names": CSV_NAMES})
+    with pytest.raises(TaskError) as exc:
+        task.load_data(path)
+    err = exc.value
+    assert err.reason == "feature_mismatch"
+    assert f"the columns of {path} are not the ones the federation's model 'csv' was set up with" in err.message
+    assert "missing: m0, m1, m2" in err.message and "not expected: x0, x1, x2" in err.message
+    assert "expects these 30 feature columns, in any order: m0, m1" in err.message
+    assert "Rename or remove columns" in err.message
+
+
+def test_csv_task_refuses_one_missing_column_by_name(tmp_path: Path) -> None:
+    x, y = np.ones((3, 30)), np.zeros(3, dtype=np.int64)
+    path = _columns_csv(tmp_path / "short.csv", CSV_NAMES, x, y, [*CSV_NAMES[:29], "target"])
+    with pytest.raises(TaskError) as exc:
+        get_task("csv", {"classes": 2, "feature_names": CSV_NAMES}).load_data(path)
+    assert "(missing: m29)" in exc.value.message
 
 
 def test_unnamed_index_column_is_called_out(tmp_path: Path) -> None:
@@ -205,7 +266,7 @@ def test_missing_columns_are_listed(tmp_path: Path) -> None:
 def test_missing_label_column(tmp_path: Path) -> None:
     path = write_csv(tmp_path / "d.csv", ["a", "b", "diagnosis"], [[1, 2, 0]])
     with pytest.raises(TaskError) as exc:
-        get_task("csv", {"features": 2, "classes": 2}).load_data(path, "target")
+        get_task("csv", {"classes": 2, "feature_names": ["a", "b"]}).load_data(path, "target")
     assert exc.value.reason == "missing_target"
     assert "no label column 'target'" in exc.value.message
     assert "a, b, diagnosis" in exc.value.message
@@ -227,13 +288,13 @@ def test_missing_label_column(tmp_path: Path) -> None:
 def test_bad_values_name_the_cell(tmp_path: Path, rows: list, reason: str, fragment: str) -> None:
     path = write_csv(tmp_path / "d.csv", ["a", "b", "target"], rows)
     with pytest.raises(TaskError) as exc:
-        get_task("csv", {"features": 2, "classes": 3}).load_data(path, "target")
+        get_task("csv", {"classes": 3, "feature_names": ["a", "b"]}).load_data(path, "target")
     assert exc.value.reason == reason
     assert fragment in exc.value.message
 
 
 def test_unusable_files(tmp_path: Path) -> None:
-    task = get_task("csv", {"features": 2, "classes": 2})
+    task = get_task("csv", {"classes": 2, "feature_names": ["a", "b"]})
     (tmp_path / "empty.csv").write_text("")
     (tmp_path / "header.csv").write_text("a,b,target\n\n")
     (tmp_path / "ragged.csv").write_text("a,b,target\n1,2,0\n1,2\n")
@@ -262,20 +323,20 @@ def test_csv_task_with_generated_data(tmp_path: Path) -> None:
     path = tmp_path / "local.csv"
     write_csv(path, [" x1", "x2 ", "x3", "label"], rows)
     path.write_bytes(b"\xef\xbb\xbf" + path.read_bytes())
-    task = get_task("csv", {"features": 3, "classes": 3})
+    task = get_task("csv", {"classes": 3, "feature_names": ["x1", "x2", "x3"]})
     data = task.load_data(str(path), "label")
     assert data.feature_names == ("x1", "x2", "x3")
     assert torch.equal(data.features, torch.tensor(x, dtype=torch.float32))
     assert data.labels.tolist() == y.tolist()
     with pytest.raises(TaskError) as exc:
-        get_task("csv", {"features": 4, "classes": 3}).load_data(path, "label")
+        get_task("csv", {"classes": 3, "feature_names": ["x1", "x2", "x3", "x4"]}).load_data(path, "label")
     assert exc.value.reason == "feature_mismatch"
-    assert "has 3 feature columns (x1, x2, x3); the federation's model 'csv' expects 4" in exc.value.message
+    assert "(missing: x4)" in exc.value.message
 
 
 def test_csv_task_with_feature_names_matches_columns_by_name(tmp_path: Path) -> None:
     path = write_csv(tmp_path / "d.csv", ["b", "target", "a"], [[2.0, 1, 1.0], [4.0, 0, 3.0]])
-    task = get_task("csv", {"features": 2, "classes": 2, "feature_names": ["a", "b"]})
+    task = get_task("csv", {"classes": 2, "feature_names": ["a", "b"]})
     data = task.load_data(path, None)  # default label column: "target"
     assert data.feature_names == ("a", "b")
     assert data.features.tolist() == [[1.0, 2.0], [3.0, 4.0]]
@@ -283,7 +344,7 @@ def test_csv_task_with_feature_names_matches_columns_by_name(tmp_path: Path) -> 
 
 def test_csv_task_has_no_bundled_data() -> None:
     with pytest.raises(TaskError) as exc:
-        get_task("csv", {"features": 2, "classes": 2}).load_data(None)
+        get_task("csv", {"classes": 2, "feature_names": ["a", "b"]}).load_data(None)
     assert exc.value.reason == "no_data"
     assert "give the path of a CSV file" in exc.value.message
 
@@ -334,7 +395,7 @@ def test_constant_column_standardises_to_zero() -> None:
 
 
 def test_split_edge_cases() -> None:
-    task = get_task("csv", {"features": 1, "classes": 2})
+    task = get_task("csv", {"classes": 2, "feature_names": ["x"]})
     data = TabularData(torch.tensor([[1.0], [2.0], [3.0]]), torch.tensor([0, 1, 0]), ("x",))
     train, val = task.split(data, 0.0, seed=0)
     assert (len(train), len(val)) == (3, 0)
@@ -354,7 +415,7 @@ def test_split_edge_cases() -> None:
 
 
 def test_evaluate_by_hand() -> None:
-    task = get_task("csv", {"features": 2, "classes": 2, "hidden": []})
+    task = get_task("csv", {"classes": 2, "hidden": [], "feature_names": ["a", "b"]})
     model = task.build_model()
     with torch.no_grad():
         model[0].weight.copy_(torch.eye(2))

@@ -83,7 +83,7 @@ __all__ = [
 ]
 
 DEFAULT_TASK = "csv"
-DEFAULT_TASK_OPTIONS: dict[str, Any] = {"features": 4, "classes": 2, "hidden": [8]}
+DEFAULT_TASK_OPTIONS: dict[str, Any] = {"classes": 2, "hidden": [8], "feature_names": ["f0", "f1", "f2", "f3"]}
 #: DP parameters of one modest round: epsilon ~1.04 at delta 1e-5 alone (RDP).
 DEFAULT_DP: dict[str, Any] = {
     "noise_multiplier": 1.0, "sample_rate": 0.01, "steps": 10, "max_grad_norm": 1.0, "delta": 1e-5,
