@@ -4,6 +4,7 @@
     ├── KeyFileError             a key file is missing, malformed or readable by others
     ├── CodecError               tensors do not decode or do not match the model schema
     ├── EnvelopeError            an envelope, statement or signed request is refused
+    ├── JsonError                a JSON document is refused by the strict reader
     └── AccountingError          DP parameters are invalid or a budget cannot be met
 
 Reason codes are part of the wire protocol (the coordinator returns them to silos):
@@ -66,6 +67,10 @@ class CodecError(PrivacyError):
 
 class EnvelopeError(PrivacyError):
     """An envelope, signed statement or signed request is refused."""
+
+
+class JsonError(PrivacyError):
+    """A JSON document is refused by :mod:`privacy.strict_json` (reason ``malformed``)."""
 
 
 class AccountingError(PrivacyError):
