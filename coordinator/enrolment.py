@@ -52,7 +52,8 @@ ACTION_ENROLMENT_REJECTED = "enrolment_rejected"
 
 TOKEN_PREFIX = "fse"  # fedsilo enrolment token: recognisable when pasted where it should not be
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9 ._@:+-]{0,199}$")
-_TOKEN = re.compile(r"^fse_[A-Za-z0-9_-]{43}$")
+_TOKEN = re.compile(r"fse_[A-Za-z0-9_-]{43}")
+_FINGERPRINT = re.compile(r"SHA256:[0-9a-f]{2}(?::[0-9a-f]{2}){15}")
 #: last_seen_at is rewritten at most this often (each write takes the write lock on SQLite).
 LAST_SEEN_GRANULARITY = timedelta(minutes=1)
 
@@ -154,26 +155,69 @@ def create_silo(
     return NewSilo(silo_id, name, token, expires_at)
 
 
-def enroll(session: Session, *, token: str, keys: Mapping, now: datetime) -> Silo:
+def check_expected_fingerprint(expected: object, coordinator: PublicIdentity) -> None:
+    """Refuse, before the token is looked at, a silo that expects another coordinator.
+
+    ``expected`` is the fingerprint the silo's team received out of band (None: the
+    silo did not say). It matches if it names either of the coordinator's keys. Raises
+    ApiError ``invalid_request`` (not a fingerprint) or ``fingerprint_mismatch``.
+    """
+    if expected is None:
+        return
+    if not isinstance(expected, str) or not _FINGERPRINT.fullmatch(expected):
+        raise ApiError(Reason.INVALID_REQUEST,
+                       "coordinator_fingerprint must be SHA256: followed by 16 lowercase hex pairs joined by ':'")
+    ours = coordinator.fingerprints()
+    if expected not in ours.values():
+        raise ApiError(
+            Reason.FINGERPRINT_MISMATCH,
+            f"this coordinator's signing key fingerprint is {ours['signing']} (HPKE key {ours['hpke']}), "
+            f"not {expected}; the token was not spent",
+        )
+
+
+def enroll(
+    session: Session,
+    *,
+    token: str,
+    keys: Mapping,
+    now: datetime,
+    coordinator: PublicIdentity | None = None,
+    expected_fingerprint: object = None,
+) -> Silo:
     """Bind a pending silo to its public keys, consuming the one-time token.
 
-    ``keys`` holds ``signing_key`` and ``hpke_key`` (base64url raw public keys).
+    ``keys`` holds ``signing_key`` and ``hpke_key`` (base64url raw public keys). When
+    the silo states the ``expected_fingerprint`` of ``coordinator`` (this
+    coordinator's public keys), a mismatch is refused first, before the token is even
+    looked up, so a mistyped fingerprint costs nothing.
+
+    A repeat -- the token already spent by an enrolment with *these very keys*, before
+    the token's expiry -- returns that silo again and changes nothing: a silo whose
+    answer was lost retries with the keys it kept and gets its enrolment.
+
     Raises AuthError ``bad_token`` (unknown, used or expired token: one answer for all),
-    ApiError ``invalid_request`` (keys malformed), ``already_enrolled`` (this signing
-    key is another silo's identity) or AuthError ``revoked``. Failed attempts with a
-    well-formed request are audited by the caller (:func:`audit_rejection`).
+    ApiError ``invalid_request`` (keys or fingerprint malformed), ``fingerprint_mismatch``,
+    ``already_enrolled`` (this signing key is another silo's identity) or AuthError
+    ``revoked``. Failed attempts are audited by the caller (:func:`audit_rejection`).
     """
     try:
         public = PublicIdentity.from_json(keys)
     except KeyFileError as exc:
         raise ApiError(Reason.INVALID_REQUEST, f"public keys: {exc.message}") from None
-    if not isinstance(token, str) or not _TOKEN.match(token):
+    if coordinator is not None:
+        check_expected_fingerprint(expected_fingerprint, coordinator)
+    if not isinstance(token, str) or not _TOKEN.fullmatch(token):
         raise AuthError(Reason.BAD_TOKEN)
     row = session.scalar(select(EnrolmentToken).where(EnrolmentToken.token_hash == hash_enrolment_token(token)))
-    if row is None or row.used_at is not None or row.expires_at <= now:
+    if row is None or row.expires_at <= now:
         raise AuthError(Reason.BAD_TOKEN)
     silo = session.get(Silo, row.silo_id)
     if silo is None:
+        raise AuthError(Reason.BAD_TOKEN)
+    if row.used_at is not None:
+        if silo.status == SiloStatus.ACTIVE and silo.signing_key == public.signing and silo.hpke_key == public.hpke:
+            return silo  # the same enrolment again: nothing new is recorded
         raise AuthError(Reason.BAD_TOKEN)
     if silo.status == SiloStatus.REVOKED:
         raise AuthError(Reason.REVOKED, "this silo was revoked before it enrolled")

@@ -38,6 +38,7 @@ class Reason(StrEnum):
     BAD_TOKEN = "bad_token"
     FORBIDDEN = "forbidden"
     ALREADY_ENROLLED = "already_enrolled"
+    FINGERPRINT_MISMATCH = "fingerprint_mismatch"
     # generic API
     NOT_FOUND = "not_found"
     UNKNOWN_VERSION = "unknown_version"
@@ -66,6 +67,7 @@ STATUS: dict[Reason, int] = {
     Reason.BAD_TOKEN: 401,
     Reason.FORBIDDEN: 403,
     Reason.ALREADY_ENROLLED: 409,
+    Reason.FINGERPRINT_MISMATCH: 409,
     Reason.NOT_FOUND: 404,
     Reason.UNKNOWN_VERSION: 404,
     Reason.CONFLICT: 409,
@@ -93,6 +95,7 @@ MESSAGES: dict[Reason, str] = {
     Reason.BAD_TOKEN: "missing, unknown, used, expired or revoked token",
     Reason.FORBIDDEN: "this token's role may not do this",
     Reason.ALREADY_ENROLLED: "this silo has already enrolled",
+    Reason.FINGERPRINT_MISMATCH: "this coordinator's key fingerprints are not the one the silo expects; the token was not spent",
     Reason.NOT_FOUND: "no such resource",
     Reason.UNKNOWN_VERSION: "this model version does not exist or its weights were pruned",
     Reason.CONFLICT: "the request conflicts with the current state",

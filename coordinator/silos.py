@@ -40,7 +40,8 @@ def enroll(ctx: Coordinator, body: Mapping, *, remote: str | None = None) -> dic
     now = ctx.clock()
     try:
         with ctx.transaction() as s:
-            silo = enrolment.enroll(s, token=token, keys=keys, now=now)
+            silo = enrolment.enroll(s, token=token, keys=keys, now=now, coordinator=ctx.identity.public(),
+                                    expected_fingerprint=body.get("coordinator_fingerprint"))
             fed = s.get(Federation, silo.federation_id)
             return _enrolled(ctx, silo, fed)
     except CoordinatorError as exc:

@@ -20,6 +20,7 @@ class Reason(StrEnum):
     # keys
     KEY_PERMISSIONS = "key_permissions"
     KEY_MALFORMED = "key_malformed"
+    KEY_EXISTS = "key_exists"
     # codec
     MALFORMED_PAYLOAD = "malformed_payload"
     SCHEMA_MISMATCH = "schema_mismatch"

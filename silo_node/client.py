@@ -212,13 +212,16 @@ class SiloClient:
 
     # -- the API --
 
-    def enroll(self, token: str, keys: PublicIdentity) -> Enrolment:
+    def enroll(self, token: str, keys: PublicIdentity, expected_fingerprint: str | None = None) -> Enrolment:
         """Enrol with a one-time token; the answer pins the coordinator's keys.
 
         The token is spent when the coordinator processes the request, so only failures
-        where nothing was processed (connection refused, 429, 503) are retried.
+        where nothing was processed (connection refused, 429, 503) are retried. With
+        ``expected_fingerprint`` the coordinator refuses (``fingerprint_mismatch``)
+        before it spends the token if its keys are not the expected ones.
         """
-        body = json.dumps({"token": token, **keys.to_json()}).encode()
+        expected = {"coordinator_fingerprint": expected_fingerprint} if expected_fingerprint else {}
+        body = json.dumps({"token": token, **keys.to_json(), **expected}).encode()
         response = self._send("POST", "/enroll", body, signed=False, idempotent=False,
                               content_type="application/json")
         obj = self._json(response)
