@@ -54,6 +54,12 @@ TOKEN_PREFIX = "fse"  # fedsilo enrolment token: recognisable when pasted where 
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9 ._@:+-]{0,199}$")
 _TOKEN = re.compile(r"fse_[A-Za-z0-9_-]{43}")
 _FINGERPRINT = re.compile(r"SHA256:[0-9a-f]{2}(?::[0-9a-f]{2}){15}")
+#: The largest delta a silo may be given. (epsilon, delta)-DP permits a mechanism that
+#: publishes each record outright with probability delta, so delta must be well below
+#: 1/n for a silo of n records (Dwork & Roth 2014, §2.3). 1e-3 is 1/n for n = 1000, the
+#: most any silo worth federating could tolerate; it stops 0.5 or 0.01 typed by mistake.
+#: Only the silo knows n: it refuses a delta >= 1/n itself (silo_node.commands.load_checked).
+MAX_DELTA = 1e-3
 #: last_seen_at is rewritten at most this often (each write takes the write lock on SQLite).
 LAST_SEEN_GRANULARITY = timedelta(minutes=1)
 
@@ -102,7 +108,7 @@ def create_silo(
 ) -> NewSilo:
     """Create a pending silo and its one-time enrolment token; audit it.
 
-    Raises ApiError ``invalid_request`` (name, cap or delta out of range) or ``conflict``
+    Raises ApiError ``invalid_request`` (name, cap out of range, delta not in (0, MAX_DELTA]) or ``conflict``
     (name taken). The caller commits.
     """
     if not isinstance(name, str) or not _NAME.match(name):
@@ -112,7 +118,13 @@ def create_silo(
             "(starting with a letter or digit)",
         )
     cap = _positive(epsilon_cap, "epsilon_cap", upper=1e6)
-    dlt = _positive(delta, "delta", upper=1.0)
+    dlt = _positive(delta, "delta")
+    if dlt > MAX_DELTA:
+        raise ApiError(
+            Reason.INVALID_REQUEST,
+            f"delta must be at most {MAX_DELTA:g} (and well below 1/n for a silo of n records; 1e-5 is usual), "
+            f"not {delta!r}",
+        )
     if session.scalar(select(Silo.id).where(Silo.name == name)) is not None:
         raise ApiError(Reason.CONFLICT, f"a silo named {name!r} already exists")
     silo_id = f"silo-{secrets.token_hex(8)}"

@@ -104,6 +104,14 @@ def load_checked(config: SiloConfig):
         data = load_local_data(task, config.data_source, config.target, config.training)
     except TaskError as exc:
         raise DataRefused(ConfigReason.INVALID, exc.message) from None
+    if enrol.delta * data.num_samples >= 1:
+        # At delta >= 1/n, (epsilon, delta)-DP allows releasing a record outright: no guarantee here.
+        raise DataRefused(
+            ConfigReason.INVALID,
+            f"the federation's delta {enrol.delta:g} is not below 1/n for this silo's n = {data.num_samples} "
+            f"training records (1/n = {1 / data.num_samples:.3g}); ask the coordinator's operator for a smaller "
+            "delta (at most 1/(10 n) is customary)",
+        )
     return task, data
 
 

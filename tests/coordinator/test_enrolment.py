@@ -88,11 +88,21 @@ def test_create_then_enroll_binds_the_keys_and_consumes_the_token(engine):
     ({"epsilon_cap": float("inf")}, Reason.INVALID_REQUEST),
     ({"delta": 1.0}, Reason.INVALID_REQUEST),
     ({"delta": True}, Reason.INVALID_REQUEST),
+    ({"delta": 0.5}, Reason.INVALID_REQUEST),
+    ({"delta": 0.0010001}, Reason.INVALID_REQUEST),
+    ({"delta": 0}, Reason.INVALID_REQUEST),
 ])
 def test_create_validates_its_input(sqlite_engine, kw, reason):
     with pytest.raises(ApiError) as exc:
         create(sqlite_engine, **({"name": "ok"} | kw))
     assert exc.value.reason == reason
+
+
+def test_delta_is_bounded_by_max_delta_inclusive(sqlite_engine):
+    assert enrolment.MAX_DELTA == 1e-3
+    create(sqlite_engine, "at-the-bound", delta=1e-3)
+    with pytest.raises(ApiError, match="delta must be at most 0.001"):
+        create(sqlite_engine, "above", delta=0.5)
 
 
 def test_silo_names_are_unique(engine):

@@ -75,11 +75,45 @@ def test_a_bundled_task_without_data_uses_the_bundled_set(tmp_path, fake):
     assert result.data_error is None and result.num_samples == round(569 * 0.8)
 
 
-def test_init_with_a_wrong_expected_fingerprint_saves_nothing(tmp_path, fake):
-    with pytest.raises(Untrusted) as info:
+def test_init_with_a_malformed_expected_fingerprint_sends_nothing(tmp_path, fake):
+    with pytest.raises(ConfigError, match="is not a fingerprint") as info:
         enrol(tmp_path, fake, expected_fingerprint="SHA256:00:11")
+    assert info.value.reason == ConfigReason.INVALID
+    assert fake.requests == [] and not SiloConfig.exists(tmp_path / "silo")
+
+
+def test_init_refuses_a_coordinator_that_ignores_the_expected_fingerprint(tmp_path, fake):
+    """This fake coordinator does not check coordinator_fingerprint (as an old or hostile one would)."""
+    wrong = "SHA256:" + ":".join(["00"] * 16)
+    with pytest.raises(Untrusted) as info:
+        enrol(tmp_path, fake, expected_fingerprint=wrong)
     assert fake.identity.public().fingerprints()["signing"] in info.value.message
+    assert "did not refuse as asked" in info.value.message and "Nothing was pinned" in info.value.message
     assert not SiloConfig.exists(tmp_path / "silo")
+    keys = {p.name: p.read_bytes() for p in (tmp_path / "silo" / "keys").iterdir()}
+    # The retry reuses (never replaces) the keys; this fake enrols again with a new token.
+    enrol(tmp_path, fake, expected_fingerprint=fake.identity.public().fingerprints()["signing"])
+    assert {p.name: p.read_bytes() for p in (tmp_path / "silo" / "keys").iterdir()} == keys
+
+
+def test_init_refuses_half_a_key_pair(tmp_path, fake):
+    keys = tmp_path / "silo" / "keys"
+    Identity.generate().save(keys)
+    (keys / "hpke_key.pem").unlink()
+    with pytest.raises(ConfigError, match="only one of the silo's two key files"):
+        enrol(tmp_path, fake)
+    assert fake.requests == [] and [p.name for p in keys.iterdir()] == ["signing_key.pem"]
+
+
+def test_a_delta_not_below_one_over_n_is_refused_where_n_is_known(tmp_path, fake):
+    from dataclasses import replace
+
+    from silo_node.commands import DataRefused, check_data
+
+    config = enrol(tmp_path, fake).config  # the bundled set: 455 training records
+    assert check_data(config.with_(enrolment=replace(config.enrolment, delta=1 / 456))) == 455
+    with pytest.raises(DataRefused, match=r"delta 0.00219.* not below 1/n for this silo's n = 455"):
+        check_data(config.with_(enrolment=replace(config.enrolment, delta=1 / 455)))
 
 
 def test_init_again_with_a_token_is_refused_without_one_it_repoints_the_data(tmp_path, fake, partitions):
