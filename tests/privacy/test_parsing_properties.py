@@ -99,15 +99,19 @@ def test_random_bytes_as_a_header(data):
     parse_header(data)
 
 
+def flipped_or_cut(data: st.DataObject, original: bytes, flips: int) -> bytes:
+    """``original`` with 1..``flips`` bytes XORed with non-zero values, then maybe truncated."""
+    raw = bytearray(original)
+    for _ in range(data.draw(st.integers(1, flips))):
+        raw[data.draw(st.integers(0, len(raw) - 1))] ^= data.draw(st.integers(1, 255))
+    cut = data.draw(st.integers(0, len(raw)))
+    return bytes(raw[:cut]) if data.draw(st.booleans()) else bytes(raw)
+
+
 @SETTINGS
 @given(st.data())
 def test_header_with_flipped_bytes_or_cut(data):
-    raw = bytearray(HEADER_BYTES)
-    for _ in range(data.draw(st.integers(1, 4))):
-        i = data.draw(st.integers(0, len(raw) - 1))
-        raw[i] ^= data.draw(st.integers(1, 255))
-    cut = data.draw(st.integers(0, len(raw)))
-    parse_header(bytes(raw[:cut]) if data.draw(st.booleans()) else bytes(raw))
+    parse_header(flipped_or_cut(data, HEADER_BYTES, 4))
 
 
 @SETTINGS
@@ -159,12 +163,7 @@ def test_random_bytes_as_an_envelope(data):
 @SETTINGS
 @given(st.data())
 def test_envelope_with_flipped_bytes_or_cut(data):
-    raw = bytearray(ENVELOPE)
-    for _ in range(data.draw(st.integers(1, 3))):
-        i = data.draw(st.integers(0, len(raw) - 1))
-        raw[i] ^= data.draw(st.integers(1, 255))
-    cut = data.draw(st.integers(0, len(raw)))
-    parse_envelope(bytes(raw[:cut]) if data.draw(st.booleans()) else bytes(raw))
+    parse_envelope(flipped_or_cut(data, ENVELOPE, 3))
 
 
 @SETTINGS
