@@ -22,7 +22,16 @@ from typing import Any, TextIO
 from privacy.errors import KeyFileError
 from privacy.keys import Identity
 
-from .client import ClientError, ClientReason, Enrolment as EnrolAnswer, Rejected, RetryPolicy, SiloClient, Untrusted
+from .client import (
+    ClientError,
+    ClientReason,
+    Enrolment as EnrolAnswer,
+    Rejected,
+    RetryPolicy,
+    SiloClient,
+    Unreachable,
+    Untrusted,
+)
 from .config import (
     ConfigError,
     ConfigReason,
@@ -176,6 +185,13 @@ def init_silo(
             answer = client.enroll(token, identity.public(), expected)
         except Rejected as exc:
             raise _enrolment_refused(exc, coordinator_url, keys_dir) from None
+        except Unreachable as exc:
+            # The request may have been processed: the repeat (same token, same keys) will tell.
+            raise Unreachable(
+                exc.reason,
+                f"{exc.message}. The coordinator may or may not have received the enrolment; run the same "
+                f"init again: it reuses the keys in {keys_dir}, and a coordinator that did enrol them answers again",
+            ) from None
     fingerprints = answer.coordinator.keys.fingerprints()
     if expected and expected not in fingerprints.values():
         # A coordinator that ignores coordinator_fingerprint: an old one, or not the one we expect.
@@ -260,7 +276,7 @@ def _enrolment_refused(exc: Rejected, url: str, keys_dir: Path) -> ClientError:
             f"{kept}. Check the fingerprint and the URL with the coordinator's operator (by another channel), "
             "then run init again",
         )
-    return Rejected(exc.reason, f"{exc.detail}. Nothing was enrolled. {kept}", status=exc.status)
+    return Rejected(exc.reason, f"{exc.detail}. This attempt enrolled nothing. {kept}", status=exc.status)
 
 
 def _pin(answer: EnrolAnswer) -> Enrolment:

@@ -11,12 +11,13 @@ import json
 import stat
 import tomllib
 
+import httpx
 import pytest
 
 from privacy.envelope import sign_statement
 from privacy.keys import Identity
 from silo_node.cli import init_silo, main, silo_status
-from silo_node.client import Untrusted
+from silo_node.client import Unreachable, Untrusted
 from silo_node.config import ConfigError, ConfigReason, SiloConfig, TrainingWindow
 from silo_node.ledger import Ledger, Receipt
 from silo_node.partition import write_partitions
@@ -94,6 +95,18 @@ def test_init_refuses_a_coordinator_that_ignores_the_expected_fingerprint(tmp_pa
     # The retry reuses (never replaces) the keys; this fake enrols again with a new token.
     enrol(tmp_path, fake, expected_fingerprint=fake.identity.public().fingerprints()["signing"])
     assert {p.name: p.read_bytes() for p in (tmp_path / "silo" / "keys").iterdir()} == keys
+
+
+def test_an_enrolment_whose_answer_was_lost_says_to_rerun_and_keeps_the_keys(tmp_path, fake):
+    def processed_then_lost(request):
+        fake._enroll(request)  # the coordinator enrols ...
+        raise httpx.ReadTimeout("the answer never came", request=request)  # ... and the answer is lost
+
+    fake.faults.append(processed_then_lost)
+    with pytest.raises(Unreachable, match="run the same init again: it reuses the keys"):
+        enrol(tmp_path, fake)
+    assert not SiloConfig.exists(tmp_path / "silo")
+    assert Identity.load(tmp_path / "silo" / "keys").public() in fake.silos.values()
 
 
 def test_init_refuses_half_a_key_pair(tmp_path, fake):
