@@ -406,6 +406,32 @@ def verify_release(data: bytes, signature: bytes, blob: bytes, signer: Ed25519Pu
     return release
 
 
+#: What an enrolment statement binds: who the silo is, with which keys, in which federation.
+ENROLMENT_FIELDS = ("silo_id", "name", "federation", "task", "schema_digest", "budget", "silo_keys")
+
+
+def enrolment_statement(body: Mapping, signer: Ed25519PrivateKey) -> tuple[bytes, bytes]:
+    """Sign an enrolment answer's substance (exactly :data:`ENROLMENT_FIELDS`)."""
+    if set(body) != set(ENROLMENT_FIELDS):
+        raise ValueError(f"an enrolment statement holds exactly {ENROLMENT_FIELDS}")
+    return sign_statement("enrolment", body, signer)
+
+
+def verify_enrolment(data: bytes, signature: bytes, signer: Ed25519PublicKey, answer: Mapping) -> dict:
+    """Verify an enrolment statement and that ``answer`` says exactly what it signed.
+
+    ``answer`` holds the :data:`ENROLMENT_FIELDS` as the silo read them from the
+    unsigned parts of the answer (and ``silo_keys`` as it sent them): a man in the middle
+    who passed the coordinator's keys through but altered the task, schema or budget
+    is caught here. Raises EnvelopeError ``bad_signature`` or ``digest_mismatch``.
+    """
+    statement = verify_statement("enrolment", data, signature, signer)
+    for key in ENROLMENT_FIELDS:
+        if statement.get(key) != answer.get(key):
+            raise EnvelopeError(Reason.DIGEST_MISMATCH, f"the enrolment answer's {key!r} is not what the coordinator signed")
+    return statement
+
+
 # --------------------------------------------------------------------------- signed requests
 
 REQUEST_HEADERS = ("fedsilo-silo", "fedsilo-timestamp", "fedsilo-nonce", "fedsilo-signature")

@@ -17,7 +17,7 @@ import pytest
 from privacy.envelope import sign_statement
 from privacy.keys import Identity
 from silo_node.cli import init_silo, main, silo_status
-from silo_node.client import Unreachable, Untrusted
+from silo_node.client import BadResponse, Unreachable, Untrusted
 from silo_node.config import ConfigError, ConfigReason, SiloConfig, TrainingWindow
 from silo_node.ledger import Ledger, Receipt
 from silo_node.partition import write_partitions
@@ -107,6 +107,26 @@ def test_an_enrolment_whose_answer_was_lost_says_to_rerun_and_keeps_the_keys(tmp
         enrol(tmp_path, fake)
     assert not SiloConfig.exists(tmp_path / "silo")
     assert Identity.load(tmp_path / "silo" / "keys").public() in fake.silos.values()
+
+
+@pytest.mark.parametrize("tamper", [
+    lambda answer: answer["budget"].update(epsilon_cap=1000.0),  # what a man in the middle might raise
+    lambda answer: answer["federation"]["task"]["options"].update(hidden=[4]),
+    lambda answer: answer.update(silo_id="silo-someone-else"),
+    lambda answer: answer.update(signature=answer["signature"][:-4] + "AAAA"),
+    lambda answer: answer.pop("statement"),
+])
+def test_init_refuses_an_enrolment_answer_that_is_not_what_the_coordinator_signed(tmp_path, fake, tamper):
+    def altered(request):
+        answer = json.loads(fake._enroll(request).content)
+        tamper(answer)
+        return httpx.Response(200, json=answer)
+
+    fake.faults.append(altered)
+    with pytest.raises((Untrusted, BadResponse)) as info:
+        enrol(tmp_path, fake, expected_fingerprint=fake.identity.public().fingerprints()["signing"])
+    assert "enrolment answer" in info.value.message
+    assert not SiloConfig.exists(tmp_path / "silo")
 
 
 def test_init_refuses_half_a_key_pair(tmp_path, fake):
