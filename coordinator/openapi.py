@@ -152,9 +152,10 @@ SCHEMAS: dict[str, dict[str, Any]] = {
                                                 "before the token is spent"},
     ),
     "EnrollResponse": _obj(
-        ["silo_id", "name", "federation", "budget", "coordinator"],
+        ["silo_id", "name", "federation", "budget", "coordinator", "statement", "signature"],
         silo_id=_STR, name=_STR, federation={"type": "object"}, budget={"type": "object"},
         coordinator=_obj(signing_key=_B64, hpke_key=_B64, fingerprints={"type": "object"}),
+        statement=_B64, signature=_B64,
     ),
     "SiloStatus": _obj(
         ["silo_id", "status", "epsilon_spent", "epsilon_cap"],
@@ -264,8 +265,9 @@ _BINARY = {"type": "string", "format": "binary"}
 OPERATIONS: dict[tuple[str, str], dict[str, Any]] = {
     ("POST", "/api/v1/enroll"): _operation(
         "Enrol a silo with its one-time token and public keys", tag="silo", body="EnrollRequest",
-        response="EnrollResponse", errors=[Reason.BAD_TOKEN, Reason.REVOKED, Reason.ALREADY_ENROLLED, Reason.FINGERPRINT_MISMATCH,
-                                                     Reason.INVALID_REQUEST],
+        response="EnrollResponse",
+        errors=[Reason.BAD_TOKEN, Reason.REVOKED, Reason.ALREADY_ENROLLED, Reason.FINGERPRINT_MISMATCH,
+                Reason.INVALID_REQUEST],
         security=[],
     ),
     ("GET", "/api/v1/model"): _operation(
