@@ -340,3 +340,20 @@ def test_signed_request_round_trip_and_refusals(silo):
         with pytest.raises(EnvelopeError) as info:
             env.verify_request(method, target, body, hdrs, key, now=now)
         assert info.value.reason is Reason.BAD_SIGNATURE
+
+
+def test_enrolment_statement_binds_every_field(coordinator, silo):
+    body = {"silo_id": "silo-1", "name": "hospital-a", "federation": "fed", "task": {"name": "csv", "options": {}},
+            "schema_digest": "ab" * 32, "budget": {"epsilon_cap": 8.0, "delta": 1e-5, "accountant": "rdp"},
+            "silo_keys": silo.public().to_json()}
+    data, sig = env.enrolment_statement(body, coordinator.signing)
+    assert env.verify_enrolment(data, sig, coordinator.signing.public_key(), body)["kind"] == "enrolment"
+    for key in env.ENROLMENT_FIELDS:
+        with pytest.raises(EnvelopeError) as info:
+            env.verify_enrolment(data, sig, coordinator.signing.public_key(), {**body, key: "other"})
+        assert info.value.reason is Reason.DIGEST_MISMATCH and key in info.value.message
+    with pytest.raises(EnvelopeError) as info:
+        env.verify_enrolment(data, sig, silo.signing.public_key(), body)
+    assert info.value.reason is Reason.BAD_SIGNATURE
+    with pytest.raises(ValueError):
+        env.enrolment_statement({**body, "extra": 1}, coordinator.signing)
