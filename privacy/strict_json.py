@@ -38,7 +38,11 @@ DEFAULT_MAX_DEPTH = 32
 DEFAULT_MAX_INT = 2**53 - 1
 
 _BOM = b"\xef\xbb\xbf"
-_STRING = re.compile(r'"(?:[^"\\]|\\.)*"', re.DOTALL)
+# A string literal; an unterminated one runs to the end of the text. Possessive (*+) and
+# with an optional closing quote, so every match succeeds at its first quote without
+# backtracking: linear time. (With a required closing quote, a text of escaped quotes
+# and no terminator made each quote rescan the rest: quadratic, minutes for 64 KB.)
+_STRING = re.compile(r'"(?:[^"\\]|\\.)*+"?', re.DOTALL)
 _NOT_BRACKET = re.compile(r"[^\[\]{}]")
 _SURROGATE = re.compile("[\ud800-\udfff]")
 
