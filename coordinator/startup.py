@@ -38,7 +38,10 @@ def load_config(data_dir: Path | str) -> CoordinatorConfig:
     # The directory holds the keys and the (SQLite) audit log, the file maybe a database
     # password: owner-only, tightened loudly if a copy or a umask loosened them.
     for path in (data_dir, data_dir / CONFIG_FILE):
-        repaired = ensure_private(path)
+        try:
+            repaired = ensure_private(path)
+        except KeyFileError as exc:
+            raise StartupError(exc.message) from None
         if repaired:
             log.warning("%s (the coordinator's files are private to its user)", repaired)
     try:

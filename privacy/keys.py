@@ -125,7 +125,8 @@ def ensure_private(path: Path) -> str | None:
     """Tighten a private directory to 0700, or a private file to 0600, if group or others have access.
 
     Returns a sentence saying what was repaired (for the caller to log as a warning),
-    or None when nothing needed repairing or ``path`` does not exist. Private *key*
+    or None when nothing needed repairing or ``path`` does not exist; raises
+    KeyFileError ``key_permissions`` when it is looser and cannot be changed. Private *key*
     files are not repaired but refused (:func:`load_private_key`): a key that others
     could read may have been copied, and only a person can decide whether to replace it.
     """
@@ -138,7 +139,14 @@ def ensure_private(path: Path) -> str | None:
     if not mode & (stat.S_IRWXG | stat.S_IRWXO):
         return None
     wanted = PRIVATE_DIR_MODE if stat.S_ISDIR(st.st_mode) else PRIVATE_FILE_MODE
-    path.chmod(wanted)
+    try:
+        path.chmod(wanted)
+    except OSError as exc:  # not the owner: then it cannot be vouched for either
+        raise KeyFileError(
+            Reason.KEY_PERMISSIONS,
+            f"{path} is accessible by group or others (mode {mode:04o}) and cannot be tightened "
+            f"({exc.strerror}); as its owner, run: chmod {wanted:o} {path}",
+        ) from None
     return f"{path} was accessible by group or others (mode {mode:04o}); changed it to {wanted:04o}"
 
 
