@@ -25,7 +25,7 @@ from sqlalchemy.orm import Session
 
 from privacy.envelope import request_signer, utc_timestamp, verify_request
 from privacy.errors import EnvelopeError, KeyFileError
-from privacy.keys import PublicIdentity, fingerprint, signing_public_from_raw
+from privacy.keys import FINGERPRINT_PATTERN, PublicIdentity, fingerprint, signing_public_from_raw
 
 from . import audit
 from .errors import ApiError, AuthError, Reason
@@ -53,7 +53,6 @@ ACTION_ENROLMENT_REJECTED = "enrolment_rejected"
 TOKEN_PREFIX = "fse"  # fedsilo enrolment token: recognisable when pasted where it should not be
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9 ._@:+-]{0,199}$")
 _TOKEN = re.compile(r"fse_[A-Za-z0-9_-]{43}")
-_FINGERPRINT = re.compile(r"SHA256:[0-9a-f]{2}(?::[0-9a-f]{2}){15}")
 #: The largest delta a silo may be given. (epsilon, delta)-DP permits a mechanism that
 #: publishes each record outright with probability delta, so delta must be well below
 #: 1/n for a silo of n records (Dwork & Roth 2014, §2.3). 1e-3 is 1/n for n = 1000, the
@@ -176,7 +175,7 @@ def check_expected_fingerprint(expected: object, coordinator: PublicIdentity) ->
     """
     if expected is None:
         return
-    if not isinstance(expected, str) or not _FINGERPRINT.fullmatch(expected):
+    if not isinstance(expected, str) or not FINGERPRINT_PATTERN.fullmatch(expected):
         raise ApiError(Reason.INVALID_REQUEST,
                        "coordinator_fingerprint must be SHA256: followed by 16 lowercase hex pairs joined by ':'")
     ours = coordinator.fingerprints()

@@ -14,6 +14,7 @@ from __future__ import annotations
 import base64
 import hashlib
 import os
+import re
 import stat
 from dataclasses import dataclass
 from pathlib import Path
@@ -53,6 +54,10 @@ def fingerprint(public: bytes | Ed25519PublicKey | X25519PublicKey) -> str:
     raw = public if isinstance(public, bytes) else raw_public(public)
     h = hashlib.sha256(raw).digest()[:16]
     return "SHA256:" + ":".join(f"{b:02x}" for b in h)
+
+
+#: What :func:`fingerprint` produces, and all that a fingerprint given by a person may be.
+FINGERPRINT_PATTERN = re.compile(r"SHA256:[0-9a-f]{2}(?::[0-9a-f]{2}){15}")
 
 
 def signing_public_from_raw(raw: bytes) -> Ed25519PublicKey:

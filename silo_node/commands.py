@@ -11,7 +11,6 @@ import contextlib
 import fcntl
 import logging
 import os
-import re
 import secrets
 import threading
 from collections.abc import Callable, Iterator, Mapping, Sequence
@@ -20,7 +19,7 @@ from pathlib import Path
 from typing import Any, TextIO
 
 from privacy.errors import KeyFileError
-from privacy.keys import Identity
+from privacy.keys import FINGERPRINT_PATTERN, Identity
 
 from .client import (
     ClientError,
@@ -56,7 +55,6 @@ __all__ = [
 ]
 
 log = logging.getLogger("fedsilo.silo")
-_FINGERPRINT = re.compile(r"SHA256:[0-9a-f]{2}(?::[0-9a-f]{2}){15}")
 
 
 # --------------------------------------------------------------------------- init
@@ -227,7 +225,7 @@ def _expected_fingerprint(text: str | None) -> str | None:
     if not text:
         return None
     text = text.strip().lower().replace("sha256:", "SHA256:", 1)
-    if not _FINGERPRINT.fullmatch(text):
+    if not FINGERPRINT_PATTERN.fullmatch(text):
         raise ConfigError(
             ConfigReason.INVALID,
             f"--coordinator-fingerprint {text!r} is not a fingerprint: expected SHA256: followed by 16 hex pairs "
