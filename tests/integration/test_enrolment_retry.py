@@ -20,6 +20,8 @@ import pytest
 from silo_node.config import SiloConfig
 from tests.support.coordinator import create_silo, running_coordinator
 
+pytestmark = pytest.mark.slow  # eight fedsilo-silo processes, each importing torch
+
 _SCRIPT = Path(sys.executable).with_name("fedsilo-silo")
 SILO = [str(_SCRIPT)] if _SCRIPT.exists() else [sys.executable, "-m", "silo_node.cli"]
 
