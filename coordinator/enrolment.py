@@ -25,7 +25,7 @@ from sqlalchemy.orm import Session
 
 from privacy.envelope import request_signer, utc_timestamp, verify_request
 from privacy.errors import EnvelopeError, KeyFileError
-from privacy.keys import PublicIdentity, fingerprint, signing_public_from_raw
+from privacy.keys import FINGERPRINT_PATTERN, PublicIdentity, fingerprint, signing_public_from_raw
 
 from . import audit
 from .errors import ApiError, AuthError, Reason
@@ -52,7 +52,13 @@ ACTION_ENROLMENT_REJECTED = "enrolment_rejected"
 
 TOKEN_PREFIX = "fse"  # fedsilo enrolment token: recognisable when pasted where it should not be
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9 ._@:+-]{0,199}$")
-_TOKEN = re.compile(r"^fse_[A-Za-z0-9_-]{43}$")
+_TOKEN = re.compile(r"fse_[A-Za-z0-9_-]{43}")
+#: The largest delta a silo may be given. (epsilon, delta)-DP permits a mechanism that
+#: publishes each record outright with probability delta, so delta must be well below
+#: 1/n for a silo of n records (Dwork & Roth 2014, §2.3). 1e-3 is 1/n for n = 1000, the
+#: most any silo worth federating could tolerate; it stops 0.5 or 0.01 typed by mistake.
+#: Only the silo knows n: it refuses a delta >= 1/n itself (silo_node.commands.load_checked).
+MAX_DELTA = 1e-3
 #: last_seen_at is rewritten at most this often (each write takes the write lock on SQLite).
 LAST_SEEN_GRANULARITY = timedelta(minutes=1)
 
@@ -101,7 +107,7 @@ def create_silo(
 ) -> NewSilo:
     """Create a pending silo and its one-time enrolment token; audit it.
 
-    Raises ApiError ``invalid_request`` (name, cap or delta out of range) or ``conflict``
+    Raises ApiError ``invalid_request`` (name, cap out of range, delta not in (0, MAX_DELTA]) or ``conflict``
     (name taken). The caller commits.
     """
     if not isinstance(name, str) or not _NAME.match(name):
@@ -111,7 +117,13 @@ def create_silo(
             "(starting with a letter or digit)",
         )
     cap = _positive(epsilon_cap, "epsilon_cap", upper=1e6)
-    dlt = _positive(delta, "delta", upper=1.0)
+    dlt = _positive(delta, "delta")
+    if dlt > MAX_DELTA:
+        raise ApiError(
+            Reason.INVALID_REQUEST,
+            f"delta must be at most {MAX_DELTA:g} (and well below 1/n for a silo of n records; 1e-5 is usual), "
+            f"not {delta!r}",
+        )
     if session.scalar(select(Silo.id).where(Silo.name == name)) is not None:
         raise ApiError(Reason.CONFLICT, f"a silo named {name!r} already exists")
     silo_id = f"silo-{secrets.token_hex(8)}"
@@ -154,26 +166,69 @@ def create_silo(
     return NewSilo(silo_id, name, token, expires_at)
 
 
-def enroll(session: Session, *, token: str, keys: Mapping, now: datetime) -> Silo:
+def check_expected_fingerprint(expected: object, coordinator: PublicIdentity) -> None:
+    """Refuse, before the token is looked at, a silo that expects another coordinator.
+
+    ``expected`` is the fingerprint the silo's team received out of band (None: the
+    silo did not say). It matches if it names either of the coordinator's keys. Raises
+    ApiError ``invalid_request`` (not a fingerprint) or ``fingerprint_mismatch``.
+    """
+    if expected is None:
+        return
+    if not isinstance(expected, str) or not FINGERPRINT_PATTERN.fullmatch(expected):
+        raise ApiError(Reason.INVALID_REQUEST,
+                       "coordinator_fingerprint must be SHA256: followed by 16 lowercase hex pairs joined by ':'")
+    ours = coordinator.fingerprints()
+    if expected not in ours.values():
+        raise ApiError(
+            Reason.FINGERPRINT_MISMATCH,
+            f"this coordinator's signing key fingerprint is {ours['signing']} (HPKE key {ours['hpke']}), "
+            f"not {expected}; the token was not spent",
+        )
+
+
+def enroll(
+    session: Session,
+    *,
+    token: str,
+    keys: Mapping,
+    now: datetime,
+    coordinator: PublicIdentity | None = None,
+    expected_fingerprint: object = None,
+) -> Silo:
     """Bind a pending silo to its public keys, consuming the one-time token.
 
-    ``keys`` holds ``signing_key`` and ``hpke_key`` (base64url raw public keys).
+    ``keys`` holds ``signing_key`` and ``hpke_key`` (base64url raw public keys). When
+    the silo states the ``expected_fingerprint`` of ``coordinator`` (this
+    coordinator's public keys), a mismatch is refused first, before the token is even
+    looked up, so a mistyped fingerprint costs nothing.
+
+    A repeat -- the token already spent by an enrolment with *these very keys*, before
+    the token's expiry -- returns that silo again and changes nothing: a silo whose
+    answer was lost retries with the keys it kept and gets its enrolment.
+
     Raises AuthError ``bad_token`` (unknown, used or expired token: one answer for all),
-    ApiError ``invalid_request`` (keys malformed), ``already_enrolled`` (this signing
-    key is another silo's identity) or AuthError ``revoked``. Failed attempts with a
-    well-formed request are audited by the caller (:func:`audit_rejection`).
+    ApiError ``invalid_request`` (keys or fingerprint malformed), ``fingerprint_mismatch``,
+    ``already_enrolled`` (this signing key is another silo's identity) or AuthError
+    ``revoked``. Failed attempts are audited by the caller (:func:`audit_rejection`).
     """
     try:
         public = PublicIdentity.from_json(keys)
     except KeyFileError as exc:
         raise ApiError(Reason.INVALID_REQUEST, f"public keys: {exc.message}") from None
-    if not isinstance(token, str) or not _TOKEN.match(token):
+    if coordinator is not None:
+        check_expected_fingerprint(expected_fingerprint, coordinator)
+    if not isinstance(token, str) or not _TOKEN.fullmatch(token):
         raise AuthError(Reason.BAD_TOKEN)
     row = session.scalar(select(EnrolmentToken).where(EnrolmentToken.token_hash == hash_enrolment_token(token)))
-    if row is None or row.used_at is not None or row.expires_at <= now:
+    if row is None or row.expires_at <= now:
         raise AuthError(Reason.BAD_TOKEN)
     silo = session.get(Silo, row.silo_id)
     if silo is None:
+        raise AuthError(Reason.BAD_TOKEN)
+    if row.used_at is not None:
+        if silo.status == SiloStatus.ACTIVE and silo.signing_key == public.signing and silo.hpke_key == public.hpke:
+            return silo  # the same enrolment again: nothing new is recorded
         raise AuthError(Reason.BAD_TOKEN)
     if silo.status == SiloStatus.REVOKED:
         raise AuthError(Reason.REVOKED, "this silo was revoked before it enrolled")

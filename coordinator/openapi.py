@@ -69,7 +69,8 @@ SCHEMAS: dict[str, dict[str, Any]] = {
         revoked_at=_nullable(_TIME), updates_accepted=_INT, updates_buffered=_INT, updates_rejected=_INT,
     ),
     "SiloList": _obj(["silos"], silos={"type": "array", "items": _ref("Silo")}),
-    "CreateSilo": _obj(["name", "epsilon_cap", "delta"], name=_STR, epsilon_cap=_NUM, delta=_NUM),
+    "CreateSilo": _obj(["name", "epsilon_cap", "delta"], name=_STR, epsilon_cap=_NUM,
+                       delta={"type": "number", "exclusiveMinimum": 0, "maximum": 1e-3}),
     "SiloCreated": _obj(
         ["silo_id", "name", "enrolment_token", "expires_at"],
         silo_id=_STR, name=_STR, enrolment_token={**_STR, "description": "shown once"}, expires_at=_TIME,
@@ -144,11 +145,17 @@ SCHEMAS: dict[str, dict[str, Any]] = {
     ),
     "BudgetList": _obj(["budgets"], budgets={"type": "array", "items": _ref("Budget")}),
     # silo API
-    "EnrollRequest": _obj(["token", "signing_key", "hpke_key"], token=_STR, signing_key=_B64, hpke_key=_B64),
+    "EnrollRequest": _obj(
+        ["token", "signing_key", "hpke_key"], token=_STR, signing_key=_B64, hpke_key=_B64,
+        coordinator_fingerprint={"type": "string", "pattern": "^SHA256:[0-9a-f]{2}(:[0-9a-f]{2}){15}$",
+                                 "description": "the fingerprint the silo expects; a mismatch is refused "
+                                                "before the token is spent"},
+    ),
     "EnrollResponse": _obj(
-        ["silo_id", "name", "federation", "budget", "coordinator"],
+        ["silo_id", "name", "federation", "budget", "coordinator", "statement", "signature"],
         silo_id=_STR, name=_STR, federation={"type": "object"}, budget={"type": "object"},
         coordinator=_obj(signing_key=_B64, hpke_key=_B64, fingerprints={"type": "object"}),
+        statement=_B64, signature=_B64,
     ),
     "SiloStatus": _obj(
         ["silo_id", "status", "epsilon_spent", "epsilon_cap"],
@@ -258,7 +265,9 @@ _BINARY = {"type": "string", "format": "binary"}
 OPERATIONS: dict[tuple[str, str], dict[str, Any]] = {
     ("POST", "/api/v1/enroll"): _operation(
         "Enrol a silo with its one-time token and public keys", tag="silo", body="EnrollRequest",
-        response="EnrollResponse", errors=[Reason.BAD_TOKEN, Reason.ALREADY_ENROLLED, Reason.INVALID_REQUEST],
+        response="EnrollResponse",
+        errors=[Reason.BAD_TOKEN, Reason.REVOKED, Reason.ALREADY_ENROLLED, Reason.FINGERPRINT_MISMATCH,
+                Reason.INVALID_REQUEST],
         security=[],
     ),
     ("GET", "/api/v1/model"): _operation(

@@ -49,6 +49,7 @@ TRANSLATION: dict[PrivacyReason | StrategyReason, Reason] = {
     PrivacyReason.BUDGET_EXHAUSTED: Reason.BUDGET_EXCEEDED,
     PrivacyReason.KEY_MALFORMED: Reason.MALFORMED,
     PrivacyReason.KEY_PERMISSIONS: Reason.MALFORMED,
+    PrivacyReason.KEY_EXISTS: Reason.MALFORMED,  # key-file errors never arise from a request
     StrategyReason.STALE: Reason.STALE,
     StrategyReason.INVALID_STALENESS: Reason.UNKNOWN_BASE_VERSION,
     StrategyReason.NORM_EXCEEDED: Reason.NORM_EXCEEDED,

@@ -10,6 +10,9 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import TYPE_CHECKING
 
+from privacy.envelope import enrolment_statement
+from privacy.keys import b64e
+
 from . import enrolment
 from .errors import ApiError, CoordinatorError, Reason
 from .federation import Release, release, settings_of
@@ -40,7 +43,8 @@ def enroll(ctx: Coordinator, body: Mapping, *, remote: str | None = None) -> dic
     now = ctx.clock()
     try:
         with ctx.transaction() as s:
-            silo = enrolment.enroll(s, token=token, keys=keys, now=now)
+            silo = enrolment.enroll(s, token=token, keys=keys, now=now, coordinator=ctx.identity.public(),
+                                    expected_fingerprint=body.get("coordinator_fingerprint"))
             fed = s.get(Federation, silo.federation_id)
             return _enrolled(ctx, silo, fed)
     except CoordinatorError as exc:
@@ -52,24 +56,35 @@ def enroll(ctx: Coordinator, body: Mapping, *, remote: str | None = None) -> dic
 def _enrolled(ctx: Coordinator, silo: Silo, fed: Federation) -> dict:
     public = ctx.identity.public()
     cfg = ctx.config
+    budget = {"epsilon_cap": silo.epsilon_cap, "delta": silo.delta, "accountant": cfg.accountant}
+    task = {"name": fed.task_name, "options": fed.task_options}
+    statement, signature = enrolment_statement(
+        {"silo_id": silo.id, "name": silo.name, "federation": fed.name, "task": task,
+         "schema_digest": fed.schema_digest, "budget": budget,
+         "silo_keys": {"signing_key": b64e(silo.signing_key), "hpke_key": b64e(silo.hpke_key)}},
+        ctx.identity.signing,
+    )
     return {
         "silo_id": silo.id,
         "name": silo.name,
         "federation": {
             "name": fed.name,
-            "task": {"name": fed.task_name, "options": fed.task_options},
+            "task": task,
             "schema": fed.schema,
             "schema_digest": fed.schema_digest,
             "current_version": fed.current_version,
             "settings": settings_of(fed).to_dict(),
         },
-        "budget": {"epsilon_cap": silo.epsilon_cap, "delta": silo.delta, "accountant": cfg.accountant},
+        "budget": budget,
         "coordinator": {**public.to_json(), "fingerprints": public.fingerprints()},
         "limits": {
             "max_update_bytes": cfg.max_update_bytes,
             "max_clock_skew_seconds": cfg.max_clock_skew_seconds,
             "max_update_age_seconds": cfg.max_update_age_seconds,
         },
+        # The substance above, signed: verifiable with the key the silo pins (protocol.md §2).
+        "statement": b64e(statement),
+        "signature": b64e(signature),
     }
 
 

@@ -7,13 +7,16 @@ the accountants): only the configuration, the key files and the database revisio
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 
 from privacy.errors import KeyFileError
-from privacy.keys import Identity
+from privacy.keys import Identity, ensure_private
 
 from . import db
 from .config import CONFIG_FILE, ConfigError, CoordinatorConfig
+
+log = logging.getLogger("fedsilo.coordinator")
 
 __all__ = ["DATA_DIR_ENV", "StartupError", "check_schema", "check_startable", "load_config", "load_identity"]
 
@@ -32,6 +35,15 @@ def load_config(data_dir: Path | str) -> CoordinatorConfig:
         raise StartupError(
             f"{data_dir} is not a coordinator data directory; run: fedsilo-coordinator init --data-dir {data_dir}"
         )
+    # The directory holds the keys and the (SQLite) audit log, the file maybe a database
+    # password: owner-only, tightened loudly if a copy or a umask loosened them.
+    for path in (data_dir, data_dir / CONFIG_FILE):
+        try:
+            repaired = ensure_private(path)
+        except KeyFileError as exc:
+            raise StartupError(exc.message) from None
+        if repaired:
+            log.warning("%s (the coordinator's files are private to its user)", repaired)
     try:
         return CoordinatorConfig.load(data_dir)
     except ConfigError as exc:

@@ -40,7 +40,8 @@ from cryptography.hazmat.primitives import hpke
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey, X25519PublicKey
 
-from .errors import EnvelopeError, Reason
+from . import strict_json
+from .errors import EnvelopeError, JsonError, Reason
 from .keys import b64d, b64e
 
 MAGIC = b"FSLO"
@@ -63,8 +64,9 @@ _SUITE = hpke.Suite(hpke.KEM.X25519, hpke.KDF.HKDF_SHA256, hpke.AEAD.AES_256_GCM
 _PREFIX = struct.Struct(">4sBBH")  # magic, version, suite, signer_len
 _U32 = struct.Struct(">I")
 _U64 = struct.Struct(">Q")
-_HEX64 = re.compile(r"^[0-9a-f]{64}$")
-_UPDATE_ID = re.compile(r"^[0-9a-f]{32}$")
+_HEX64 = re.compile(r"[0-9a-f]{64}")  # always fullmatch: "$" would let a trailing newline through
+_UPDATE_ID = re.compile(r"[0-9a-f]{32}")
+_TIMESTAMP = re.compile(r"[0-9]{4}-[0-9]{2}-[0-9]{2}T[0-9]{2}:[0-9]{2}:[0-9]{2}\.[0-9]{6}Z")  # ASCII digits only
 
 
 def canonical_json(obj: object) -> bytes:
@@ -79,6 +81,9 @@ def utc_timestamp(now: datetime | None = None) -> str:
 
 
 def parse_timestamp(text: str) -> datetime:
+    """Parse the protocol's time format exactly (six fractional digits); raise EnvelopeError."""
+    if not isinstance(text, str) or not _TIMESTAMP.fullmatch(text):
+        raise EnvelopeError(Reason.MALFORMED, f"bad timestamp {text!r}"[:80])
     try:
         return datetime.strptime(text, "%Y-%m-%dT%H:%M:%S.%fZ").replace(tzinfo=UTC)
     except (TypeError, ValueError) as exc:
@@ -88,21 +93,63 @@ def parse_timestamp(text: str) -> datetime:
 # --------------------------------------------------------------------------- header
 
 _DP_FIELDS = ("noise_multiplier", "sample_rate", "steps", "max_grad_norm", "delta")
+#: I-JSON's interoperable integer range (RFC 7493 §2.2); every header integer fits it.
+MAX_HEADER_INT = 2**53 - 1
+MAX_HEADER_DEPTH = 2  # the header and its dp and metrics objects: anything deeper is refused unread
+MAX_METRICS = 32
+_METRIC_NAME = re.compile(r"[A-Za-z0-9_.:-]{1,64}")
+_TOKEN_NAME = re.compile(r"[a-z0-9_]{1,32}")  # accountant, payload_kind
+
+
+def _malformed(message: str) -> EnvelopeError:
+    return EnvelopeError(Reason.MALFORMED, message)
+
+
+def _is_number(value: object) -> bool:
+    """A JSON number: int or float, never a boolean (``True == 1`` in Python)."""
+    return isinstance(value, int | float) and not isinstance(value, bool)
 
 
 def _number(obj: Mapping, key: str, *, lo: float, hi: float, integer: bool = False) -> float | int:
-    value = obj.get(key)
-    ok_type = isinstance(value, int) if integer else isinstance(value, int | float)
-    if isinstance(value, bool) or not ok_type or not math.isfinite(value) or not lo <= value <= hi:
-        raise EnvelopeError(Reason.MALFORMED, f"header field {key!r} must be a number in [{lo}, {hi}]")
+    value = obj[key]
+    kind = "an integer" if integer else "a number"
+    ok_type = isinstance(value, int) and not isinstance(value, bool) if integer else _is_number(value)
+    if not ok_type or not math.isfinite(value) or not lo <= value <= hi:
+        raise _malformed(f"header member {key!r} must be {kind} in [{lo:g}, {hi:g}], not {_show(value)}")
     return value
 
 
-def _string(obj: Mapping, key: str, *, max_len: int = 256) -> str:
-    value = obj.get(key)
-    if not isinstance(value, str) or not 0 < len(value) <= max_len:
-        raise EnvelopeError(Reason.MALFORMED, f"header field {key!r} must be a non-empty string")
+def _string(obj: Mapping, key: str, pattern: re.Pattern[str], what: str) -> str:
+    value = obj[key]
+    if not isinstance(value, str) or not pattern.fullmatch(value):
+        raise _malformed(f"header member {key!r} must be {what}, not {_show(value)}")
     return value
+
+
+def _show(value: object) -> str:
+    """A short, safe rendering of a refused value for an error message."""
+    text = json.dumps(value, ensure_ascii=True, allow_nan=True) if value is not None else "null"
+    return text if len(text) <= 40 else text[:37] + "..."
+
+
+_HEADER_MEMBERS = frozenset(
+    {"format", "kind", "silo_id", "update_id", "base_version", "created_at", "num_samples", "dp",
+     "epsilon_claim", "payload_digest", "payload_size", "schema_digest", "accountant", "payload_kind", "metrics"}
+)
+_SILO_ID = re.compile(r"[\x21-\x7e]{1,%d}" % MAX_SIGNER_LEN)  # printable ASCII, no spaces
+
+
+def _metrics(value: object) -> dict:
+    if not isinstance(value, dict) or len(value) > MAX_METRICS:
+        raise _malformed(f"header member 'metrics' must be an object of at most {MAX_METRICS} members")
+    for name, number in value.items():
+        if not _METRIC_NAME.fullmatch(name):
+            raise _malformed(
+                f"metric name {_show(name)} must be 1-64 characters of letters, digits and _ . : -"
+            )
+        if not _is_number(number) or not math.isfinite(number):
+            raise _malformed(f"metric {name!r} must be a finite number, not {_show(number)}")
+    return dict(value)
 
 
 @dataclass(frozen=True)
@@ -128,54 +175,56 @@ class UpdateHeader:
 
     @classmethod
     def from_bytes(cls, data: bytes) -> UpdateHeader:
-        """Strict parse: every field present, typed and in range, nothing else."""
+        """Parse exactly as docs/protocol.md §4.2 defines the header; raise EnvelopeError.
+
+        The JSON is read by the strict reader (no duplicate keys, BOM, NaN, deep nesting,
+        huge integers or NUL); then the member set, every type (a boolean is not a
+        number), range, length and charset. Only ``format`` other than 1 is
+        ``unsupported_version``; every other refusal is ``malformed``.
+        """
         try:
-            obj = json.loads(data)
-        except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-            raise EnvelopeError(Reason.MALFORMED, "header is not JSON") from exc
-        if not isinstance(obj, dict) or obj.get("kind") != "update":
-            raise EnvelopeError(Reason.MALFORMED, "header is not an update header")
-        if obj.get("format") != FORMAT_VERSION:
-            raise EnvelopeError(Reason.UNSUPPORTED_VERSION, f"header format {obj.get('format')!r}")
-        names = {f for f in cls.__dataclass_fields__}
-        unknown = set(obj) - names - {"format", "kind"}
+            obj = strict_json.loads(data, max_bytes=MAX_HEADER_LEN, max_depth=MAX_HEADER_DEPTH,
+                                    max_int=MAX_HEADER_INT)
+        except JsonError as exc:
+            raise _malformed(f"header: {exc.message}") from None
+        if not isinstance(obj, dict):
+            raise _malformed("header must be a JSON object")
+        fmt = obj.get("format")
+        if not isinstance(fmt, int) or isinstance(fmt, bool):
+            raise _malformed(f"header member 'format' must be the integer {FORMAT_VERSION}, not {_show(fmt)}")
+        if fmt != FORMAT_VERSION:
+            raise EnvelopeError(Reason.UNSUPPORTED_VERSION, f"header format {fmt} is not supported")
+        if obj.get("kind") != "update":
+            raise _malformed(f"header member 'kind' must be \"update\", not {_show(obj.get('kind'))}")
+        missing, unknown = _HEADER_MEMBERS - set(obj), set(obj) - _HEADER_MEMBERS
+        if missing:
+            raise _malformed(f"header lacks members {sorted(missing)}")
         if unknown:
-            raise EnvelopeError(Reason.MALFORMED, f"unknown header fields {sorted(unknown)}")
-        dp = obj.get("dp")
+            raise _malformed(f"header has unknown members {sorted(m[:64] for m in unknown)}")
+        dp = obj["dp"]
         if not isinstance(dp, dict) or set(dp) != set(_DP_FIELDS):
-            raise EnvelopeError(Reason.MALFORMED, f"header field 'dp' must hold exactly {_DP_FIELDS}")
+            raise _malformed(f"header member 'dp' must hold exactly {list(_DP_FIELDS)}")
         _number(dp, "noise_multiplier", lo=1e-6, hi=1e6)
         _number(dp, "sample_rate", lo=1e-12, hi=1.0)
         _number(dp, "steps", lo=1, hi=1e9, integer=True)
         _number(dp, "max_grad_norm", lo=1e-12, hi=1e12)
         _number(dp, "delta", lo=1e-300, hi=0.5)
-        update_id = _string(obj, "update_id")
-        if not _UPDATE_ID.match(update_id):
-            raise EnvelopeError(Reason.MALFORMED, "update_id must be 32 lowercase hex characters")
-        for key in ("payload_digest", "schema_digest"):
-            if not _HEX64.match(_string(obj, key)):
-                raise EnvelopeError(Reason.MALFORMED, f"{key} must be a SHA-256 hex digest")
-        metrics = obj.get("metrics", {})
-        if not isinstance(metrics, dict) or len(metrics) > 32 or not all(
-            isinstance(k, str) and isinstance(v, int | float) and not isinstance(v, bool) and math.isfinite(v)
-            for k, v in metrics.items()
-        ):
-            raise EnvelopeError(Reason.MALFORMED, "metrics must map names to finite numbers")
-        parse_timestamp(_string(obj, "created_at"))
+        created_at = _string(obj, "created_at", _TIMESTAMP, "a time YYYY-MM-DDTHH:MM:SS.ffffffZ")
+        parse_timestamp(created_at)
         return cls(
-            silo_id=_string(obj, "silo_id", max_len=MAX_SIGNER_LEN),
-            update_id=update_id,
-            base_version=int(_number(obj, "base_version", lo=0, hi=2**62, integer=True)),
-            created_at=obj["created_at"],
-            num_samples=int(_number(obj, "num_samples", lo=1, hi=2**62, integer=True)),
+            silo_id=_string(obj, "silo_id", _SILO_ID, f"1-{MAX_SIGNER_LEN} printable ASCII characters"),
+            update_id=_string(obj, "update_id", _UPDATE_ID, "32 lowercase hex characters"),
+            base_version=int(_number(obj, "base_version", lo=0, hi=MAX_HEADER_INT, integer=True)),
+            created_at=created_at,
+            num_samples=int(_number(obj, "num_samples", lo=1, hi=MAX_HEADER_INT, integer=True)),
             dp=dict(dp),
             epsilon_claim=float(_number(obj, "epsilon_claim", lo=0, hi=1e9)),
-            payload_digest=obj["payload_digest"],
-            payload_size=int(_number(obj, "payload_size", lo=8, hi=2**62, integer=True)),
-            schema_digest=obj["schema_digest"],
-            accountant=_string(obj, "accountant", max_len=16),
-            payload_kind=_string(obj, "payload_kind", max_len=32),
-            metrics=dict(metrics),
+            payload_digest=_string(obj, "payload_digest", _HEX64, "a SHA-256 lowercase hex digest"),
+            payload_size=int(_number(obj, "payload_size", lo=8, hi=MAX_HEADER_INT, integer=True)),
+            schema_digest=_string(obj, "schema_digest", _HEX64, "a SHA-256 lowercase hex digest"),
+            accountant=_string(obj, "accountant", _TOKEN_NAME, "1-32 characters of a-z, 0-9 and _"),
+            payload_kind=_string(obj, "payload_kind", _TOKEN_NAME, "1-32 characters of a-z, 0-9 and _"),
+            metrics=_metrics(obj["metrics"]),
         )
 
 
@@ -326,9 +375,9 @@ def verify_statement(kind: str, data: bytes, signature: bytes, signer: Ed25519Pu
     except InvalidSignature:
         raise EnvelopeError(Reason.BAD_SIGNATURE, f"{kind} signature does not verify") from None
     try:
-        obj = json.loads(data)
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise EnvelopeError(Reason.MALFORMED, f"{kind} is not JSON") from exc
+        obj = strict_json.loads(data)
+    except JsonError as exc:
+        raise EnvelopeError(Reason.MALFORMED, f"{kind}: {exc.message}") from None
     if not isinstance(obj, dict) or obj.get("kind") != kind:
         raise EnvelopeError(Reason.MALFORMED, f"statement is not a {kind}")
     return obj
@@ -355,6 +404,32 @@ def verify_release(data: bytes, signature: bytes, blob: bytes, signer: Ed25519Pu
     if release.get("size") != len(blob) or release.get("digest") != hashlib.sha256(blob).hexdigest():
         raise EnvelopeError(Reason.DIGEST_MISMATCH, "model bytes do not match the signed release")
     return release
+
+
+#: What an enrolment statement binds: who the silo is, with which keys, in which federation.
+ENROLMENT_FIELDS = ("silo_id", "name", "federation", "task", "schema_digest", "budget", "silo_keys")
+
+
+def enrolment_statement(body: Mapping, signer: Ed25519PrivateKey) -> tuple[bytes, bytes]:
+    """Sign an enrolment answer's substance (exactly :data:`ENROLMENT_FIELDS`)."""
+    if set(body) != set(ENROLMENT_FIELDS):
+        raise ValueError(f"an enrolment statement holds exactly {ENROLMENT_FIELDS}")
+    return sign_statement("enrolment", body, signer)
+
+
+def verify_enrolment(data: bytes, signature: bytes, signer: Ed25519PublicKey, answer: Mapping) -> dict:
+    """Verify an enrolment statement and that ``answer`` says exactly what it signed.
+
+    ``answer`` holds the :data:`ENROLMENT_FIELDS` as the silo read them from the
+    unsigned parts of the answer (and ``silo_keys`` as it sent them): a man in the middle
+    who passed the coordinator's keys through but altered the task, schema or budget
+    is caught here. Raises EnvelopeError ``bad_signature`` or ``digest_mismatch``.
+    """
+    statement = verify_statement("enrolment", data, signature, signer)
+    for key in ENROLMENT_FIELDS:
+        if statement.get(key) != answer.get(key):
+            raise EnvelopeError(Reason.DIGEST_MISMATCH, f"the enrolment answer's {key!r} is not what the coordinator signed")
+    return statement
 
 
 # --------------------------------------------------------------------------- signed requests

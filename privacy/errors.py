@@ -4,6 +4,7 @@
     ├── KeyFileError             a key file is missing, malformed or readable by others
     ├── CodecError               tensors do not decode or do not match the model schema
     ├── EnvelopeError            an envelope, statement or signed request is refused
+    ├── JsonError                a JSON document is refused by the strict reader
     └── AccountingError          DP parameters are invalid or a budget cannot be met
 
 Reason codes are part of the wire protocol (the coordinator returns them to silos):
@@ -19,6 +20,7 @@ class Reason(StrEnum):
     # keys
     KEY_PERMISSIONS = "key_permissions"
     KEY_MALFORMED = "key_malformed"
+    KEY_EXISTS = "key_exists"
     # codec
     MALFORMED_PAYLOAD = "malformed_payload"
     SCHEMA_MISMATCH = "schema_mismatch"
@@ -66,6 +68,10 @@ class CodecError(PrivacyError):
 
 class EnvelopeError(PrivacyError):
     """An envelope, signed statement or signed request is refused."""
+
+
+class JsonError(PrivacyError):
+    """A JSON document is refused by :mod:`privacy.strict_json` (reason ``malformed``)."""
 
 
 class AccountingError(PrivacyError):

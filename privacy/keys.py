@@ -3,8 +3,10 @@
 Every party holds two key pairs: Ed25519 to sign (its identity) and X25519 to
 receive HPKE-encrypted payloads. Public keys travel as raw 32-byte values
 (base64url on the wire); private keys stay on the machine that made them, in
-PKCS#8 PEM files created with mode 0600. Loading refuses a private key file that
-group or others can read, as ssh does.
+PKCS#8 PEM files created with mode 0600 in a 0700 directory, and never replaced
+(a key that enrolled must survive any retry). Loading refuses a private key file
+that group or others can read, as ssh does; other private files and directories
+(configuration, data directories) are tightened loudly instead (:func:`ensure_private`).
 """
 
 from __future__ import annotations
@@ -12,6 +14,7 @@ from __future__ import annotations
 import base64
 import hashlib
 import os
+import re
 import stat
 from dataclasses import dataclass
 from pathlib import Path
@@ -53,6 +56,10 @@ def fingerprint(public: bytes | Ed25519PublicKey | X25519PublicKey) -> str:
     return "SHA256:" + ":".join(f"{b:02x}" for b in h)
 
 
+#: What :func:`fingerprint` produces, and all that a fingerprint given by a person may be.
+FINGERPRINT_PATTERN = re.compile(r"SHA256:[0-9a-f]{2}(?::[0-9a-f]{2}){15}")
+
+
 def signing_public_from_raw(raw: bytes) -> Ed25519PublicKey:
     try:
         return Ed25519PublicKey.from_public_bytes(raw)
@@ -67,23 +74,85 @@ def hpke_public_from_raw(raw: bytes) -> X25519PublicKey:
         raise KeyFileError(Reason.KEY_MALFORMED, "not a 32-byte X25519 public key") from exc
 
 
-def save_private_key(path: Path, key: Ed25519PrivateKey | X25519PrivateKey) -> None:
-    """Write a private key as PKCS#8 PEM, created 0600 (never world-readable, not even briefly)."""
+PRIVATE_FILE_MODE = 0o600
+PRIVATE_DIR_MODE = 0o700
+
+
+def write_private(path: Path, data: bytes, *, replace: bool = True) -> None:
+    """Write ``data`` to ``path`` atomically, created 0600 (never readable by others, not even briefly).
+
+    With ``replace=False`` an existing file is never replaced: KeyFileError
+    ``key_exists`` instead (the rename is a hard link, which fails if ``path`` exists,
+    so two writers cannot both win).
+    """
+    path = Path(path)
+    tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, PRIVATE_FILE_MODE)
+    try:
+        os.fchmod(fd, PRIVATE_FILE_MODE)  # umask cannot widen it, but an existing file's mode could
+        os.write(fd, data)
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    if replace:
+        os.replace(tmp, path)
+        return
+    try:
+        os.link(tmp, path)
+    except FileExistsError:
+        raise KeyFileError(Reason.KEY_EXISTS, f"{path} already exists; it was not replaced") from None
+    finally:
+        tmp.unlink()
+
+
+def save_private_key(path: Path, key: Ed25519PrivateKey | X25519PrivateKey, *, replace: bool = False) -> None:
+    """Write a private key as PKCS#8 PEM, 0600; an existing key file is never replaced unless asked."""
     pem = key.private_bytes(
         serialization.Encoding.PEM,
         serialization.PrivateFormat.PKCS8,
         serialization.NoEncryption(),
     )
+    write_private(path, pem, replace=replace)
+
+
+def make_private_dir(path: Path) -> Path:
+    """Create ``path`` (and parents) if needed; the directory itself ends up 0700.
+
+    ``mkdir(mode=)`` applies only to a directory it creates, so an existing one is
+    checked (and tightened, loudly) by :func:`ensure_private`.
+    """
     path = Path(path)
-    tmp = path.with_name(path.name + ".tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    path.mkdir(parents=True, exist_ok=True, mode=PRIVATE_DIR_MODE)
+    return path
+
+
+def ensure_private(path: Path) -> str | None:
+    """Tighten a private directory to 0700, or a private file to 0600, if group or others have access.
+
+    Returns a sentence saying what was repaired (for the caller to log as a warning),
+    or None when nothing needed repairing or ``path`` does not exist; raises
+    KeyFileError ``key_permissions`` when it is looser and cannot be changed. Private *key*
+    files are not repaired but refused (:func:`load_private_key`): a key that others
+    could read may have been copied, and only a person can decide whether to replace it.
+    """
+    path = Path(path)
     try:
-        os.fchmod(fd, 0o600)  # umask cannot widen it, but an existing file's mode could
-        os.write(fd, pem)
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-    os.replace(tmp, path)
+        st = path.stat()
+    except FileNotFoundError:
+        return None
+    mode = stat.S_IMODE(st.st_mode)
+    if not mode & (stat.S_IRWXG | stat.S_IRWXO):
+        return None
+    wanted = PRIVATE_DIR_MODE if stat.S_ISDIR(st.st_mode) else PRIVATE_FILE_MODE
+    try:
+        path.chmod(wanted)
+    except OSError as exc:  # not the owner: then it cannot be vouched for either
+        raise KeyFileError(
+            Reason.KEY_PERMISSIONS,
+            f"{path} is accessible by group or others (mode {mode:04o}) and cannot be tightened "
+            f"({exc.strerror}); as its owner, run: chmod {wanted:o} {path}",
+        ) from None
+    return f"{path} was accessible by group or others (mode {mode:04o}); changed it to {wanted:04o}"
 
 
 def load_private_key(path: Path) -> Ed25519PrivateKey | X25519PrivateKey:
@@ -154,10 +223,17 @@ class Identity:
         return PublicIdentity(raw_public(self.signing.public_key()), raw_public(self.hpke.public_key()))
 
     def save(self, directory: Path) -> None:
-        directory = Path(directory)
-        directory.mkdir(parents=True, exist_ok=True, mode=0o700)
+        """Write both private keys (0600) into ``directory`` (0700); never replaces a key file."""
+        directory = make_private_dir(directory)
+        ensure_private(directory)
         save_private_key(directory / SIGNING_KEY_FILE, self.signing)
         save_private_key(directory / HPKE_KEY_FILE, self.hpke)
+
+    @staticmethod
+    def present(directory: Path) -> tuple[bool, bool]:
+        """Whether the signing and the HPKE key file exist in ``directory``."""
+        directory = Path(directory)
+        return (directory / SIGNING_KEY_FILE).exists(), (directory / HPKE_KEY_FILE).exists()
 
     @classmethod
     def load(cls, directory: Path) -> Identity:

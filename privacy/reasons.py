@@ -52,6 +52,7 @@ class Reason(StrEnum):
     BAD_TOKEN = "bad_token", 401, "missing, unknown, used, expired or revoked token"
     FORBIDDEN = "forbidden", 403, "this token's role may not do this"
     ALREADY_ENROLLED = "already_enrolled", 409, "this silo has already enrolled"
+    FINGERPRINT_MISMATCH = "fingerprint_mismatch", 409, "the coordinator's keys are not the fingerprint the silo pinned"
     # generic API
     NOT_FOUND = "not_found", 404, "no such resource"
     UNKNOWN_VERSION = "unknown_version", 404, "this model version does not exist or its weights were pruned"

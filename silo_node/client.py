@@ -35,7 +35,7 @@ from typing import TYPE_CHECKING, Any
 import httpx
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 
-from privacy.envelope import sign_request, verify_release
+from privacy.envelope import sign_request, verify_enrolment, verify_release
 from privacy.errors import PrivacyError
 from privacy.keys import PublicIdentity, b64d, fingerprint
 
@@ -205,13 +205,16 @@ class SiloClient:
 
     # -- the API --
 
-    def enroll(self, token: str, keys: PublicIdentity) -> Enrolment:
+    def enroll(self, token: str, keys: PublicIdentity, expected_fingerprint: str | None = None) -> Enrolment:
         """Enrol with a one-time token; the answer pins the coordinator's keys.
 
         The token is spent when the coordinator processes the request, so only failures
-        where nothing was processed (connection refused, 429, 503) are retried.
+        where nothing was processed (connection refused, 429, 503) are retried. With
+        ``expected_fingerprint`` the coordinator refuses (``fingerprint_mismatch``)
+        before it spends the token if its keys are not the expected ones.
         """
-        body = json.dumps({"token": token, **keys.to_json()}).encode()
+        expected = {"coordinator_fingerprint": expected_fingerprint} if expected_fingerprint else {}
+        body = json.dumps({"token": token, **keys.to_json(), **expected}).encode()
         response = self._send("POST", "/enroll", body, signed=False, idempotent=False,
                               content_type="application/json")
         obj = self._json(response)
@@ -230,6 +233,15 @@ class SiloClient:
             float(budget["epsilon_cap"]), float(budget["delta"])
         except (KeyError, TypeError, ValueError, PrivacyError) as exc:
             raise BadResponse(ClientReason.BAD_RESPONSE, f"the enrolment answer is incomplete: {exc}") from None
+        try:  # the answer's substance, as signed by the key about to be pinned
+            verify_enrolment(b64d(obj["statement"]), b64d(obj["signature"]), pinned.signing_key, {
+                "silo_id": enrolment.silo_id, "name": enrolment.name, "federation": federation.get("name"),
+                "task": federation["task"], "schema_digest": federation["schema_digest"], "budget": budget,
+                "silo_keys": keys.to_json()})
+        except (KeyError, TypeError, ValueError) as exc:
+            raise BadResponse(ClientReason.BAD_RESPONSE, f"the enrolment answer is not signed: {exc}") from None
+        except PrivacyError as exc:
+            raise Untrusted(ClientReason.BAD_SIGNATURE, f"the enrolment answer does not verify: {exc.message}") from None
         # The fingerprints are shown to a human for comparison; they must describe these keys.
         ours = pinned.fingerprints()
         if enrolment.coordinator.fingerprints and enrolment.coordinator.fingerprints != ours:

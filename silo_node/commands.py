@@ -18,10 +18,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TextIO
 
-from privacy.keys import Identity
+from privacy.errors import KeyFileError
+from privacy.keys import FINGERPRINT_PATTERN, Identity
 
 from .client import Enrolment as EnrolAnswer, RetryPolicy, SiloClient
-from .client_errors import ClientReason, Untrusted
+from .client_errors import ClientError, ClientReason, Rejected, Unreachable, Untrusted
 from .config import (
     ConfigError,
     ConfigReason,
@@ -29,6 +30,7 @@ from .config import (
     NetworkOptions,
     SiloConfig,
     TrainingOptions,
+    prepare_data_dir,
 )
 from .ledger import Ledger, LedgerError
 
@@ -102,6 +104,14 @@ def load_checked(config: SiloConfig):
         data = load_local_data(task, config.data_source, config.target, config.training)
     except TaskError as exc:
         raise DataRefused(ConfigReason.INVALID, exc.message) from None
+    if enrol.delta * data.num_samples >= 1:
+        # At delta >= 1/n, (epsilon, delta)-DP allows releasing a record outright: no guarantee here.
+        raise DataRefused(
+            ConfigReason.INVALID,
+            f"the federation's delta {enrol.delta:g} is not below 1/n for this silo's n = {data.num_samples} "
+            f"training records (1/n = {1 / data.num_samples:.3g}); ask the coordinator's operator for a smaller "
+            "delta (at most 1/(10 n) is customary)",
+        )
     return task, data
 
 
@@ -127,9 +137,12 @@ def init_silo(
 ) -> InitResult:
     """Enrol a new silo in ``data_dir`` (or re-point an enrolled one at other data).
 
-    New silo: generate keys locally (0600), enrol with the one-time ``token``, pin the
-    coordinator's keys (refusing if ``expected_fingerprint`` is given and differs),
-    save ``silo.toml``, then load the data once and check it fits the federation's model.
+    New silo: generate keys locally (0600, in a 0700 data dir) -- or reuse those of an
+    unfinished enrolment, never replacing a key file -- and enrol with the one-time
+    ``token``. With ``expected_fingerprint`` the coordinator is asked to refuse before
+    it spends the token if its keys differ, and the answer is checked again (Untrusted
+    ``fingerprint_mismatch`` either way). Then pin the coordinator's keys, save
+    ``silo.toml`` (0600), load the data once and check it fits the federation's model.
     The result's ``data_error`` says why it does not (the enrolment is kept: re-run
     ``init`` without a token once the data is fixed).
     """
@@ -154,18 +167,31 @@ def init_silo(
 
     if not coordinator_url or not token:
         raise ConfigError(ConfigReason.NOT_INITIALISED, "a new silo needs --coordinator URL and --token TOKEN")
+    expected = _expected_fingerprint(expected_fingerprint)
     network = NetworkOptions(ca_bundle=ca_bundle or "", proxy=proxy or "")
-    identity = Identity.generate()
-    # Keys first: if the answer to enrolment were lost after this, the key that enrolled survives.
-    identity.save(data_dir / "keys")
+    keys_dir = prepare_data_dir(data_dir) / "keys"
+    identity = _enrolment_keys(keys_dir)
     with SiloClient(coordinator_url, transport=transport, **_network(network)) as client:
-        answer = client.enroll(token, identity.public())
+        try:
+            answer = client.enroll(token, identity.public(), expected)
+        except Rejected as exc:
+            raise _enrolment_refused(exc, coordinator_url, keys_dir) from None
+        except Unreachable as exc:
+            # The request may have been processed: the repeat (same token, same keys) will tell.
+            raise Unreachable(
+                exc.reason,
+                f"{exc.message}. The coordinator may or may not have received the enrolment; run the same "
+                f"init again: it reuses the keys in {keys_dir}, and a coordinator that did enrol them answers again",
+            ) from None
     fingerprints = answer.coordinator.keys.fingerprints()
-    if expected_fingerprint and expected_fingerprint.strip() not in fingerprints.values():
+    if expected and expected not in fingerprints.values():
+        # A coordinator that ignores coordinator_fingerprint: an old one, or not the one we expect.
         raise Untrusted(
             ClientReason.FINGERPRINT_MISMATCH,
-            f"the coordinator's signing key fingerprint is {fingerprints['signing']}, not "
-            f"{expected_fingerprint.strip()}; nothing was saved. Check the URL and ask the coordinator's operator",
+            f"the coordinator at {coordinator_url} answered with signing key fingerprint {fingerprints['signing']}, "
+            f"not {expected}, and did not refuse as asked: it may not be the coordinator you expect. Nothing was "
+            f"pinned and {data_dir / 'silo.toml'} was not written. It may have spent the token (enrolling silo "
+            f"{answer.silo_id}): tell the coordinator's operator, who must revoke that silo if it is theirs",
         )
     config = SiloConfig(
         data_dir=data_dir,
@@ -185,6 +211,63 @@ def init_silo(
     except DataRefused as exc:
         return InitResult(config, fingerprints, True, 0, data_error=exc.message)
     return InitResult(config, fingerprints, True, samples)
+
+
+def _expected_fingerprint(text: str | None) -> str | None:
+    """The operator's fingerprint, checked for form before it is sent anywhere."""
+    if not text:
+        return None
+    text = text.strip().lower().replace("sha256:", "SHA256:", 1)
+    if not FINGERPRINT_PATTERN.fullmatch(text):
+        raise ConfigError(
+            ConfigReason.INVALID,
+            f"--coordinator-fingerprint {text!r} is not a fingerprint: expected SHA256: followed by 16 hex pairs "
+            "joined by ':' (as `fedsilo-coordinator init` prints it); nothing was sent",
+        )
+    return text
+
+
+def _enrolment_keys(keys_dir: Path) -> Identity:
+    """The keys to enrol with: those of an unfinished enrolment if there are any, else new ones.
+
+    Key files are never replaced: if an earlier attempt reached the coordinator (and its
+    answer was lost or refused), the keys it sent are the silo's identity, or may become
+    it on the retry.
+    """
+    present = Identity.present(keys_dir)
+    if not any(present):
+        identity = Identity.generate()
+        identity.save(keys_dir)
+        return identity
+    if not all(present):
+        raise ConfigError(
+            ConfigReason.INVALID,
+            f"{keys_dir} holds only one of the silo's two key files (an interrupted init); nothing was sent. "
+            f"Move {keys_dir} away, then run init again",
+        )
+    try:
+        identity = Identity.load(keys_dir)
+    except KeyFileError as exc:
+        raise ConfigError(
+            ConfigReason.INVALID,
+            f"{keys_dir} holds the keys of an unfinished enrolment, but they cannot be used: {exc.message}; "
+            "nothing was sent",
+        ) from None
+    log.info("reusing the keys of an unfinished enrolment in %s", keys_dir)
+    return identity
+
+
+def _enrolment_refused(exc: Rejected, url: str, keys_dir: Path) -> ClientError:
+    """Say truthfully what a refusal means: nothing was enrolled, and what to do next."""
+    kept = f"The silo's keys in {keys_dir} are kept; the next init reuses them"
+    if exc.reason == "fingerprint_mismatch":
+        return Untrusted(
+            ClientReason.FINGERPRINT_MISMATCH,
+            f"the coordinator at {url} refused: {exc.detail}. Nothing was enrolled and the token is still valid. "
+            f"{kept}. Check the fingerprint and the URL with the coordinator's operator (by another channel), "
+            "then run init again",
+        )
+    return Rejected(exc.reason, f"{exc.detail}. This attempt enrolled nothing. {kept}", status=exc.status)
 
 
 def _pin(answer: EnrolAnswer) -> Enrolment:

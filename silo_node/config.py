@@ -20,6 +20,7 @@ running for months should not silently train with settings nobody chose.
 
 from __future__ import annotations
 
+import logging
 import math
 import os
 import re
@@ -34,7 +35,9 @@ from typing import Any
 import tomli_w
 
 from privacy.errors import PrivacyError
-from privacy.keys import PublicIdentity, b64d, fingerprint
+from privacy.keys import PublicIdentity, b64d, ensure_private, fingerprint, make_private_dir, write_private
+
+log = logging.getLogger("fedsilo.silo")
 
 __all__ = [
     "CONFIG_FILE",
@@ -344,6 +347,7 @@ class SiloConfig:
         """Read ``data_dir/silo.toml``, then apply ``FEDSILO_SILO_*`` overrides."""
         data_dir = Path(data_dir)
         path = data_dir / CONFIG_FILE
+        _repair_permissions(data_dir, path)
         try:
             doc = tomllib.loads(path.read_text(encoding="utf-8"))
         except FileNotFoundError:
@@ -405,8 +409,8 @@ class SiloConfig:
         return doc
 
     def save(self) -> Path:
-        """Write ``silo.toml`` atomically (a crash never leaves half a file)."""
-        self.data_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+        """Write ``silo.toml`` atomically (a crash never leaves half a file), 0600 in a 0700 directory."""
+        prepare_data_dir(self.data_dir)
         doc = self.to_document()
         text = (
             "# fedsilo silo configuration, written by `fedsilo-silo init`.\n"
@@ -416,13 +420,23 @@ class SiloConfig:
             + tomli_w.dumps(doc)
         )
         path = self.data_dir / CONFIG_FILE
-        tmp = path.with_name(path.name + ".tmp")
-        with open(tmp, "w", encoding="utf-8") as fh:
-            fh.write(text)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
+        write_private(path, text.encode("utf-8"))
         return path
+
+
+def prepare_data_dir(data_dir: Path) -> Path:
+    """Create the data dir 0700 if needed, or tighten it (loudly) if it is looser."""
+    _repair_permissions(make_private_dir(data_dir))
+    return Path(data_dir)
+
+
+def _repair_permissions(*paths: Path) -> None:
+    """The data dir (keys, ledger) and silo.toml (it may hold a proxy password) are the
+    silo's alone: tighten them if a copy or a umask loosened them, and say so."""
+    for path in paths:
+        repaired = ensure_private(path)
+        if repaired:
+            log.warning("%s (the silo's files are private to its user)", repaired)
 
 
 def _setting_section(name: str) -> str | None:

@@ -101,6 +101,7 @@ ON_REJECTION: dict[Reason, OnRejection] = {
     Reason.BAD_TOKEN: OnRejection.FATAL,
     Reason.FORBIDDEN: OnRejection.FATAL,
     Reason.ALREADY_ENROLLED: OnRejection.FATAL,
+    Reason.FINGERPRINT_MISMATCH: OnRejection.FATAL,  # not the coordinator this silo pinned
     Reason.NOT_FOUND: OnRejection.FATAL,  # the coordinator's address or API is not ours
     Reason.UNKNOWN_VERSION: OnRejection.NEXT_ROUND,  # the base was pruned: fetch again
     Reason.CONFLICT: OnRejection.NEXT_ROUND,

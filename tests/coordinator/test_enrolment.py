@@ -10,7 +10,7 @@ from datetime import UTC, datetime, timedelta
 
 import pytest
 import torch
-from sqlalchemy import select
+from sqlalchemy import func, select
 
 from coordinator import audit, enrolment, federation
 from coordinator.db import make_engine, transaction, upgrade
@@ -88,11 +88,21 @@ def test_create_then_enroll_binds_the_keys_and_consumes_the_token(engine):
     ({"epsilon_cap": float("inf")}, Reason.INVALID_REQUEST),
     ({"delta": 1.0}, Reason.INVALID_REQUEST),
     ({"delta": True}, Reason.INVALID_REQUEST),
+    ({"delta": 0.5}, Reason.INVALID_REQUEST),
+    ({"delta": 0.0010001}, Reason.INVALID_REQUEST),
+    ({"delta": 0}, Reason.INVALID_REQUEST),
 ])
 def test_create_validates_its_input(sqlite_engine, kw, reason):
     with pytest.raises(ApiError) as exc:
         create(sqlite_engine, **({"name": "ok"} | kw))
     assert exc.value.reason == reason
+
+
+def test_delta_is_bounded_by_max_delta_inclusive(sqlite_engine):
+    assert enrolment.MAX_DELTA == 1e-3
+    create(sqlite_engine, "at-the-bound", delta=1e-3)
+    with pytest.raises(ApiError, match="delta must be at most 0.001"):
+        create(sqlite_engine, "above", delta=0.5)
 
 
 def test_silo_names_are_unique(engine):
@@ -206,3 +216,54 @@ def test_revoked_is_said_only_to_the_key_holder(sqlite_engine, enrolled):
     with pytest.raises(AuthError) as exc:
         authenticate(sqlite_engine, signed(silo_id, Identity.generate()))
     assert exc.value.reason == Reason.BAD_SIGNATURE
+
+
+# --------------------------------------------------------------------------- safe enrolment
+
+
+def test_a_wrong_expected_fingerprint_is_refused_before_the_token_is_spent(sqlite_engine):
+    coordinator = Identity.generate().public()
+    new = create(sqlite_engine)
+    silo = Identity.generate()
+    wrong = Identity.generate().public().fingerprints()["signing"]
+    with transaction(sqlite_engine) as s, pytest.raises(ApiError) as info:
+        enrolment.enroll(s, token=new.enrolment_token, keys=silo.public().to_json(), now=T0,
+                         coordinator=coordinator, expected_fingerprint=wrong)
+    assert info.value.reason is Reason.FINGERPRINT_MISMATCH and info.value.status == 409
+    assert coordinator.fingerprints()["signing"] in info.value.detail and "not spent" in info.value.detail
+    with transaction(sqlite_engine) as s:
+        assert s.scalar(select(EnrolmentToken.used_at)) is None
+        assert s.get(Silo, new.silo_id).status == "pending"
+    # Either of the coordinator's fingerprints is accepted; then the token is spent.
+    with transaction(sqlite_engine) as s:
+        enrolled = enrolment.enroll(s, token=new.enrolment_token, keys=silo.public().to_json(), now=T0,
+                                    coordinator=coordinator, expected_fingerprint=coordinator.fingerprints()["hpke"])
+        assert enrolled.status == "active"
+
+
+@pytest.mark.parametrize("expected", ["SHA256:zz", "sha256:" + ":".join(["ab"] * 16), 7, ""])
+def test_a_malformed_expected_fingerprint_is_invalid_request(sqlite_engine, expected):
+    new = create(sqlite_engine)
+    with transaction(sqlite_engine) as s, pytest.raises(ApiError) as info:
+        enrolment.enroll(s, token=new.enrolment_token, keys=Identity.generate().public().to_json(), now=T0,
+                         coordinator=Identity.generate().public(), expected_fingerprint=expected)
+    assert info.value.reason is Reason.INVALID_REQUEST
+
+
+def test_a_repeat_with_the_same_keys_returns_the_enrolment_and_changes_nothing(sqlite_engine):
+    new = create(sqlite_engine)
+    silo = Identity.generate()
+    silo_id, _ = enroll(sqlite_engine, new.enrolment_token, silo)
+    with transaction(sqlite_engine) as s:
+        events = s.scalar(select(func.count()).select_from(AuditEvent))
+    assert enroll(sqlite_engine, new.enrolment_token, silo, now=T0 + timedelta(hours=1)) == (silo_id, "active")
+    with transaction(sqlite_engine) as s:
+        assert s.scalar(select(func.count()).select_from(AuditEvent)) == events  # nothing new recorded
+        assert s.get(Silo, silo_id).enrolled_at.replace(tzinfo=UTC) == T0 + timedelta(minutes=1)
+    # Other keys with the spent token, or the same keys after the token's expiry: bad_token.
+    with pytest.raises(AuthError) as info:
+        enroll(sqlite_engine, new.enrolment_token, Identity.generate())
+    assert info.value.reason is Reason.BAD_TOKEN
+    with pytest.raises(AuthError) as info:
+        enroll(sqlite_engine, new.enrolment_token, silo, now=T0 + timedelta(days=8))
+    assert info.value.reason is Reason.BAD_TOKEN

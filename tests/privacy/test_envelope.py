@@ -204,6 +204,28 @@ def test_signed_header_with_lying_digest_is_digest_mismatch(payload, silo, coord
         lambda o: o["dp"].update(steps=2.5),
         lambda o: o.update(created_at="yesterday"),
         lambda o: o.update(metrics={"acc": "high"}),
+        # The accepted-but-forbidden headers, and their neighbours.
+        lambda o: o.update(format=True),
+        lambda o: o.update(format=1.0),
+        lambda o: o.update(format="1"),
+        lambda o: o.pop("metrics"),
+        lambda o: o.pop("accountant"),
+        lambda o: o.update(metrics={"m" * 60_000: 1.0}),
+        lambda o: o.update(metrics={"bad name": 1.0}),
+        lambda o: o.update(metrics={f"m{i}": 1.0 for i in range(33)}),
+        lambda o: o.update(metrics={"acc": True}),
+        lambda o: o.update(metrics=[]),
+        lambda o: o.update(num_samples=2**53),
+        lambda o: o.update(payload_size=8.0),
+        lambda o: o["dp"].update(steps=True),
+        lambda o: o["dp"].update(noise_multiplier=None),
+        lambda o: o.update(update_id="0123456789abcdef0123456789abcdef\n"),
+        lambda o: o.update(payload_digest="AB" * 32),
+        lambda o: o.update(created_at="2026-11-21T10:00:00.5Z"),
+        lambda o: o.update(created_at="2026-13-21T10:00:00.000000Z"),
+        lambda o: o.update(silo_id="silo 1"),
+        lambda o: o.update(accountant="RDP"),
+        lambda o: o.update(kind="model_release"),
     ],
 )
 def test_strict_header_parse(payload, mutate):
@@ -214,6 +236,42 @@ def test_strict_header_parse(payload, mutate):
     with pytest.raises(EnvelopeError) as info:
         env.UpdateHeader.from_bytes(json.dumps(obj).encode())
     assert info.value.reason is Reason.MALFORMED
+
+
+@pytest.mark.parametrize(
+    "text",
+    [
+        # duplicate key: the last one would have been stored
+        lambda t: t.replace(b'"base_version":3', b'"base_version":3,"base_version":4'),
+        lambda t: b"\xef\xbb\xbf" + t,  # UTF-8 BOM
+        lambda t: t.replace(b'"accountant":"rdp"', b'"accountant":"rd\xff"'),  # invalid UTF-8
+        lambda t: t.replace(b'"epsilon_claim":0.8', b'"epsilon_claim":NaN'),
+        lambda t: t.replace(b'"epsilon_claim":0.8', b'"epsilon_claim":1e999'),
+        lambda t: t.replace(b'"base_version":3', b'"base_version":' + b"9" * 5000),
+        lambda t: t.replace(b'"metrics":{}', b'"metrics":' + b"[" * 100_000 + b"]" * 100_000),
+        lambda t: t.replace(b'"silo_id":"silo-1"', b'"silo_id":"silo-1\\u0000"'),
+        lambda t: t[:-1],
+    ],
+)
+def test_header_must_be_strict_json(payload, text):
+    header = make_header(payload, metrics={}).to_bytes()
+    assert env.UpdateHeader.from_bytes(header).silo_id == "silo-1"  # the unmutated text parses
+    with pytest.raises(EnvelopeError) as info:
+        env.UpdateHeader.from_bytes(text(header))
+    assert info.value.reason is Reason.MALFORMED
+
+
+def test_header_refusals_name_the_member(payload):
+    import json
+
+    obj = json.loads(make_header(payload).to_bytes())
+    del obj["metrics"]
+    with pytest.raises(EnvelopeError, match=r"lacks members \['metrics'\]"):
+        env.UpdateHeader.from_bytes(json.dumps(obj).encode())
+    obj = json.loads(make_header(payload).to_bytes())
+    obj["format"] = True
+    with pytest.raises(EnvelopeError, match="'format' must be the integer 1, not true"):
+        env.UpdateHeader.from_bytes(json.dumps(obj).encode())
 
 
 def test_header_format_version_is_checked(payload):
@@ -282,3 +340,20 @@ def test_signed_request_round_trip_and_refusals(silo):
         with pytest.raises(EnvelopeError) as info:
             env.verify_request(method, target, body, hdrs, key, now=now)
         assert info.value.reason is Reason.BAD_SIGNATURE
+
+
+def test_enrolment_statement_binds_every_field(coordinator, silo):
+    body = {"silo_id": "silo-1", "name": "hospital-a", "federation": "fed", "task": {"name": "csv", "options": {}},
+            "schema_digest": "ab" * 32, "budget": {"epsilon_cap": 8.0, "delta": 1e-5, "accountant": "rdp"},
+            "silo_keys": silo.public().to_json()}
+    data, sig = env.enrolment_statement(body, coordinator.signing)
+    assert env.verify_enrolment(data, sig, coordinator.signing.public_key(), body)["kind"] == "enrolment"
+    for key in env.ENROLMENT_FIELDS:
+        with pytest.raises(EnvelopeError) as info:
+            env.verify_enrolment(data, sig, coordinator.signing.public_key(), {**body, key: "other"})
+        assert info.value.reason is Reason.DIGEST_MISMATCH and key in info.value.message
+    with pytest.raises(EnvelopeError) as info:
+        env.verify_enrolment(data, sig, silo.signing.public_key(), body)
+    assert info.value.reason is Reason.BAD_SIGNATURE
+    with pytest.raises(ValueError):
+        env.enrolment_statement({**body, "extra": 1}, coordinator.signing)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import stat
 
 import pytest
 
@@ -74,3 +75,31 @@ def test_b64_round_trip():
     for n in range(0, 40):
         data = os.urandom(n)
         assert keys.b64d(keys.b64e(data)) == data
+
+
+def test_write_private_never_replaces_unless_asked(tmp_path):
+    from privacy.keys import write_private
+
+    path = tmp_path / "secret"
+    write_private(path, b"one", replace=False)
+    assert path.read_bytes() == b"one" and stat.S_IMODE(path.stat().st_mode) == 0o600
+    with pytest.raises(KeyFileError) as info:
+        write_private(path, b"two", replace=False)
+    assert info.value.reason is Reason.KEY_EXISTS and path.read_bytes() == b"one"
+    write_private(path, b"three")
+    assert path.read_bytes() == b"three"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["secret"]  # no temporary file left
+
+
+def test_ensure_private_tightens_and_says_so(tmp_path):
+    from privacy.keys import ensure_private
+
+    directory, file = tmp_path / "d", tmp_path / "d" / "f"
+    directory.mkdir(mode=0o755)
+    directory.chmod(0o755)
+    file.write_text("x")
+    file.chmod(0o644)
+    assert "mode 0644); changed it to 0600" in ensure_private(file)
+    assert "mode 0755); changed it to 0700" in ensure_private(directory)
+    assert stat.S_IMODE(file.stat().st_mode) == 0o600 and stat.S_IMODE(directory.stat().st_mode) == 0o700
+    assert ensure_private(file) is None and ensure_private(tmp_path / "missing") is None

@@ -11,12 +11,13 @@ import json
 import stat
 import tomllib
 
+import httpx
 import pytest
 
 from privacy.envelope import sign_statement
 from privacy.keys import Identity
 from silo_node.cli import main
-from silo_node.client_errors import Untrusted
+from silo_node.client_errors import BadResponse, Unreachable, Untrusted
 from silo_node.commands import init_silo, silo_status
 from silo_node.config import ConfigError, ConfigReason, SiloConfig, TrainingWindow
 from silo_node.ledger import Ledger, Receipt
@@ -76,11 +77,77 @@ def test_a_bundled_task_without_data_uses_the_bundled_set(tmp_path, fake):
     assert result.data_error is None and result.num_samples == round(569 * 0.8)
 
 
-def test_init_with_a_wrong_expected_fingerprint_saves_nothing(tmp_path, fake):
-    with pytest.raises(Untrusted) as info:
+def test_init_with_a_malformed_expected_fingerprint_sends_nothing(tmp_path, fake):
+    with pytest.raises(ConfigError, match="is not a fingerprint") as info:
         enrol(tmp_path, fake, expected_fingerprint="SHA256:00:11")
+    assert info.value.reason == ConfigReason.INVALID
+    assert fake.requests == [] and not SiloConfig.exists(tmp_path / "silo")
+
+
+def test_init_refuses_a_coordinator_that_ignores_the_expected_fingerprint(tmp_path, fake):
+    """This fake coordinator does not check coordinator_fingerprint (as an old or hostile one would)."""
+    wrong = "SHA256:" + ":".join(["00"] * 16)
+    with pytest.raises(Untrusted) as info:
+        enrol(tmp_path, fake, expected_fingerprint=wrong)
     assert fake.identity.public().fingerprints()["signing"] in info.value.message
+    assert "did not refuse as asked" in info.value.message and "Nothing was pinned" in info.value.message
     assert not SiloConfig.exists(tmp_path / "silo")
+    keys = {p.name: p.read_bytes() for p in (tmp_path / "silo" / "keys").iterdir()}
+    # The retry reuses (never replaces) the keys; this fake enrols again with a new token.
+    enrol(tmp_path, fake, expected_fingerprint=fake.identity.public().fingerprints()["signing"])
+    assert {p.name: p.read_bytes() for p in (tmp_path / "silo" / "keys").iterdir()} == keys
+
+
+def test_an_enrolment_whose_answer_was_lost_says_to_rerun_and_keeps_the_keys(tmp_path, fake):
+    def processed_then_lost(request):
+        fake._enroll(request)  # the coordinator enrols ...
+        raise httpx.ReadTimeout("the answer never came", request=request)  # ... and the answer is lost
+
+    fake.faults.append(processed_then_lost)
+    with pytest.raises(Unreachable, match="run the same init again: it reuses the keys"):
+        enrol(tmp_path, fake)
+    assert not SiloConfig.exists(tmp_path / "silo")
+    assert Identity.load(tmp_path / "silo" / "keys").public() in fake.silos.values()
+
+
+@pytest.mark.parametrize("tamper", [
+    lambda answer: answer["budget"].update(epsilon_cap=1000.0),  # what a man in the middle might raise
+    lambda answer: answer["federation"]["task"]["options"].update(hidden=[4]),
+    lambda answer: answer.update(silo_id="silo-someone-else"),
+    lambda answer: answer.update(signature=answer["signature"][:-4] + "AAAA"),
+    lambda answer: answer.pop("statement"),
+])
+def test_init_refuses_an_enrolment_answer_that_is_not_what_the_coordinator_signed(tmp_path, fake, tamper):
+    def altered(request):
+        answer = json.loads(fake._enroll(request).content)
+        tamper(answer)
+        return httpx.Response(200, json=answer)
+
+    fake.faults.append(altered)
+    with pytest.raises((Untrusted, BadResponse)) as info:
+        enrol(tmp_path, fake, expected_fingerprint=fake.identity.public().fingerprints()["signing"])
+    assert "enrolment answer" in info.value.message
+    assert not SiloConfig.exists(tmp_path / "silo")
+
+
+def test_init_refuses_half_a_key_pair(tmp_path, fake):
+    keys = tmp_path / "silo" / "keys"
+    Identity.generate().save(keys)
+    (keys / "hpke_key.pem").unlink()
+    with pytest.raises(ConfigError, match="only one of the silo's two key files"):
+        enrol(tmp_path, fake)
+    assert fake.requests == [] and [p.name for p in keys.iterdir()] == ["signing_key.pem"]
+
+
+def test_a_delta_not_below_one_over_n_is_refused_where_n_is_known(tmp_path, fake):
+    from dataclasses import replace
+
+    from silo_node.commands import DataRefused, check_data
+
+    config = enrol(tmp_path, fake).config  # the bundled set: 455 training records
+    assert check_data(config.with_(enrolment=replace(config.enrolment, delta=1 / 456))) == 455
+    with pytest.raises(DataRefused, match=r"delta 0.00219.* not below 1/n for this silo's n = 455"):
+        check_data(config.with_(enrolment=replace(config.enrolment, delta=1 / 455)))
 
 
 def test_init_again_with_a_token_is_refused_without_one_it_repoints_the_data(tmp_path, fake, partitions):

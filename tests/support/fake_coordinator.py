@@ -17,6 +17,7 @@ import httpx
 
 from privacy import accounting, codec
 from privacy.envelope import (
+    enrolment_statement,
     open_update,
     parse_update,
     release_statement,
@@ -129,13 +130,21 @@ class FakeCoordinator:
         silo_id = f"silo-{len(self.silos) + 1}"
         self.silos[silo_id] = PublicIdentity.from_json(body)
         pub = self.identity.public()
+        task = {"name": self.task.name, "options": dict(self.task.options)}
+        budget = {"epsilon_cap": self.epsilon_cap, "delta": self.delta, "accountant": "rdp"}
+        statement, signature = enrolment_statement(
+            {"silo_id": silo_id, "name": name, "federation": self.federation, "task": task,
+             "schema_digest": self.schema.digest, "budget": budget, "silo_keys": self.silos[silo_id].to_json()},
+            self.identity.signing,
+        )
         return httpx.Response(200, json={
             "silo_id": silo_id, "name": name,
-            "federation": {"name": self.federation, "task": {"name": self.task.name, "options": dict(self.task.options)},
+            "federation": {"name": self.federation, "task": task,
                            "schema": self.schema.to_json(), "schema_digest": self.schema.digest,
                            "current_version": self.version, "settings": {"max_staleness": 8}},
-            "budget": {"epsilon_cap": self.epsilon_cap, "delta": self.delta, "accountant": "rdp"},
+            "budget": budget,
             "coordinator": {**pub.to_json(), "fingerprints": pub.fingerprints()},
+            "statement": b64e(statement), "signature": b64e(signature),
         })
 
     def model_response(self, version: int) -> tuple[bytes, dict[str, str]]:
