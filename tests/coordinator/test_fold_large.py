@@ -18,7 +18,7 @@ import pytest
 import torch
 from sqlalchemy import select
 
-from coordinator import enrolment, federation, fold, ingest, silos
+from coordinator import enrolment, federation, fold, ingest, model_store, silos
 from coordinator.app import open_coordinator
 from coordinator.bootstrap import initialize
 from coordinator.models import ModelVersion
@@ -39,8 +39,8 @@ TASK_OPTIONS = {"features": 16, "classes": 3, "hidden": [40]}
 
 @pytest.fixture(autouse=True)
 def small_thresholds(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(federation, "_BLOB_SLICE", 100)  # bytes per database read
-    monkeypatch.setattr(federation, "_STREAM_MIN", 1000)  # SQLite: zeros + incremental writes
+    monkeypatch.setattr(model_store, "_BLOB_SLICE", 100)  # bytes per database read
+    monkeypatch.setattr(model_store, "_STREAM_MIN", 1000)  # SQLite: zeros + incremental writes
     monkeypatch.setattr(fold, "_SLICE", 64)  # elements per fold slice (a SIMD multiple)
 
 
