@@ -175,6 +175,9 @@ _STREAM_CHUNK = 1 << 20
 _STREAM_MIN = 64 << 20
 
 
+_PG_SLICE = "SELECT substring(blob FROM %s FOR %s) FROM model_versions WHERE federation_id = %s AND version = %s"
+
+
 def _blob_length():
     # length() of a blob is read from its record header on SQLite (and from the TOAST
     # pointer on PostgreSQL); "blob IS NOT NULL" would make SQLite read every page.
@@ -230,10 +233,13 @@ def _slices(session: Session, federation_id: int, version: int, step: int) -> tu
         return None
 
     def pg_slices() -> Iterator[bytes]:
-        for start in range(0, size, step):
-            yield session.scalar(
-                select(func.substring(ModelVersion.blob, start + 1, step, type_=LargeBinary)).where(*where)
-            ) or b""
+        # A binary-format cursor: psycopg otherwise receives a bytea as hex text (twice
+        # its size) and decodes it, for every slice.
+        with session.connection().connection.driver_connection.cursor(binary=True) as cur:
+            for start in range(0, size, step):
+                cur.execute(_PG_SLICE, (start + 1, step, federation_id, version))
+                row = cur.fetchone()
+                yield b"" if row is None or row[0] is None else row[0]
 
     return size, pg_slices()
 
