@@ -36,7 +36,7 @@ from datetime import datetime
 from typing import Any
 
 import torch
-from sqlalchemy import LargeBinary, func, literal_column, select, update
+from sqlalchemy import func, literal_column, select, update
 from sqlalchemy.orm import Session
 
 from privacy import codec
