@@ -22,7 +22,7 @@ from coordinator import audit
 from coordinator.db import lock_federation
 from coordinator.errors import ApiError, Reason
 from coordinator.models import Federation, ModelVersion, PrivacyCharge, Silo, Update, UpdateStatus
-from coordinator.federation import Release, release
+from coordinator.model_store import Release, ReleaseCache, release
 from coordinator.strategies import StrategyError, StrategySettings
 from privacy.envelope import utc_timestamp
 from privacy.keys import Identity
@@ -325,13 +325,15 @@ def get_version(session: Session, version: int, *, federation_id: int = 1) -> Ve
     return _version_info(row)
 
 
-def model_release(session: Session, version: int, *, identity: Identity, federation_id: int = 1) -> Release:
+def model_release(session: Session, version: int, *, identity: Identity, federation_id: int = 1,
+                  releases: ReleaseCache | None = None) -> Release:
     """The safetensors bytes of ``version`` with the signed ``model_release`` statement
-    silos verify on ``GET /api/v1/model`` (``coordinator.federation.release``).
+    silos verify on ``GET /api/v1/model`` (``coordinator.model_store.release``).
 
     ApiError ``unknown_version`` if the version does not exist or was pruned.
     """
-    return release(session, identity, _load_federation(session, federation_id), version)
+    _load_federation(session, federation_id)  # its own error when there is no federation
+    return release(session, identity, releases or ReleaseCache(), federation_id, version)
 
 
 # --------------------------------------------------------------------------- updates

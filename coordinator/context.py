@@ -18,7 +18,7 @@ from sqlalchemy.orm import Session, sessionmaker
 from privacy.keys import Identity
 
 from .config import CoordinatorConfig
-from .federation import ModelCache
+from .model_store import ModelCache, ReleaseCache
 from .metrics import Metrics
 
 
@@ -33,8 +33,10 @@ class Coordinator:
     identity: Identity  # the coordinator's signing and HPKE private keys
     clock: Callable[[], datetime] = utc_now
     federation_id: int = 1
-    #: Decoded weights of recent versions, keyed by (version, digest); see federation.py.
+    #: Decoded weights of recent versions, keyed by (version, digest); see model_store.py.
     cache: ModelCache = field(default_factory=ModelCache)
+    #: Signed release statements of recent versions, keyed by (version, digest).
+    releases: ReleaseCache = field(default_factory=ReleaseCache)
     metrics: Metrics = field(init=False, repr=False)
     _sessions: sessionmaker = field(init=False, repr=False)
     _limiters: dict[str, anyio.CapacityLimiter] = field(init=False, repr=False, default_factory=dict)

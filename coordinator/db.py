@@ -151,13 +151,15 @@ def transaction(
     ``read_only=True`` is for long reads (exports, verification, listings): on
     SQLite it begins a deferred transaction that reads a snapshot without taking
     the write lock, so it does not hold up ingestion; on PostgreSQL the
-    transaction is ``READ ONLY``. Writing inside it fails.
+    transaction is ``READ ONLY, REPEATABLE READ``: one snapshot for all its
+    statements, as on SQLite (a model streamed in slices stays whole even if it is
+    pruned meanwhile). Writing inside it fails.
     """
     factory = bind if isinstance(bind, sessionmaker) else session_factory(bind)
     with factory() as session, session.begin():
         if read_only:
             if session.get_bind().dialect.name == "postgresql":
-                opts: dict[str, Any] = {"postgresql_readonly": True}
+                opts: dict[str, Any] = {"postgresql_readonly": True, "isolation_level": "REPEATABLE READ"}
             else:
                 opts = {_READ_ONLY: True}
             # Acquire the connection now, so the options apply before BEGIN.

@@ -8,7 +8,7 @@
     InternalFault               root of the coordinator's own faults (never the client's)
     ├── audit.AuditError        an audit entry cannot be written
     ├── db.DatabaseError        a database-layer condition
-    └── federation.StorageCorrupted   a stored blob does not match its digest
+    └── model_store.StorageCorrupted   a stored blob does not match its digest
 
 Routes never catch these: one exception handler (``api/errors.py``) turns a refusal into
 ``{"reason": ..., "detail": ...}`` with its reason's status, and a fault into a 500

@@ -48,7 +48,8 @@ from privacy.errors import PrivacyError
 
 from . import audit, budget, db, receipts, rejections
 from .errors import Reason
-from .federation import StorageCorrupted, prune, record_metrics, settings_of, write_version
+from .federation import settings_of
+from .model_store import StorageCorrupted, prune, record_metrics, write_version
 from .models import Federation, PrivacyCharge, Silo, SiloStatus, Update, UpdateStatus
 from .rejections import Evidence, Refusal, translate
 from .strategies import (

@@ -36,7 +36,7 @@ from privacy.errors import PrivacyError
 from privacy.errors import Reason as PrivacyReason
 from privacy.keys import signing_public_from_raw
 
-from . import budget, federation, fold, receipts, rejections
+from . import budget, fold, model_store, receipts, rejections
 from .context import Coordinator
 from .errors import IngestRejected, Reason
 from .federation import settings_of
@@ -185,7 +185,7 @@ def _check(ctx: Coordinator, body: bytes | bytearray, ev: Evidence) -> Prepared 
         fed = s.get(Federation, ctx.federation_id)
         settings = settings_of(fed)
         # Existence and retention only: never load a blob just to look at it.
-        base = federation.version_state(s, fed.id, header.base_version)
+        base = model_store.version_state(s, fed.id, header.base_version)
         if base is None or header.base_version > fed.current_version:
             raise Refusal(Reason.UNKNOWN_BASE_VERSION,
                           f"base version {header.base_version} is not known (current: {fed.current_version})")

@@ -14,8 +14,9 @@ from privacy.envelope import enrolment_statement
 from privacy.keys import b64e
 
 from . import enrolment
-from .errors import ApiError, CoordinatorError, Reason
-from .federation import Release, release, settings_of
+from .errors import CoordinatorError
+from .federation import settings_of
+from .model_store import ReleaseStream, open_release
 from .models import Federation, Silo
 
 if TYPE_CHECKING:
@@ -102,16 +103,13 @@ def _seen(ctx: Coordinator, silo: Silo) -> None:
             enrolment.touch(s, silo.id, now)
 
 
-def model(ctx: Coordinator, req: SignedRequest, version: int | None) -> Release:
-    """The current (or a retained older) model, signed; for a signed silo request only."""
+def model(ctx: Coordinator, req: SignedRequest, version: int | None) -> ReleaseStream:
+    """The current (or a retained older) model, signed, opened for streaming from one
+    snapshot; for a signed silo request only. The caller closes the stream."""
     with ctx.read() as s:
         silo = _authenticate(ctx, s, req)
-        fed = s.get(Federation, ctx.federation_id)
-        if version is not None and version > fed.current_version:
-            raise ApiError(Reason.UNKNOWN_VERSION, f"model version {version} does not exist yet")
-        out = release(s, ctx.identity, fed, version)
     _seen(ctx, silo)
-    return out
+    return open_release(ctx.read, ctx.identity, ctx.releases, ctx.federation_id, version)
 
 
 def status(ctx: Coordinator, req: SignedRequest) -> dict:

@@ -384,14 +384,17 @@ def verify_statement(kind: str, data: bytes, signature: bytes, signer: Ed25519Pu
 
 
 def release_statement(
-    *, federation: str, version: int, blob: bytes, schema_digest: str, created_at: str, signer: Ed25519PrivateKey
+    *, federation: str, version: int, digest: str, size: int, schema_digest: str, created_at: str,
+    signer: Ed25519PrivateKey,
 ) -> tuple[bytes, bytes]:
-    """Sign a model release: which federation, which version, which bytes."""
+    """Sign a model release: which federation, which version, which bytes (``digest``:
+    SHA-256 hex of the bytes, ``size``: their length; the signer hashed them when it
+    stored them, it need not hash them again)."""
     body = {
         "federation": federation,
         "version": version,
-        "digest": hashlib.sha256(blob).hexdigest(),
-        "size": len(blob),
+        "digest": digest,
+        "size": size,
         "schema_digest": schema_digest,
         "created_at": created_at,
     }

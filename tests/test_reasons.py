@@ -82,7 +82,7 @@ def test_every_foreign_error_translates(foreign: PrivacyReason | StrategyReason)
 def test_internal_faults_share_one_root() -> None:
     from coordinator.audit import AuditError
     from coordinator.db import DatabaseError
-    from coordinator.federation import StorageCorrupted
+    from coordinator.model_store import StorageCorrupted
 
     for fault in (AuditError, DatabaseError, StorageCorrupted):
         assert issubclass(fault, InternalFault)

@@ -150,7 +150,7 @@ def routes(ctx: Coordinator) -> list[Route]:
               errors=[Reason.UNKNOWN_VERSION])
     async def version_weights(request: Request, who: Principal) -> Response:
         rel = await read(admin.model_release, path_int(request, "version"), identity=ctx.identity,
-                         federation_id=fid)
+                         federation_id=fid, releases=ctx.releases)
         return Response(
             rel.blob,
             media_type="application/octet-stream",

@@ -7,9 +7,12 @@ Errors are raised, never caught here: ``coordinator.api.errors`` renders them.
 
 from __future__ import annotations
 
+from collections.abc import AsyncIterator
+
+import anyio
 from starlette.concurrency import run_in_threadpool
 from starlette.requests import Request
-from starlette.responses import JSONResponse, Response
+from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
 
 from privacy.keys import b64e
@@ -18,6 +21,7 @@ from .. import ingest, silos
 from ..context import Coordinator
 from ..errors import ApiError, Reason
 from ._params import json_object, read_body
+from ..model_store import ReleaseStream
 
 __all__ = ["routes", "target_of"]
 
@@ -27,6 +31,17 @@ def target_of(request: Request) -> str:
     path = request.scope.get("raw_path") or request.url.path.encode()
     query = request.scope.get("query_string") or b""
     return (path + (b"?" + query if query else b"")).decode("latin-1")
+
+
+async def _streamed(stream: ReleaseStream) -> AsyncIterator[bytes]:
+    """The stream's chunks, each read in a worker thread; closed however the response
+    ends (done, client gone, server stopping), so its snapshot never outlives it."""
+    try:
+        while chunk := await run_in_threadpool(stream.read):
+            yield chunk
+    finally:
+        with anyio.CancelScope(shield=True):
+            await run_in_threadpool(stream.close)
 
 
 def routes(ctx: Coordinator) -> list[Route]:
@@ -47,11 +62,13 @@ def routes(ctx: Coordinator) -> list[Route]:
         if raw is not None and not raw.isdigit():
             raise ApiError(Reason.INVALID_REQUEST, "version must be a non-negative integer")
         req = await signed(request)
-        release = await run_in_threadpool(silos.model, ctx, req, int(raw) if raw is not None else None)
-        return Response(
-            release.blob,
+        stream = await run_in_threadpool(silos.model, ctx, req, int(raw) if raw is not None else None)
+        release = stream.release
+        return StreamingResponse(
+            _streamed(stream),
             media_type="application/octet-stream",
             headers={
+                "Content-Length": str(release.size),
                 "Fedsilo-Version": str(release.version),
                 "Fedsilo-Release": b64e(release.statement),
                 "Fedsilo-Release-Signature": b64e(release.signature),

@@ -19,13 +19,6 @@ from tests.support.benchmarks import PNG_MAGIC, benchmark_script, finite
 pytestmark = pytest.mark.slow
 
 
-@pytest.fixture(params=["sqlite", pytest.param("postgres", marks=pytest.mark.postgres)])
-def database(request: pytest.FixtureRequest) -> str:
-    if request.param == "postgres":
-        request.getfixturevalue("postgres_server_url")  # skips (or fails under CI) without a server
-    return request.param
-
-
 def test_tiny_run_reports_finite_figures_and_a_plot(database: str, tmp_path: Path) -> None:
     with benchmark_script("ingest.py") as bench:
         status = bench.main(["--tiny", "--quiet", "--out", str(tmp_path), "--databases", database,

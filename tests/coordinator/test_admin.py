@@ -14,7 +14,7 @@ import pytest
 import torch
 from sqlalchemy import select
 
-from coordinator import admin, audit, budget, enrolment, federation
+from coordinator import admin, audit, budget, enrolment, federation, model_store
 from coordinator.db import lock_federation, transaction
 from coordinator.errors import ApiError, Reason
 from coordinator.models import AuditEvent, Federation, ModelVersion, PrivacyCharge, Update
@@ -35,7 +35,7 @@ def _seed_federation(engine, versions: int = 3) -> None:
     for v in range(1, versions):
         with transaction(engine) as s:
             fed = lock_federation(s)
-            federation.write_version(s, fed, tensors={"w": torch.full((2, 2), float(v))}, parent=v - 1,
+            model_store.write_version(s, fed, tensors={"w": torch.full((2, 2), float(v))}, parent=v - 1,
                                      produced_by=None, now=T0 + timedelta(minutes=v))
 
 

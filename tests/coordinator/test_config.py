@@ -18,6 +18,7 @@ def write_toml(data_dir: Path, body: str = "") -> Path:
     data_dir.mkdir(parents=True, exist_ok=True)
     path = data_dir / "coordinator.toml"
     path.write_text("[coordinator]\n" + body)
+    path.chmod(0o600)  # as init writes it: a looser file is tightened with a warning first
     return path
 
 

@@ -18,7 +18,7 @@ import pytest
 import torch
 from sqlalchemy import select
 
-from coordinator import enrolment, federation, fold, ingest, silos
+from coordinator import enrolment, federation, fold, ingest, model_store, silos
 from coordinator.app import open_coordinator
 from coordinator.bootstrap import initialize
 from coordinator.models import ModelVersion
@@ -39,8 +39,8 @@ TASK_OPTIONS = {"classes": 3, "hidden": [40], "feature_names": [f"f{i}" for i in
 
 @pytest.fixture(autouse=True)
 def small_thresholds(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(federation, "_BLOB_SLICE", 100)  # bytes per database read
-    monkeypatch.setattr(federation, "_STREAM_MIN", 1000)  # SQLite: zeros + incremental writes
+    monkeypatch.setattr(model_store, "_BLOB_SLICE", 100)  # bytes per database read
+    monkeypatch.setattr(model_store, "_STREAM_MIN", 1000)  # SQLite: zeros + incremental writes
     monkeypatch.setattr(fold, "_SLICE", 64)  # elements per fold slice (a SIMD multiple)
 
 
@@ -139,9 +139,9 @@ def test_a_pruned_version_reads_as_absent(tmp_path: Path, db_url: str) -> None:
         with ctx.transaction() as s:
             s.execute(ModelVersion.__table__.update().where(ModelVersion.version == 0).values(blob=None))
         with ctx.read() as s:
-            assert federation.version_state(s, ctx.federation_id, 0).retained is False
-            assert federation.version_state(s, ctx.federation_id, 1).retained is True
-            assert federation.read_blob(s, ctx.federation_id, 0) is None
-            assert bytes(federation.read_blob(s, ctx.federation_id, 1)) == stored(ctx, 1)[0]
+            assert model_store.version_state(s, ctx.federation_id, 0).retained is False
+            assert model_store.version_state(s, ctx.federation_id, 1).retained is True
+            assert model_store.read_blob(s, ctx.federation_id, 0) is None
+            assert bytes(model_store.read_blob(s, ctx.federation_id, 1)) == stored(ctx, 1)[0]
     finally:
         ctx.close()

@@ -20,7 +20,7 @@ def mode(path) -> int:
 
 @pytest.fixture
 def data_dir(tmp_path):
-    result = initialize(tmp_path / "coordinator", task="csv", task_options={"features": 4, "classes": 2})
+    result = initialize(tmp_path / "coordinator", task="csv", task_options={"feature_names": ["f0", "f1", "f2", "f3"], "classes": 2})
     return result.config.data_dir
 
 

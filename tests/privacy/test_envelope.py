@@ -294,7 +294,7 @@ def test_envelope_digest_is_stable_across_parses(sealed):
 def test_release_round_trip_and_tamper(coordinator):
     blob = codec.encode({"w": torch.ones(3)})
     data, sig = env.release_statement(
-        federation="f", version=7, blob=blob, schema_digest="cd" * 32, created_at=env.utc_timestamp(NOW),
+        federation="f", version=7, digest=codec.digest(blob), size=len(blob), schema_digest="cd" * 32, created_at=env.utc_timestamp(NOW),
         signer=coordinator.signing,
     )
     release = env.verify_release(data, sig, blob, coordinator.signing.public_key())

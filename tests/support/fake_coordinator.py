@@ -150,7 +150,8 @@ class FakeCoordinator:
     def model_response(self, version: int) -> tuple[bytes, dict[str, str]]:
         blob = codec.encode(self.versions[version])
         statement, sig = release_statement(
-            federation=self.federation, version=version, blob=blob, schema_digest=self.schema.digest,
+            federation=self.federation, version=version, digest=codec.digest(blob), size=len(blob),
+            schema_digest=self.schema.digest,
             created_at=utc_timestamp(NOW), signer=self.sign_releases_with,
         )
         return blob, {"Fedsilo-Version": str(version), "Fedsilo-Release": b64e(statement),
