@@ -1,4 +1,4 @@
-"""``fedsilo-coordinator``: init, serve, verify, migrate (and demo, when installed).
+"""``fedsilo-coordinator``: init, serve, verify, migrate, admin (and demo, when installed).
 
 Each command parses its options and calls one function (``bootstrap.initialize``,
 :func:`serve`, :func:`verify_log`, ``db.upgrade``), which tests call directly too.
@@ -16,6 +16,8 @@ import sys
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
+
+from . import admin_cli
 
 __all__ = ["main", "serve", "verify_log"]
 
@@ -68,7 +70,10 @@ def _parser() -> argparse.ArgumentParser:
     serve_p.add_argument("--host", help="override the configured address")
     serve_p.add_argument("--port", type=int, help="override the configured port")
     serve_p.add_argument("--workers", type=int, default=1, metavar="N", help="worker processes (default: 1)")
-    serve_p.add_argument("--log-level", default="info", choices=("critical", "error", "warning", "info", "debug"))
+    serve_p.add_argument("--log-level", default="info", choices=("critical", "error", "warning", "info", "debug"),
+                         help="least severe log lines to write (default: info)")
+    serve_p.add_argument("--log-format", default="text", choices=("text", "json"),
+                         help="text lines, or one JSON object per line for log shippers (default: text)")
 
     verify = sub.add_parser("verify", help="verify the audit log's hash chain, online or from an export",
                             description="Walk the audit chain; exit 1 and name the first bad entry if it does not verify.")
@@ -81,6 +86,8 @@ def _parser() -> argparse.ArgumentParser:
                              description="Run the database migrations (safe to run while other processes start).")
     migrate.add_argument("--data-dir", required=True, type=Path, metavar="DIR")
 
+    admin_cli.add_parser(sub)
+
     # Listed for --help only: main() hands "demo ..." to coordinator.demo before parsing.
     sub.add_parser("demo", help="run the end-to-end demonstration (see: demo --help)", add_help=False)
     return p
@@ -90,10 +97,11 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def serve(data_dir: Path, *, host: str | None = None, port: int | None = None, workers: int = 1,
-          log_level: str = "info") -> None:
+          log_level: str = "info", log_format: str = "text") -> None:
     """Run the app under uvicorn until interrupted (several processes with ``workers``)."""
     import uvicorn
 
+    from .logs import logging_config
     from .startup import DATA_DIR_ENV, StartupError, check_startable
 
     if workers < 1:
@@ -115,6 +123,8 @@ def serve(data_dir: Path, *, host: str | None = None, port: int | None = None, w
         port=port or config.port,
         workers=workers,
         log_level=log_level,
+        log_config=logging_config(log_format, log_level),
+        access_log=False,  # logs.RequestLog writes the access lines, with timestamps and request ids
         server_header=False,
         timeout_graceful_shutdown=10,
     )
@@ -229,7 +239,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             print(f"fedsilo-coordinator demo: error: {exc}", file=sys.stderr)
             return EXIT_USAGE
     args = _parser().parse_args(argv)
-    handlers = {"init": _init, "serve": _serve, "verify": _verify, "migrate": _migrate}
+    handlers = {"init": _init, "serve": _serve, "verify": _verify, "migrate": _migrate, "admin": admin_cli.run}
     try:
         return handlers[args.command](args)
     except CliError as exc:
@@ -240,7 +250,8 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def _serve(args: argparse.Namespace) -> int:
-    serve(args.data_dir, host=args.host, port=args.port, workers=args.workers, log_level=args.log_level)
+    serve(args.data_dir, host=args.host, port=args.port, workers=args.workers, log_level=args.log_level,
+          log_format=args.log_format)
     return EXIT_OK
 
 
