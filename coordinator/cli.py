@@ -12,8 +12,11 @@ import argparse
 import importlib.util
 import json
 import os
+import ssl
+import stat
 import sys
 from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -74,6 +77,11 @@ def _parser() -> argparse.ArgumentParser:
                          help="least severe log lines to write (default: info)")
     serve_p.add_argument("--log-format", default="text", choices=("text", "json"),
                          help="text lines, or one JSON object per line for log shippers (default: text)")
+    tls = serve_p.add_argument_group("TLS (without a reverse proxy)")
+    tls.add_argument("--tls-cert", type=Path, metavar="PEM", help="serve HTTPS with this certificate (chain)")
+    tls.add_argument("--tls-key", type=Path, metavar="PEM", help="the certificate's private key (mode 0600)")
+    tls.add_argument("--tls-client-ca", type=Path, metavar="PEM",
+                     help="mutual TLS: require every client to present a certificate issued by these CAs")
 
     verify = sub.add_parser("verify", help="verify the audit log's hash chain, online or from an export",
                             description="Walk the audit chain; exit 1 and name the first bad entry if it does not verify.")
@@ -97,7 +105,7 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def serve(data_dir: Path, *, host: str | None = None, port: int | None = None, workers: int = 1,
-          log_level: str = "info", log_format: str = "text") -> None:
+          log_level: str = "info", log_format: str = "text", tls: TlsFiles | None = None) -> None:
     """Run the app under uvicorn until interrupted (several processes with ``workers``)."""
     import uvicorn
 
@@ -106,6 +114,7 @@ def serve(data_dir: Path, *, host: str | None = None, port: int | None = None, w
 
     if workers < 1:
         raise CliError("--workers must be at least 1")
+    ssl_options = tls.uvicorn_options() if tls else {}
     try:
         config = check_startable(data_dir)  # fail here, readably, rather than in each worker
     except StartupError as exc:
@@ -127,7 +136,51 @@ def serve(data_dir: Path, *, host: str | None = None, port: int | None = None, w
         access_log=False,  # logs.RequestLog writes the access lines, with timestamps and request ids
         server_header=False,
         timeout_graceful_shutdown=10,
+        **ssl_options,
     )
+
+
+@dataclass(frozen=True)
+class TlsFiles:
+    """``serve``'s certificate, key and (for mutual TLS) client CAs, checked before uvicorn starts."""
+
+    cert: Path
+    key: Path
+    client_ca: Path | None = None
+
+    @classmethod
+    def of(cls, cert: Path | None, key: Path | None, client_ca: Path | None) -> TlsFiles | None:
+        if cert is None and key is None:
+            if client_ca is not None:
+                raise CliError("--tls-client-ca needs --tls-cert and --tls-key")
+            return None
+        if cert is None or key is None:
+            raise CliError("give both --tls-cert and --tls-key")
+        for path in (cert, key, client_ca):
+            if path is not None and not path.is_file():
+                raise CliError(f"{path} is not a readable file")
+        mode = stat.S_IMODE(key.stat().st_mode)
+        if mode & 0o077:  # a private key, like the coordinator's own keys
+            raise CliError(f"the TLS key {key} is accessible to others (mode {mode:04o}); run: chmod 600 {key}")
+        files = cls(cert, key, client_ca)
+        files.context()  # a mismatched key or a bad PEM fails here, readably
+        return files
+
+    def context(self) -> ssl.SSLContext:
+        ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+        try:
+            ctx.load_cert_chain(self.cert, self.key)
+            if self.client_ca is not None:
+                ctx.load_verify_locations(self.client_ca)
+        except (OSError, ssl.SSLError) as exc:
+            raise CliError(f"cannot use the TLS files: {exc}") from None
+        return ctx
+
+    def uvicorn_options(self) -> dict[str, Any]:
+        options: dict[str, Any] = {"ssl_certfile": str(self.cert), "ssl_keyfile": str(self.key)}
+        if self.client_ca is not None:
+            options |= {"ssl_ca_certs": str(self.client_ca), "ssl_cert_reqs": ssl.CERT_REQUIRED}
+        return options
 
 
 def _jsonl(path: Path) -> Iterator[dict]:
@@ -250,8 +303,9 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def _serve(args: argparse.Namespace) -> int:
+    tls = TlsFiles.of(args.tls_cert, args.tls_key, args.tls_client_ca)
     serve(args.data_dir, host=args.host, port=args.port, workers=args.workers, log_level=args.log_level,
-          log_format=args.log_format)
+          log_format=args.log_format, tls=tls)
     return EXIT_OK
 
 

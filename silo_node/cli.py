@@ -166,6 +166,9 @@ def _cmd_init(args: argparse.Namespace) -> int:
         allowed_tasks=args.allow_task or (),
         ca_bundle=args.ca_bundle,
         proxy=args.proxy,
+        client_cert=args.client_cert,
+        client_key=args.client_key,
+        allow_insecure_http=args.allow_insecure_http,
     )
     _print_init(result, args.json)
     if result.data_error is not None:
@@ -286,6 +289,12 @@ def build_parser() -> argparse.ArgumentParser:
                    help="allow this custom task to be imported (repeatable; built-in tasks need nothing)")
     p.add_argument("--ca-bundle", metavar="PEM", help="trust these CAs for the coordinator's TLS (TLS inspection)")
     p.add_argument("--proxy", metavar="URL", help="proxy to use (default: HTTPS_PROXY from the environment)")
+    p.add_argument("--client-cert", metavar="PEM",
+                   help="certificate to present when the coordinator requires mutual TLS")
+    p.add_argument("--client-key", metavar="PEM", help="the client certificate's private key (if not in --client-cert)")
+    p.add_argument("--allow-insecure-http", action="store_true",
+                   help="allow a plain http:// coordinator on another machine (test networks only; "
+                        "loopback is always allowed)")
     p.add_argument("--json", action="store_true", help="print the result as JSON")
     verbosity(p)
 
