@@ -3,12 +3,14 @@
 Each command parses its options and calls one function (``bootstrap.initialize``,
 :func:`serve`, :func:`verify_log`, ``db.upgrade``), which tests call directly too.
 User errors print one line saying what to do and exit 2; ``verify`` exits 1 when the
-log does not verify, naming the first bad entry.
+log does not verify, naming the first bad entry. An unexpected error prints one line
+and exits 1; ``--debug`` (before or after the command) shows its traceback instead.
 """
 
 from __future__ import annotations
 
 import argparse
+import importlib.metadata
 import importlib.util
 import json
 import os
@@ -25,6 +27,7 @@ from . import admin_cli
 __all__ = ["main", "serve", "verify_log"]
 
 EXIT_OK, EXIT_BAD_LOG, EXIT_USAGE = 0, 1, 2
+EXIT_ERROR = 1  # an unexpected error (its traceback with --debug)
 APP_FACTORY = "coordinator.app:create_app_from_env"
 
 
@@ -49,6 +52,8 @@ def _parser() -> argparse.ArgumentParser:
         description="Run the coordinator of an asynchronous, privacy-preserving federation.",
         epilog="Start with 'init', then 'serve'. Each command has --help.",
     )
+    p.add_argument("--version", action="version", version=f"%(prog)s {_version()}")
+    p.add_argument("--debug", action="store_true", help="show a traceback on unexpected errors")
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     init = sub.add_parser("init", help="create a coordinator: config, keys, database, model version 0, admin token",
@@ -69,7 +74,8 @@ def _parser() -> argparse.ArgumentParser:
 
     serve_p = sub.add_parser("serve", help="serve the silo, admin and audit APIs",
                              description="Serve DIR's coordinator under uvicorn. Several workers may share one database.")
-    serve_p.add_argument("--data-dir", required=True, type=Path, metavar="DIR")
+    serve_p.add_argument("--data-dir", required=True, type=Path, metavar="DIR",
+                         help="the coordinator's data directory (made by init)")
     serve_p.add_argument("--host", help="override the configured address")
     serve_p.add_argument("--port", type=int, help="override the configured port")
     serve_p.add_argument("--workers", type=int, default=1, metavar="N", help="worker processes (default: 1)")
@@ -92,13 +98,36 @@ def _parser() -> argparse.ArgumentParser:
 
     migrate = sub.add_parser("migrate", help="upgrade DIR's database schema to this version",
                              description="Run the database migrations (safe to run while other processes start).")
-    migrate.add_argument("--data-dir", required=True, type=Path, metavar="DIR")
+    migrate.add_argument("--data-dir", required=True, type=Path, metavar="DIR",
+                         help="the coordinator's data directory (made by init)")
 
     admin_cli.add_parser(sub)
+    # --debug also after the command (`serve ... --debug`); SUPPRESS keeps a --debug given before it.
+    for command in sub.choices.values():
+        for parser in _leaves(command):
+            parser.add_argument("--debug", action="store_true", default=argparse.SUPPRESS,
+                                help="show a traceback on unexpected errors")
 
     # Listed for --help only: main() hands "demo ..." to coordinator.demo before parsing.
     sub.add_parser("demo", help="run the end-to-end demonstration (see: demo --help)", add_help=False)
     return p
+
+
+def _leaves(parser: argparse.ArgumentParser) -> Iterator[argparse.ArgumentParser]:
+    """``parser`` if it has no subcommands, else the parsers of its (nested) subcommands."""
+    subs = [a for a in parser._actions if isinstance(a, argparse._SubParsersAction)]
+    if not subs:
+        yield parser
+    for action in subs:
+        for child in dict.fromkeys(action.choices.values()):  # aliases share a parser
+            yield from _leaves(child)
+
+
+def _version() -> str:
+    try:
+        return importlib.metadata.version("fedsilo")
+    except importlib.metadata.PackageNotFoundError:  # a source tree never installed
+        return "unknown"
 
 
 # --------------------------------------------------------------------------- commands
@@ -263,11 +292,11 @@ def _verify(args: argparse.Namespace) -> int:
 
 def _migrate(args: argparse.Namespace) -> int:
     from . import db
-    from .config import ConfigError, CoordinatorConfig
+    from .startup import StartupError, load_config
 
-    try:
-        config = CoordinatorConfig.load(args.data_dir)
-    except ConfigError as exc:
+    try:  # never create a database for a directory init did not make
+        config = load_config(args.data_dir)
+    except StartupError as exc:
         raise CliError(str(exc)) from None
     db.upgrade(config.database_url)
     print(f"database schema at {db.head_revision()}")
@@ -294,12 +323,40 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     handlers = {"init": _init, "serve": _serve, "verify": _verify, "migrate": _migrate, "admin": admin_cli.run}
     try:
-        return handlers[args.command](args)
+        code = handlers[args.command](args)
+        sys.stdout.flush()  # here, where a closed pipe can still be handled (below)
+        return code
     except CliError as exc:
         print(f"fedsilo-coordinator {args.command}: error: {exc}", file=sys.stderr)
         return EXIT_USAGE
     except KeyboardInterrupt:
         return 130
+    except BrokenPipeError:  # `... --json | head` closed its end early: nothing more to say
+        _quiet_stdout()
+        return EXIT_OK
+    except ModuleNotFoundError as exc:
+        if args.debug or exc.name is None or exc.name.split(".")[0] not in _SERVER_STACK:
+            raise
+        print(f"fedsilo-coordinator {args.command}: error: this command needs the coordinator's server stack "
+              f"({exc.name} is not installed); run: pip install 'fedsilo[coordinator]'", file=sys.stderr)
+        return EXIT_USAGE
+    except Exception as exc:
+        if args.debug:
+            raise
+        print(f"fedsilo-coordinator {args.command}: error: {type(exc).__name__}: {exc} "
+              "(run again with --debug for the traceback)", file=sys.stderr)
+        return EXIT_ERROR
+
+
+#: Top-level modules of the ``coordinator`` extra (pyproject.toml).
+_SERVER_STACK = {"sqlalchemy", "alembic", "psycopg", "starlette", "uvicorn", "prometheus_client"}
+
+
+def _quiet_stdout() -> None:
+    """Point stdout at /dev/null so the interpreter's final flush cannot fail again."""
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    os.dup2(devnull, sys.stdout.fileno())
+    os.close(devnull)
 
 
 def _serve(args: argparse.Namespace) -> int:

@@ -14,6 +14,7 @@ import subprocess
 import sys
 
 import pytest
+import torch
 
 from coordinator import cli
 from coordinator.admin_client import ENV_TOKEN, ENV_TOKEN_FILE, ENV_URL
@@ -146,6 +147,34 @@ def test_tables_for_people(admin, server):
     assert code == 0 and "digest" in out
     code, out, _ = admin("audit", "events", "--action", "silo_created", as_json=False)
     assert code == 0 and "silo_created" in out
+
+
+def test_loading_and_verifying_the_final_model_as_the_docs_say(admin, server, tmp_path):
+    """docs/operations.md, "Loading and verifying the final model", step by step."""
+    import hashlib
+
+    from safetensors.torch import load_file
+
+    from silo_node.tasks import get_task
+
+    code, fed, _ = admin("federation", "show")
+    version = fed["current_version"]
+    assert code == 0 and version >= 1
+    key = b64e(Identity.load(server.data_dir / "keys").public().signing)
+    path = tmp_path / "model.safetensors"
+    code, _, _ = admin("versions", "download", str(version), "-o", str(path), "--coordinator-key", key,
+                       "--fingerprint", server.init["fingerprints"]["signing"])
+    assert code == 0
+    code, events, _ = admin("audit", "events", "--action", "version_created", "--subject", f"version:{version}")
+    assert code == 0 and events["events"][0]["details"]["digest"] == hashlib.sha256(path.read_bytes()).hexdigest()
+    code, verified, _ = admin("audit", "verify")
+    assert verified["ok"]
+    task = get_task(fed["task"]["name"], fed["task"]["options"])
+    model = task.build_model()
+    model.load_state_dict(load_file(path))  # strict
+    model.eval()
+    features = torch.zeros(3, fed["task"]["options"]["features"])
+    assert model(features).shape == (3, fed["task"]["options"]["classes"])
 
 
 def test_every_command_was_run():
