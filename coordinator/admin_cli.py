@@ -40,6 +40,7 @@ from .admin_commands import COMMANDS, GROUP_HELP, Command
 
 __all__ = ["COMMANDS", "add_parser", "run"]
 
+
 def _connection_options() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(add_help=False)
     g = p.add_argument_group("connection")
@@ -88,11 +89,8 @@ def run(args: argparse.Namespace, environ: Mapping[str, str] | None = None,
     except AdminCliError as exc:
         print(f"fedsilo-coordinator admin {cmd.group} {cmd.name}: error: {exc}", file=sys.stderr)
         return exc.exit_code
-    if args.json:
-        if not (cmd.group == "audit" and cmd.name == "export" and data.get("path") is None):
-            print(json.dumps(data, indent=2, sort_keys=True))
-    else:
+    if not args.json:
         cmd.show(data, args)
-    if cmd.group == "audit" and cmd.name == "verify" and not data["ok"]:
-        return EXIT_FAILED
-    return EXIT_OK
+    elif not cmd.wrote_stdout(args):
+        print(json.dumps(data, indent=2, sort_keys=True))
+    return EXIT_OK if cmd.ok(data) else EXIT_FAILED

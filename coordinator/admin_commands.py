@@ -47,17 +47,21 @@ class Command:
     call: Callable[[AdminApi, argparse.Namespace], Any]
     show: Callable[[Any, argparse.Namespace], None]
     args: tuple[Arg, ...] = ()
+    #: False when the result is a failure to report by the exit status (a log that does not verify)
+    ok: Callable[[Any], bool] = lambda data: True
+    #: True when the command wrote its result itself to standard output (nothing to add there)
+    wrote_stdout: Callable[[argparse.Namespace], bool] = lambda args: False
 
 
 COMMANDS: list[Command] = []
 
 
 def command(group: str, name: str, method: str, path: str, help: str, *args: Arg,
-            show: Callable[[Any, argparse.Namespace], None] | None = None):
-    """Register the decorated ``call(api, args)`` as ``admin GROUP NAME``."""
+            show: Callable[[Any, argparse.Namespace], None] | None = None, **options: Any):
+    """Register the decorated ``call(api, args)`` as ``admin GROUP NAME`` (``options``: Command's)."""
 
     def register(call: Callable[[AdminApi, argparse.Namespace], Any]):
-        COMMANDS.append(Command(group, name, method, path, help, call, show or _show_object, tuple(args)))
+        COMMANDS.append(Command(group, name, method, path, help, call, show or _show_object, tuple(args), **options))
         return call
 
     return register
@@ -356,7 +360,8 @@ def _show_verify(data: Mapping[str, Any], args: argparse.Namespace) -> None:
 
 
 @command("audit", "verify", "GET", "/api/audit/verify",
-         "walk the whole chain on the server now; exit 1 naming the first bad entry", show=_show_verify)
+         "walk the whole chain on the server now; exit 1 naming the first bad entry", show=_show_verify,
+         ok=lambda data: data["ok"])
 def _audit_verify(api: AdminApi, a: argparse.Namespace) -> Any:
     return api.json("GET", "/api/audit/verify")
 
@@ -372,7 +377,7 @@ def _show_export(data: Mapping[str, Any], args: argparse.Namespace) -> None:
          arg("--format", choices=("jsonl", "csv"), default="jsonl", help="file format (default: jsonl)"),
          arg("--after-seq", type=int, metavar="SEQ", help="only entries after this sequence number"),
          arg("--output", "-o", type=Path, metavar="FILE", help="write to FILE (default: standard output)"),
-         show=_show_export)
+         show=_show_export, wrote_stdout=lambda args: args.output is None)
 def _audit_export(api: AdminApi, a: argparse.Namespace) -> Any:
     params = {"format": a.format, "after_seq": a.after_seq}
     out = None

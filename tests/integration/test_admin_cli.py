@@ -230,3 +230,23 @@ def test_as_a_program(server, tmp_path):
          "--json"], capture_output=True, text=True, env=env, timeout=120)
     assert done.returncode == 0, done.stderr
     assert json.loads(done.stdout)["name"] == server.init["federation"]
+
+
+def test_audit_verify_exits_1_naming_an_entry_altered_behind_the_coordinators_back(admin, server):
+    """Last in the module: it breaks the module server's chain (SQLite, triggers dropped)."""
+    from sqlalchemy import text
+
+    from coordinator.config import CoordinatorConfig
+    from coordinator.db import make_engine
+
+    engine = make_engine(CoordinatorConfig.load(server.data_dir, environ={}).database_url)
+    try:
+        with engine.begin() as conn:
+            conn.execute(text("DROP TRIGGER audit_events_no_update"))
+            conn.execute(text("UPDATE audit_events SET actor = 'someone else' WHERE seq = 2"))
+    finally:
+        engine.dispose()
+    code, out, _ = admin("audit", "verify", as_json=False)
+    assert code == 1 and out.startswith("FAILED at seq 2: hash_mismatch")
+    code, _, _ = admin("audit", "verify")
+    assert code == 1
