@@ -6,7 +6,8 @@ Three streams, all through :mod:`logging`, all timestamped (UTC, milliseconds):
   transaction commits (so a rolled-back change is never reported as done): update
   accepted, buffered or refused (with its reason and silo), silo created, enrolled or
   revoked, settings changed, tokens created or revoked, versions pruned, and whatever
-  else is audited (checkpoints, when the log has them). The audit log is the one
+  else is audited. Events that are not audited (a helper that does not answer) are
+  logged with :func:`event`. The audit log is the one
   place every decision is recorded, so logging from it misses none and needs no log
   call in each service. Its details never hold a secret: tokens are stored hashed and
   keys never enter it.
@@ -32,11 +33,12 @@ import weakref
 from datetime import UTC, datetime
 from typing import Any
 
-from sqlalchemy import Engine, event
+from sqlalchemy import Engine
+from sqlalchemy import event as sa_event
 from sqlalchemy.orm import Session
 
-__all__ = ["FORMATS", "JsonFormatter", "RequestLog", "TextFormatter", "install_event_log", "logging_config",
-           "request_id"]
+__all__ = ["FORMATS", "JsonFormatter", "RequestLog", "TextFormatter", "event", "install_event_log", "log_event",
+           "logging_config", "request_id"]
 
 FORMATS = ("text", "json")
 EVENTS = logging.getLogger("fedsilo.events")
@@ -49,6 +51,9 @@ request_id: contextvars.ContextVar[str] = contextvars.ContextVar("fedsilo_reques
 
 # Attributes every LogRecord has; anything else was passed with extra= and is a field.
 _STANDARD = set(vars(logging.LogRecord("", 0, "", 0, "", None, None))) | {"message", "asctime", "color_message"}
+
+
+_RESERVED = _STANDARD | {"time", "level", "logger", "exception"}
 
 
 def _timestamp(record: logging.LogRecord) -> str:
@@ -136,9 +141,9 @@ def install_event_log(engine: Engine) -> None:
     global _listening
     _ENGINES.add(engine)
     if not _listening:  # one set of class-level listeners, filtered by engine
-        event.listen(Session, "after_flush", _collect)
-        event.listen(Session, "after_commit", _emit)
-        event.listen(Session, "after_rollback", _discard)
+        sa_event.listen(Session, "after_flush", _collect)
+        sa_event.listen(Session, "after_commit", _emit)
+        sa_event.listen(Session, "after_rollback", _discard)
         _listening = True
 
 
@@ -184,15 +189,24 @@ def log_event(entry: dict[str, Any]) -> None:
     # nested structures (schemas, settings) stay in the audit log.
     for key, value in details.items():
         if isinstance(value, str | int | float | bool) and key not in fields:
-            # LogRecord's own attributes (name, msg, ...) may not be overwritten
-            fields[f"details.{key}" if key in _STANDARD else key] = value
+            fields[key] = value
     if "changed" in details:
         fields["changed"] = details["changed"]
+    event(action, logging.WARNING if action.endswith("rejected") else logging.INFO, **fields)
+
+
+def event(action: str, level: int = logging.INFO, /, **fields: Any) -> None:
+    """One ``fedsilo.events`` line for something that matters but is not audited (a helper
+    that does not answer, say): ``event("helper_unreachable", logging.WARNING, url=...)``.
+    Never pass a secret."""
+    # A LogRecord's own attributes (name, msg, ...) and the line's own keys (time, level,
+    # ...) cannot be fields: such a field is written as details.<name>.
+    extra = {f"details.{k}" if k in _RESERVED else k: v for k, v in fields.items()}
+    extra.setdefault("action", action)
     rid = request_id.get()
     if rid:
-        fields["request_id"] = rid
-    level = logging.WARNING if action.endswith("rejected") else logging.INFO
-    EVENTS.log(level, action.replace("_", " "), extra=fields)
+        extra.setdefault("request_id", rid)
+    EVENTS.log(level, action.replace("_", " "), extra=extra)
 
 
 # --------------------------------------------------------------------------- access log
