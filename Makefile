@@ -15,7 +15,7 @@ venv: $(VENV)/.installed
 $(VENV)/.installed: pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
 	$(PIP) "torch==2.13.0"
-	$(PIP) -e ".[test,bench]"
+	$(PIP) -e ".[all,test,bench]"
 	touch $@
 
 demo: venv

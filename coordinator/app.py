@@ -15,11 +15,12 @@ from pathlib import Path
 
 from starlette.applications import Starlette
 from starlette.concurrency import run_in_threadpool
+from starlette.middleware import Middleware
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Mount, Route
 
-from . import federation, openapi, startup
+from . import federation, logs, openapi, startup
 from .api import admin, audit, silo
 from .api.errors import exception_handlers
 from .context import Coordinator
@@ -58,7 +59,9 @@ def create_app(ctx: Coordinator) -> Starlette:
         Mount("/api/audit", routes=audit.routes(ctx)),
         *openapi.routes(),
     ]
-    return Starlette(routes=routes, exception_handlers=exception_handlers(), lifespan=lifespan)
+    logs.install_event_log(ctx.engine)  # one log line per committed audit entry
+    return Starlette(routes=routes, exception_handlers=exception_handlers(), lifespan=lifespan,
+                     middleware=[Middleware(logs.RequestLog)])
 
 
 def open_coordinator(data_dir: Path | str) -> Coordinator:

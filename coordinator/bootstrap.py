@@ -84,7 +84,7 @@ def _model_weights(task: str, options: Mapping[str, Any]) -> tuple[dict[str, Any
         t = get_task(task, options)
         model = t.build_model()
     except TaskError as exc:
-        raise InitError(f"task {task!r}: {exc}") from None
+        raise InitError(str(exc)) from None  # its message names the task
     weights = {name: tensor.detach().clone().contiguous() for name, tensor in model.state_dict().items()}
     return task_spec(t), weights
 

@@ -1,25 +1,33 @@
-"""``fedsilo-coordinator``: init, serve, verify, migrate (and demo, when installed).
+"""``fedsilo-coordinator``: init, serve, verify, migrate, admin (and demo, when installed).
 
 Each command parses its options and calls one function (``bootstrap.initialize``,
 :func:`serve`, ``verify.verify_log``, ``db.upgrade``), which tests call directly too.
 User errors print one line saying what to do and exit 2; ``verify`` exits 1 when the
-log does not verify, naming the first bad entry.
+log does not verify, naming the first bad entry. An unexpected error prints one line
+and exits 1; ``--debug`` (before or after the command) shows its traceback instead.
 """
 
 from __future__ import annotations
 
 import argparse
+import importlib.metadata
 import importlib.util
 import json
 import os
+import ssl
+import stat
 import sys
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+
+from . import admin_cli
 
 __all__ = ["main", "serve"]
 
 EXIT_OK, EXIT_BAD_LOG, EXIT_USAGE = 0, 1, 2
+EXIT_ERROR = 1  # an unexpected error (its traceback with --debug)
 APP_FACTORY = "coordinator.app:create_app_from_env"
 
 
@@ -44,6 +52,8 @@ def _parser() -> argparse.ArgumentParser:
         description="Run the coordinator of an asynchronous, privacy-preserving federation.",
         epilog="Start with 'init', then 'serve'. Each command has --help.",
     )
+    p.add_argument("--version", action="version", version=f"%(prog)s {_version()}")
+    p.add_argument("--debug", action="store_true", help="show a traceback on unexpected errors")
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     init = sub.add_parser("init", help="create a coordinator: config, keys, database, model version 0, admin token",
@@ -68,11 +78,20 @@ def _parser() -> argparse.ArgumentParser:
 
     serve_p = sub.add_parser("serve", help="serve the silo, admin and audit APIs",
                              description="Serve DIR's coordinator under uvicorn. Several workers may share one database.")
-    serve_p.add_argument("--data-dir", required=True, type=Path, metavar="DIR")
+    serve_p.add_argument("--data-dir", required=True, type=Path, metavar="DIR",
+                         help="the coordinator's data directory (made by init)")
     serve_p.add_argument("--host", help="override the configured address")
     serve_p.add_argument("--port", type=int, help="override the configured port")
     serve_p.add_argument("--workers", type=int, default=1, metavar="N", help="worker processes (default: 1)")
-    serve_p.add_argument("--log-level", default="info", choices=("critical", "error", "warning", "info", "debug"))
+    serve_p.add_argument("--log-level", default="info", choices=("critical", "error", "warning", "info", "debug"),
+                         help="least severe log lines to write (default: info)")
+    serve_p.add_argument("--log-format", default="text", choices=("text", "json"),
+                         help="text lines, or one JSON object per line for log shippers (default: text)")
+    tls = serve_p.add_argument_group("TLS (without a reverse proxy)")
+    tls.add_argument("--tls-cert", type=Path, metavar="PEM", help="serve HTTPS with this certificate (chain)")
+    tls.add_argument("--tls-key", type=Path, metavar="PEM", help="the certificate's private key (mode 0600)")
+    tls.add_argument("--tls-client-ca", type=Path, metavar="PEM",
+                     help="mutual TLS: require every client to present a certificate issued by these CAs")
 
     verify = sub.add_parser("verify", help="verify the audit log's hash chain, online or from an export",
                             description="Walk the audit chain; exit 1 and name the first bad entry if it does not verify.")
@@ -83,25 +102,52 @@ def _parser() -> argparse.ArgumentParser:
 
     migrate = sub.add_parser("migrate", help="upgrade DIR's database schema to this version",
                              description="Run the database migrations (safe to run while other processes start).")
-    migrate.add_argument("--data-dir", required=True, type=Path, metavar="DIR")
+    migrate.add_argument("--data-dir", required=True, type=Path, metavar="DIR",
+                         help="the coordinator's data directory (made by init)")
+
+    admin_cli.add_parser(sub)
+    # --debug also after the command (`serve ... --debug`); SUPPRESS keeps a --debug given before it.
+    for command in sub.choices.values():
+        for parser in _leaves(command):
+            parser.add_argument("--debug", action="store_true", default=argparse.SUPPRESS,
+                                help="show a traceback on unexpected errors")
 
     # Listed for --help only: main() hands "demo ..." to coordinator.demo before parsing.
     sub.add_parser("demo", help="run the end-to-end demonstration (see: demo --help)", add_help=False)
     return p
 
 
+def _leaves(parser: argparse.ArgumentParser) -> Iterator[argparse.ArgumentParser]:
+    """``parser`` if it has no subcommands, else the parsers of its (nested) subcommands."""
+    subs = [a for a in parser._actions if isinstance(a, argparse._SubParsersAction)]
+    if not subs:
+        yield parser
+    for action in subs:
+        for child in dict.fromkeys(action.choices.values()):  # aliases share a parser
+            yield from _leaves(child)
+
+
+def _version() -> str:
+    try:
+        return importlib.metadata.version("fedsilo")
+    except importlib.metadata.PackageNotFoundError:  # a source tree never installed
+        return "unknown"
+
+
 # --------------------------------------------------------------------------- commands
 
 
 def serve(data_dir: Path, *, host: str | None = None, port: int | None = None, workers: int = 1,
-          log_level: str = "info") -> None:
+          log_level: str = "info", log_format: str = "text", tls: TlsFiles | None = None) -> None:
     """Run the app under uvicorn until interrupted (several processes with ``workers``)."""
     import uvicorn
 
+    from .logs import logging_config
     from .startup import DATA_DIR_ENV, StartupError, check_startable
 
     if workers < 1:
         raise CliError("--workers must be at least 1")
+    ssl_options = tls.uvicorn_options() if tls else {}
     try:
         config = check_startable(data_dir)  # fail here, readably, rather than in each worker
     except StartupError as exc:
@@ -119,9 +165,55 @@ def serve(data_dir: Path, *, host: str | None = None, port: int | None = None, w
         port=port or config.port,
         workers=workers,
         log_level=log_level,
+        log_config=logging_config(log_format, log_level),
+        access_log=False,  # logs.RequestLog writes the access lines, with timestamps and request ids
         server_header=False,
         timeout_graceful_shutdown=10,
+        **ssl_options,
     )
+
+
+@dataclass(frozen=True)
+class TlsFiles:
+    """``serve``'s certificate, key and (for mutual TLS) client CAs, checked before uvicorn starts."""
+
+    cert: Path
+    key: Path
+    client_ca: Path | None = None
+
+    @classmethod
+    def of(cls, cert: Path | None, key: Path | None, client_ca: Path | None) -> TlsFiles | None:
+        if cert is None and key is None:
+            if client_ca is not None:
+                raise CliError("--tls-client-ca needs --tls-cert and --tls-key")
+            return None
+        if cert is None or key is None:
+            raise CliError("give both --tls-cert and --tls-key")
+        for path in (cert, key, client_ca):
+            if path is not None and not path.is_file():
+                raise CliError(f"{path} is not a readable file")
+        mode = stat.S_IMODE(key.stat().st_mode)
+        if mode & 0o077:  # a private key, like the coordinator's own keys
+            raise CliError(f"the TLS key {key} is accessible to others (mode {mode:04o}); run: chmod 600 {key}")
+        files = cls(cert, key, client_ca)
+        files.context()  # a mismatched key or a bad PEM fails here, readably
+        return files
+
+    def context(self) -> ssl.SSLContext:
+        ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+        try:
+            ctx.load_cert_chain(self.cert, self.key)
+            if self.client_ca is not None:
+                ctx.load_verify_locations(self.client_ca)
+        except (OSError, ssl.SSLError) as exc:
+            raise CliError(f"cannot use the TLS files: {exc}") from None
+        return ctx
+
+    def uvicorn_options(self) -> dict[str, Any]:
+        options: dict[str, Any] = {"ssl_certfile": str(self.cert), "ssl_keyfile": str(self.key)}
+        if self.client_ca is not None:
+            options |= {"ssl_ca_certs": str(self.client_ca), "ssl_cert_reqs": ssl.CERT_REQUIRED}
+        return options
 
 
 def _feature_names(path: Path, label: str) -> list[str]:
@@ -194,11 +286,11 @@ def _verify(args: argparse.Namespace) -> int:
 
 def _migrate(args: argparse.Namespace) -> int:
     from . import db
-    from .config import ConfigError, CoordinatorConfig
+    from .startup import StartupError, load_config
 
-    try:
-        config = CoordinatorConfig.load(args.data_dir)
-    except ConfigError as exc:
+    try:  # never create a database for a directory init did not make
+        config = load_config(args.data_dir)
+    except StartupError as exc:
         raise CliError(str(exc)) from None
     db.upgrade(config.database_url)
     print(f"database schema at {db.head_revision()}")
@@ -223,18 +315,48 @@ def main(argv: Sequence[str] | None = None) -> int:
             print(f"fedsilo-coordinator demo: error: {exc}", file=sys.stderr)
             return EXIT_USAGE
     args = _parser().parse_args(argv)
-    handlers = {"init": _init, "serve": _serve, "verify": _verify, "migrate": _migrate}
+    handlers = {"init": _init, "serve": _serve, "verify": _verify, "migrate": _migrate, "admin": admin_cli.run}
     try:
-        return handlers[args.command](args)
+        code = handlers[args.command](args)
+        sys.stdout.flush()  # here, where a closed pipe can still be handled (below)
+        return code
     except CliError as exc:
         print(f"fedsilo-coordinator {args.command}: error: {exc}", file=sys.stderr)
         return EXIT_USAGE
     except KeyboardInterrupt:
         return 130
+    except BrokenPipeError:  # `... --json | head` closed its end early: nothing more to say
+        _quiet_stdout()
+        return EXIT_OK
+    except ModuleNotFoundError as exc:
+        if args.debug or exc.name is None or exc.name.split(".")[0] not in _SERVER_STACK:
+            raise
+        print(f"fedsilo-coordinator {args.command}: error: this command needs the coordinator's server stack "
+              f"({exc.name} is not installed); run: pip install 'fedsilo[coordinator]'", file=sys.stderr)
+        return EXIT_USAGE
+    except Exception as exc:
+        if args.debug:
+            raise
+        print(f"fedsilo-coordinator {args.command}: error: {type(exc).__name__}: {exc} "
+              "(run again with --debug for the traceback)", file=sys.stderr)
+        return EXIT_ERROR
+
+
+#: Top-level modules of the ``coordinator`` extra (pyproject.toml).
+_SERVER_STACK = {"sqlalchemy", "alembic", "psycopg", "starlette", "uvicorn", "prometheus_client"}
+
+
+def _quiet_stdout() -> None:
+    """Point stdout at /dev/null so the interpreter's final flush cannot fail again."""
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    os.dup2(devnull, sys.stdout.fileno())
+    os.close(devnull)
 
 
 def _serve(args: argparse.Namespace) -> int:
-    serve(args.data_dir, host=args.host, port=args.port, workers=args.workers, log_level=args.log_level)
+    tls = TlsFiles.of(args.tls_cert, args.tls_key, args.tls_client_ca)
+    serve(args.data_dir, host=args.host, port=args.port, workers=args.workers, log_level=args.log_level,
+          log_format=args.log_format, tls=tls)
     return EXIT_OK
 
 

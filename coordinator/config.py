@@ -11,7 +11,9 @@ names no setting is refused too (a misspelt override would otherwise be ignored)
 
 * ``FEDSILO_DATA_DIR`` -- the data directory of an app-factory process (set by ``serve``);
 * ``FEDSILO_SILO_*`` -- the silo's own settings, checked by the silo (silo_node/config.py);
-* ``FEDSILO_TEST_*`` -- test and benchmark hooks, never read by a serving coordinator.
+* ``FEDSILO_TEST_*`` -- test and benchmark hooks, never read by a serving coordinator;
+* ``FEDSILO_ADMIN_*`` -- the admin command line's own (URL, token, token file): a client
+  of the coordinator, so an operator's shell may hold them where the coordinator runs.
 """
 
 from __future__ import annotations
@@ -33,7 +35,7 @@ KEYS_DIR = "keys"
 ENV_PREFIX = "FEDSILO_"
 #: Names under ENV_PREFIX that are not coordinator settings (see the module docstring).
 ENV_NOT_SETTINGS = frozenset({"FEDSILO_DATA_DIR"})
-ENV_FOREIGN_PREFIXES = ("FEDSILO_SILO_", "FEDSILO_TEST_")
+ENV_FOREIGN_PREFIXES = ("FEDSILO_SILO_", "FEDSILO_TEST_", "FEDSILO_ADMIN_")
 #: The accountants ``accountant`` may name: privacy.accounting.ACCOUNTANTS (a test keeps
 #: them equal; not imported, so that start-up checks do not load the accounting maths).
 ACCOUNTANT_CHOICES = ("rdp", "prv", "pld")

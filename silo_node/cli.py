@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import importlib.metadata
 import json
 import logging
 import os
@@ -44,6 +45,13 @@ def _user_errors() -> tuple[type[BaseException], ...]:
 
         errors.append(TrainError)
     return tuple(errors)
+
+
+def _version() -> str:
+    try:
+        return importlib.metadata.version("fedsilo")
+    except importlib.metadata.PackageNotFoundError:  # a source tree never installed
+        return "unknown"
 
 
 def _message(exc: BaseException) -> str:
@@ -166,6 +174,9 @@ def _cmd_init(args: argparse.Namespace) -> int:
         allowed_tasks=args.allow_task or (),
         ca_bundle=args.ca_bundle,
         proxy=args.proxy,
+        client_cert=args.client_cert,
+        client_key=args.client_key,
+        allow_insecure_http=args.allow_insecure_http,
     )
     _print_init(result, args.json)
     if result.data_error is not None:
@@ -258,6 +269,7 @@ def build_parser() -> argparse.ArgumentParser:
                "(e.g. FEDSILO_SILO_WINDOW=22:00-06:00). See docs/silo.md.",
     )
     parser.add_argument("--debug", action="store_true", help="show tracebacks on errors")
+    parser.add_argument("--version", action="version", version=f"%(prog)s {_version()}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     def data_dir_arg(p: argparse.ArgumentParser) -> None:
@@ -265,6 +277,8 @@ def build_parser() -> argparse.ArgumentParser:
                        help="the silo's directory: configuration, keys, ledger (default: $FEDSILO_SILO_DATA_DIR)")
 
     def verbosity(p: argparse.ArgumentParser) -> None:
+        # --debug also after the command; SUPPRESS keeps a --debug given before it.
+        p.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help="show tracebacks on errors")
         g = p.add_mutually_exclusive_group()
         g.add_argument("-v", "--verbose", action="store_const", const=1, dest="verbosity", default=0,
                        help="more log detail")
@@ -286,6 +300,12 @@ def build_parser() -> argparse.ArgumentParser:
                    help="allow this custom task to be imported (repeatable; built-in tasks need nothing)")
     p.add_argument("--ca-bundle", metavar="PEM", help="trust these CAs for the coordinator's TLS (TLS inspection)")
     p.add_argument("--proxy", metavar="URL", help="proxy to use (default: HTTPS_PROXY from the environment)")
+    p.add_argument("--client-cert", metavar="PEM",
+                   help="certificate to present when the coordinator requires mutual TLS")
+    p.add_argument("--client-key", metavar="PEM", help="the client certificate's private key (if not in --client-cert)")
+    p.add_argument("--allow-insecure-http", action="store_true",
+                   help="allow a plain http:// coordinator on another machine (test networks only; "
+                        "loopback is always allowed)")
     p.add_argument("--json", action="store_true", help="print the result as JSON")
     verbosity(p)
 
@@ -356,6 +376,16 @@ def _main(argv: Sequence[str] | None) -> int:
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
+    except BrokenPipeError:  # `status --json | head` closed its end early: nothing more to say
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())  # so the final flush cannot fail again
+        os.close(devnull)
+        return EXIT_OK
+    except ModuleNotFoundError as exc:
+        if args.debug or exc.name is None or exc.name.split(".")[0] != "sklearn":
+            raise
+        print("error: the bundled data sets need scikit-learn; run: pip install 'fedsilo[silo]'", file=sys.stderr)
+        return EXIT_ERROR
     except Exception as exc:
         if args.debug or not isinstance(exc, _user_errors() + (OSError,)):
             raise

@@ -151,6 +151,8 @@ class SiloClient:
         federation: str | None = None,
         schema: Any = None,  # privacy.codec.Schema: releases are checked against it
         ca_bundle: str | None = None,
+        client_cert: str | None = None,
+        client_key: str | None = None,
         proxy: str | None = None,
         timeout: float = 60.0,
         retry: RetryPolicy | None = None,
@@ -179,6 +181,13 @@ class SiloClient:
                 verify = ssl.create_default_context(cafile=ca_bundle)
             except (OSError, ssl.SSLError) as exc:
                 raise Unreachable(ClientReason.TLS_FAILED, f"cannot load CA bundle {ca_bundle}: {exc}") from None
+        if client_cert:  # mutual TLS: the coordinator (or its proxy) asks for a certificate
+            if not isinstance(verify, ssl.SSLContext):
+                verify = ssl.create_default_context()
+            try:
+                verify.load_cert_chain(client_cert, client_key or None)
+            except (OSError, ssl.SSLError) as exc:
+                raise Unreachable(ClientReason.TLS_FAILED, f"cannot load client certificate {client_cert}: {exc}") from None
         try:
             self._http = httpx.Client(
                 transport=transport,

@@ -30,6 +30,7 @@ from .config import (
     NetworkOptions,
     SiloConfig,
     TrainingOptions,
+    check_coordinator_url,
     prepare_data_dir,
 )
 from .ledger import Ledger, LedgerError
@@ -68,6 +69,8 @@ class DataRefused(ConfigError):
 def _network(config_network: NetworkOptions) -> dict[str, Any]:
     return {
         "ca_bundle": config_network.ca_bundle or None,
+        "client_cert": config_network.client_cert or None,
+        "client_key": config_network.client_key or None,
         "proxy": config_network.proxy or None,
         "timeout": config_network.timeout_seconds,
         "retry": RetryPolicy(max_attempts=config_network.max_attempts,
@@ -132,6 +135,9 @@ def init_silo(
     allowed_tasks: Sequence[str] = (),
     ca_bundle: str | None = None,
     proxy: str | None = None,
+    client_cert: str | None = None,
+    client_key: str | None = None,
+    allow_insecure_http: bool = False,
     transport: Any = None,
     environ: Mapping[str, str] | None = None,
 ) -> InitResult:
@@ -168,7 +174,9 @@ def init_silo(
     if not coordinator_url or not token:
         raise ConfigError(ConfigReason.NOT_INITIALISED, "a new silo needs --coordinator URL and --token TOKEN")
     expected = _expected_fingerprint(expected_fingerprint)
-    network = NetworkOptions(ca_bundle=ca_bundle or "", proxy=proxy or "")
+    network = NetworkOptions(ca_bundle=ca_bundle or "", proxy=proxy or "", client_cert=client_cert or "",
+                             client_key=client_key or "", allow_insecure_http=allow_insecure_http)
+    check_coordinator_url(coordinator_url, allow_insecure_http)  # before the token goes anywhere
     keys_dir = prepare_data_dir(data_dir) / "keys"
     identity = _enrolment_keys(keys_dir)
     with SiloClient(coordinator_url, transport=transport, **_network(network)) as client:

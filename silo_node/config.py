@@ -20,6 +20,7 @@ running for months should not silently train with settings nobody chose.
 
 from __future__ import annotations
 
+import ipaddress
 import logging
 import math
 import os
@@ -31,6 +32,7 @@ from datetime import time
 from enum import StrEnum
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 import tomli_w
 
@@ -52,6 +54,7 @@ __all__ = [
     "SiloConfig",
     "TrainingOptions",
     "TrainingWindow",
+    "check_coordinator_url",
 ]
 
 CONFIG_FILE = "silo.toml"
@@ -210,6 +213,9 @@ class NetworkOptions:
 
     ca_bundle: str = ""  # PEM file of CAs to trust instead of the system's (corporate TLS inspection)
     proxy: str = ""  # explicit proxy URL; "" = HTTPS_PROXY/NO_PROXY from the environment
+    client_cert: str = ""  # PEM certificate (and key, unless client_key) when the coordinator wants mutual TLS
+    client_key: str = ""
+    allow_insecure_http: bool = False  # plain http:// to a non-loopback coordinator (never in production)
     timeout_seconds: float = 60.0
     max_attempts: int = 8  # per request, first try included
     max_retry_seconds: float = 900.0  # give up on one request after this long
@@ -220,6 +226,29 @@ class NetworkOptions:
         _positive("max_retry_seconds", self.max_retry_seconds, zero=True)
         if self.ca_bundle:
             _check(Path(self.ca_bundle).is_file(), f"CA bundle {self.ca_bundle} is not a readable file")
+        for what, path in (("client certificate", self.client_cert), ("client key", self.client_key)):
+            _check(not path or Path(path).is_file(), f"{what} {path} is not a readable file")
+        _check(not self.client_key or bool(self.client_cert), "client_key needs client_cert")
+        _check(isinstance(self.allow_insecure_http, bool), "allow_insecure_http must be true or false")
+
+
+def check_coordinator_url(url: str, allow_insecure_http: bool = False) -> None:
+    """Refuse a coordinator URL that would send tokens and signed requests in clear text.
+
+    ``https://`` always passes; ``http://`` only to a loopback address (tests, a
+    local proxy) unless ``allow_insecure_http`` says otherwise.
+    """
+    _check(url.startswith(("https://", "http://")), f"coordinator URL {url!r} must start with https://")
+    if url.startswith("https://") or allow_insecure_http:
+        return
+    host = urlsplit(url).hostname or ""
+    try:
+        loopback = host == "localhost" or ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        loopback = False
+    _check(loopback, f"coordinator URL {url!r} is plain HTTP to another machine: the enrolment token and every "
+                     "request would cross the network unencrypted; use https:// (or, for a test network only, "
+                     "--allow-insecure-http / allow_insecure_http = true in [network])")
 
 
 @dataclass(frozen=True)
@@ -285,8 +314,7 @@ class SiloConfig:
     def __post_init__(self) -> None:
         object.__setattr__(self, "data_dir", Path(self.data_dir))
         object.__setattr__(self, "allowed_tasks", tuple(self.allowed_tasks))
-        _check(self.coordinator_url.startswith(("https://", "http://")),
-               f"coordinator URL {self.coordinator_url!r} must start with https://")
+        check_coordinator_url(self.coordinator_url, self.network.allow_insecure_http)
         if self.local_epsilon_cap is not None:
             _positive("local_epsilon_cap", self.local_epsilon_cap)
 
@@ -461,7 +489,15 @@ def _setting_type(name: str) -> type:
         return _TOP_LEVEL[name]
     kind = {f.name: f.type for f in fields(_SECTIONS[section])}[name]
     # Field annotations are strings (from __future__ import annotations).
-    return {"int": int, "float": float, "str": str, "int | None": int}.get(str(kind), str)
+    return {"int": int, "float": float, "str": str, "int | None": int, "bool": _boolean}.get(str(kind), str)
+
+
+def _boolean(text: str) -> bool:
+    """An environment variable's true/false (1/0, yes/no)."""
+    value = {"true": True, "1": True, "yes": True, "false": False, "0": False, "no": False}.get(text.strip().lower())
+    if value is None:
+        raise ValueError(text)
+    return value
 
 
 def _env_overrides(environ: Mapping[str, str]) -> dict[str, Any]:
@@ -481,5 +517,6 @@ def _env_overrides(environ: Mapping[str, str]) -> dict[str, Any]:
         try:
             out[name] = kind(raw) if kind is not str else raw
         except ValueError:
-            raise ConfigError(ConfigReason.INVALID, f"environment variable {key}={raw!r} is not a {kind.__name__}") from None
+            raise ConfigError(ConfigReason.INVALID, f"environment variable {key}={raw!r} is not a "
+                                                    f"{kind.__name__.strip('_')}") from None
     return out

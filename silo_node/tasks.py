@@ -414,15 +414,30 @@ def _resolve(name: str) -> Callable[..., Any]:
     return obj
 
 
+def _options_problem(signature: inspect.Signature, name: str, options: Mapping[str, Any]) -> str | None:
+    """Why ``options`` do not fit a factory's signature, in words (not Python's)."""
+    params = signature.parameters
+    named = {p.name: p for p in params.values() if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)}
+    accepts_any = any(p.kind == p.VAR_KEYWORD for p in params.values())
+    known = ", ".join(named) or "none"
+    unknown = sorted(set(options) - set(named))
+    if unknown and not accepts_any:
+        return (f"task {name!r} has no option{'s' if len(unknown) > 1 else ''} "
+                f"{', '.join(repr(u) for u in unknown)} (its options: {known})")
+    missing = [n for n, p in named.items() if p.default is p.empty and n not in options]
+    if missing:
+        return (f"task {name!r} needs the option{'s' if len(missing) > 1 else ''} "
+                f"{', '.join(repr(m) for m in missing)} (its options: {known})")
+    return None
+
+
 def _call_factory(factory: Callable[..., Any], name: str, options: dict[str, Any]) -> Any:
     try:
-        inspect.signature(factory).bind(**options)
-    except TypeError as exc:
-        raise TaskError(
-            TaskReason.INVALID_OPTIONS, f"task {name!r} does not accept these options: {exc}"
-        ) from None
+        problem = _options_problem(inspect.signature(factory), name, options)
     except ValueError:
-        pass  # no introspectable signature (some builtins): let the call decide
+        problem = None  # no introspectable signature (some builtins): let the call decide
+    if problem:
+        raise TaskError(TaskReason.INVALID_OPTIONS, problem)
     try:
         return factory(**options)
     except TaskError:
