@@ -70,7 +70,7 @@ from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from coordinator import transparency
-from coordinator.models import AuditEvent, AuditHead
+from coordinator.models import AuditEvent, AuditHead, Checkpoint
 from privacy import merkle
 
 __all__ = [
@@ -477,6 +477,13 @@ def verify(
         if result.ok and tree is not None and tree.root() != transparency.tree_root(source, head[0]):
             return replace(result, ok=False, first_bad_seq=head[0], problem=AuditProblem.TREE_MISMATCH,
                            message="the stored Merkle tree does not match the entries")
+        issued = source.scalars(select(Checkpoint).order_by(Checkpoint.size.desc()).limit(1)).first()
+        if result.ok and issued is not None and issued.size > head[0]:
+            return replace(result, ok=False, first_bad_seq=head[0] + 1, problem=AuditProblem.HEAD_MISMATCH,
+                           message=f"a checkpoint of size {issued.size} was issued, the log has {head[0]} entries")
+        if result.ok and issued is not None and bytes(issued.root) != transparency.tree_root(source, issued.size):
+            return replace(result, ok=False, first_bad_seq=None, problem=AuditProblem.TREE_MISMATCH,
+                           message=f"the log no longer has the root of its checkpoint of size {issued.size}")
         return result
     return _walk(source, after_seq, after_hash, expected_head)
 

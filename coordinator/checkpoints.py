@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import base64
 from datetime import datetime, timedelta
-from urllib.parse import quote, unquote
+from urllib.parse import unquote
 
 from sqlalchemy import func, select
 from sqlalchemy.exc import IntegrityError
@@ -27,6 +27,7 @@ from sqlalchemy.orm import Session
 
 from privacy import note
 from privacy.keys import Identity, signing_public_from_raw
+from privacy.witness import log_origin, witness_name
 
 from . import audit, transparency
 from .errors import ApiError, AuthError, CoordinatorError, Reason
@@ -46,6 +47,7 @@ __all__ = [
     "origin",
     "record_rejection",
     "render",
+    "verifier_keys",
     "witness_name",
 ]
 
@@ -55,17 +57,26 @@ DEFAULT_INTERVAL = timedelta(seconds=10)
 MAX_CLOCK_SKEW = timedelta(minutes=5)
 ACTION_COSIGNATURE_REJECTED = "cosignature_rejected"
 ACTION_CHECKPOINT_ISSUED = "checkpoint_issued"
-_SAFE = "-._~"  # RFC 3986 unreserved: key names may not contain spaces or '+'
 
 
-def origin(federation_name: str) -> str:
-    """The checkpoint origin line and the coordinator's note key name."""
-    return "fedsilo/" + quote(federation_name, safe=_SAFE)
+#: The checkpoint origin of a federation, and a silo's witness key name (privacy/witness.py).
+origin = log_origin
 
 
-def witness_name(log_origin: str, silo_id: str) -> str:
-    """The key name a silo cosigns with: ``<origin>/silo/<silo id, percent-encoded>``."""
-    return f"{log_origin}/silo/{quote(silo_id, safe=_SAFE)}"
+def verifier_keys(session: Session, identity: Identity, federation_id: int) -> list[str]:
+    """The coordinator's verifier key, then each enrolled silo's witness key (C2SP vkeys).
+
+    What ``python -m privacy.verify_log --roster`` reads. A compliance officer should
+    confirm each key's fingerprint with its owner: this list comes from the coordinator.
+    """
+    log_origin = _origin(session, federation_id)
+    keys = [note.vkey(log_origin, note.TYPE_ED25519, identity.signing.public_key())]
+    silos = session.scalars(
+        select(Silo).where(Silo.federation_id == federation_id, Silo.signing_key.is_not(None)).order_by(Silo.id))
+    for silo in silos:
+        keys.append(note.vkey(witness_name(log_origin, silo.id), note.TYPE_COSIGNATURE_V1,
+                              signing_public_from_raw(silo.signing_key)))
+    return keys
 
 
 def _origin(session: Session, federation_id: int) -> str:
@@ -156,7 +167,8 @@ def add_cosignature(session: Session, federation_id: int, size: int, line: str, 
     log_origin = _origin(session, federation_id)
     prefix = witness_name(log_origin, "")
     silo = session.get(Silo, unquote(name[len(prefix):])) if name.startswith(prefix) else None
-    if silo is None or silo.signing_key is None or witness_name(log_origin, silo.id) != name:
+    if (silo is None or silo.signing_key is None or silo.federation_id != federation_id
+            or witness_name(log_origin, silo.id) != name):
         raise AuthError(Reason.UNKNOWN_SILO, f"{name!r} is not the key name of an enrolled silo")
     if silo.status == SiloStatus.REVOKED:
         raise AuthError(Reason.REVOKED)

@@ -32,6 +32,7 @@ __all__ = [
     "inclusion_ranges",
     "leaf_hash",
     "node_hash",
+    "perfect_root",
     "perfect_subtrees",
     "range_hash",
     "root_of",
@@ -165,8 +166,29 @@ class RootBuilder:
         stack.append(h)
         self.size += 1
 
+    def add_subtree(self, level: int, h: bytes) -> None:
+        """Add a perfect subtree of ``2**level`` leaves; the size must be a multiple of it."""
+        if self.size % (1 << level):
+            raise ValueError(f"a subtree of level {level} cannot start at leaf {self.size}")
+        stack, n = self._stack, self.size >> level
+        while n & 1:
+            h = _sha256(b"\x01" + stack.pop() + h).digest()
+            n >>= 1
+        stack.append(h)
+        self.size += 1 << level
+
     def root(self) -> bytes:
         return fold_subtrees(self._stack)
+
+
+def perfect_root(hashes: Sequence[bytes]) -> bytes:
+    """The root of a perfect subtree from its ``2**k`` leaf hashes, level by level."""
+    if not hashes or len(hashes) & (len(hashes) - 1):
+        raise ValueError("a perfect subtree has a power-of-two number of leaves")
+    level = list(hashes)
+    while len(level) > 1:
+        level = [_sha256(b"\x01" + a + b).digest() for a, b in zip(level[::2], level[1::2], strict=True)]
+    return level[0]
 
 
 # -------------------------------------------------------------- verification

@@ -41,14 +41,18 @@ __all__ = [
     "MAX_SIGNATURES",
     "NoteError",
     "SignedNote",
+    "TYPE_COSIGNATURE_V1",
+    "TYPE_ED25519",
     "cosign",
     "key_id",
     "parse_note",
+    "parse_vkey",
     "parse_signature_line",
     "sign_note",
     "signature_line",
     "verify_cosignature",
     "verify_note_signature",
+    "vkey",
 ]
 
 DASH = "\u2014"
@@ -78,6 +82,28 @@ def key_id(name: str, sig_type: int, public: Ed25519PublicKey) -> bytes:
     """``SHA-256(name || "\\n" || type || raw public key)[:4]``."""
     _check_name(name)
     return hashlib.sha256(name.encode() + b"\n" + bytes([sig_type]) + _raw(public)).digest()[:4]
+
+
+def vkey(name: str, sig_type: int, public: Ed25519PublicKey) -> str:
+    """A C2SP verifier key: ``<name>+<key ID, hex>+<base64(type || raw public key)>``."""
+    kid = key_id(name, sig_type, public)
+    return f"{name}+{kid.hex()}+{base64.b64encode(bytes([sig_type]) + _raw(public)).decode()}"
+
+
+def parse_vkey(text: str) -> tuple[str, int, Ed25519PublicKey]:
+    """``(name, signature type, key)`` of a verifier key; the key ID must match."""
+    try:
+        name, kid_hex, b64 = text.strip().split("+", 2)  # base64 may contain "+" too
+        raw = base64.b64decode(b64, validate=True)
+        kid = bytes.fromhex(kid_hex)
+    except (ValueError, binascii.Error):
+        raise NoteError(f"not a verifier key (name+keyid+base64): {text.strip()[:80]!r}") from None
+    if len(raw) != 33 or raw[0] not in (TYPE_ED25519, TYPE_COSIGNATURE_V1):
+        raise NoteError(f"verifier key {name!r} is not an Ed25519 key of type 0x01 or 0x04")
+    public = Ed25519PublicKey.from_public_bytes(raw[1:])
+    if key_id(name, raw[0], public) != kid:
+        raise NoteError(f"verifier key {name!r}: the key ID does not match the key")
+    return name, raw[0], public
 
 
 def signature_line(name: str, key_hash: bytes, signature: bytes) -> str:

@@ -139,7 +139,16 @@ def routes(ctx: Coordinator, *, interval: timedelta = checkpoints.DEFAULT_INTERV
         return JSONResponse({"size": stored.checkpoint_size, "silo_id": stored.silo_id,
                              "timestamp": stored.timestamp})
 
+    @describe("Verifier keys: the coordinator's (type 0x01) and each enrolled silo's witness key (0x04)",
+              tag="log", description="One C2SP verifier key per line, the roster file of python -m "
+                                     "privacy.verify_log. Confirm fingerprints with each key's owner.",
+              response={"type": "string"}, content_type=_NOTE, security=[])
+    async def witnesses(request: Request) -> Response:
+        keys = await read(lambda s: checkpoints.verifier_keys(s, ctx.identity, ctx.federation_id))
+        return PlainTextResponse("".join(k + "\n" for k in keys), media_type=_NOTE)
+
     return [
+        Route("/witnesses", witnesses, methods=["GET"]),
         Route("/checkpoint", checkpoint, methods=["GET"]),
         Route("/checkpoints/{size}", checkpoint_at, methods=["GET"]),
         Route("/proof/consistency", consistency, methods=["GET"]),

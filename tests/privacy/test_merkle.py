@@ -229,3 +229,20 @@ def test_root_builder_streams_prefix_roots():
     for i, leaf in enumerate(LEAVES):
         builder.add(leaf)
         assert builder.root() == ROOTS[i + 1]
+
+
+def test_whole_subtrees_can_be_added_at_once():
+    # what the offline verifier does with aligned blocks of leaves
+    hashes = [merkle.leaf_hash(leaf) for leaf in LEAVES]
+    builder = merkle.RootBuilder()
+    builder.add_subtree(3, merkle.perfect_root(hashes[:8]))
+    builder.add_subtree(3, merkle.perfect_root(hashes[8:16]))
+    for h in hashes[16:20]:
+        builder.add_hash(h)
+    assert (builder.size, builder.root()) == (20, ROOTS[20])
+    builder.add_subtree(2, merkle.perfect_root(hashes[20:24]))
+    assert builder.root() == ROOTS[24]
+    with pytest.raises(ValueError):
+        builder.add_subtree(4, merkle.perfect_root(hashes[:16]))  # 24 is not a multiple of 16
+    with pytest.raises(ValueError):
+        merkle.perfect_root(hashes[:3])
