@@ -131,3 +131,30 @@ def test_unknown_signature_lines_are_ignored(log_key, witness_key):
 def test_hostile_notes_are_refused(raw):
     with pytest.raises(NoteError):
         note.parse_note(raw)
+
+
+def test_the_worked_example_of_docs_protocol_md():
+    """docs/protocol.md section 8.4, recomputed from its keys and leaves."""
+    from pathlib import Path
+
+    from privacy import merkle
+
+    doc = (Path(__file__).resolve().parents[2] / "docs" / "protocol.md").read_text(encoding="utf-8")
+    example = doc[doc.index("### 8.4 Worked example"):doc.index("## 9. Versioning")]
+    log = Ed25519PrivateKey.from_private_bytes(bytes([1]) * 32)
+    wit = Ed25519PrivateKey.from_private_bytes(bytes([2]) * 32)
+    origin, wname = "fedsilo/example", "fedsilo/example/silo/hospital-a"
+    leaves = [b'{"action":"a","n":%d}' % i for i in range(3)]
+    hashes = [merkle.leaf_hash(leaf) for leaf in leaves]
+    for i, h in enumerate(hashes):
+        assert f"leaf hash {i} = {h.hex()}" in example
+    for n in (2, 3):
+        assert f"root, size {n} = {base64.b64encode(merkle.root_of(leaves[:n])[1]).decode()}" in example
+    text = Checkpoint(origin, 3, merkle.root_of(leaves)[1]).text()
+    signed = text + "\n" + note.sign_note(text, origin, log) + "\n" + note.cosign(text, wname, wit, 1764500000) + "\n"
+    assert "```\n" + signed + "```" in example
+    assert note.vkey(origin, note.TYPE_ED25519, log.public_key()) in example
+    assert note.vkey(wname, note.TYPE_COSIGNATURE_V1, wit.public_key()) in example
+    b64 = [base64.b64encode(h).decode() for h in hashes]
+    assert f'"proof": ["{b64[1]}",\n"{b64[2]}"]' in example
+    assert f'"proof":\n["{b64[2]}"]' in example
