@@ -39,10 +39,12 @@ __all__ = [
     "DEFAULT_INTERVAL",
     "MAX_CLOCK_SKEW",
     "add_cosignature",
+    "due",
     "get",
     "issue",
     "issue_on_demand",
     "latest",
+    "newest",
     "newest_cosigned",
     "origin",
     "record_rejection",
@@ -118,11 +120,21 @@ def latest(
     session: Session, identity: Identity, federation_id: int, now: datetime,
     interval: timedelta = DEFAULT_INTERVAL,
 ) -> Checkpoint:
-    """The newest checkpoint; a new one first if the log grew and ``interval`` has passed."""
-    newest = session.scalars(select(Checkpoint).order_by(Checkpoint.size.desc()).limit(1)).first()
-    if newest is None or (newest.size < audit.get_head(session)[0] and now - newest.issued_at >= interval):
+    """The newest checkpoint; a new one first if :func:`due` (then ``session`` must be writable)."""
+    if due(session, now, interval):
         return issue(session, identity, federation_id, now)
-    return newest
+    return newest(session)
+
+
+def due(session: Session, now: datetime, interval: timedelta = DEFAULT_INTERVAL) -> bool:
+    """Whether a new checkpoint is due: none yet, or the log grew and ``interval`` passed."""
+    last = newest(session)
+    return last is None or (last.size < audit.get_head(session)[0] and now - last.issued_at >= interval)
+
+
+def newest(session: Session) -> Checkpoint | None:
+    """The newest checkpoint issued, if any."""
+    return session.scalars(select(Checkpoint).order_by(Checkpoint.size.desc()).limit(1)).first()
 
 
 def get(session: Session, size: int) -> Checkpoint:

@@ -71,10 +71,19 @@ def routes(ctx: Coordinator, *, interval: timedelta = checkpoints.DEFAULT_INTERV
     async def checkpoint(request: Request) -> Response:
         wanted = query_int(request, "min_cosignatures", lo=1)
         if wanted is None:
-            def newest(session):
+            def fresh(session):
                 row = checkpoints.latest(session, ctx.identity, ctx.federation_id, ctx.clock(), interval)
                 return checkpoints.render(session, row)
-            return PlainTextResponse(await write(newest), media_type=_NOTE)
+
+            def served(session):
+                row = checkpoints.newest(session)
+                return None if row is None else checkpoints.render(session, row)
+
+            # only a due checkpoint takes the write lock; a plain fetch reads a snapshot
+            text = None
+            if not await read(lambda s: checkpoints.due(s, ctx.clock(), interval)):
+                text = await read(served)
+            return PlainTextResponse(text if text is not None else await write(fresh), media_type=_NOTE)
         return PlainTextResponse(
             await read(lambda s: checkpoints.render(s, checkpoints.newest_cosigned(s, wanted))), media_type=_NOTE)
 

@@ -121,3 +121,29 @@ def test_migration_0005_derives_the_tree_of_an_existing_log(db_url: str) -> None
             assert audit.verify(s).ok
     finally:
         engine.dispose()
+
+
+def test_checkpoints_are_issued_when_due(migrated_engine: sa.Engine) -> None:
+    from coordinator import checkpoints
+    from coordinator.models import Federation
+    from privacy import note
+    from privacy.keys import Identity
+
+    key = Identity.generate()
+    with transaction(migrated_engine) as s:
+        s.add(Federation(id=1, name="due test", task_name="csv", schema=[], schema_digest="0" * 64))
+    _append(migrated_engine, 3)
+    interval = checkpoints.DEFAULT_INTERVAL
+    with transaction(migrated_engine) as s:
+        assert checkpoints.due(s, T0, interval)  # none yet
+        first = checkpoints.latest(s, key, 1, T0, interval)
+        assert first.size == 3 and not checkpoints.due(s, T0, interval)
+    _append(migrated_engine, 2, start=3)
+    with transaction(migrated_engine) as s:
+        assert not checkpoints.due(s, T0 + interval / 2, interval)  # grown, but too soon
+        assert checkpoints.latest(s, key, 1, T0 + interval / 2, interval).size == 3
+        second = checkpoints.latest(s, key, 1, T0 + interval, interval)
+        assert second.size == 5 and second.root == transparency.tree_root(s, 5)
+        signed = note.parse_note(second.note)
+        note.verify_note_signature(signed, "fedsilo/due%20test", key.signing.public_key())
+        assert note.Checkpoint.parse(signed.text) == note.Checkpoint("fedsilo/due%20test", 5, second.root)
