@@ -8,7 +8,7 @@ PIP    := $(PY) -m pip install --disable-pip-version-check -q $(FIND_LINKS) -c c
 ARGS   ?=
 PYTEST_ARGS ?=
 
-.PHONY: demo test venv clean bench bench-ingest bench-async bench-privacy bench-model
+.PHONY: demo test venv clean bench bench-ingest bench-async bench-privacy bench-model bench-tlog
 
 venv: $(VENV)/.installed
 
@@ -38,6 +38,9 @@ bench-privacy: venv
 
 bench-model: venv
 	$(PY) benchmarks/model_pull.py $(ARGS)
+
+bench-tlog: venv
+	$(PY) benchmarks/tlog_verify.py $(ARGS)
 
 clean:
 	rm -rf $(VENV) build *.egg-info

@@ -426,7 +426,28 @@ def _budgets_show(api: AdminApi, a: argparse.Namespace) -> Any:
     return api.json("GET", f"/api/audit/budgets/{a.silo_id}")
 
 
+# -- the transparency log's checkpoints (docs/protocol.md §8)
+
+
+def _show_note(data: Mapping[str, Any], args: argparse.Namespace) -> None:
+    sys.stdout.write(data["checkpoint"])  # the signed note exactly as served: save it to verify later
+
+
+@command("checkpoints", "issue", "POST", "/api/admin/log/checkpoint",
+         "sign a checkpoint of the audit log now (audited) and print it", show=_show_note)
+def _checkpoints_issue(api: AdminApi, a: argparse.Namespace) -> Any:
+    return {"checkpoint": api.request("POST", "/api/admin/log/checkpoint").text}
+
+
+@command("checkpoints", "show", "GET", "/api/v1/log/checkpoint",
+         "the newest checkpoint with every witness cosignature (keep it for offline verification)",
+         show=_show_note)
+def _checkpoints_show(api: AdminApi, a: argparse.Namespace) -> Any:
+    return {"checkpoint": api.request("GET", "/api/v1/log/checkpoint").text}
+
+
 GROUP_HELP = {
+    "checkpoints": "signed checkpoints of the audit log: issue one now, show the newest",
     "silos": "create, list, show and revoke silos",
     "tokens": "create, list and revoke API tokens",
     "federation": "the federation's task, version and settings",

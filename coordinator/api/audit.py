@@ -12,10 +12,7 @@ stays bounded by one batch, and a slow download never holds a database snapshot 
 
 from __future__ import annotations
 
-import csv
 import functools
-import io
-from collections.abc import Iterator
 
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
@@ -30,10 +27,8 @@ from coordinator.context import Coordinator
 from coordinator.errors import Reason
 from coordinator.openapi import describe, path_param, query
 
-__all__ = ["EXPORT_BATCH", "MAX_EVENTS_LIMIT", "export_lines", "routes", "verify_json"]
+__all__ = ["MAX_EVENTS_LIMIT", "routes", "verify_json"]
 
-#: Entries read per transaction while exporting.
-EXPORT_BATCH = 1000
 #: Largest page of ``GET /events``.
 MAX_EVENTS_LIMIT = 1000
 _DEFAULT_EVENTS_LIMIT = 100
@@ -53,29 +48,6 @@ def verify_json(result: audit.VerifyResult) -> dict:
         "head_seq": result.head_seq,
         "head_hash": result.head_hash,
     }
-
-
-def export_lines(ctx: Coordinator, fmt: str, *, after_seq: int, upto_seq: int) -> Iterator[str]:
-    """The export of entries ``after_seq < seq <= upto_seq`` as text chunks (one per batch)."""
-    if fmt == "csv":
-        buf = io.StringIO()
-        csv.writer(buf).writerow(audit.EXPORT_FIELDS)
-        yield buf.getvalue()
-    cursor = after_seq
-    while cursor < upto_seq:
-        with ctx.read() as session:
-            batch = [e for e in audit.iter_events(session, after_seq=cursor, limit=EXPORT_BATCH) if e.seq <= upto_seq]
-            if not batch:
-                return
-            rows = [audit.event_to_dict(e) if fmt == "jsonl" else [getattr(e, f) for f in audit.EXPORT_FIELDS]
-                    for e in batch]
-        cursor = batch[-1].seq
-        if fmt == "jsonl":
-            yield "".join(audit.canonical_json(r).decode("utf-8") + "\n" for r in rows)
-        else:
-            buf = io.StringIO()
-            csv.writer(buf).writerows(rows)  # details stay their stored canonical text
-            yield buf.getvalue()
 
 
 def routes(ctx: Coordinator) -> list[Route]:
@@ -127,7 +99,7 @@ def routes(ctx: Coordinator) -> list[Route]:
         after_seq = query_int(request, "after_seq", default=0, lo=0)
         head_seq, head_hash = await read(audit.get_head)
         return StreamingResponse(
-            export_lines(ctx, fmt, after_seq=after_seq, upto_seq=head_seq),
+            audit.export_chunks(ctx.read, fmt, after_seq=after_seq, upto_seq=head_seq),
             media_type=_FORMATS[fmt],
             headers={
                 "Fedsilo-Audit-Head-Seq": str(head_seq),

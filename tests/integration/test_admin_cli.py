@@ -62,9 +62,10 @@ def test_every_admin_and_audit_route_has_a_command(server):
         for method, op in ops.items()
         if path.startswith(("/api/admin/", "/api/audit/")) or "x-roles" in op
     }
+    served = {(method.upper(), path) for path, ops in spec["paths"].items() for method in ops}
     covered = {(cmd.method, cmd.path) for cmd in COMMANDS}
     assert routes - covered == set(), "admin/audit routes without an `admin` command"
-    assert covered - routes == set(), "`admin` commands calling routes that do not exist"
+    assert covered - served == set(), "`admin` commands calling routes that do not exist"
 
 
 def test_the_operators_flow_in_json(admin, server, tmp_path):
@@ -127,6 +128,15 @@ def test_the_operators_flow_in_json(admin, server, tmp_path):
     assert code == 0 and budgets["budgets"][0]["silo_id"] == silo["silo_id"]
     code, budget, _ = admin("budgets", "show", silo["silo_id"])
     assert code == 0 and budget["history_length"] == 1
+
+    code, issued, _ = admin("checkpoints", "issue")
+    assert code == 0 and issued["checkpoint"].startswith("fedsilo/")
+    size = int(issued["checkpoint"].splitlines()[1])
+    assert size >= verified["head_seq"]  # every entry verified above is covered
+    code, newest, _ = admin("checkpoints", "show")
+    assert code == 0 and newest["checkpoint"].startswith("fedsilo/")
+    code, out, _ = admin("checkpoints", "show", as_json=False)
+    assert code == 0 and out.startswith("fedsilo/") and "\n\u2014 " in out
 
     code, revoked, _ = admin("silos", "revoke", silo["silo_id"], "--reason", "left the consortium")
     assert code == 0 and revoked["status"] == "revoked"
