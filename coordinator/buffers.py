@@ -36,7 +36,7 @@ from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 
 import torch
-from sqlalchemy import delete, insert, select, update
+from sqlalchemy import delete, insert, select, tuple_, update
 from sqlalchemy.orm import Session
 
 from privacy import codec
@@ -71,61 +71,76 @@ def state(session: Session, federation_id: int) -> BufferState:
     return BufferState(0, ()) if row is None else BufferState(row.count, tuple(row.updates or ()))
 
 
-def _slices(schema: codec.Schema) -> Iterator[tuple[int, str, int, int]]:
-    """(tensor index, name, start, stop) of every slice of the sum, in storage order."""
+def _batches(schema: codec.Schema) -> Iterator[list[tuple[int, str, int, int]]]:
+    """The slices of the sum, ``(tensor index, name, start, stop)`` in storage order, in
+    batches of at most :data:`SLICE` elements: one query reads (or writes) a batch, so
+    small tensors share a round trip and scratch memory stays one slice's worth."""
+    batch: list[tuple[int, str, int, int]] = []
+    size = 0
     for index, spec in enumerate(schema.tensors):
         n = spec.numel()
         for start in range(0, n, SLICE):
-            yield index, spec.name, start, min(start + SLICE, n)
+            stop = min(start + SLICE, n)
+            if batch and size + stop - start > SLICE:
+                yield batch
+                batch, size = [], 0
+            batch.append((index, spec.name, start, stop))
+            size += stop - start
+    if batch:
+        yield batch
 
 
-def _read(session: Session, federation_id: int, index: int, start: int) -> bytes | None:
-    return session.scalar(select(FedBuffSlice.data).where(*_key(federation_id, index, start)))
-
-
-def _key(federation_id: int, index: int, start: int) -> tuple:
-    return (FedBuffSlice.federation_id == federation_id, FedBuffSlice.tensor == index, FedBuffSlice.start == start)
+def _read(session: Session, federation_id: int, keys: list[tuple[int, int]]) -> dict[tuple[int, int], bytes]:
+    rows = session.execute(
+        select(FedBuffSlice.tensor, FedBuffSlice.start, FedBuffSlice.data).where(
+            FedBuffSlice.federation_id == federation_id, tuple_(FedBuffSlice.tensor, FedBuffSlice.start).in_(keys))
+    )
+    return {(int(t), int(start)): data for t, start, data in rows}
 
 
 def summed(
-    session: Session, federation_id: int, schema: codec.Schema, delta: Mapping[str, torch.Tensor], staleness: int,
-) -> Iterator[tuple[int, str, int, torch.Tensor]]:
-    """``stored sum + fedbuff_weight(staleness) * delta``, slice by slice, in storage order.
+    session: Session, federation_id: int, schema: codec.Schema, delta: Mapping[str, torch.Tensor],
+    staleness: int, st: BufferState,
+) -> Iterator[list[tuple[int, str, int, torch.Tensor]]]:
+    """``stored sum + fedbuff_weight(staleness) * delta``, batch by batch, in storage order.
 
-    Yields (tensor index, tensor name, start, flat slice of the new sum); nothing is
-    written. An empty buffer is the zero sum. Each stored slice is read by its key
-    when it is needed: one slice in memory at a time.
+    ``st`` is the buffer's state (:func:`state`), read under the same lock. Yields
+    lists of (tensor index, tensor name, start, flat slice of the new sum); nothing is
+    written. An empty buffer is the zero sum.
     """
-    empty = state(session, federation_id).count == 0
-    for index, name, start, stop in _slices(schema):
-        part = {name: delta[name].reshape(-1)[start:stop]}
-        data = None if empty else _read(session, federation_id, index, start)
-        if data is None:
-            out = fedbuff_accumulate(None, part, staleness)
-        else:
-            stored = torch.frombuffer(bytearray(data), dtype=part[name].dtype)
-            if stored.numel() != stop - start:
-                raise StorageCorrupted(f"FedBuff slice ({index}, {start}) has {stored.numel()} elements, not {stop - start}")
-            out = fedbuff_accumulate({name: stored}, part, staleness)
-        yield index, name, start, out[name]
+    for batch in _batches(schema):
+        stored = {} if st.count == 0 else _read(session, federation_id, [(i, start) for i, _, start, _ in batch])
+        out = []
+        for index, name, start, stop in batch:
+            part = {name: delta[name].reshape(-1)[start:stop]}
+            data = stored.pop((index, start), None)
+            if data is None:
+                if st.count:
+                    raise StorageCorrupted(f"the FedBuff sum has no slice ({index}, {start})")
+                total = fedbuff_accumulate(None, part, staleness)
+            else:
+                base = torch.frombuffer(bytearray(data), dtype=part[name].dtype)
+                if base.numel() != stop - start:
+                    raise StorageCorrupted(f"FedBuff slice ({index}, {start}) has {base.numel()} elements, "
+                                           f"not {stop - start}")
+                total = fedbuff_accumulate({name: base}, part, staleness)
+            out.append((index, name, start, total[name]))
+        yield out
 
 
 def accumulate(
     session: Session, federation_id: int, schema: codec.Schema, delta: Mapping[str, torch.Tensor],
-    staleness: int, update_id: str,
+    staleness: int, st: BufferState, update_id: str,
 ) -> BufferState:
-    """Add one weighted delta to the stored sum, slice by slice; record its id."""
-    before = state(session, federation_id)
-    after = BufferState(before.count + 1, (*before.updates, update_id))
+    """Add one weighted delta to the stored sum (state ``st``), batch by batch; record its id."""
+    after = BufferState(st.count + 1, (*st.updates, update_id))
     _set(session, federation_id, after)
     session.flush()  # the buffer row first: the slices refer to it
-    for index, _, start, value in summed(session, federation_id, schema, delta, staleness):
-        data = value.numpy().tobytes()
-        if before.count:
-            session.execute(update(FedBuffSlice).where(*_key(federation_id, index, start)).values(data=data))
-        else:
-            session.execute(insert(FedBuffSlice).values(federation_id=federation_id, tensor=index, start=start,
-                                                        data=data))
+    for batch in summed(session, federation_id, schema, delta, staleness, st):
+        rows = [{"federation_id": federation_id, "tensor": index, "start": start, "data": value.numpy().tobytes()}
+                for index, _, start, value in batch]
+        # ORM bulk statements: an executemany, by primary key for the UPDATE.
+        session.execute(update(FedBuffSlice) if st.count else insert(FedBuffSlice), rows)
     return after
 
 

@@ -252,34 +252,27 @@ def _compute(ctx: Coordinator, s: Session, fed: Federation, p: Prepared, d: _Dec
     try:
         if settings.strategy == "fedasync":
             return _fedasync(ctx, s, fed, p, d, base)
-        members = [*buffers.state(s, fed.id).updates, h.update_id]
+        st = buffers.state(s, fed.id)
+        members = [*st.updates, h.update_id]
         weight = fedbuff_weight(d.staleness)
         schema = codec.Schema.from_json(fed.schema)
         if len(members) < settings.buffer_k:
-            buffers.accumulate(s, fed.id, schema, p.delta, d.staleness, h.update_id)
+            buffers.accumulate(s, fed.id, schema, p.delta, d.staleness, st, h.update_id)
             p.delta.clear()  # summed into the buffer
             return _Computed(weight, members)
         current, owned = _current(ctx, s, fed, v, None)
         blob, new = _output(schema, current, owned)
         count, lr = len(members), settings.server_lr
-        for name, start, stop, part in _stream(buffers.summed(s, fed.id, schema, p.delta, d.staleness), p.delta):
-            new[name].view(-1)[start:stop].copy_(
-                fedbuff_apply({name: current[name].reshape(-1)[start:stop]}, {name: part}, count, lr)[name])
+        for batch in buffers.summed(s, fed.id, schema, p.delta, d.staleness, st):
+            for _, name, start, part in batch:
+                stop = start + part.numel()
+                new[name].view(-1)[start:stop].copy_(
+                    fedbuff_apply({name: current[name].reshape(-1)[start:stop]}, {name: part}, count, lr)[name])
+        p.delta.clear()
         buffers.clear(s, fed.id)
         return _Computed(weight, members, new, blob)
     except StrategyError as exc:
         raise translate(exc) from None
-
-
-def _stream(slices, consume: dict[str, torch.Tensor]):
-    """Pass ``buffers.summed``'s slices on; drop each delta tensor once it is summed."""
-    last = None
-    for _, name, start, part in slices:
-        if last is not None and name != last:
-            consume.pop(last, None)
-        last = name
-        yield name, start, start + part.numel(), part
-    consume.clear()
 
 
 def _fedasync(ctx: Coordinator, s: Session, fed: Federation, p: Prepared, d: _Decided,
