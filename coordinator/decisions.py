@@ -16,6 +16,7 @@ returns what the caller needs next.
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any
@@ -23,6 +24,7 @@ from typing import Any
 from sqlalchemy.orm import Session
 
 from privacy.envelope import parse_timestamp
+from privacy.errors import PrivacyError
 
 from . import budget
 from .errors import Reason
@@ -39,6 +41,7 @@ __all__ = [
     "check_fresh",
     "check_norm",
     "check_silo",
+    "composed_epsilon",
     "is_resend",
     "is_stored_rejection",
     "needs_budget_recompute",
@@ -172,6 +175,14 @@ def check_norm(settings: StrategySettings, norm: float) -> None:
     if settings.max_update_norm is not None and norm > settings.max_update_norm:
         raise Refusal(Reason.NORM_EXCEEDED,
                       f"update norm {norm:.6g} exceeds the bound {settings.max_update_norm:.6g}")
+
+
+def composed_epsilon(snap: Snapshot, dp: Mapping[str, Any], *, accountant: str) -> float:
+    """The silo's epsilon with one more run ``dp``, composed over the snapshot's charges."""
+    try:
+        return budget.composed_epsilon(snap.history, dp, delta=snap.silo_delta, accountant=accountant)
+    except PrivacyError as exc:
+        raise translate(exc) from None
 
 
 def check_budget(snap: Snapshot, epsilon: float) -> None:

@@ -56,9 +56,8 @@ from sqlalchemy.orm import Session
 
 from privacy import codec
 from privacy.envelope import SealedUpdate, UpdateHeader, utc_timestamp
-from privacy.errors import PrivacyError
 
-from . import audit, budget, buffers, db, decisions, receipts, rejections
+from . import audit, buffers, db, decisions, receipts, rejections
 from .decisions import Existing, Snapshot
 from .errors import Reason
 from .federation import StorageCorrupted, prune, record_metrics, write_version
@@ -228,11 +227,7 @@ def _decide(ctx: Coordinator, p: Prepared, snap: Snapshot) -> _Decided:
     decisions.check_norm(snap.settings, p.norm)  # the bound may have been changed meanwhile
     epsilon = p.epsilon
     if decisions.needs_budget_recompute(p.snapshot, snap):
-        try:
-            epsilon = budget.composed_epsilon(snap.history, p.header.dp, delta=snap.silo_delta,
-                                              accountant=ctx.config.accountant)
-        except PrivacyError as exc:
-            raise translate(exc) from None
+        epsilon = decisions.composed_epsilon(snap, p.header.dp, accountant=ctx.config.accountant)
     p.evidence.epsilon_computed = epsilon
     decisions.check_budget(snap, epsilon)
     return _Decided(snap, staleness, epsilon)

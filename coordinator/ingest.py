@@ -40,7 +40,7 @@ from privacy.errors import PrivacyError
 from privacy.errors import Reason as PrivacyReason
 from privacy.keys import signing_public_from_raw
 
-from . import budget, decisions, fold, rejections
+from . import decisions, fold, rejections
 from .context import Coordinator
 from .errors import IngestRejected, Reason
 from .fold import Outcome, Prepared, resent
@@ -200,11 +200,7 @@ def _check(ctx: Coordinator, body: bytes | bytearray, ev: Evidence) -> Prepared 
     # 9. budget ------------------------------------------------------------------------
     if header.accountant not in ACCOUNTANTS:
         raise Refusal(Reason.INVALID_DP_PARAMETERS, f"unknown accountant {header.accountant!r}")
-    try:
-        epsilon = budget.composed_epsilon(snap.history, header.dp, delta=snap.silo_delta, accountant=cfg.accountant)
-    except PrivacyError as exc:
-        raise translate(exc) from None
-    ev.epsilon_computed = epsilon
+    epsilon = ev.epsilon_computed = decisions.composed_epsilon(snap, header.dp, accountant=cfg.accountant)
     decisions.check_budget(snap, epsilon)
 
     return Prepared(evidence=ev, sealed=sealed, header=header, delta=delta, snapshot=snap, epsilon=epsilon, norm=norm)
