@@ -412,3 +412,31 @@ def test_settings_are_frozen() -> None:
     s = StrategySettings()
     with pytest.raises(AttributeError):
         s.alpha = 0.1  # type: ignore[misc]
+
+
+def test_modular_accumulate_sums_integer_shares_exactly_modulo_2_to_the_m():
+    # The integer kind of FedBuff buffer: two additive shares of x modulo 2^m, each
+    # uniformly random, sum (with integer weights) to the weighted sum of the inputs.
+    from coordinator.strategies import modular_accumulate
+
+    bits = 32
+    mod = 1 << bits
+    xs = [torch.tensor([5, -3, 0, 1 << 20], dtype=torch.int64), torch.tensor([-7, 2, 9, -(1 << 20)], dtype=torch.int64)]
+    weights = [3, 2]
+    g = torch.Generator().manual_seed(0)
+    total = None
+    for x, w in zip(xs, weights):
+        r = torch.randint(0, mod, x.shape, generator=g, dtype=torch.int64)
+        for share in ((x - r) % mod, r):  # x = share_1 + share_2 (mod 2^m)
+            total = modular_accumulate(total, {"t": share}, w, bits)
+    opened = total["t"].clone()
+    opened[opened >= mod // 2] -= mod  # back to signed: |sum| < 2^(m-1)
+    assert torch.equal(opened, 3 * xs[0] + 2 * xs[1])
+    assert int(total["t"].min()) >= 0 and int(total["t"].max()) < mod
+    # Wrapping is modulo 2^m: adding 2^m changes nothing; a negative weight subtracts.
+    same = modular_accumulate({"t": total["t"].clone()}, {"t": torch.full((4,), mod, dtype=torch.int64)}, 1, bits)
+    assert torch.equal(same["t"], total["t"])
+    back = modular_accumulate({"t": total["t"].clone()}, {"t": total["t"].clone()}, -1, bits)
+    assert torch.equal(back["t"], torch.zeros(4, dtype=torch.int64))
+    with pytest.raises(StrategyError):
+        modular_accumulate(None, {"t": torch.zeros(2)}, 1, bits)  # float shares are refused
