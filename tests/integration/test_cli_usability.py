@@ -68,7 +68,7 @@ def test_migrate_refuses_a_directory_init_never_made(tmp_path, capsys):
 
 @pytest.mark.parametrize("options, expected", [
     (["features=4", "classes=2", "bogus=1"], "task 'csv' has no option 'bogus' (its options: features, classes"),
-    (["classes=2"], "task 'csv' needs the option 'features' (its options: features, classes"),
+    (["classes=2"], "task 'csv' needs feature_names: the names of the CSV's feature columns"),
 ])
 def test_task_option_errors_in_plain_words(tmp_path, capsys, options, expected):
     argv = ["init", "--data-dir", str(tmp_path / "c"), "--task", "csv"]
