@@ -34,22 +34,9 @@ if str(HERE) not in sys.path:  # loaded by path (the tests): find simulation.py 
     sys.path.insert(0, str(HERE))
 
 from simulation import (  # noqa: E402
-    FederationConfig,
-    Job,
-    LocalTraining,
-    Progress,
-    Runner,
-    RunResult,
-    StrategySpec,
-    benchmark_parser,
-    build_federation,
-    default_strategies,
-    dp_schedule,
-    epsilons_by,
-    final_accuracy,
-    rounded,
-    run_script,
-    time_to_target,
+    FederationConfig, Job, LocalTraining, Progress, Runner, RunResult, StrategySpec,
+    benchmark_parser, build_federation, default_strategies, dp_schedule, epsilons_by,
+    final_accuracy, rounded, run_script, time_to_target,
 )
 
 # "Equal" final accuracy: within one point, about 3-4 held-out samples, below the

@@ -33,19 +33,8 @@ if str(HERE) not in sys.path:  # loaded by path (the tests): find simulation.py 
     sys.path.insert(0, str(HERE))
 
 from simulation import (  # noqa: E402
-    FederationConfig,
-    Job,
-    LocalTraining,
-    Progress,
-    Runner,
-    StrategySpec,
-    benchmark_parser,
-    build_federation,
-    default_strategies,
-    dp_schedule,
-    epsilons_by,
-    planned_sigmas,
-    rounded,
+    FederationConfig, Job, LocalTraining, Progress, Runner, StrategySpec, benchmark_parser,
+    build_federation, default_strategies, dp_schedule, epsilons_by, planned_sigmas, rounded,
     run_script,
 )
 

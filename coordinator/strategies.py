@@ -30,6 +30,8 @@ from typing import Any, Literal
 
 import torch
 
+from privacy.errors import ReasonedError
+
 Tensors = dict[str, torch.Tensor]
 
 __all__ = [
@@ -64,16 +66,11 @@ class StrategyReason(StrEnum):
     INVALID_ARGUMENT = "invalid_argument"
 
 
-class StrategyError(Exception):
+class StrategyError(ReasonedError):
     """A strategy refuses its input; ``reason`` is a :class:`StrategyReason`."""
 
-    def __init__(self, reason: StrategyReason | str, message: str = "") -> None:
-        self.reason = StrategyReason(reason)
-        self.message = message or self.reason.value.replace("_", " ")
-        super().__init__(self.message)
-
-    def __repr__(self) -> str:
-        return f"{type(self).__name__}({self.reason.value!r}, {self.message!r})"
+    reasons = StrategyReason
+    reason: StrategyReason
 
 
 StrategyName = Literal["fedasync", "fedbuff"]

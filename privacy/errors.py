@@ -37,18 +37,31 @@ class Reason(StrEnum):
     BUDGET_EXHAUSTED = "budget_exhausted"
 
 
-class PrivacyError(Exception):
-    """Root of every error raised by ``privacy``; ``reason`` is a stable code."""
+class ReasonedError(Exception):
+    """An error that carries a stable ``reason`` code from its class's ``reasons`` enum.
 
-    reason: Reason
+    The one shape of every domain error in fedsilo (privacy, strategies, the silo's
+    config, ledger, tasks, trainer): ``message`` is for people and defaults to the code
+    in words; ``reason`` is for programs. Subclasses name their enum in ``reasons``.
+    """
 
-    def __init__(self, reason: Reason | str, message: str = "") -> None:
-        self.reason = Reason(reason)
+    reasons: type[StrEnum]
+    reason: StrEnum
+
+    def __init__(self, reason: StrEnum | str, message: str = "") -> None:
+        self.reason = self.reasons(reason)
         self.message = message or self.reason.value.replace("_", " ")
         super().__init__(self.message)
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}({self.reason.value!r}, {self.message!r})"
+
+
+class PrivacyError(ReasonedError):
+    """Root of every error raised by ``privacy``; ``reason`` is a stable code."""
+
+    reasons = Reason
+    reason: Reason
 
 
 class KeyFileError(PrivacyError):

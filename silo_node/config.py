@@ -36,7 +36,7 @@ from urllib.parse import urlsplit
 
 import tomli_w
 
-from privacy.errors import PrivacyError
+from privacy.errors import PrivacyError, ReasonedError
 from privacy.keys import PublicIdentity, b64d, ensure_private, fingerprint, make_private_dir, write_private
 
 log = logging.getLogger("fedsilo.silo")
@@ -76,13 +76,11 @@ class ConfigReason(StrEnum):
     PINNED_SETTING = "pinned_setting"
 
 
-class ConfigError(Exception):
+class ConfigError(ReasonedError):
     """The configuration is missing or holds a value that cannot be used."""
 
-    def __init__(self, reason: ConfigReason | str, message: str = "") -> None:
-        self.reason = ConfigReason(reason)
-        self.message = message or self.reason.value.replace("_", " ")
-        super().__init__(self.message)
+    reasons = ConfigReason
+    reason: ConfigReason
 
 
 # --------------------------------------------------------------------------- pieces

@@ -36,6 +36,7 @@ from typing import Any, NamedTuple, TextIO
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
 from privacy.envelope import utc_timestamp
+from privacy.errors import ReasonedError
 from privacy.keys import b64e
 
 from .receipt import Receipt  # re-exported: ledger entries hold verified receipts
@@ -80,13 +81,11 @@ class LedgerReason(StrEnum):
     BAD_FORMAT = "bad_format"
 
 
-class LedgerError(Exception):
+class LedgerError(ReasonedError):
     """The ledger cannot be opened, or a write would make it lie."""
 
-    def __init__(self, reason: LedgerReason | str, message: str = "") -> None:
-        self.reason = LedgerReason(reason)
-        self.message = message or self.reason.value.replace("_", " ")
-        super().__init__(self.message)
+    reasons = LedgerReason
+    reason: LedgerReason
 
 
 class DPRun(NamedTuple):

@@ -16,6 +16,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from privacy.errors import ReasonedError
+
 __all__ = [
     "BUNDLED",
     "DEFAULT_TARGET",
@@ -57,16 +59,11 @@ class TaskReason(StrEnum):
     INVALID_ARGUMENT = "invalid_argument"
 
 
-class TaskError(Exception):
+class TaskError(ReasonedError):
     """A task cannot be built, or data does not fit it; ``message`` is for the user."""
 
-    def __init__(self, reason: TaskReason | str, message: str = "") -> None:
-        self.reason = TaskReason(reason)
-        self.message = message or self.reason.value.replace("_", " ")
-        super().__init__(self.message)
-
-    def __repr__(self) -> str:
-        return f"{type(self).__name__}({self.reason.value!r}, {self.message!r})"
+    reasons = TaskReason
+    reason: TaskReason
 
 
 def list_names(names: Sequence[str]) -> str:

@@ -26,7 +26,7 @@ from typing import Any
 import torch
 
 from privacy import accounting
-from privacy.errors import AccountingError, Reason
+from privacy.errors import AccountingError, Reason, ReasonedError
 
 from .config import TrainingOptions
 from .ledger import DPRun
@@ -55,13 +55,11 @@ class TrainReason(StrEnum):
     NON_FINITE = "non_finite"
 
 
-class TrainError(Exception):
+class TrainError(ReasonedError):
     """A round cannot be trained (or its result cannot be sent)."""
 
-    def __init__(self, reason: TrainReason | str, message: str = "") -> None:
-        self.reason = TrainReason(reason)
-        self.message = message or self.reason.value.replace("_", " ")
-        super().__init__(self.message)
+    reasons = TrainReason
+    reason: TrainReason
 
 
 class BudgetExhausted(TrainError):
