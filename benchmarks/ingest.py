@@ -10,20 +10,25 @@ each database (SQLite, PostgreSQL):
 (b) **end-to-end** -- the same kind of sealed updates POSTed over loopback HTTP by
     ``--clients`` concurrent httpx clients to a ``fedsilo-coordinator serve`` subprocess.
 
-Both run against a fresh coordinator (``bootstrap.initialize``, FedAsync, polynomial
-staleness) with one enrolled silo per client. Every envelope is sealed before the
-clock starts (the silo's cost is not the coordinator's). Update ``j`` names base
-version ``max(0, j - clients)`` (relative to the version the phase started from), the
-staleness that ``clients`` silos in flight at once produce; budgets, caps and the
-staleness bound are generous, and every update must be accepted. One untimed warm-up
-update precedes each timed phase. Reported: updates/s and MB/s (envelope bytes) of
-both, and the ratio end-to-end / floor. Goal: ratio >= 0.5 at 1M and 10M.
+Both run against a fresh coordinator (``bootstrap.initialize``) for each strategy:
+FedAsync (polynomial staleness) and FedBuff (``buffer_k`` K = 5: four updates of five
+are summed into the buffer, the fifth applies it), with one enrolled silo per client.
+Every envelope is sealed before the clock starts (the silo's cost is not the
+coordinator's). Update ``j`` names base version ``max(0, j - clients) // K``
+(relative to the version the phase started from; K = 1 for FedAsync), the staleness
+that ``clients`` silos in flight at once produce; budgets, caps and the staleness
+bound are generous, and every update must be accepted (or buffered). One untimed
+warm-up update precedes each timed phase. Reported: updates/s and MB/s (envelope
+bytes) of both, and the ratio end-to-end / floor. Goals: ratio >= 0.5 at 1M and 10M;
+FedBuff's end-to-end rate at least FedAsync's.
 
 **Peak memory**: a fresh ``serve`` process ingests ONE update of ``--memory-params``
 (default 100M parameters, 400 MB). Its high-water RSS is reset (``/proc/PID/clear_refs``)
 just before the POST and read (``VmHWM``) after the reply; the increase over the RSS
 before is reported relative to the update's size. The process starts cold (no model
-cached), as after a restart. Goal: <= 3x the update size.
+cached), as after a restart. FedBuff is measured with K = 2 on two updates in a row:
+the first is summed into the (empty) buffer, the second applies it -- each peak on its
+own. Goal: <= 3x the update size.
 
 Run: ``make bench-ingest`` or ``.venv/bin/python benchmarks/ingest.py`` (about 5 minutes
 on 2 cores); results go to ``benchmarks/results/ingest.json`` and ``ingest.png``.
@@ -75,6 +80,9 @@ POSTGRES_URL_ENV = "FEDSILO_TEST_POSTGRES_URL"
 DEFAULT_POSTGRES_URL = "postgresql+psycopg://postgres@127.0.0.1:5432/test"
 DEFAULT_SIZES = ("0.1M", "1M", "10M")
 DEFAULT_DATABASES = ("sqlite", "postgres")
+DEFAULT_STRATEGIES = ("fedasync", "fedbuff")
+BUFFER_K = 5  # FedBuff's K in the throughput runs
+MEMORY_BUFFER_K = 2  # ... and in the peak-memory run: one buffered update, one that applies
 
 
 def default_updates(params: int) -> int:
@@ -200,11 +208,15 @@ MAX_STALENESS = 64
 PROFILE_FORMAT = "svg"
 
 
-def init_coordinator(data_dir: Path, database_url: str, params: int) -> int:
-    """``fedsilo-coordinator init`` (in-process): FedAsync, every version kept; returns #params."""
+def init_coordinator(data_dir: Path, database_url: str, params: int, strategy: str = "fedasync",
+                     buffer_k: int = BUFFER_K) -> int:
+    """``fedsilo-coordinator init`` (in-process), every version kept; returns #params."""
+    settings: dict[str, Any] = {"max_staleness": MAX_STALENESS}
+    if strategy == "fedbuff":
+        settings["buffer_k"] = buffer_k
     result = bootstrap.initialize(
         data_dir, task="csv", task_options=task_options(params), database_url=database_url,
-        name="ingest-benchmark", strategy="fedasync", settings={"max_staleness": MAX_STALENESS},
+        name="ingest-benchmark", strategy=strategy, settings=settings,
     )
     return result.parameters
 
@@ -242,11 +254,13 @@ def random_payload(data_dir: Path, seed: int) -> bytes:
     return codec.encode(delta)
 
 
-def seal_batch(silos_: Sequence[Silo], payloads: Sequence[bytes], count: int, start_version: int) -> list[bytes]:
+def seal_batch(silos_: Sequence[Silo], payloads: Sequence[bytes], count: int, start_version: int,
+               per_version: int = 1) -> list[bytes]:
     """``count`` envelopes; envelope j comes from silo j % k and names base
-    ``start_version + max(0, j - k)``: with k updates in flight, that base always exists."""
+    ``start_version + max(0, j - k) // per_version`` (``per_version`` updates make one
+    version: FedBuff's K): with k updates in flight, that base always exists."""
     k = len(silos_)
-    return [silos_[j % k].seal(payloads[j % k], start_version + max(0, j - k)) for j in range(count)]
+    return [silos_[j % k].seal(payloads[j % k], start_version + max(0, j - k) // per_version) for j in range(count)]
 
 
 # --------------------------------------------------------------------------- (a) the floor
@@ -259,7 +273,7 @@ def run_floor(data_dir: Path, envelopes: Sequence[bytes]) -> float:
         def one(body: bytes) -> None:
             prepared = ingest.check(ctx, body, ctx.clock())
             outcome = prepared if isinstance(prepared, fold.Outcome) else fold.commit(ctx, prepared)
-            if outcome.status != "accepted" or outcome.resend:
+            if outcome.status not in FOLDED or outcome.resend:
                 raise RuntimeError(f"update not folded: {outcome}")
 
         one(envelopes[0])
@@ -326,9 +340,12 @@ def serving(data_dir: Path, *, timeout: float = 120) -> Iterator[tuple[str, subp
         log.close()
 
 
+FOLDED = ("accepted", "buffered")
+
+
 def _post(client: httpx.Client, body: bytes) -> None:
     r = client.post("/api/v1/updates", content=body, headers={"Content-Type": "application/octet-stream"})
-    if r.status_code != 200 or r.json().get("status") != "accepted":
+    if r.status_code != 200 or r.json().get("status") not in FOLDED:
         raise RuntimeError(f"update not accepted: {r.status_code} {r.text[:300]}")
 
 
@@ -398,24 +415,27 @@ def rate(count: int, seconds: float, size: int) -> dict[str, float]:
 
 
 def measure(kind: str, params: int, updates: int, clients: int, work: Path,
-            profile_dir: Path | None, log) -> dict[str, Any]:
-    data_dir = work / f"{kind}-{label(params)}"
+            profile_dir: Path | None, log, strategy: str = "fedasync") -> dict[str, Any]:
+    data_dir = work / f"{kind}-{label(params)}-{strategy}"
     data_dir.mkdir()
+    per_version = BUFFER_K if strategy == "fedbuff" else 1
     with database(kind, data_dir) as url:
-        actual = init_coordinator(data_dir, url, params)
+        actual = init_coordinator(data_dir, url, params, strategy)
         silos_ = enrol_silos(data_dir, clients)
         payloads = [random_payload(data_dir, seed) for seed in range(clients)]
         n = updates + 1  # one warm-up
-        floor_env = seal_batch(silos_, payloads, n, 0)
-        e2e_env = seal_batch(silos_, payloads, n, n)  # the floor leaves version n current
+        floor_env = seal_batch(silos_, payloads, n, 0, per_version)
+        # The floor leaves version n // K current.
+        e2e_env = seal_batch(silos_, payloads, n, n // per_version, per_version)
         size = len(floor_env[0])
-        log(f"  {kind} {label(params)}: {n} + {n} envelopes of {size / 1e6:.2f} MB sealed")
+        log(f"  {kind} {label(params)} {strategy}: {n} + {n} envelopes of {size / 1e6:.2f} MB sealed")
 
         floor_s = run_floor(data_dir, floor_env)
         del floor_env
         log(f"    floor       {updates / floor_s:8.2f} updates/s")
         with serving(data_dir) as (base_url, proc):
-            prof = profile_dir / f"ingest-{kind}-{label(params)}.{PROFILE_FORMAT}" if profile_dir else None
+            prof = (profile_dir / f"ingest-{kind}-{label(params)}-{strategy}.{PROFILE_FORMAT}"
+                    if profile_dir else None)
             with profiling(proc.pid, prof):
                 e2e_s = run_end_to_end(base_url, e2e_env, clients)
         log(f"    end-to-end  {updates / e2e_s:8.2f} updates/s")
@@ -423,7 +443,7 @@ def measure(kind: str, params: int, updates: int, clients: int, work: Path,
     ratio = e2e["updates_per_s"] / floor["updates_per_s"]
     goal = RATIO_GOAL if params >= RATIO_GOAL_FROM else None
     return {
-        "size": label(params), "parameters": actual, "database": kind, "envelope_bytes": size,
+        "size": label(params), "parameters": actual, "database": kind, "strategy": strategy, "envelope_bytes": size,
         "floor": floor, "end_to_end": e2e, "ratio": ratio,
         "goal": goal, "goal_met": None if goal is None else ratio >= goal,
     }
@@ -439,36 +459,48 @@ def _proc_kb(pid: int, field: str) -> int:
     raise RuntimeError(f"/proc/{pid}/status has no {field}")
 
 
-def measure_memory(kind: str, params: int, work: Path, log) -> dict[str, Any]:
-    """Peak RSS increase of a cold ``serve`` process ingesting one update of ``params``."""
-    data_dir = work / f"memory-{kind}-{label(params)}"
+def measure_memory(kind: str, params: int, work: Path, log, strategy: str = "fedasync") -> list[dict[str, Any]]:
+    """Peak RSS increase of a cold ``serve`` process ingesting one update of ``params``
+    (FedBuff: two in a row with K = 2, each peak on its own: summed into the buffer, applied)."""
+    data_dir = work / f"memory-{kind}-{label(params)}-{strategy}"
     data_dir.mkdir()
+    steps = ("accepted",) if strategy == "fedasync" else ("buffered", "accepted")
+    out = []
     with database(kind, data_dir) as url:
-        actual = init_coordinator(data_dir, url, params)
+        actual = init_coordinator(data_dir, url, params, strategy, buffer_k=MEMORY_BUFFER_K)
         (silo,) = enrol_silos(data_dir, 1)
         payload = random_payload(data_dir, 0)
-        envelope = silo.seal(payload, 0)
+        envelopes = [silo.seal(payload, 0) for _ in steps]
         del payload
         with serving(data_dir) as (base_url, proc):
             time.sleep(0.5)  # let start-up settle
-            before = _proc_kb(proc.pid, "VmRSS")
-            # Reset the high-water mark to the current RSS (Linux >= 4.0), so the
-            # peak read afterwards belongs to this update alone.
-            Path(f"/proc/{proc.pid}/clear_refs").write_text("5")
-            started = time.perf_counter()
-            with httpx.Client(base_url=base_url, timeout=900) as c:
-                _post(c, envelope)
-            seconds = time.perf_counter() - started
-            peak = _proc_kb(proc.pid, "VmHWM")
-    increase = (peak - before) * 1024
-    ratio = increase / len(envelope)
-    log(f"  memory {kind} {label(params)}: +{increase / 1e6:.0f} MB peak for a {len(envelope) / 1e6:.0f} MB update "
-        f"({ratio:.2f}x) in {seconds:.1f} s")
-    return {
-        "database": kind, "size": label(params), "parameters": actual, "envelope_bytes": len(envelope),
-        "rss_before_bytes": before * 1024, "peak_rss_bytes": peak * 1024, "increase_bytes": increase,
-        "ratio_to_update": ratio, "seconds": seconds, "goal": MEMORY_GOAL, "goal_met": ratio <= MEMORY_GOAL,
-    }
+            for step in steps:
+                envelope = envelopes.pop(0)
+                before = _proc_kb(proc.pid, "VmRSS")
+                # Reset the high-water mark to the current RSS (Linux >= 4.0), so the
+                # peak read afterwards belongs to this update alone.
+                Path(f"/proc/{proc.pid}/clear_refs").write_text("5")
+                started = time.perf_counter()
+                with httpx.Client(base_url=base_url, timeout=900) as c:
+                    r = c.post("/api/v1/updates", content=envelope,
+                               headers={"Content-Type": "application/octet-stream"})
+                if r.status_code != 200 or r.json().get("status") != step:
+                    raise RuntimeError(f"update not {step}: {r.status_code} {r.text[:300]}")
+                seconds = time.perf_counter() - started
+                peak = _proc_kb(proc.pid, "VmHWM")
+                increase = (peak - before) * 1024
+                ratio = increase / len(envelope)
+                log(f"  memory {kind} {label(params)} {strategy} ({step}): +{increase / 1e6:.0f} MB peak for a "
+                    f"{len(envelope) / 1e6:.0f} MB update ({ratio:.2f}x) in {seconds:.1f} s")
+                out.append({
+                    "database": kind, "strategy": strategy, "step": step, "size": label(params),
+                    "parameters": actual, "envelope_bytes": len(envelope),
+                    "rss_before_bytes": before * 1024, "peak_rss_bytes": peak * 1024, "increase_bytes": increase,
+                    "ratio_to_update": ratio, "seconds": seconds, "goal": MEMORY_GOAL,
+                    "goal_met": ratio <= MEMORY_GOAL,
+                })
+                del envelope
+    return out
 
 
 # --------------------------------------------------------------------------- report
@@ -517,14 +549,16 @@ def plot(results: dict[str, Any], path: Path) -> None:
         colour = "black" if r["goal_met"] is None else ("tab:green" if r["goal_met"] else "tab:red")
         ax.annotate(f"b/a = {r['ratio']:.2f}", (x, top), textcoords="offset points", xytext=(0, 4),
                     ha="center", fontsize=9, color=colour)
-    ax.set_xticks(list(xs), [f"{r['size']}\n{r['database']}\n{r['envelope_bytes'] / 1e6:.2g} MB" for r in rows])
+    ax.set_xticks(list(xs), [f"{r['size']}\n{r['database']}\n{r.get('strategy', 'fedasync')}" for r in rows],
+                  fontsize=8)
     ax.set_yscale("log")
     ax.set_ylabel("updates / s (log)")
     title = "fedsilo ingest: floor vs end-to-end"
     mem = results.get("memory") or []
     if mem:
         title += "\npeak memory for one update: " + ", ".join(
-            f"{m['database']} {m['ratio_to_update']:.2f}x of {m['envelope_bytes'] / 1e6:.0f} MB" for m in mem)
+            f"{m['database']} {m.get('strategy', 'fedasync')} {m['ratio_to_update']:.2f}x" for m in mem)
+        title += f" of {mem[0]['envelope_bytes'] / 1e6:.0f} MB"
     ax.set_title(title, fontsize=10)
     ax.legend(fontsize=8, loc="upper right")
     ax.margins(y=0.15)
@@ -539,6 +573,8 @@ def _parser() -> argparse.ArgumentParser:
                    help="model sizes in float32 parameters (default: 0.1M,1M,10M)")
     p.add_argument("--databases", type=lambda s: [x for x in s.split(",") if x], default=list(DEFAULT_DATABASES),
                    help="sqlite and/or postgres (default: both; postgres is skipped if unreachable)")
+    p.add_argument("--strategies", type=lambda s: [x for x in s.split(",") if x], default=list(DEFAULT_STRATEGIES),
+                   help="fedasync and/or fedbuff (default: both)")
     p.add_argument("--updates", type=int, help="timed updates per phase (default: by size, ~equal time)")
     p.add_argument("--clients", type=int, default=4, help="concurrent HTTP clients (default: 4)")
     p.add_argument("--memory-params", default="100M", help="model size of the peak-memory update ('0' skips it)")
@@ -566,6 +602,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     MAX_STALENESS = args.max_staleness
     PROFILE_FORMAT = args.profile or "svg"
     unknown = ({*args.databases, *args.memory_databases}) - set(DEFAULT_DATABASES)
+    if set(args.strategies) - set(DEFAULT_STRATEGIES):
+        raise SystemExit(f"unknown strategies {sorted(set(args.strategies) - set(DEFAULT_STRATEGIES))}")
     if unknown:
         raise SystemExit(f"unknown database(s) {sorted(unknown)}; choose from {', '.join(DEFAULT_DATABASES)}")
     log = (lambda *a: None) if args.quiet else (lambda msg: print(msg, flush=True))
@@ -590,13 +628,16 @@ def main(argv: Sequence[str] | None = None) -> int:
         for params in sizes:
             updates = args.updates or default_updates(params)
             for kind in databases:
-                throughput.append(measure(kind, params, updates, args.clients, work,
-                                          args.out if args.profile else None, log))
+                for strategy in args.strategies:
+                    throughput.append(measure(kind, params, updates, args.clients, work,
+                                              args.out if args.profile else None, log, strategy))
         if memory_params:
             for kind in mem_dbs:
-                memory.append(measure_memory(kind, memory_params, work, log))
+                for strategy in args.strategies:
+                    memory += measure_memory(kind, memory_params, work, log, strategy)
 
     ratio_rows = [r for r in throughput if r["goal"] is not None]
+    fedbuff_rows = _fedbuff_vs_fedasync(throughput)
     results = {
         "benchmark": "ingest",
         "command": "python benchmarks/ingest.py " + " ".join(argv if argv is not None else sys.argv[1:]),
@@ -604,8 +645,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         "config": {
             "sizes": [label(p) for p in sizes], "databases": databases, "clients": args.clients,
             "updates": args.updates or {label(p): default_updates(p) for p in sizes},
-            "strategy": "fedasync (polynomial staleness), every version kept",
-            "base_version": "update j names max(0, j - clients) relative to the phase's start",
+            "strategies": args.strategies,
+            "strategy": f"fedasync (polynomial staleness); fedbuff (K = {BUFFER_K}; K = {MEMORY_BUFFER_K} for "
+                        "memory); every version kept",
+            "base_version": "update j names max(0, j - clients) // K relative to the phase's start",
             "dp": DP, "epsilon_cap": EPSILON_CAP, "tiny": args.tiny,
             "mb": "envelope bytes / 1e6",
         },
@@ -616,6 +659,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                       "met": all(r["goal_met"] for r in ratio_rows) if ratio_rows else None},
             "memory": {"goal": f"<= {MEMORY_GOAL}x the update size",
                        "met": all(m["goal_met"] for m in memory) if memory else None},
+            "fedbuff_vs_fedasync": {"goal": "FedBuff end-to-end updates/s >= FedAsync's", "rows": fedbuff_rows,
+                                    "met": all(r["met"] for r in fedbuff_rows) if fedbuff_rows else None},
         },
         "skipped": skipped,
         "wall_seconds": time.perf_counter() - started,
@@ -626,15 +671,32 @@ def main(argv: Sequence[str] | None = None) -> int:
     return 0
 
 
+def _fedbuff_vs_fedasync(throughput: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """FedBuff's end-to-end rate over FedAsync's, per size and database measured with both."""
+    by = {(r["size"], r["database"], r.get("strategy", "fedasync")): r["end_to_end"]["updates_per_s"]
+          for r in throughput}
+    return [
+        {"size": size, "database": db, "fedasync": rate_, "fedbuff": by[(size, db, "fedbuff")],
+         "ratio": by[(size, db, "fedbuff")] / rate_, "met": by[(size, db, "fedbuff")] >= rate_}
+        for (size, db, strategy), rate_ in by.items()
+        if strategy == "fedasync" and (size, db, "fedbuff") in by
+    ]
+
+
 def summary(results: dict[str, Any]) -> str:
-    lines = [f"{'size':>6} {'db':<9} {'floor/s':>9} {'MB/s':>8} {'e2e/s':>9} {'MB/s':>8} {'b/a':>6}"]
+    lines = [f"{'size':>6} {'db':<9} {'strategy':<9} {'floor/s':>9} {'MB/s':>8} {'e2e/s':>9} {'MB/s':>8} {'b/a':>6}"]
     for r in results["throughput"]:
-        lines.append(f"{r['size']:>6} {r['database']:<9} {r['floor']['updates_per_s']:9.2f} "
+        lines.append(f"{r['size']:>6} {r['database']:<9} {r.get('strategy', 'fedasync'):<9} "
+                     f"{r['floor']['updates_per_s']:9.2f} "
                      f"{r['floor']['mb_per_s']:8.1f} {r['end_to_end']['updates_per_s']:9.2f} "
                      f"{r['end_to_end']['mb_per_s']:8.1f} {r['ratio']:6.2f}"
                      + ("" if r["goal_met"] is None else ("  ok" if r["goal_met"] else "  BELOW GOAL")))
+    for f in results["goals"]["fedbuff_vs_fedasync"]["rows"]:
+        lines.append(f"fedbuff / fedasync end-to-end ({f['database']}, {f['size']}): {f['ratio']:.2f}"
+                     + ("  ok" if f["met"] else "  BELOW GOAL"))
     for m in results["memory"]:
-        lines.append(f"peak memory ({m['database']}, {m['size']}): +{m['increase_bytes'] / 1e6:.0f} MB "
+        lines.append(f"peak memory ({m['database']}, {m['size']}, {m.get('strategy', 'fedasync')} "
+                     f"{m.get('step', 'accepted')}): +{m['increase_bytes'] / 1e6:.0f} MB "
                      f"= {m['ratio_to_update']:.2f}x the update" + ("  ok" if m["goal_met"] else "  ABOVE GOAL"))
     lines.append(f"wall time {results['wall_seconds']:.0f} s")
     return "\n".join(lines)

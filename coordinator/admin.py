@@ -18,7 +18,7 @@ from typing import Any
 from sqlalchemy import case, func, select, tuple_
 from sqlalchemy.orm import Session
 
-from coordinator import audit
+from coordinator import audit, buffers
 from coordinator.db import lock_federation
 from coordinator.errors import ApiError, Reason
 from coordinator.models import Federation, ModelVersion, PrivacyCharge, Silo, Update, UpdateStatus
@@ -188,7 +188,7 @@ class FederationInfo:
         return d
 
 
-def _federation_info(fed: Federation) -> FederationInfo:
+def _federation_info(session: Session, fed: Federation) -> FederationInfo:
     return FederationInfo(
         name=fed.name,
         task={"name": fed.task_name, "options": fed.task_options},
@@ -196,7 +196,7 @@ def _federation_info(fed: Federation) -> FederationInfo:
         schema_digest=fed.schema_digest,
         current_version=fed.current_version,
         settings=_effective_settings(fed.settings),
-        buffered_updates=fed.buffer_count,
+        buffered_updates=buffers.count(session, fed.id),
         created_at=fed.created_at,
     )
 
@@ -215,7 +215,7 @@ def _load_federation(session: Session, federation_id: int) -> Federation:
 
 def get_federation(session: Session, *, federation_id: int = 1) -> FederationInfo:
     """The federation: task, schema, current version and effective settings."""
-    return _federation_info(_load_federation(session, federation_id))
+    return _federation_info(session, _load_federation(session, federation_id))
 
 
 def change_settings(
@@ -240,11 +240,12 @@ def change_settings(
         raise ApiError(Reason.INVALID_REQUEST, exc.message) from exc
     changed = {k: {"from": before.get(k), "to": after[k]} for k in sorted(after) if before.get(k) != after[k]}
     if not changed:
-        return _federation_info(fed)
-    if "strategy" in changed and fed.buffer_count > 0:
+        return _federation_info(session, fed)
+    buffered = buffers.count(session, fed.id)
+    if "strategy" in changed and buffered > 0:
         raise ApiError(
             Reason.CONFLICT,
-            f"{fed.buffer_count} update(s) are buffered for FedBuff; change the strategy once the buffer is applied",
+            f"{buffered} update(s) are buffered for FedBuff; change the strategy once the buffer is applied",
         )
     fed.settings = after  # a new dict: JSON columns are not mutation-tracked
     session.flush()
@@ -256,7 +257,7 @@ def change_settings(
         details={"changed": changed, "settings": after},
         now=now,
     )
-    return _federation_info(fed)
+    return _federation_info(session, fed)
 
 
 # -------------------------------------------------------------------------- versions

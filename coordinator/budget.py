@@ -32,8 +32,9 @@ __all__ = [
     "History",
     "budget_report",
     "budgets",
+    "charges",
     "composed_epsilon",
-    "history",
+    "terms",
 ]
 
 # Relative tolerance when comparing the recorded epsilon with a recomputation.
@@ -42,20 +43,15 @@ _EPSILON_RTOL = 1e-6
 History = list[tuple[float, float, int]]  # (noise_multiplier, sample_rate, steps)
 
 
-def history(session: Session, silo_id: str) -> History:
-    """Every accepted run of ``silo_id``, in the order it was charged."""
-    rows = session.execute(
-        select(PrivacyCharge.noise_multiplier, PrivacyCharge.sample_rate, PrivacyCharge.steps)
-        .where(PrivacyCharge.silo_id == silo_id)
-        .order_by(PrivacyCharge.id)
-    )
-    return [(float(n), float(q), int(t)) for n, q, t in rows]
+def terms(history: Sequence[BudgetEntry]) -> History:
+    """The composition terms of a charge history."""
+    return [(h.noise_multiplier, h.sample_rate, h.steps) for h in history]
 
 
-def composed_epsilon(past: Sequence[tuple[float, float, int]], dp: Mapping, *, delta: float, accountant: str) -> float:
-    """Epsilon at ``delta`` of ``past`` plus one more run with the parameters ``dp``."""
+def composed_epsilon(past: Sequence[BudgetEntry], dp: Mapping, *, delta: float, accountant: str) -> float:
+    """Epsilon at ``delta`` of the charges ``past`` plus one more run with the parameters ``dp``."""
     run = (float(dp["noise_multiplier"]), float(dp["sample_rate"]), int(dp["steps"]))
-    return float(epsilon_of([*past, run], delta, accountant=accountant))
+    return float(epsilon_of([*terms(past), run], delta, accountant=accountant))
 
 
 # --------------------------------------------------------------------------- reports
@@ -117,7 +113,9 @@ class BudgetReport:
         return d
 
 
-def _history(session: Session, silo_id: str) -> list[BudgetEntry]:
+def charges(session: Session, silo_id: str) -> list[BudgetEntry]:
+    """Every accepted run of ``silo_id``, in the order it was charged: the one reader of
+    a silo's privacy charges (ingest, the fold, the budget reports and the silo's status)."""
     stmt = select(PrivacyCharge).where(PrivacyCharge.silo_id == silo_id).order_by(PrivacyCharge.id)
     return [
         BudgetEntry(
@@ -139,12 +137,11 @@ def _history(session: Session, silo_id: str) -> list[BudgetEntry]:
 def _recompute(history: list[BudgetEntry], delta: float, accountant: str) -> float:
     if not history:
         return 0.0
-    terms = [(h.noise_multiplier, h.sample_rate, h.steps) for h in history]
-    return float(epsilon_of(terms, delta, accountant=accountant))
+    return float(epsilon_of(terms(history), delta, accountant=accountant))
 
 
 def _report(session: Session, silo: Silo, *, default_accountant: str, with_history: bool) -> BudgetReport:
-    history = _history(session, silo.id)
+    history = charges(session, silo.id)
     accountant = history[-1].accountant if history else default_accountant
     spent = _recompute(history, silo.delta, accountant)
     recorded = max((h.epsilon_after for h in history), default=0.0)

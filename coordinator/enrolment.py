@@ -27,9 +27,9 @@ from privacy.envelope import request_signer, utc_timestamp, verify_request
 from privacy.errors import EnvelopeError, KeyFileError
 from privacy.keys import FINGERPRINT_PATTERN, PublicIdentity, fingerprint, signing_public_from_raw
 
-from . import audit
+from . import audit, budget
 from .errors import ApiError, AuthError, Reason
-from .models import EnrolmentToken, PrivacyCharge, Silo, SiloStatus, Update, UpdateStatus
+from .models import EnrolmentToken, Silo, SiloStatus, Update, UpdateStatus
 
 __all__ = [
     "ACTION_ENROLMENT_REJECTED",
@@ -360,19 +360,7 @@ def touch(session: Session, silo_id: str, now: datetime) -> None:
 
 def silo_status(session: Session, silo: Silo, *, current_version: int, accountant: str) -> dict:
     """The silo's own record at the coordinator (``GET /api/v1/status``)."""
-    charges = list(
-        session.execute(
-            select(
-                PrivacyCharge.update_id,
-                PrivacyCharge.noise_multiplier,
-                PrivacyCharge.sample_rate,
-                PrivacyCharge.steps,
-                PrivacyCharge.epsilon_after,
-            )
-            .where(PrivacyCharge.silo_id == silo.id)
-            .order_by(PrivacyCharge.id)
-        )
-    )
+    charges = budget.charges(session, silo.id)
     accepted = session.scalar(
         select(func.count())
         .select_from(Update)

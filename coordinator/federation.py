@@ -109,9 +109,6 @@ def init_federation(
         schema_digest=schema.digest,
         settings=settings.to_dict(),
         current_version=0,
-        buffer_blob=None,
-        buffer_count=0,
-        buffer_updates=[],
         created_at=now,
     )
     session.add(fed)

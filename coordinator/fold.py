@@ -1,17 +1,29 @@
 """Step 10 of ingest: fold one checked update into the model, exactly once.
 
-Everything happens in ONE database transaction that first locks the federation row
-(``SELECT ... FOR UPDATE`` on PostgreSQL; ``BEGIN IMMEDIATE`` on SQLite), so folds
+Everything is written in ONE database transaction that first locks the federation
+row (``SELECT ... FOR UPDATE`` on PostgreSQL; ``BEGIN IMMEDIATE`` on SQLite), so folds
 from every thread and process take turns and each sees the version the previous one
-wrote. Under the lock the checks that depend on shared state are made again -- the
-update id (a concurrent resend), the silo's status, staleness against the version
-that is current *now*, and the budget with the history as it is *now* (a concurrent
-update of the same silo may just have been charged) -- and only then is anything
-written: the new version (FedAsync, or FedBuff when its buffer is full) or the
-buffer, the update row, the privacy charge, the audit entries, the signed receipt.
+wrote. Under the lock the fold reads as:
+
+1. **snapshot**  the shared state as it is *now* (:func:`coordinator.decisions.snapshot`);
+2. **decide**    the same decisions as ingest made before the lock -- a concurrent resend,
+                 the silo's status, staleness against the current version, the norm
+                 bound, the budget -- recomputing the budget only if a charge landed
+                 since ingest's snapshot (with the PRV accountant that costs seconds);
+3. **compute**   FedAsync's new model, or FedBuff's buffer (:mod:`coordinator.buffers`)
+                 and, when it is full, the new model;
+4. **persist**   the update row and its charge, the version blob, the audit entries
+                 *last* (every appender serializes on the audit head: it is held for
+                 the shortest time, never across a blob write);
+5. **receipt**   signed over the update's audit entry (:func:`_receipt`).
+
+Before the lock: the base version's weights (FedAsync), which are immutable.
 
 A refusal found under the lock is recorded in the same transaction (its one audit
 entry) and raised after the commit.
+
+Crash test hook: with ``FEDSILO_TEST_CRASH_AT=fold`` in its environment the process
+SIGKILLs itself after every write of a fold and before its commit (the kill -9 tests).
 
 The threads of one process queue for the fold on a process-local lock before they
 open their transaction: on SQLite a writer waiting for the database lock gives up
@@ -26,8 +38,8 @@ tensor by tensor as soon as it has been folded in.
 
 from __future__ import annotations
 
-import json
-import math
+import os
+import signal
 import threading
 import time
 import weakref
@@ -44,22 +56,18 @@ from sqlalchemy.orm import Session
 
 from privacy import codec
 from privacy.envelope import SealedUpdate, UpdateHeader, utc_timestamp
-from privacy.errors import PrivacyError
 
-from . import audit, budget, db, receipts, rejections
+from . import audit, buffers, db, decisions, receipts, rejections
+from .decisions import Existing, Snapshot
 from .errors import Reason
-from .federation import StorageCorrupted, prune, record_metrics, settings_of, write_version
-from .models import Federation, PrivacyCharge, Silo, SiloStatus, Update, UpdateStatus
+from .federation import StorageCorrupted, prune, record_metrics, write_version
+from .models import Federation, PrivacyCharge, Silo, Update, UpdateStatus
 from .rejections import Evidence, Refusal, translate
 from .strategies import (
     StrategyError,
     StrategyReason,
-    StrategySettings,
-    check_staleness,
-    check_update_norm,
     fedasync_fold,
     fedasync_weight,
-    fedbuff_accumulate,
     fedbuff_apply,
     fedbuff_weight,
 )
@@ -67,7 +75,7 @@ from .strategies import (
 if TYPE_CHECKING:
     from .context import Coordinator
 
-__all__ = ["ACTION_UPDATE_ACCEPTED", "ACTION_UPDATE_BUFFERED", "Outcome", "Prepared", "commit"]
+__all__ = ["ACTION_UPDATE_ACCEPTED", "ACTION_UPDATE_BUFFERED", "Outcome", "Prepared", "commit", "resent"]
 
 ACTION_UPDATE_ACCEPTED = "update_accepted"
 ACTION_UPDATE_BUFFERED = "update_buffered"
@@ -92,14 +100,40 @@ class Prepared:
     sealed: SealedUpdate
     header: UpdateHeader
     delta: dict[str, torch.Tensor] = field(repr=False)  # consumed (emptied) by the fold
-    epsilon: float  # the composed figure before the lock; the fold recomputes it
-    norm: float | None = None  # the delta's global L2 norm, when the schema check computed it
+    snapshot: Snapshot  # what the checks before the lock decided with
+    epsilon: float  # the composed figure at that snapshot
+    norm: float  # the delta's global L2 norm (the schema check measured it)
+
+
+Tensors = dict[str, torch.Tensor]
+# Weights the fold reads: the tensors, and the buffer they are views of when the fold
+# owns it (loaded for this fold alone: the new version may be written over it).
+Checkout = tuple[Tensors, memoryview | None]
 
 
 @dataclass
 class _Folded:
     outcome: Outcome
-    new_version: tuple[int, str, dict[str, torch.Tensor]] | None = None  # for the cache, after commit
+    new_version: tuple[int, str, Tensors] | None = None  # for the cache, after commit
+
+
+@dataclass
+class _Decided:
+    """What the decisions under the lock settled."""
+
+    snap: Snapshot
+    staleness: int
+    epsilon: float
+
+
+@dataclass
+class _Computed:
+    """The fold's result before it is persisted."""
+
+    weight: float
+    members: list[str]  # the updates this result contains (FedBuff: the buffer's too)
+    new: Tensors | None = None  # the new model, when there is one (else: buffered)
+    blob: memoryview | None = None  # ``new`` as the safetensors buffer it was written into
 
 
 _fold_locks: weakref.WeakKeyDictionary[Engine, threading.Lock] = weakref.WeakKeyDictionary()
@@ -118,15 +152,17 @@ def _process_lock(engine: Engine) -> Iterator[None]:
 def commit(ctx: Coordinator, p: Prepared) -> Outcome:
     """Fold ``p`` in one transaction under the federation lock; raise IngestRejected on refusal."""
     started = time.perf_counter()
+    base = _base_weights(ctx, p)  # immutable: loaded before the lock
     error = None
     with _process_lock(ctx.engine):
         with ctx.transaction() as s:
             fed = db.lock_federation(s, ctx.federation_id)
             now = ctx.clock()  # read under the lock, so times follow the order of the chain
             try:
-                folded = _fold_locked(ctx, s, fed, p, now)
+                folded = _fold_locked(ctx, s, fed, p, base, now)
             except Refusal as refusal:
                 error = rejections.record(s, ctx.identity, ctx.federation_id, p.evidence, refusal, now)
+            _crash_point("fold")
         # Committed: cache the new version before the next fold of this process looks
         # for it (else it would read back from the database what is in memory here).
         if error is None and folded.new_version is not None:
@@ -135,12 +171,134 @@ def commit(ctx: Coordinator, p: Prepared) -> Outcome:
         raise error
     outcome = folded.outcome
     if not outcome.resend:
-        outcome = _with_time(outcome, time.perf_counter() - started)
+        outcome = replace(outcome, fold_seconds=time.perf_counter() - started)
     return outcome
 
 
-def _with_time(outcome: Outcome, seconds: float) -> Outcome:
-    return replace(outcome, fold_seconds=seconds)
+def resent(existing: Existing) -> Outcome:
+    """The answer to a resend of a decided update: its stored decision, nothing new."""
+    if existing.status == UpdateStatus.REJECTED:
+        raise rejections.stored_rejection(existing)
+    body = receipts.render(existing.receipt, existing.receipt_signature)
+    return Outcome(existing.receipt["status"], body, resend=True, version=existing.resulting_version)
+
+
+def _crash_point(name: str) -> None:
+    # Test hook (module docstring): a real SIGKILL at a known instant of the fold.
+    if os.environ.get("FEDSILO_TEST_CRASH_AT") == name:
+        os.kill(os.getpid(), signal.SIGKILL)
+
+
+def _base_weights(ctx: Coordinator, p: Prepared) -> Checkout | None:
+    """FedAsync's base version, loaded before the lock (a version never changes).
+
+    None for FedBuff (it folds deltas alone) and when the base was pruned meanwhile
+    (the decisions under the lock refuse it, or load it there if it is current).
+    """
+    if p.snapshot.settings.strategy != "fedasync":
+        return None
+    with ctx.read() as s:
+        return ctx.cache.checkout(s, ctx.federation_id, p.header.base_version)
+
+
+def _fold_locked(ctx: Coordinator, s: Session, fed: Federation, p: Prepared, base: Checkout | None,
+                 now: datetime) -> _Folded:
+    h = p.header
+    snap = decisions.snapshot(s, fed, silo_id=h.silo_id, update_id=h.update_id, base_version=h.base_version)
+    if decisions.is_resend(snap, silo_id=h.silo_id, envelope_digest=p.sealed.envelope_digest):
+        return _Folded(resent(snap.existing))
+    d = _decide(ctx, p, snap)
+    c = _compute(ctx, s, fed, p, d, base)
+    event, new_version = _persist(ctx, s, fed, p, d, c, now)
+    status = UpdateStatus.ACCEPTED if c.new is not None else UpdateStatus.BUFFERED
+    resulting = d.snap.current_version + 1 if c.new is not None else None
+    receipt, signature = receipts.sign(ctx.identity, _receipt(fed, p, d, c, status, resulting, event, now))
+    row = s.get(Update, h.update_id)
+    row.receipt, row.receipt_signature = receipt, signature
+    s.flush()
+    outcome = Outcome(status.value, receipts.render(receipt, signature), version=resulting or snap.current_version)
+    return _Folded(outcome, new_version)
+
+
+def _decide(ctx: Coordinator, p: Prepared, snap: Snapshot) -> _Decided:
+    """Ingest's decisions again, on the snapshot taken under the lock (nothing written yet)."""
+    decisions.check_silo(snap.silo_status)
+    staleness = p.evidence.staleness = decisions.check_base(snap)
+    decisions.check_norm(snap.settings, p.norm)  # the bound may have been changed meanwhile
+    epsilon = p.epsilon
+    if decisions.needs_budget_recompute(p.snapshot, snap):
+        epsilon = decisions.composed_epsilon(snap, p.header.dp, accountant=ctx.config.accountant)
+    p.evidence.epsilon_computed = epsilon
+    decisions.check_budget(snap, epsilon)
+    return _Decided(snap, staleness, epsilon)
+
+
+# --------------------------------------------------------------------------- compute
+
+
+def _compute(ctx: Coordinator, s: Session, fed: Federation, p: Prepared, d: _Decided,
+             base: Checkout | None) -> _Computed:
+    """The strategy decides what the new model is; this module decides when.
+
+    The new model is written straight into the buffer that gets stored: the current
+    version's own buffer when this fold owns it, else a fresh one.
+    """
+    settings, v, h = d.snap.settings, d.snap.current_version, p.header
+    try:
+        if settings.strategy == "fedasync":
+            return _fedasync(ctx, s, fed, p, d, base)
+        st = buffers.state(s, fed.id)
+        members = [*st.updates, h.update_id]
+        weight = fedbuff_weight(d.staleness)
+        schema = codec.Schema.from_json(fed.schema)
+        if len(members) < settings.buffer_k:
+            buffers.accumulate(s, fed.id, schema, p.delta, d.staleness, st, h.update_id)
+            p.delta.clear()  # summed into the buffer
+            return _Computed(weight, members)
+        current, owned = _current(ctx, s, fed, v, None)
+        blob, new = _output(schema, current, owned)
+        count, lr = len(members), settings.server_lr
+        for batch in buffers.summed(s, fed.id, schema, p.delta, d.staleness, st):
+            for _, name, start, part in batch:
+                stop = start + part.numel()
+                new[name].view(-1)[start:stop].copy_(
+                    fedbuff_apply({name: current[name].reshape(-1)[start:stop]}, {name: part}, count, lr)[name])
+        p.delta.clear()
+        buffers.clear(s, fed.id)
+        return _Computed(weight, members, new, blob)
+    except StrategyError as exc:
+        raise translate(exc) from None
+
+
+def _fedasync(ctx: Coordinator, s: Session, fed: Federation, p: Prepared, d: _Decided,
+              base: Checkout | None) -> _Computed:
+    h, v = p.header, d.snap.current_version
+    if base is None:  # pruned after the check, or the strategy changed: only current can be had
+        base = ctx.cache.checkout(s, fed.id, h.base_version) if h.base_version == v else None
+        if base is None:
+            raise Refusal(Reason.UNKNOWN_BASE_VERSION, f"the weights of base version {h.base_version} were pruned")
+    current, owned = _current(ctx, s, fed, v, base if h.base_version == v else None)
+    weight = fedasync_weight(d.snap.settings, d.staleness)
+    blob, new = _output(codec.Schema.from_json(fed.schema), current, owned)
+    _fold_into(new, lambda c, b, x: fedasync_fold(c, b, x, weight), current, base[0], p.delta, consume=p.delta)
+    return _Computed(weight, [h.update_id], new, blob)
+
+
+def _current(ctx: Coordinator, s: Session, fed: Federation, v: int, same: Checkout | None) -> Checkout:
+    """The current version's weights (``same`` when the base already is the current version)."""
+    checked_out = same or ctx.cache.checkout(s, fed.id, v)
+    if checked_out is None:
+        raise StorageCorrupted(f"the current version {v} has no stored weights")
+    return checked_out
+
+
+def _output(schema: codec.Schema, current: Tensors, owned: memoryview | None) -> tuple[memoryview, Tensors]:
+    """Where the new model is written: over the current version when this fold owns it."""
+    if owned is not None:
+        return owned, current
+    layout = schema.layout()
+    fresh = layout.allocate()
+    return fresh, layout.views(fresh)
 
 
 # Elements per slice when a strategy's result is written into the stored buffer: the
@@ -157,9 +315,9 @@ def _fold_into(
 ) -> None:
     """Write ``strategy(*inputs)`` into ``out``, one slice of each tensor at a time.
 
-    For elementwise strategies (FedAsync, FedBuff's step) this is the same arithmetic
-    on the same elements; inputs that are one tensor (staleness 0: base *is* current)
-    stay one tensor slice by slice, so the strategy still recognizes them. Entries of
+    For elementwise strategies (FedAsync) this is the same arithmetic on the same
+    elements; inputs that are one tensor (staleness 0: base *is* current) stay one
+    tensor slice by slice, so the strategy still recognizes them. Entries of
     ``consume`` are dropped as soon as their tensor is done, to free them early.
     """
     for inp in inputs:
@@ -177,197 +335,96 @@ def _fold_into(
             consume.pop(name, None)
 
 
-def _check_norm(settings: StrategySettings, p: Prepared) -> None:
-    """The update-norm bound as it is *now* (it may have changed since the check).
-
-    The schema check already refused non-finite values and measured the norm; only an
-    update checked without that figure is measured again.
-    """
-    if p.norm is None:
-        check_update_norm(settings, p.delta)
-    elif not math.isfinite(p.norm):  # finite values whose squares overflow (float64)
-        raise StrategyError(StrategyReason.NORM_EXCEEDED, "update has a non-finite norm")
-    elif settings.max_update_norm is not None and p.norm > settings.max_update_norm:
-        raise StrategyError(
-            StrategyReason.NORM_EXCEEDED,
-            f"update norm {p.norm:.6g} exceeds the bound {settings.max_update_norm:.6g}",
-        )
+# --------------------------------------------------------------------------- persist
 
 
-def _fold_locked(ctx: Coordinator, s: Session, fed: Federation, p: Prepared, now: datetime) -> _Folded:
-    h, ev = p.header, p.evidence
-
-    # Re-checks under the lock; nothing has been written yet, so a refusal leaves no trace
-    # but its audit entry.
-    existing = s.get(Update, h.update_id)
-    if existing is not None:
-        if existing.envelope_digest == p.sealed.envelope_digest and existing.silo_id == h.silo_id:
-            if existing.status == UpdateStatus.REJECTED:
-                raise rejections.stored_rejection(existing)
-            body = receipts.render(existing.receipt, existing.receipt_signature)
-            return _Folded(Outcome(existing.receipt["status"], body, resend=True, version=existing.resulting_version))
-        raise Refusal(Reason.REPLAY, f"update id {h.update_id} was already used for a different envelope")
-    silo = s.get(Silo, h.silo_id, populate_existing=True)
-    if silo is None or silo.status != SiloStatus.ACTIVE:
-        raise Refusal(Reason.REVOKED)
-    settings = settings_of(fed)
-    v = fed.current_version
-    staleness = ev.staleness = v - h.base_version
-    try:
-        check_staleness(settings, staleness)
-        _check_norm(settings, p)  # the bound may have been changed meanwhile
-    except StrategyError as exc:
-        raise translate(exc) from None
-    try:
-        epsilon = budget.composed_epsilon(
-            budget.history(s, silo.id), h.dp, delta=silo.delta, accountant=ctx.config.accountant
-        )
-    except PrivacyError as exc:
-        raise translate(exc) from None
-    ev.epsilon_computed = epsilon
-    if epsilon > silo.epsilon_cap:
-        raise Refusal(Reason.BUDGET_EXCEEDED,
-                      f"this update would bring the silo to epsilon {epsilon:.4g}; its cap is {silo.epsilon_cap:.4g}")
-    checked_out = ctx.cache.checkout(s, fed.id, v)
-    if checked_out is None:
-        raise StorageCorrupted(f"the current version {v} has no stored weights")
-    # ``owned``: the current version was not cached and was loaded for this fold alone;
-    # the new version is then written over it (it is not needed afterwards).
-    current, owned = checked_out
-
-    # The strategy decides what the new model is; this module decides when. The new
-    # model is written straight into the buffer that gets stored: the current
-    # version's own buffer when this fold owns it, else a fresh one.
-    layout = codec.Schema.from_json(fed.schema).layout()
-    new: dict[str, torch.Tensor] | None = None
-    blob: memoryview | None = None
-    members = [h.update_id]
-
-    def output() -> tuple[memoryview, dict[str, torch.Tensor]]:
-        if owned is not None:
-            return owned, current
-        fresh = layout.allocate()
-        return fresh, layout.views(fresh)
-
-    try:
-        if settings.strategy == "fedasync":
-            base = current if staleness == 0 else ctx.cache.weights(s, fed.id, h.base_version)
-            if base is None:
-                raise Refusal(Reason.UNKNOWN_BASE_VERSION, f"the weights of base version {h.base_version} were pruned")
-            weight = fedasync_weight(settings, staleness)
-            blob, new = output()
-            _fold_into(new, lambda c, b, d: fedasync_fold(c, b, d, weight), current, base, p.delta,
-                       consume=p.delta)
-        else:
-            weight = fedbuff_weight(staleness)
-            buffer = codec.decode(fed.buffer_blob) if fed.buffer_count and fed.buffer_blob else None
-            buffer = fedbuff_accumulate(buffer, p.delta, staleness)
-            p.delta.clear()  # summed into the buffer
-            members = [*(fed.buffer_updates or []), h.update_id]
-            if len(members) >= settings.buffer_k:
-                count, lr = len(members), settings.server_lr
-                blob, new = output()
-                _fold_into(new, lambda c, b: fedbuff_apply(c, b, count, lr), current, buffer)
-                fed.buffer_blob, fed.buffer_count, fed.buffer_updates = None, 0, []
-            else:
-                fed.buffer_blob, fed.buffer_count, fed.buffer_updates = codec.encode(buffer), len(members), members
-    except StrategyError as exc:
-        raise translate(exc) from None
-
-    # Writes, in foreign-key order: the update row, its charge, the version it produced.
-    status = UpdateStatus.ACCEPTED if new is not None else UpdateStatus.BUFFERED
-    resulting = v + 1 if new is not None else None
-    row = Update(
-        id=h.update_id,
-        silo_id=silo.id,
-        federation_id=fed.id,
-        base_version=h.base_version,
-        header=json.loads(p.sealed.header_bytes),
-        header_bytes=p.sealed.header_bytes,
-        signature=p.sealed.signature,
-        envelope_digest=p.sealed.envelope_digest,
-        payload_digest=h.payload_digest,
-        size=ev.size,
-        num_samples=h.num_samples,
-        status=status.value,
-        staleness=staleness,
-        weight=weight,
-        resulting_version=resulting,
-        epsilon_claimed=h.epsilon_claim,
-        epsilon_computed=epsilon,
-        received_at=ev.received_at,
-        decided_at=now,
-    )
-    s.add(row)
+def _persist(ctx: Coordinator, s: Session, fed: Federation, p: Prepared, d: _Decided, c: _Computed,
+             now: datetime) -> tuple[audit.AuditEvent, tuple[int, str, Tensors] | None]:
+    """Rows in foreign-key order, then the version blob, then the audit entries: the
+    update's own entry last (its receipt names it)."""
+    h, v, settings = p.header, d.snap.current_version, d.snap.settings
+    accepted = c.new is not None
+    resulting = v + 1 if accepted else None
+    s.add(Update.of(
+        p.sealed, h, federation_id=fed.id, size=p.evidence.size, received_at=p.evidence.received_at,
+        decided_at=now, status=UpdateStatus.ACCEPTED if accepted else UpdateStatus.BUFFERED,
+        staleness=d.staleness, weight=c.weight, resulting_version=resulting, epsilon_computed=d.epsilon,
+    ))
     s.flush()
     s.add(PrivacyCharge(
-        silo_id=silo.id,
+        silo_id=h.silo_id,
         update_id=h.update_id,
         noise_multiplier=float(h.dp["noise_multiplier"]),
         sample_rate=float(h.dp["sample_rate"]),
         steps=int(h.dp["steps"]),
         max_grad_norm=float(h.dp["max_grad_norm"]),
-        delta=silo.delta,
-        epsilon_after=epsilon,
+        delta=d.snap.silo_delta,
+        epsilon_after=d.epsilon,
         epsilon_claimed=h.epsilon_claim,
         accountant=ctx.config.accountant,
         created_at=now,
     ))
-    record_metrics(s, fed.id, h.base_version, silo.id, h.metrics)
-    silo.last_seen_at = now
+    record_metrics(s, fed.id, h.base_version, h.silo_id, h.metrics)
+    s.get(Silo, h.silo_id).last_seen_at = now
     s.flush()
+    new_version = None
+    if accepted:
+        if len(c.members) > 1:  # FedBuff: the buffered updates are now folded too
+            s.execute(
+                sql_update(Update)
+                .where(Update.id.in_(c.members[:-1]))
+                .values(status=UpdateStatus.ACCEPTED.value, resulting_version=resulting)
+            )
+        version_row, _ = write_version(
+            s, fed, tensors=c.new, parent=v, produced_by=h.update_id, now=now,
+            details={"strategy": settings.strategy, "updates": c.members}, blob=c.blob,
+        )
+        prune(s, fed, retain=ctx.config.retain_versions, max_staleness=settings.max_staleness, now=now)
+        new_version = (version_row.version, version_row.digest, c.new)
     event = audit.append(
         s,
-        actor=silo.id,
-        action=ACTION_UPDATE_ACCEPTED if new is not None else ACTION_UPDATE_BUFFERED,
+        actor=h.silo_id,
+        action=ACTION_UPDATE_ACCEPTED if accepted else ACTION_UPDATE_BUFFERED,
         subject=f"update:{h.update_id}",
         details={
             "update_id": h.update_id,
             "base_version": h.base_version,
-            "staleness": staleness,
-            "weight": weight,
+            "staleness": d.staleness,
+            "weight": c.weight,
             "resulting_version": resulting,
             "strategy": settings.strategy,
             "num_samples": h.num_samples,
-            "epsilon_computed": epsilon,
+            "epsilon_computed": d.epsilon,
             "epsilon_claimed": h.epsilon_claim,
             "envelope_digest": p.sealed.envelope_digest,
             "payload_digest": h.payload_digest,
         },
         now=now,
     )
-    new_version = None
-    if new is not None:
-        version_row, _ = write_version(
-            s, fed, tensors=new, parent=v, produced_by=h.update_id, now=now,
-            details={"strategy": settings.strategy, "updates": members}, blob=blob,
-        )
-        if len(members) > 1:  # FedBuff: the buffered updates are now folded too
-            s.execute(
-                sql_update(Update)
-                .where(Update.id.in_(members[:-1]))
-                .values(status=UpdateStatus.ACCEPTED.value, resulting_version=resulting)
-            )
-        prune(s, fed, retain=ctx.config.retain_versions, max_staleness=settings.max_staleness, now=now)
-        new_version = (version_row.version, version_row.digest, new)
+    return event, new_version
 
-    receipt, signature = receipts.sign(ctx.identity, {
+
+# --------------------------------------------------------------------------- receipt
+
+
+def _receipt(fed: Federation, p: Prepared, d: _Decided, c: _Computed, status: UpdateStatus,
+             resulting: int | None, event: audit.AuditEvent, now: datetime) -> dict:
+    """The fields of an accepted or buffered update's receipt (the one place they are listed)."""
+    h = p.header
+    return {
         "update_id": h.update_id,
-        "silo_id": silo.id,
+        "silo_id": h.silo_id,
         "federation": fed.name,
         "status": status.value,
         "base_version": h.base_version,
         "resulting_version": resulting,
-        "staleness": staleness,
-        "weight": weight,
-        "epsilon_computed": epsilon,
+        "staleness": d.staleness,
+        "weight": c.weight,
+        "epsilon_computed": d.epsilon,
         "epsilon_claimed": h.epsilon_claim,
         "envelope_digest": p.sealed.envelope_digest,
         "payload_digest": h.payload_digest,
         "audit_seq": event.seq,
         "audit_hash": event.hash,
         "issued_at": utc_timestamp(now),
-    })
-    row.receipt, row.receipt_signature = receipt, signature
-    s.flush()
-    return _Folded(Outcome(status.value, receipts.render(receipt, signature), version=resulting or v), new_version)
+    }

@@ -11,7 +11,11 @@
      8  decode + schema  safetensors; names, shapes, dtypes, all finite, norm bound
      9  budget           the silo's composed epsilon with this update <= its cap
     10  fold             :func:`coordinator.fold.commit`: one transaction under the
-                         federation lock, which re-checks 5, 6 and 9
+                         federation lock, which re-checks 3, 5, 6, the norm bound and 9
+
+The checks that depend on shared state (3, 5, 6, the norm bound, 9) are the pure
+functions of :mod:`coordinator.decisions`, applied to one snapshot read here; the fold
+reads a fresh snapshot under the lock and applies the same functions.
 
 Steps 2-9 run in a worker thread bounded by ``ctx.ingest_limiter`` (several updates
 at once, the event loop never blocks on crypto or SQL); step 10 in a thread bounded by
@@ -25,25 +29,23 @@ from __future__ import annotations
 
 import functools
 from collections.abc import AsyncIterator
-from datetime import datetime, timedelta
+from datetime import datetime
 
 from anyio import to_thread
 
 from privacy import codec
 from privacy.accounting import ACCOUNTANTS
-from privacy.envelope import SealedUpdate, parse_timestamp, parse_update
+from privacy.envelope import SealedUpdate, parse_update
 from privacy.errors import PrivacyError
 from privacy.errors import Reason as PrivacyReason
 from privacy.keys import signing_public_from_raw
 
-from . import budget, federation, fold, receipts, rejections
+from . import decisions, fold, rejections
 from .context import Coordinator
 from .errors import IngestRejected, Reason
-from .federation import settings_of
-from .fold import Outcome, Prepared
-from .models import Federation, Silo, SiloStatus, Update, UpdateStatus
+from .fold import Outcome, Prepared, resent
+from .models import Federation
 from .rejections import Evidence, Refusal, translate
-from .strategies import StrategyError, check_staleness
 
 __all__ = ["Outcome", "Prepared", "check", "ingest", "read_envelope"]
 
@@ -147,12 +149,9 @@ def _check(ctx: Coordinator, body: bytes | bytearray, ev: Evidence) -> Prepared 
 
     # 3. silo known and active ---------------------------------------------------------
     with ctx.read() as s:
-        silo = s.get(Silo, sealed.signer_id)
-        if silo is None or silo.signing_key is None:
-            raise Refusal(Reason.UNKNOWN_SILO, f"no enrolled silo has the id {sealed.signer_id!r}")
-        if silo.status == SiloStatus.REVOKED:
-            raise Refusal(Reason.REVOKED)
-        signing_key, epsilon_cap, silo_delta = silo.signing_key, silo.epsilon_cap, silo.delta
+        silo = decisions.enrolled_silo(s, sealed.signer_id)
+        status, signing_key = (silo.status, silo.signing_key) if silo is not None else (None, None)
+    decisions.check_silo(status)
 
     # 4. signature, then the header ----------------------------------------------------
     try:
@@ -164,41 +163,21 @@ def _check(ctx: Coordinator, body: bytes | bytearray, ev: Evidence) -> Prepared 
     if header.payload_kind != "delta":
         raise Refusal(Reason.UNSUPPORTED_VERSION, f"payload kind {header.payload_kind!r} is not supported")
 
-    # 5. replay ------------------------------------------------------------------------
+    # The shared state the later checks read, at one instant (the fold reads it again).
     with ctx.read() as s:
-        existing = s.get(Update, header.update_id)
-        if existing is not None:
-            if existing.envelope_digest == sealed.envelope_digest and existing.silo_id == silo.id:
-                if existing.status == UpdateStatus.REJECTED:
-                    raise rejections.stored_rejection(existing)
-                return Outcome(existing.receipt["status"], receipts.render(existing.receipt, existing.receipt_signature),
-                               resend=True, version=existing.resulting_version)
-            raise Refusal(Reason.REPLAY, f"update id {header.update_id} was already used for a different envelope")
-        now = ctx.clock()
-        created = parse_timestamp(header.created_at)
-        if created < now - timedelta(seconds=cfg.max_update_age_seconds):
-            raise Refusal(Reason.REPLAY, f"created_at {header.created_at} is older than the accepted window")
-        if created > now + timedelta(seconds=cfg.max_clock_skew_seconds):
-            raise Refusal(Reason.REPLAY, f"created_at {header.created_at} is in the future")
-
-        # 6. base version known, staleness within the bound ------------------------------
         fed = s.get(Federation, ctx.federation_id)
-        settings = settings_of(fed)
-        # Existence and retention only: never load a blob just to look at it.
-        base = federation.version_state(s, fed.id, header.base_version)
-        if base is None or header.base_version > fed.current_version:
-            raise Refusal(Reason.UNKNOWN_BASE_VERSION,
-                          f"base version {header.base_version} is not known (current: {fed.current_version})")
-        ev.staleness = fed.current_version - header.base_version
-        try:
-            check_staleness(settings, ev.staleness)
-        except StrategyError as exc:
-            raise translate(exc) from None
-        if settings.strategy == "fedasync" and not base.retained:
-            raise Refusal(Reason.UNKNOWN_BASE_VERSION, f"the weights of base version {header.base_version} were pruned")
-        schema = codec.Schema.from_json(fed.schema)
-        schema_digest = fed.schema_digest
-        past = budget.history(s, silo.id)
+        snap = decisions.snapshot(s, fed, silo_id=header.silo_id, update_id=header.update_id,
+                                  base_version=header.base_version)
+        schema, schema_digest = codec.Schema.from_json(fed.schema), fed.schema_digest
+
+    # 5. replay ------------------------------------------------------------------------
+    if decisions.is_resend(snap, silo_id=header.silo_id, envelope_digest=sealed.envelope_digest):
+        return resent(snap.existing)
+    decisions.check_fresh(header.created_at, ctx.clock(), max_age_seconds=cfg.max_update_age_seconds,
+                          max_skew_seconds=cfg.max_clock_skew_seconds)
+
+    # 6. base version known, staleness within the bound --------------------------------
+    ev.staleness = decisions.check_base(snap)
 
     # 7. decrypt -----------------------------------------------------------------------
     try:
@@ -207,26 +186,21 @@ def _check(ctx: Coordinator, body: bytes | bytearray, ev: Evidence) -> Prepared 
         raise translate(exc) from None
     _release(body, sealed)
 
-    # 8. decode and schema check -------------------------------------------------------
+    # 8. decode and schema check, norm bound -------------------------------------------
     if header.schema_digest != schema_digest:
         raise Refusal(Reason.SCHEMA_MISMATCH, "the header's schema digest is not this federation's")
     try:
         delta = codec.decode(payload)
         del payload  # the tensors own copies now; let the plaintext go
-        norm = schema.check(delta, max_norm=settings.max_update_norm)
+        norm = schema.check(delta)
     except PrivacyError as exc:
         raise translate(exc) from None
+    decisions.check_norm(snap.settings, norm)
 
     # 9. budget ------------------------------------------------------------------------
     if header.accountant not in ACCOUNTANTS:
         raise Refusal(Reason.INVALID_DP_PARAMETERS, f"unknown accountant {header.accountant!r}")
-    try:
-        epsilon = budget.composed_epsilon(past, header.dp, delta=silo_delta, accountant=cfg.accountant)
-    except PrivacyError as exc:
-        raise translate(exc) from None
-    ev.epsilon_computed = epsilon
-    if epsilon > epsilon_cap:
-        raise Refusal(Reason.BUDGET_EXCEEDED,
-                      f"this update would bring the silo to epsilon {epsilon:.4g}; its cap is {epsilon_cap:.4g}")
+    epsilon = ev.epsilon_computed = decisions.composed_epsilon(snap, header.dp, accountant=cfg.accountant)
+    decisions.check_budget(snap, epsilon)
 
-    return Prepared(evidence=ev, sealed=sealed, header=header, delta=delta, epsilon=epsilon, norm=norm)
+    return Prepared(evidence=ev, sealed=sealed, header=header, delta=delta, snapshot=snap, epsilon=epsilon, norm=norm)

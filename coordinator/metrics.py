@@ -46,7 +46,7 @@ from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import Route
 
-from coordinator import db
+from coordinator import buffers, db
 from coordinator.models import AuditHead, Federation, Silo, SiloStatus, Update, UpdateStatus
 
 __all__ = ["FOLD_BUCKETS", "OUTCOMES", "DatabaseCollector", "Metrics"]
@@ -90,9 +90,8 @@ class DatabaseCollector(Collector):
                 .where(Update.federation_id == fid)
                 .group_by(Update.status, Update.reason)
             ).all()
-            fed = s.execute(
-                select(Federation.current_version, Federation.buffer_count).where(Federation.id == fid)
-            ).one_or_none()
+            fed = s.execute(select(Federation.current_version).where(Federation.id == fid)).one_or_none()
+            buffered_count = buffers.count(s, fid)
             silos = s.execute(
                 select(Silo.status, func.count()).where(Silo.federation_id == fid).group_by(Silo.status)
             ).all()
@@ -114,7 +113,7 @@ class DatabaseCollector(Collector):
             version = GaugeMetricFamily("fedsilo_model_version", "Current global model version")
             version.add_metric([], fed.current_version)
             buffered = GaugeMetricFamily("fedsilo_fedbuff_buffered_updates", "Deltas waiting in the FedBuff buffer")
-            buffered.add_metric([], fed.buffer_count)
+            buffered.add_metric([], buffered_count)
             out += [version, buffered]
         by_status = GaugeMetricFamily("fedsilo_silos", "Silos by status", labels=["status"])
         counted = dict(silos)

@@ -17,9 +17,10 @@ that these models and the migrations agree.
 
 from __future__ import annotations
 
+import json
 from datetime import UTC, datetime
 from enum import StrEnum
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from sqlalchemy import (
     JSON,
@@ -39,12 +40,17 @@ from sqlalchemy import (
 )
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship
 
+if TYPE_CHECKING:
+    from privacy.envelope import SealedUpdate, UpdateHeader
+
 __all__ = [
     "ApiToken",
     "AuditEvent",
     "AuditHead",
     "Base",
     "EnrolmentToken",
+    "FedBuffBuffer",
+    "FedBuffSlice",
     "Federation",
     "ModelVersion",
     "PrivacyCharge",
@@ -147,12 +153,31 @@ class Federation(Base):
     # buffer_k, server_lr, max_update_norm, accountant, max_update_bytes, ...
     settings: Mapped[dict[str, Any]] = mapped_column(default=dict)
     current_version: Mapped[int] = mapped_column(default=0)
-    # FedBuff's running weighted sum of deltas (safetensors) and the ids in it;
-    # kept in this row so that the federation lock covers them.
-    buffer_blob: Mapped[bytes | None] = mapped_column(LargeBinary)
-    buffer_count: Mapped[int] = mapped_column(default=0)
-    buffer_updates: Mapped[list[Any]] = mapped_column(default=list)
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
+
+
+class FedBuffBuffer(Base):
+    """FedBuff's buffer of a federation: what its sum holds (``coordinator.buffers``)."""
+
+    __tablename__ = "fedbuff_buffers"
+    __table_args__ = (CheckConstraint("kind IN ('float', 'int')", name="kind"),)
+
+    federation_id: Mapped[int] = mapped_column(ForeignKey("federations.id"), primary_key=True)
+    kind: Mapped[str] = mapped_column(String(8), default="float")  # float sum | int sum mod 2**modulus_bits
+    modulus_bits: Mapped[int | None]
+    count: Mapped[int] = mapped_column(default=0)
+    updates: Mapped[list[Any]] = mapped_column(default=list)  # ids summed so far, in arrival order
+
+
+class FedBuffSlice(Base):
+    """One slice of a FedBuff sum: raw elements ``[start, start + n)`` of one tensor."""
+
+    __tablename__ = "fedbuff_slices"
+
+    federation_id: Mapped[int] = mapped_column(ForeignKey("fedbuff_buffers.federation_id"), primary_key=True)
+    tensor: Mapped[int] = mapped_column(primary_key=True, autoincrement=False)  # index in the schema's order
+    start: Mapped[int] = mapped_column(BigInt, primary_key=True, autoincrement=False)  # first element
+    data: Mapped[bytes] = mapped_column(LargeBinary)
 
 
 class ModelVersion(Base):
@@ -245,6 +270,33 @@ class Update(Base):
 
     silo: Mapped[Silo] = relationship()
     federation: Mapped[Federation] = relationship()
+
+    @classmethod
+    def of(cls, sealed: SealedUpdate, h: UpdateHeader, *, federation_id: int, size: int, received_at: datetime,
+           decided_at: datetime, status: UpdateStatus, **decision: Any) -> Update:
+        """The row of one signed envelope and what was decided about it (the one place it is built).
+
+        ``decision``: ``reason``, ``staleness``, ``weight``, ``resulting_version``,
+        ``epsilon_computed`` -- whichever the decision produced.
+        """
+        return cls(
+            id=h.update_id,
+            silo_id=sealed.signer_id,  # the verified signer: the header's silo id
+            federation_id=federation_id,
+            base_version=h.base_version,
+            header=json.loads(sealed.header_bytes),
+            header_bytes=sealed.header_bytes,
+            signature=sealed.signature,
+            envelope_digest=sealed.envelope_digest,
+            payload_digest=h.payload_digest,
+            size=size,
+            num_samples=h.num_samples,
+            status=status.value,
+            epsilon_claimed=h.epsilon_claim,
+            received_at=received_at,
+            decided_at=decided_at,
+            **decision,
+        )
 
 
 class PrivacyCharge(Base):

@@ -45,6 +45,7 @@ __all__ = [
     "fedbuff_weight",
     "fedbuff_accumulate",
     "fedbuff_apply",
+    "modular_accumulate",
     "fedavg",
     "update_norm",
     "check_staleness",
@@ -386,6 +387,37 @@ def fedbuff_apply(
         if inplace:
             return {name: cur.add_(buffer_sum[name], alpha=step) for name, cur in current.items()}
         return {name: torch.add(cur, buffer_sum[name], alpha=step) for name, cur in current.items()}
+
+
+def modular_accumulate(
+    buffer_sum: Tensors | None, shares: Mapping[str, torch.Tensor], weight: int, bits: int,
+) -> Tensors:
+    """Add ``weight * shares`` to ``buffer_sum`` modulo ``2**bits`` and return it.
+
+    The integer kind of FedBuff buffer (``coordinator.buffers``), for secure
+    aggregation: masked shares are summed exactly, in int64 two's complement, and
+    reduced to ``[0, 2**bits)``. With integer weights the sum of shares opens to the
+    weighted sum of inputs as long as that stays below ``2**(bits-1)`` in magnitude.
+    ``None`` starts a new sum; an existing one is updated in place.
+    """
+    if not _is_int(bits) or not 1 <= bits <= 62:
+        raise StrategyError(StrategyReason.INVALID_ARGUMENT, f"bits must be an integer in [1, 62], not {bits!r}")
+    if not _is_int(weight):
+        raise StrategyError(StrategyReason.INVALID_ARGUMENT, f"weight must be an integer, not {weight!r}")
+    for name, t in shares.items():
+        if t.dtype != torch.int64:
+            raise StrategyError(StrategyReason.MISMATCHED_TENSORS, f"share {name!r} is {t.dtype}, not int64")
+    mask = (1 << bits) - 1
+    w = int(weight) & mask  # the weight modulo 2**bits (a negative weight wraps, as it must)
+    with torch.no_grad():
+        if buffer_sum is None:
+            return {name: (t & mask).mul_(w).bitwise_and_(mask) for name, t in shares.items()}
+        _check_like(buffer_sum, shares, "shares")
+        for name, t in shares.items():
+            # Each operand is < 2**bits <= 2**62; (t & mask) * w may wrap int64, but
+            # wrapping is modulo 2**64, and 2**bits divides 2**64: the low bits are exact.
+            buffer_sum[name].add_((t & mask).mul_(w)).bitwise_and_(mask)
+    return buffer_sum
 
 
 # --- FedAvg (benchmarks only) --------------------------------------------------------

@@ -34,22 +34,28 @@ def test_tiny_run_reports_finite_figures_and_a_plot(database: str, tmp_path: Pat
     data = json.loads((tmp_path / "ingest.json").read_text())
 
     assert data["skipped"] == []
-    (row,) = data["throughput"]
-    assert row["database"] == database and row["parameters"] > 0 and row["envelope_bytes"] > 0
-    for phase in ("floor", "end_to_end"):
-        figures = row[phase]
-        assert figures["updates"] == data["config"]["updates"], phase
-        for key in ("seconds", "updates_per_s", "mb_per_s"):
-            assert finite(figures[key]) and figures[key] > 0, (phase, key)
-    assert row["ratio"] == pytest.approx(row["end_to_end"]["updates_per_s"] / row["floor"]["updates_per_s"])
-    assert row["goal"] is None and row["goal_met"] is None  # the goal is for 1M parameters and up
+    assert [r["strategy"] for r in data["throughput"]] == ["fedasync", "fedbuff"]
+    for row in data["throughput"]:
+        assert row["database"] == database and row["parameters"] > 0 and row["envelope_bytes"] > 0
+        for phase in ("floor", "end_to_end"):
+            figures = row[phase]
+            assert figures["updates"] == data["config"]["updates"], phase
+            for key in ("seconds", "updates_per_s", "mb_per_s"):
+                assert finite(figures[key]) and figures[key] > 0, (phase, key)
+        assert row["ratio"] == pytest.approx(row["end_to_end"]["updates_per_s"] / row["floor"]["updates_per_s"])
+        assert row["goal"] is None and row["goal_met"] is None  # the goal is for 1M parameters and up
+    (versus,) = data["goals"]["fedbuff_vs_fedasync"]["rows"]
+    assert versus["ratio"] == pytest.approx(versus["fedbuff"] / versus["fedasync"])
 
-    (memory,) = data["memory"]
-    assert memory["database"] == database and memory["envelope_bytes"] > 0
-    for key in ("rss_before_bytes", "peak_rss_bytes", "increase_bytes", "ratio_to_update", "seconds"):
-        assert finite(memory[key]), key
-    assert memory["peak_rss_bytes"] >= memory["rss_before_bytes"]
-    assert memory["goal_met"] == (memory["ratio_to_update"] <= memory["goal"])
+    # FedAsync: one update; FedBuff (K = 2): one summed into the buffer, one applying it.
+    assert [(m["strategy"], m["step"]) for m in data["memory"]] == [
+        ("fedasync", "accepted"), ("fedbuff", "buffered"), ("fedbuff", "accepted")]
+    for memory in data["memory"]:
+        assert memory["database"] == database and memory["envelope_bytes"] > 0
+        for key in ("rss_before_bytes", "peak_rss_bytes", "increase_bytes", "ratio_to_update", "seconds"):
+            assert finite(memory[key]), key
+        assert memory["peak_rss_bytes"] >= memory["rss_before_bytes"]
+        assert memory["goal_met"] == (memory["ratio_to_update"] <= memory["goal"])
 
     assert data["machine"]["cpu_count"] >= 1 and data["machine"]["torch"]
     png = tmp_path / "ingest.png"

@@ -17,7 +17,7 @@ from sqlalchemy import select
 from coordinator import admin, audit, budget, enrolment, federation
 from coordinator.db import lock_federation, transaction
 from coordinator.errors import ApiError, Reason
-from coordinator.models import AuditEvent, Federation, ModelVersion, PrivacyCharge, Update
+from coordinator.models import AuditEvent, FedBuffBuffer, Federation, ModelVersion, PrivacyCharge, Update
 from coordinator.strategies import StrategySettings
 from privacy import accounting
 from privacy.envelope import verify_release
@@ -129,8 +129,7 @@ def test_noop_change_writes_no_entry_and_buffered_deltas_block_a_strategy_switch
     assert _entries(engine, admin.ACTION_SETTINGS_CHANGED) == []
     with transaction(engine) as s:
         admin.change_settings(s, {"strategy": "fedbuff"}, actor="token:ops", now=T0)
-        fed = s.get(Federation, 1)
-        fed.buffer_count, fed.buffer_updates = 2, ["u1", "u2"]
+        s.add(FedBuffBuffer(federation_id=1, kind="float", count=2, updates=["u1", "u2"]))
     with pytest.raises(ApiError) as exc, transaction(engine) as s:
         admin.change_settings(s, {"strategy": "fedasync"}, actor="token:ops", now=T0)
     assert exc.value.reason is Reason.CONFLICT

@@ -31,7 +31,7 @@ from coordinator.models import Base
 
 APP_TABLES = {
     "federations", "model_versions", "silos", "enrolment_tokens", "updates",
-    "privacy_charges", "audit_events", "audit_head", "api_tokens",
+    "privacy_charges", "audit_events", "audit_head", "api_tokens", "fedbuff_buffers", "fedbuff_slices",
 }
 T0 = datetime(2026, 11, 21, 10, 0, tzinfo=UTC)
 INI = Path(migrations.__file__).parent / "alembic.ini"
@@ -46,7 +46,7 @@ def test_upgrade_downgrade_upgrade(db_url: str) -> None:
     try:
         assert current_revision(engine) is None
         upgrade(db_url)
-        assert current_revision(engine) == head_revision() == "0003"
+        assert current_revision(engine) == head_revision() == "0004"
         assert APP_TABLES <= _tables(engine)
         with transaction(engine) as s:
             assert audit.get_head(s) == (0, audit.GENESIS_HASH)
@@ -63,7 +63,7 @@ def test_upgrade_downgrade_upgrade(db_url: str) -> None:
 
         upgrade(db_url)
         upgrade(db_url)  # at head: nothing to do
-        assert current_revision(engine) == "0003"
+        assert current_revision(engine) == "0004"
         with transaction(engine) as s:
             assert audit.get_head(s) == (0, audit.GENESIS_HASH)
     finally:
@@ -121,7 +121,7 @@ def test_concurrent_upgrades_from_several_processes(db_url: str) -> None:
     assert [p.returncode for p in procs] == [0, 0, 0], errors
     engine = make_engine(db_url)
     try:
-        assert current_revision(engine) == "0003"
+        assert current_revision(engine) == "0004"
         with transaction(engine) as s:
             assert audit.get_head(s) == (0, audit.GENESIS_HASH)
     finally:
@@ -140,7 +140,7 @@ def test_packaged_alembic_ini_works_from_any_directory(sqlite_url: str, tmp_path
     )
     engine = make_engine(sqlite_url)
     try:
-        assert current_revision(engine) == "0003"
+        assert current_revision(engine) == "0004"
     finally:
         engine.dispose()
 
@@ -198,11 +198,62 @@ def test_postgres_stores_model_blobs_uncompressed_out_of_line(postgres_url: str)
             ).all()
         return dict(rows)
 
-    upgrade(postgres_url)
+    upgrade(postgres_url, "0003")
     engine = make_engine(postgres_url)
     try:
         assert storage() == {"model_versions.blob": "e", "federations.buffer_blob": "e"}
         downgrade(postgres_url, "0002")
         assert storage() == {"model_versions.blob": "x", "federations.buffer_blob": "x"}
+    finally:
+        engine.dispose()
+
+
+def test_a_fedbuff_buffer_in_progress_moves_to_its_own_tables_and_back(db_url: str) -> None:
+    # Migration 0004: the buffer leaves the federation row; a sum in progress (two
+    # updates buffered) is carried over exactly, and back on downgrade.
+    import json
+
+    import torch
+    from safetensors.torch import load as st_load
+    from safetensors.torch import save as st_save
+
+    from coordinator import buffers
+
+    schema = [{"name": "w", "shape": [3, 700_000], "dtype": "float32"}, {"name": "b", "shape": [3], "dtype": "float32"}]
+    g = torch.Generator().manual_seed(0)
+    total = {"w": torch.randn(3, 700_000, generator=g), "b": torch.randn(3, generator=g)}
+    upgrade(db_url, "0003")
+    engine = make_engine(db_url)
+    try:
+        fed = sa.table("federations", sa.column("id"), sa.column("name"), sa.column("task_name"),
+                       sa.column("task_options", sa.JSON()), sa.column("schema", sa.JSON()),
+                       sa.column("schema_digest"), sa.column("settings", sa.JSON()), sa.column("current_version"),
+                       sa.column("buffer_blob", sa.LargeBinary()), sa.column("buffer_count"),
+                       sa.column("buffer_updates", sa.JSON()), sa.column("created_at", sa.DateTime(timezone=True)))
+        with engine.begin() as conn:
+            conn.execute(fed.insert().values(id=1, name="f", task_name="t", task_options={}, schema=schema,
+                                             schema_digest="d", settings={}, current_version=0,
+                                             buffer_blob=st_save(total), buffer_count=2, buffer_updates=["u1", "u2"],
+                                             created_at=T0))
+        upgrade(db_url)
+        assert {"buffer_blob", "buffer_count", "buffer_updates"}.isdisjoint(
+            c["name"] for c in sa.inspect(engine).get_columns("federations"))
+        with transaction(engine) as s:
+            assert buffers.state(s, 1) == buffers.BufferState(2, ("u1", "u2"))
+            assert buffers.count(s, 1) == 2
+            from coordinator.models import FedBuffSlice
+
+            rows = s.execute(sa.select(FedBuffSlice.tensor, FedBuffSlice.start, FedBuffSlice.data)
+                             .order_by(FedBuffSlice.tensor, FedBuffSlice.start)).all()
+        assert [(t, start) for t, start, _ in rows] == [(0, 0), (0, 1 << 20), (0, 2 << 20), (1, 0)]
+        flat_w = torch.cat([torch.frombuffer(bytearray(d), dtype=torch.float32) for t, _, d in rows if t == 0])
+        assert torch.equal(flat_w, total["w"].reshape(-1))
+        downgrade(db_url, "0003")
+        with engine.connect() as conn:
+            blob, count, updates = conn.execute(
+                sa.select(fed.c.buffer_blob, fed.c.buffer_count, fed.c.buffer_updates)).one()
+        back = st_load(bytes(blob))
+        assert count == 2 and (json.loads(updates) if isinstance(updates, str) else updates) == ["u1", "u2"]
+        assert all(torch.equal(back[k], total[k]) for k in total)
     finally:
         engine.dispose()

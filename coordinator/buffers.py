@@ -1,0 +1,159 @@
+"""FedBuff's buffer: the running sum of weighted deltas, stored apart from the federation.
+
+Two tables (migration 0004):
+
+``fedbuff_buffers``  one row per federation: ``kind``, ``modulus_bits``, ``count`` and
+                     ``updates`` (the ids summed so far, in arrival order).
+``fedbuff_slices``   the sum itself, one row per slice of a tensor: ``(federation_id,
+                     tensor, start)`` -> ``data``, the raw little-endian elements
+                     ``[start, start + n)`` of tensor number ``tensor`` (schema order).
+
+The sum is read and written only by the fold, under the federation lock; nothing
+else ever loads it (its count is public: admin and metrics show it). An empty
+buffer has no slice rows.
+
+Why slices: accumulating one update touches every element of the sum, but never
+needs the whole sum in memory nor re-encoded. Each slice is read, added to in
+place (:func:`coordinator.strategies.fedbuff_accumulate`) and written back -- one
+slice of scratch memory, whatever the model's size, and the same code on both
+databases: PostgreSQL can't overwrite part of a bytea in place (MVCC writes a new
+row version anyway), and on SQLite rewriting a row of one slice costs the pages of
+that slice, as incremental blob I/O would.
+
+Kinds of sum:
+
+``float``  the weighted deltas summed in the schema's dtypes (FedBuff, today).
+``int``    (reserved for secure aggregation; not written yet) integers modulo
+           ``2**modulus_bits``, stored as int64 elements -- two's complement, so
+           a wrapped sum keeps its low bits. Summed with
+           :func:`coordinator.strategies.modular_accumulate`; the slice layout and the
+           exactly-once rules are the same.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass
+
+import torch
+from sqlalchemy import delete, insert, select, tuple_, update
+from sqlalchemy.orm import Session
+
+from privacy import codec
+
+from .federation import StorageCorrupted
+from .models import FedBuffBuffer, FedBuffSlice
+from .strategies import fedbuff_accumulate
+
+__all__ = ["KIND_FLOAT", "KIND_INT", "SLICE", "BufferState", "accumulate", "clear", "count", "state", "summed"]
+
+KIND_FLOAT, KIND_INT = "float", "int"
+#: Elements per stored slice (4 MiB of float32).
+SLICE = 1 << 20
+
+
+@dataclass(frozen=True)
+class BufferState:
+    """A buffer's bookkeeping without its sum."""
+
+    count: int
+    updates: tuple[str, ...]
+
+
+def count(session: Session, federation_id: int) -> int:
+    """How many updates the buffer holds (0 for none); safe outside the fold lock."""
+    return int(session.scalar(select(FedBuffBuffer.count).where(FedBuffBuffer.federation_id == federation_id)) or 0)
+
+
+def state(session: Session, federation_id: int) -> BufferState:
+    """The buffer's count and update ids (call under the fold lock)."""
+    row = session.get(FedBuffBuffer, federation_id, populate_existing=True)
+    return BufferState(0, ()) if row is None else BufferState(row.count, tuple(row.updates or ()))
+
+
+def _batches(schema: codec.Schema) -> Iterator[list[tuple[int, str, int, int]]]:
+    """The slices of the sum, ``(tensor index, name, start, stop)`` in storage order, in
+    batches of at most :data:`SLICE` elements: one query reads (or writes) a batch, so
+    small tensors share a round trip and scratch memory stays one slice's worth."""
+    batch: list[tuple[int, str, int, int]] = []
+    size = 0
+    for index, spec in enumerate(schema.tensors):
+        n = spec.numel()
+        for start in range(0, n, SLICE):
+            stop = min(start + SLICE, n)
+            if batch and size + stop - start > SLICE:
+                yield batch
+                batch, size = [], 0
+            batch.append((index, spec.name, start, stop))
+            size += stop - start
+    if batch:
+        yield batch
+
+
+def _read(session: Session, federation_id: int, keys: list[tuple[int, int]]) -> dict[tuple[int, int], bytes]:
+    rows = session.execute(
+        select(FedBuffSlice.tensor, FedBuffSlice.start, FedBuffSlice.data).where(
+            FedBuffSlice.federation_id == federation_id, tuple_(FedBuffSlice.tensor, FedBuffSlice.start).in_(keys))
+    )
+    return {(int(t), int(start)): data for t, start, data in rows}
+
+
+def summed(
+    session: Session, federation_id: int, schema: codec.Schema, delta: Mapping[str, torch.Tensor],
+    staleness: int, st: BufferState,
+) -> Iterator[list[tuple[int, str, int, torch.Tensor]]]:
+    """``stored sum + fedbuff_weight(staleness) * delta``, batch by batch, in storage order.
+
+    ``st`` is the buffer's state (:func:`state`), read under the same lock. Yields
+    lists of (tensor index, tensor name, start, flat slice of the new sum); nothing is
+    written. An empty buffer is the zero sum.
+    """
+    for batch in _batches(schema):
+        stored = {} if st.count == 0 else _read(session, federation_id, [(i, start) for i, _, start, _ in batch])
+        out = []
+        for index, name, start, stop in batch:
+            part = {name: delta[name].reshape(-1)[start:stop]}
+            data = stored.pop((index, start), None)
+            if data is None:
+                if st.count:
+                    raise StorageCorrupted(f"the FedBuff sum has no slice ({index}, {start})")
+                total = fedbuff_accumulate(None, part, staleness)
+            else:
+                base = torch.frombuffer(bytearray(data), dtype=part[name].dtype)
+                if base.numel() != stop - start:
+                    raise StorageCorrupted(f"FedBuff slice ({index}, {start}) has {base.numel()} elements, "
+                                           f"not {stop - start}")
+                total = fedbuff_accumulate({name: base}, part, staleness)
+            out.append((index, name, start, total[name]))
+        yield out
+
+
+def accumulate(
+    session: Session, federation_id: int, schema: codec.Schema, delta: Mapping[str, torch.Tensor],
+    staleness: int, st: BufferState, update_id: str,
+) -> BufferState:
+    """Add one weighted delta to the stored sum (state ``st``), batch by batch; record its id."""
+    after = BufferState(st.count + 1, (*st.updates, update_id))
+    _set(session, federation_id, after)
+    session.flush()  # the buffer row first: the slices refer to it
+    for batch in summed(session, federation_id, schema, delta, staleness, st):
+        rows = [{"federation_id": federation_id, "tensor": index, "start": start, "data": value.numpy().tobytes()}
+                for index, _, start, value in batch]
+        # ORM bulk statements: an executemany, by primary key for the UPDATE.
+        session.execute(update(FedBuffSlice) if st.count else insert(FedBuffSlice), rows)
+    return after
+
+
+def _set(session: Session, federation_id: int, st: BufferState) -> None:
+    row = session.get(FedBuffBuffer, federation_id)
+    if row is None:
+        session.add(FedBuffBuffer(federation_id=federation_id, kind=KIND_FLOAT, count=st.count,
+                                  updates=list(st.updates)))
+    else:
+        row.count, row.updates = st.count, list(st.updates)
+
+
+def clear(session: Session, federation_id: int) -> None:
+    """Empty the buffer (its sum was applied)."""
+    session.execute(delete(FedBuffSlice).where(FedBuffSlice.federation_id == federation_id))
+    _set(session, federation_id, BufferState(0, ()))

@@ -1,0 +1,89 @@
+"""kill -9 in the middle of a FedBuff fold: each update is folded exactly once.
+
+A real ``serve`` process with ``FEDSILO_TEST_CRASH_AT=fold`` SIGKILLs itself after
+every write of the fold (buffer slices, update row, charge, version blob, audit
+entries, receipt) and before the commit. A fresh coordinator on the same database
+must then show nothing of that update, and the silo's resend of the very same
+envelope is folded once: summed into the buffer (first update of two), then applied
+with it (second), every figure equal to FedBuff's formula on the deltas sent.
+"""
+
+from __future__ import annotations
+
+import signal
+from pathlib import Path
+
+import httpx
+import pytest
+import torch
+from sqlalchemy import func, select
+
+from coordinator import buffers
+from coordinator.models import ModelVersion, PrivacyCharge, Update
+from coordinator.strategies import fedbuff_weight
+from tests.support.coordinator import FakeSilo, init_coordinator, open_context, serve_coordinator
+
+CRASH = {"FEDSILO_TEST_CRASH_AT": "fold"}
+
+
+def push_and_die(init: dict, data_dir: Path, envelope: bytes) -> None:
+    """Send ``envelope`` to a coordinator that dies inside the fold; check it did."""
+    with serve_coordinator(data_dir, init=init, env=CRASH) as server:
+        with pytest.raises(httpx.TransportError):  # no answer: the process is gone
+            httpx.post(f"{server.base_url}/api/v1/updates", content=envelope,
+                       headers={"Content-Type": "application/octet-stream"}, timeout=60)
+        assert server.process.wait(30) == -signal.SIGKILL, server.logs()
+
+
+def state(data_dir: Path):
+    ctx = open_context(data_dir)
+    try:
+        with ctx.read() as s:
+            rows = {u.id: (u.status, u.resulting_version) for u in s.scalars(select(Update))}
+            charges = s.scalar(select(func.count()).select_from(PrivacyCharge))
+            versions = list(s.scalars(select(ModelVersion.version).order_by(ModelVersion.version)))
+            buffered = buffers.state(s, ctx.federation_id)
+        return rows, charges, versions, buffered
+    finally:
+        ctx.close()
+
+
+def test_a_fedbuff_fold_killed_before_commit_leaves_nothing_and_the_resend_folds_once(db_url, tmp_path):
+    data_dir = tmp_path / "coordinator"
+    init = init_coordinator(data_dir, database_url=db_url, strategy="fedbuff", settings={"buffer_k": 2})
+    with serve_coordinator(data_dir, init=init) as server:
+        silo = FakeSilo.create(server, "hospital-a", epsilon_cap=50.0)
+        _, w0, _ = silo.fetch_model(0)
+    d1, d2 = silo.delta(seed=1), silo.delta(seed=2)
+    first, second = silo.seal(d1, base_version=0), silo.seal(d2, base_version=0)
+
+    # The first update is summed into the empty buffer; killed before the commit.
+    push_and_die(init, data_dir, first)
+    assert state(data_dir) == ({}, 0, [0], buffers.BufferState(0, ()))
+    with serve_coordinator(data_dir, init=init) as server:
+        silo.base_url = server.base_url  # a new process, a new port
+        r = silo.push(first)
+        assert r.status_code == 200 and r.json()["status"] == "buffered", r.text
+    first_id = r.json()["update_id"]
+    assert state(data_dir) == ({first_id: ("buffered", None)}, 1, [0], buffers.BufferState(1, (first_id,)))
+
+    # The second fills the buffer and applies it; killed before the commit.
+    push_and_die(init, data_dir, second)
+    assert state(data_dir) == ({first_id: ("buffered", None)}, 1, [0], buffers.BufferState(1, (first_id,)))
+    with serve_coordinator(data_dir, init=init) as server:
+        silo.base_url = server.base_url
+        r = silo.push(second)
+        assert r.status_code == 200 and r.json()["status"] == "accepted", r.text
+        again = silo.push(second)  # a resend after the commit: the same receipt, nothing folded
+        assert again.json() == r.json()
+        version, w1, _ = silo.fetch_model()
+    second_id = r.json()["update_id"]
+    assert state(data_dir) == (
+        {first_id: ("accepted", 1), second_id: ("accepted", 1)}, 2, [0, 1], buffers.BufferState(0, ()))
+
+    # Exactly once: version 1 is w0 + lr * (s(0) d1 + s(0) d2) / 2, each delta counted once.
+    assert version == 1
+    w = fedbuff_weight(0)
+    for name in w0:
+        expected = w0[name] + 1.0 * (d1[name] * w + d2[name] * w) / 2
+        torch.testing.assert_close(w1[name], expected)
