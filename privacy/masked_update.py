@@ -32,11 +32,12 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey,
 from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey, X25519PublicKey
 
 from .envelope import UpdateHeader, canonical_json, sign_statement, verify_statement
-from .errors import EnvelopeError, Reason
+from . import strict_json
+from .errors import EnvelopeError, JsonError, Reason
 from .keys import b64d, b64e, fingerprint
 from .secagg import SEED_LEN
 
-__all__ = ["KIND", "MaskedStatement", "make_masked", "verify_masked", "open_seed", "check_against_header"]
+__all__ = ["KIND", "MaskedStatement", "make_masked", "claimed_silo", "verify_masked", "open_seed", "check_against_header"]
 
 KIND = "masked_update"
 SEED_CONTEXT = b"fedsilo/v1 secagg seed\x00"
@@ -108,6 +109,23 @@ def _decode(text: object, what: str, limit: int) -> bytes:
     if data is None or b64e(data) != text or len(data) > limit:
         raise EnvelopeError(Reason.MALFORMED, f"{what} is not unpadded base64url of at most {limit} bytes")
     return data
+
+
+def claimed_silo(masked: object) -> str:
+    """The silo id a ``masked`` member claims, read before anything is verified.
+
+    Only to look up the key to verify it with; raises EnvelopeError(malformed).
+    """
+    if not isinstance(masked, Mapping) or not isinstance(masked.get("statement"), str):
+        raise EnvelopeError(Reason.MALFORMED, "'masked' must hold a statement")
+    try:
+        obj = strict_json.loads(_decode(masked["statement"], "the masked statement", MAX_STATEMENT_LEN))
+    except JsonError as exc:
+        raise EnvelopeError(Reason.MALFORMED, f"masked statement: {exc.message}") from None
+    silo_id = obj.get("silo_id") if isinstance(obj, dict) else None
+    if not isinstance(silo_id, str) or not 0 < len(silo_id) <= 128:
+        raise EnvelopeError(Reason.MALFORMED, "the masked statement names no silo")
+    return silo_id
 
 
 def verify_masked(masked: Mapping, signer: Ed25519PublicKey) -> MaskedStatement:

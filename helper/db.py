@@ -1,0 +1,31 @@
+"""The helper's database: the coordinator's engine recipe, the helper's own migrations."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from sqlalchemy import Engine, text
+
+from coordinator.db import make_engine, session_factory, transaction
+
+__all__ = ["make_engine", "session_factory", "transaction", "upgrade"]
+
+_MIGRATION_LOCK_KEY = 0x68656C706572  # "helper"
+
+
+def upgrade(url: str, rev: str = "head") -> None:
+    """Migrate the helper's database at ``url`` to ``rev`` (idempotent; one process at a time)."""
+    from alembic import command
+    from alembic.config import Config
+
+    cfg = Config()
+    cfg.set_main_option("script_location", str(Path(__file__).resolve().parent / "migrations"))
+    engine: Engine = make_engine(url)
+    try:
+        with engine.begin() as conn:
+            if conn.dialect.name == "postgresql":
+                conn.execute(text("SELECT pg_advisory_xact_lock(:k)"), {"k": _MIGRATION_LOCK_KEY})
+            cfg.attributes["connection"] = conn
+            command.upgrade(cfg, rev)
+    finally:
+        engine.dispose()
