@@ -8,13 +8,22 @@ from sqlalchemy import Engine, text
 
 from coordinator.db import make_engine, session_factory, transaction
 
-__all__ = ["make_engine", "session_factory", "transaction", "upgrade"]
+__all__ = ["downgrade", "make_engine", "session_factory", "transaction", "upgrade"]
 
 _MIGRATION_LOCK_KEY = 0x68656C706572  # "helper"
 
 
 def upgrade(url: str, rev: str = "head") -> None:
-    """Migrate the helper's database at ``url`` to ``rev`` (idempotent; one process at a time)."""
+    """Migrate the helper's database at ``url`` up to ``rev`` (idempotent; one process at a time)."""
+    _run(url, "upgrade", rev)
+
+
+def downgrade(url: str, rev: str = "base") -> None:
+    """Migrate the helper's database at ``url`` down to ``rev`` (``"base"`` drops its tables)."""
+    _run(url, "downgrade", rev)
+
+
+def _run(url: str, fn_name: str, rev: str) -> None:
     from alembic import command
     from alembic.config import Config
 
@@ -26,6 +35,6 @@ def upgrade(url: str, rev: str = "head") -> None:
             if conn.dialect.name == "postgresql":
                 conn.execute(text("SELECT pg_advisory_xact_lock(:k)"), {"k": _MIGRATION_LOCK_KEY})
             cfg.attributes["connection"] = conn
-            command.upgrade(cfg, rev)
+            getattr(command, fn_name)(cfg, rev)
     finally:
         engine.dispose()
