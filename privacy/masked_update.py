@@ -25,19 +25,20 @@ from __future__ import annotations
 import hashlib
 import re
 from collections.abc import Mapping
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 
 from cryptography.hazmat.primitives import hpke
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey, X25519PublicKey
 
-from .envelope import UpdateHeader, canonical_json, sign_statement, verify_statement
-from . import strict_json
+from . import codec, strict_json
+from .envelope import MASKED_DELTA, UpdateHeader, canonical_json, sign_statement, verify_statement
 from .errors import EnvelopeError, JsonError, Reason
 from .keys import b64d, b64e, fingerprint
-from .secagg import SEED_LEN
+from .secagg import SEED_LEN, MaskSettings, mask_update, new_seed, quantize, to_wire
 
-__all__ = ["KIND", "MaskedStatement", "make_masked", "claimed_silo", "verify_masked", "open_seed", "check_against_header"]
+__all__ = ["KIND", "MaskedStatement", "mask_for_helper", "make_masked", "claimed_silo", "verify_masked", "open_seed",
+           "check_against_header"]
 
 KIND = "masked_update"
 SEED_CONTEXT = b"fedsilo/v1 secagg seed\x00"
@@ -98,6 +99,26 @@ def make_masked(
     sealed = _SUITE.encrypt(seed, helper, info=_seed_info(binding))
     data, signature = sign_statement(KIND, {**binding, "sealed_seed": b64e(sealed)}, signer)
     return {"statement": b64e(data), "signature": b64e(signature)}
+
+
+def mask_for_helper(
+    delta: Mapping, header: UpdateHeader, *, federation: str, settings: MaskSettings,
+    helper: X25519PublicKey, signer: Ed25519PrivateKey,
+) -> tuple[UpdateHeader, bytes]:
+    """The silo's whole masking step, after DP training: the header and payload to seal.
+
+    Quantizes ``delta`` (stochastic rounding from the OS CSPRNG), draws a fresh seed,
+    masks, encodes the int32 shares, and returns ``header`` completed for them
+    (``payload_kind = "masked_delta"``, the payload's digest and size, the ``masked``
+    member with the seed sealed to ``helper``). The seed is not returned: once sealed,
+    nobody but the helper needs it, and a silo that kept it could be made to reveal it.
+    """
+    seed = new_seed()
+    payload = codec.encode(to_wire(mask_update(quantize(delta, settings), seed, header.update_id)))
+    header = replace(header, payload_kind=MASKED_DELTA, payload_digest=hashlib.sha256(payload).hexdigest(),
+                     payload_size=len(payload), masked=None)
+    member = make_masked(header, federation=federation, seed=seed, helper=helper, signer=signer)
+    return replace(header, masked=member), payload
 
 
 def _decode(text: object, what: str, limit: int) -> bytes:

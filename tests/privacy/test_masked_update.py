@@ -146,3 +146,21 @@ def test_non_canonical_base64_is_refused(masked, silo) -> None:
     with pytest.raises(EnvelopeError) as err:
         mu.verify_masked(padded, silo.signing.public_key())
     assert err.value.reason is Reason.MALFORMED
+
+
+def test_the_silos_masking_step_in_one_call(silo, helper, coordinator) -> None:
+    x = {"w": torch.linspace(-1.5, 1.5, 24).reshape(4, 6)}
+    plain = make_header(b"x" * 8, update_id="cd" * 16)
+    header, payload = mu.mask_for_helper(x, plain, federation=FEDERATION, settings=SETTINGS,
+                                         helper=helper.hpke.public_key(), signer=silo.signing)
+    assert header.payload_kind == "masked_delta" and header.payload_size == len(payload)
+    envelope = env.seal_update(header, payload, recipient=coordinator.hpke.public_key(), signer=silo.signing)
+    got, opened = env.open_update(envelope, signer=silo.signing.public_key(), recipient=coordinator.hpke)
+    statement = mu.verify_masked(got.masked, silo.signing.public_key())
+    mu.check_against_header(statement, got, federation=FEDERATION, helper_key=fingerprint(helper.hpke.public_key()))
+    share = secagg.from_wire(codec.decode(opened))
+    seed = mu.open_seed(statement, helper.hpke)
+    mask = secagg.mask_sum([(seed, got.update_id, 1)], {"w": (4, 6)})
+    q = secagg.open_sum(share, mask, 1)["w"]  # the quantized update, read back as integers
+    y = x["w"].clamp(-1, 1).double() * SETTINGS.scale
+    assert bool(((q - y).abs() < 1).all())
