@@ -27,7 +27,7 @@ Choices, fixed by the protocol (docs/protocol.md):
   zero nonce safe, and anyone holding the seed derives the same mask.
 - Stochastic rounding draws its uniforms from the OS CSPRNG (``os.urandom``; four bytes
   per element, ``u = word / 2**32``): ``floor(y) + (u < y - floor(y))``, unbiased (up to
-  ``2**-32``; the comparison is ``word < floor((y - floor(y)) * 2**32)`` in integers).
+  ``2**-32``), computed in float64, which holds every input dtype exactly.
   Never numpy's or torch's generator: the rounding noise is part of what the
   coordinator sees through the sum.
 
@@ -139,9 +139,10 @@ def check_settings(settings: MaskSettings) -> MaskSettings:
 # --------------------------------------------------------------------------- silo
 
 
-def _words(n: int, randomness: Randomness) -> torch.Tensor:
-    """``n`` uniform 32-bit words (as int64) from ``randomness``."""
-    return torch.from_numpy(np.frombuffer(randomness(4 * n), dtype="<u4", count=n).astype(np.int64))
+def _uniforms(n: int, randomness: Randomness) -> torch.Tensor:
+    """``n`` uniforms in [0, 1) (float64), 32 bits each from ``randomness``."""
+    words = np.frombuffer(randomness(4 * n), dtype="<u4", count=n)
+    return torch.from_numpy(words.astype(np.float64)).mul_(2.0**-32)
 
 
 def quantize(
@@ -158,17 +159,13 @@ def quantize(
         for name, t in tensors.items():
             if not t.is_floating_point():
                 raise CodecError(Reason.SCHEMA_MISMATCH, f"{name!r} is {t.dtype}, not a float", tensor=name)
-            # float32 is exact here: clipping, scaling by a power of two (|y| <= 2**31
-            # by check_settings) and floor lose nothing, and neither does frac * 2**32.
-            work = torch.float64 if t.dtype == torch.float64 else torch.float32
-            y = t.detach().to(work, copy=True).flatten()  # a copy: the caller's delta is not clipped
+            # float64 holds every input dtype exactly; a copy, so the caller's delta is not clipped
+            y = t.detach().to(torch.float64, copy=True).flatten()
             if not bool(torch.isfinite(y).all()):
                 raise CodecError(Reason.NON_FINITE, f"{name!r} holds NaN or infinity", tensor=name)
             y = y.clamp_(-settings.clip, settings.clip).mul_(settings.scale)
             low = torch.floor(y)
-            # round up with probability frac: word / 2**32 < frac, compared as integers
-            threshold = y.sub_(low).mul_(2.0**32).to(torch.int64)
-            up = _words(low.numel(), randomness) < threshold
+            up = _uniforms(y.numel(), randomness) < y.sub_(low)
             out[name] = low.to(torch.int64).add_(up.to(torch.int64)).reshape(t.shape)
     return out
 
