@@ -24,7 +24,7 @@ from privacy.keys import Identity
 
 from . import audit, roster
 from .config import KEY_DIR, load_policy, read_config, write_config
-from .db import make_engine, session_factory, transaction, upgrade
+from .db import OutdatedSchema, check_current, make_engine, session_factory, transaction, upgrade
 from .models import HelperAdminToken
 
 
@@ -62,7 +62,12 @@ def serve(args: argparse.Namespace) -> None:
 
     from .app import create_app
 
-    load_policy(Path(args.dir))  # refuse to start on bad settings or keys, before binding
+    url, _ = load_policy(Path(args.dir))  # refuse to start on bad settings or keys, before binding
+    engine = make_engine(url)
+    try:
+        check_current(engine)
+    finally:
+        engine.dispose()
     uvicorn.run(create_app(Path(args.dir)), host=args.host, port=args.port, log_level="warning")
 
 
@@ -130,7 +135,7 @@ def main(argv: list[str] | None = None) -> int:
             serve(args)
             return 0
         result = {"init": init, "silo": silo, "audit": audit_verify}[args.command](args)
-    except (secagg.UnsafeSettings, roster.RosterError) as exc:
+    except (secagg.UnsafeSettings, roster.RosterError, OutdatedSchema) as exc:
         print(f"fedsilo-helper: {exc}", file=sys.stderr)
         return 2
     print(json.dumps(result, indent=2))

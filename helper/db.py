@@ -8,7 +8,7 @@ from sqlalchemy import Engine, text
 
 from coordinator.db import make_engine, session_factory, transaction
 
-__all__ = ["downgrade", "make_engine", "session_factory", "transaction", "upgrade"]
+__all__ = ["OutdatedSchema", "check_current", "downgrade", "make_engine", "session_factory", "transaction", "upgrade"]
 
 _MIGRATION_LOCK_KEY = 0x68656C706572  # "helper"
 
@@ -38,3 +38,22 @@ def _run(url: str, fn_name: str, rev: str) -> None:
             getattr(command, fn_name)(cfg, rev)
     finally:
         engine.dispose()
+
+
+class OutdatedSchema(Exception):
+    """The database is not at the helper's newest migration: run ``fedsilo-helper init`` or upgrade."""
+
+
+def check_current(engine: Engine) -> None:
+    """Refuse to serve from a database whose helper schema is missing or not at head."""
+    from alembic.config import Config
+    from alembic.runtime.migration import MigrationContext
+    from alembic.script import ScriptDirectory
+
+    cfg = Config()
+    cfg.set_main_option("script_location", str(Path(__file__).resolve().parent / "migrations"))
+    head = ScriptDirectory.from_config(cfg).get_current_head()
+    with engine.connect() as conn:
+        current = MigrationContext.configure(conn, opts={"version_table": "helper_alembic_version"}).get_current_revision()
+    if current != head:
+        raise OutdatedSchema(f"the helper's database is at {current!r}, not {head!r}")

@@ -42,3 +42,22 @@ def test_the_helper_and_the_coordinator_can_share_one_database(db_url: str) -> N
             assert conn.execute(sa.text("SELECT version_num FROM helper_alembic_version")).scalar_one() == "h0001"
     finally:
         engine.dispose()
+
+
+def test_serve_refuses_a_database_not_at_head(tmp_path) -> None:
+    import subprocess
+    import sys
+
+    from privacy.keys import Identity, b64e
+    from tests.support.helper import helper_cli
+
+    helper_cli("init", "--dir", str(tmp_path), "--federation", "f",
+               "--coordinator-key", b64e(Identity.generate().public().signing))
+    downgrade(f"sqlite:///{tmp_path / 'helper.db'}")
+    done = subprocess.run([sys.executable, "-m", "helper.cli", "serve", "--dir", str(tmp_path), "--port", "1"],
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode == 2 and "not 'h0001'" in done.stderr
+    # init's files are private: keys and configuration 0600, the key directory 0700
+    for path, mode in ((tmp_path / "helper.toml", 0o600), (tmp_path / "keys", 0o700)):
+        assert path.stat().st_mode & 0o777 == mode
+    assert all(p.stat().st_mode & 0o777 == 0o600 for p in (tmp_path / "keys").iterdir())
