@@ -8,7 +8,7 @@ PIP    := $(PY) -m pip install --disable-pip-version-check -q $(FIND_LINKS) -c c
 ARGS   ?=
 PYTEST_ARGS ?=
 
-.PHONY: demo test venv clean bench bench-ingest bench-async bench-privacy bench-model bench-tlog
+.PHONY: demo test venv clean bench bench-ingest bench-async bench-privacy bench-model bench-tlog bench-secagg
 
 venv: $(VENV)/.installed
 
@@ -41,6 +41,9 @@ bench-model: venv
 
 bench-tlog: venv
 	$(PY) benchmarks/tlog_verify.py $(ARGS)
+
+bench-secagg: venv
+	$(PY) benchmarks/secagg.py $(ARGS)
 
 clean:
 	rm -rf $(VENV) build *.egg-info

@@ -23,16 +23,17 @@ that slice, as incremental blob I/O would.
 Kinds of sum:
 
 ``float``  the weighted deltas summed in the schema's dtypes (FedBuff, today).
-``int``    (reserved for secure aggregation; not written yet) integers modulo
-           ``2**modulus_bits``, stored as int64 elements -- two's complement, so
-           a wrapped sum keeps its low bits. Summed with
-           :func:`coordinator.strategies.modular_accumulate`; the slice layout and the
-           exactly-once rules are the same.
+``int``    secure aggregation's masked shares: ``sum w_i * share_i`` modulo
+           ``2**modulus_bits`` with integer weights, stored as int64 elements in
+           ``[0, 2**modulus_bits)`` (:func:`accumulate_masked`, summed with
+           :func:`coordinator.strategies.modular_accumulate`); the slice layout and the
+           exactly-once rules are the same. A buffer keeps its kind until it is
+           cleared: adding the other kind to a non-empty buffer is refused.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 
 import torch
@@ -43,9 +44,10 @@ from privacy import codec
 
 from .model_store import StorageCorrupted
 from .models import FedBuffBuffer, FedBuffSlice
-from .strategies import fedbuff_accumulate
+from .strategies import fedbuff_accumulate, modular_accumulate
 
-__all__ = ["KIND_FLOAT", "KIND_INT", "SLICE", "BufferState", "accumulate", "clear", "count", "state", "summed"]
+__all__ = ["KIND_FLOAT", "KIND_INT", "SLICE", "BufferState", "accumulate", "accumulate_masked", "clear", "count",
+           "state", "summed"]
 
 KIND_FLOAT, KIND_INT = "float", "int"
 #: Elements per stored slice (4 MiB of float32).
@@ -98,6 +100,10 @@ def _read(session: Session, federation_id: int, keys: list[tuple[int, int]]) -> 
     return {(int(t), int(start)): data for t, start, data in rows}
 
 
+#: How one slice is added to the stored sum: ``add(stored or None, {name: part})``.
+Add = Callable[[dict[str, torch.Tensor] | None, dict[str, torch.Tensor]], dict[str, torch.Tensor]]
+
+
 def summed(
     session: Session, federation_id: int, schema: codec.Schema, delta: Mapping[str, torch.Tensor],
     staleness: int, st: BufferState,
@@ -108,6 +114,13 @@ def summed(
     lists of (tensor index, tensor name, start, flat slice of the new sum); nothing is
     written. An empty buffer is the zero sum.
     """
+    return _summed(session, federation_id, schema, delta, lambda base, part: fedbuff_accumulate(base, part, staleness), st)
+
+
+def _summed(
+    session: Session, federation_id: int, schema: codec.Schema, delta: Mapping[str, torch.Tensor], add: Add,
+    st: BufferState,
+) -> Iterator[list[tuple[int, str, int, torch.Tensor]]]:
     for batch in _batches(schema):
         stored = {} if st.count == 0 else _read(session, federation_id, [(i, start) for i, _, start, _ in batch])
         out = []
@@ -117,13 +130,13 @@ def summed(
             if data is None:
                 if st.count:
                     raise StorageCorrupted(f"the FedBuff sum has no slice ({index}, {start})")
-                total = fedbuff_accumulate(None, part, staleness)
+                total = add(None, part)
             else:
                 base = torch.frombuffer(bytearray(data), dtype=part[name].dtype)
                 if base.numel() != stop - start:
                     raise StorageCorrupted(f"FedBuff slice ({index}, {start}) has {base.numel()} elements, "
                                            f"not {stop - start}")
-                total = fedbuff_accumulate({name: base}, part, staleness)
+                total = add({name: base}, part)
             out.append((index, name, start, total[name]))
         yield out
 
@@ -133,10 +146,34 @@ def accumulate(
     staleness: int, st: BufferState, update_id: str,
 ) -> BufferState:
     """Add one weighted delta to the stored sum (state ``st``), batch by batch; record its id."""
+    add: Add = lambda base, part: fedbuff_accumulate(base, part, staleness)  # noqa: E731
+    return _accumulate(session, federation_id, schema, delta, add, st, update_id, KIND_FLOAT, None)
+
+
+def accumulate_masked(
+    session: Session, federation_id: int, schema: codec.Schema, shares: Mapping[str, torch.Tensor],
+    weight: int, bits: int, st: BufferState, update_id: str,
+) -> BufferState:
+    """Add ``weight * shares`` modulo ``2**bits`` to the stored integer sum; record the id.
+
+    ``shares`` are int64 tensors in ``[0, 2**bits)`` (:func:`privacy.secagg.from_wire`),
+    shaped like ``schema``; ``weight`` is the update's integer staleness weight.
+    """
+    add: Add = lambda base, part: modular_accumulate(base, part, weight, bits)  # noqa: E731
+    return _accumulate(session, federation_id, schema, shares, add, st, update_id, KIND_INT, bits)
+
+
+def _accumulate(
+    session: Session, federation_id: int, schema: codec.Schema, delta: Mapping[str, torch.Tensor], add: Add,
+    st: BufferState, update_id: str, kind: str, bits: int | None,
+) -> BufferState:
+    row = session.get(FedBuffBuffer, federation_id)
+    if row is not None and st.count and (row.kind, row.modulus_bits) != (kind, bits):
+        raise StorageCorrupted(f"the FedBuff buffer holds a {row.kind} sum; a {kind} sum cannot join it")
     after = BufferState(st.count + 1, (*st.updates, update_id))
-    _set(session, federation_id, after)
+    _set(session, federation_id, after, kind, bits)
     session.flush()  # the buffer row first: the slices refer to it
-    for batch in summed(session, federation_id, schema, delta, staleness, st):
+    for batch in _summed(session, federation_id, schema, delta, add, st):
         rows = [{"federation_id": federation_id, "tensor": index, "start": start, "data": value.numpy().tobytes()}
                 for index, _, start, value in batch]
         # ORM bulk statements: an executemany, by primary key for the UPDATE.
@@ -144,13 +181,16 @@ def accumulate(
     return after
 
 
-def _set(session: Session, federation_id: int, st: BufferState) -> None:
+def _set(session: Session, federation_id: int, st: BufferState, kind: str | None = None,
+         bits: int | None = None) -> None:
+    """Write the bookkeeping; ``kind`` (with ``bits``) is (re)set when given, kept otherwise."""
     row = session.get(FedBuffBuffer, federation_id)
     if row is None:
-        session.add(FedBuffBuffer(federation_id=federation_id, kind=KIND_FLOAT, count=st.count,
-                                  updates=list(st.updates)))
-    else:
-        row.count, row.updates = st.count, list(st.updates)
+        row = FedBuffBuffer(federation_id=federation_id, kind=kind or KIND_FLOAT, modulus_bits=bits)
+        session.add(row)
+    elif kind is not None:
+        row.kind, row.modulus_bits = kind, bits
+    row.count, row.updates = st.count, list(st.updates)
 
 
 def clear(session: Session, federation_id: int) -> None:

@@ -12,6 +12,7 @@ entry says ``anonymous`` and notes the id the envelope *claims* in its details.
 from __future__ import annotations
 
 import hashlib
+import json
 import math
 from dataclasses import dataclass
 from datetime import datetime
@@ -135,11 +136,7 @@ def record(
         # audit head's (audit.py), or a concurrent revocation could deadlock with us.
         try:
             with session.begin_nested():
-                row = Update.of(
-                    ev.sealed, h, federation_id=federation_id, size=ev.size, received_at=ev.received_at,
-                    decided_at=now, status=UpdateStatus.REJECTED, reason=refusal.reason.value,
-                    staleness=ev.staleness, epsilon_computed=_finite_or_none(ev.epsilon_computed),
-                )
+                row = _row(federation_id, ev, h, refusal, now)
                 session.add(row)
         except IntegrityError:
             row = None  # a concurrent request with this id won the insert; the entry stands
@@ -166,8 +163,27 @@ def record(
     return IngestRejected(refusal.reason, detail, extra={**receipts.render(receipt, signature), **extra})
 
 
-def _finite_or_none(x: float | None) -> float | None:
-    return x if x is None or math.isfinite(x) else None
+def _row(federation_id: int, ev: Evidence, h: UpdateHeader, refusal: Refusal, now: datetime) -> Update:
+    return Update(
+        id=h.update_id,
+        silo_id=ev.claimed_silo,
+        federation_id=federation_id,
+        base_version=h.base_version,
+        header=json.loads(ev.sealed.header_bytes),
+        header_bytes=ev.sealed.header_bytes,
+        signature=ev.sealed.signature,
+        envelope_digest=ev.sealed.envelope_digest,
+        payload_digest=h.payload_digest,
+        size=ev.size,
+        num_samples=h.num_samples,
+        status=UpdateStatus.REJECTED.value,
+        reason=refusal.reason.value,
+        staleness=ev.staleness,
+        epsilon_claimed=h.epsilon_claim,
+        epsilon_computed=ev.epsilon_computed if ev.epsilon_computed is None or math.isfinite(ev.epsilon_computed) else None,
+        received_at=ev.received_at,
+        decided_at=now,
+    )
 
 
 def stored_rejection(row: Update) -> IngestRejected:

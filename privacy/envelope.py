@@ -137,6 +137,18 @@ _HEADER_MEMBERS = frozenset(
      "epsilon_claim", "payload_digest", "payload_size", "schema_digest", "accountant", "payload_kind", "metrics"}
 )
 _SILO_ID = re.compile(r"[\x21-\x7e]{1,%d}" % MAX_SIGNER_LEN)  # printable ASCII, no spaces
+MASKED_DELTA = "masked_delta"
+_B64URL = re.compile(r"[A-Za-z0-9_-]{1,8192}")
+
+
+def _masked(value: object) -> dict:
+    """The ``masked`` member's shape; its signature and content are checked by
+    :func:`privacy.masked_update.verify_masked`, which needs the silo's key."""
+    if not isinstance(value, dict) or set(value) != {"statement", "signature"} or not all(
+        isinstance(v, str) and _B64URL.fullmatch(v) for v in value.values()
+    ):
+        raise _malformed("header member 'masked' must hold exactly 'statement' and 'signature' (base64url)")
+    return dict(value)
 
 
 def _metrics(value: object) -> dict:
@@ -167,11 +179,17 @@ class UpdateHeader:
     payload_size: int
     schema_digest: str
     accountant: str = "rdp"
-    payload_kind: str = "delta"  # room for "masked_delta" (secure aggregation)
+    payload_kind: str = "delta"  # or "masked_delta" (secure aggregation, docs/protocol.md §4.5)
     metrics: dict = field(default_factory=dict)  # evaluation of the base version, local val split
+    #: Only with ``payload_kind = "masked_delta"``: ``{"statement", "signature"}``, the
+    #: silo-signed statement the helper verifies (:mod:`privacy.masked_update`).
+    masked: dict | None = None
 
     def to_bytes(self) -> bytes:
-        return canonical_json({"format": FORMAT_VERSION, "kind": "update", **asdict(self)})
+        body = asdict(self)
+        if body["masked"] is None:
+            del body["masked"]
+        return canonical_json({"format": FORMAT_VERSION, "kind": "update", **body})
 
     @classmethod
     def from_bytes(cls, data: bytes) -> UpdateHeader:
@@ -196,7 +214,10 @@ class UpdateHeader:
             raise EnvelopeError(Reason.UNSUPPORTED_VERSION, f"header format {fmt} is not supported")
         if obj.get("kind") != "update":
             raise _malformed(f"header member 'kind' must be \"update\", not {_show(obj.get('kind'))}")
-        missing, unknown = _HEADER_MEMBERS - set(obj), set(obj) - _HEADER_MEMBERS
+        # A masked update has one member more; which set applies is read before the
+        # payload_kind itself is checked, so a malformed kind is still refused below.
+        members = _HEADER_MEMBERS | {"masked"} if obj.get("payload_kind") == MASKED_DELTA else _HEADER_MEMBERS
+        missing, unknown = members - set(obj), set(obj) - members
         if missing:
             raise _malformed(f"header lacks members {sorted(missing)}")
         if unknown:
@@ -225,6 +246,7 @@ class UpdateHeader:
             accountant=_string(obj, "accountant", _TOKEN_NAME, "1-32 characters of a-z, 0-9 and _"),
             payload_kind=_string(obj, "payload_kind", _TOKEN_NAME, "1-32 characters of a-z, 0-9 and _"),
             metrics=_metrics(obj["metrics"]),
+            masked=_masked(obj["masked"]) if "masked" in obj else None,
         )
 
 

@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
-PACKAGES = ("privacy", "coordinator", "silo_node", "migrations")
+PACKAGES = ("privacy", "coordinator", "silo_node", "migrations", "helper")
 
 
 def _module_name(path: Path) -> str:
@@ -180,3 +180,11 @@ def test_strategies_are_pure_tensor_math() -> None:
     forbidden = ("sqlalchemy", "starlette", "httpx", "cryptography")
     bad = sorted(t for t in _reaches("coordinator.strategies") if t.split(".")[0] in forbidden)
     assert not bad, f"coordinator.strategies imports {bad}"
+
+
+@pytest.mark.parametrize("module", sorted(m for m in MODULES if m.split(".")[0] in ("coordinator", "silo_node")))
+def test_neither_the_coordinator_nor_the_silo_imports_the_helper(module: str) -> None:
+    # The helper is another institution's service: the coordinator and silos speak to it
+    # over HTTP only, never by importing its code.
+    bad = sorted(t for t in _reaches(module) if t.split(".")[0] == "helper")
+    assert not bad, f"{module} imports {bad}"
