@@ -20,7 +20,7 @@ from starlette.responses import JSONResponse, Response
 from starlette.routing import Mount, Route
 
 from . import federation, openapi, startup
-from .api import admin, audit, silo
+from .api import admin, audit, silo, transparency
 from .api.errors import exception_handlers
 from .context import Coordinator
 from .startup import DATA_DIR_ENV, StartupError
@@ -53,7 +53,9 @@ def create_app(ctx: Coordinator) -> Starlette:
     routes = [
         Route("/healthz", healthz, methods=["GET"]),
         *ctx.metrics.routes(),
+        Mount("/api/v1/log", routes=transparency.routes(ctx)),  # before /api/v1, which would shadow it
         Mount("/api/v1", routes=silo.routes(ctx)),
+        Mount("/api/admin/log", routes=transparency.admin_routes(ctx)),
         Mount("/api/admin", routes=admin.routes(ctx)),
         Mount("/api/audit", routes=audit.routes(ctx)),
         *openapi.routes(),

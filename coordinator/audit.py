@@ -1,4 +1,12 @@
-"""The tamper-evident audit log: hash-chained append, verification and export.
+"""The audit log: append, export and the hash chain; the leaves of the transparency log.
+
+Every entry is also a leaf of an RFC 9162 Merkle tree (coordinator/transparency.py),
+appended in the same transaction: leaf index ``seq - 1``, leaf input the entry's
+canonical JSON with all eight export fields (:func:`leaf_input` -- byte for byte its
+line in a JSONL export). Signed checkpoints of that tree, cosigned by the silos, are
+what an outsider verifies (coordinator/checkpoints.py, ``python -m
+privacy.verify_log``); the hash chain below stays, because it names the first bad
+entry of an export that was edited without recomputing the hashes.
 
 Every entry has a gapless sequence number ``seq`` (1, 2, 3, ...), a time ``at``,
 an ``actor`` (silo id, admin token name or ``"system"``), an ``action``, a
@@ -22,8 +30,8 @@ How to recompute an entry's hash (all you need to check a log independently)
    characters below U+0020, written ``\\b \\t \\n \\f \\r`` or ``\\u00xx`` with
    lowercase hex), everything else as literal UTF-8; numbers as ECMAScript writes
    them (shortest round-trip form: ``1.0 -> 1``, ``0.000001``, ``1e-7``, ``1e+21``).
-   NaN and infinities are not allowed, nor integers a double cannot hold. For data
-   without floats this is exactly Python's
+   NaN and infinities are not allowed, nor integers a double cannot hold. This is
+   the ``rfc8785`` package's output. For data without floats it is exactly Python's
    ``json.dumps(obj, sort_keys=True, separators=(",", ":"), ensure_ascii=False)``.
 4. Encode as UTF-8 and take SHA-256; ``hash`` is its lowercase hex digest.
 
@@ -37,7 +45,8 @@ The chain head (``audit_head``: last seq and hash) is kept in its own row, which
 every append locks (``SELECT ... FOR UPDATE`` on PostgreSQL; the write
 transaction's lock on SQLite) -- appends from many processes take turns and the
 sequence stays gapless. Online verification also compares the head with the last
-entry, so removing entries from the end is detected too. Lock order: take any
+entry, so removing entries from the end is detected too, and the stored Merkle tree
+with the entries. Lock order: take any
 other lock first (e.g. the federation row) and append last, which also keeps the
 head locked as briefly as possible.
 """
@@ -46,37 +55,45 @@ from __future__ import annotations
 
 import csv
 import hashlib
+import io
 import json
 import math
-from collections.abc import Iterable, Iterator, Mapping
-from contextlib import contextmanager
-from dataclasses import dataclass
+from collections.abc import Callable, Iterable, Iterator, Mapping
+from contextlib import AbstractContextManager, contextmanager, nullcontext
+from dataclasses import dataclass, replace
 from datetime import UTC, datetime
-from decimal import Decimal
 from enum import StrEnum
 from typing import IO, Any
 
+import rfc8785
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
-from coordinator.models import AuditEvent, AuditHead
+from coordinator import transparency
+from coordinator.models import AuditEvent, AuditHead, Checkpoint
+from privacy import merkle
 
 __all__ = [
     "AuditError",
     "AuditProblem",
     "AuditReason",
     "EXPORT_FIELDS",
+    "EXPORT_FORMATS",
     "GENESIS_HASH",
     "VerifyResult",
     "append",
     "canonical_json",
     "entry_hash",
+    "event_leaf_hash",
     "event_to_dict",
+    "export_chunks",
     "export_csv",
     "export_jsonl",
     "format_time",
     "get_head",
     "iter_events",
+    "leaf_input",
+    "log_position",
     "verify",
 ]
 
@@ -111,6 +128,7 @@ class AuditProblem(StrEnum):
     HASH_MISMATCH = "hash_mismatch"  # content does not match its hash
     MALFORMED = "malformed"  # missing or mistyped fields, non-canonical details
     HEAD_MISMATCH = "head_mismatch"  # chain does not end at the recorded head
+    TREE_MISMATCH = "tree_mismatch"  # the stored Merkle tree is not the tree of these entries
 
 
 @dataclass(frozen=True, slots=True)
@@ -135,75 +153,41 @@ class VerifyResult:
 # ------------------------------------------------------------ canonical form
 
 def canonical_json(obj: Any) -> bytes:
-    """RFC 8785 (JCS) serialization of ``obj`` as UTF-8 bytes; see the module doc.
+    """RFC 8785 (JCS) serialization of ``obj`` as UTF-8 bytes (the ``rfc8785`` package).
 
     Accepts dicts with string keys, lists/tuples, strings, ints, floats, bools and
-    None; anything else (NaN, bytes, datetimes, huge ints) raises AuditError.
+    None; anything else (NaN, bytes, datetimes, inexact huge ints) raises AuditError.
     """
     try:
-        return _encode(obj).encode("utf-8")
-    except UnicodeEncodeError as exc:  # lone surrogates are not Unicode text
-        raise AuditError(AuditReason.NOT_CANONICAL, f"invalid Unicode: {exc}") from exc
+        return rfc8785.dumps(_exact_doubles(obj))
+    except rfc8785.CanonicalizationError as exc:
+        raise AuditError(AuditReason.NOT_CANONICAL, str(exc)) from exc
 
 
-def _encode(v: Any) -> str:
-    if v is None:
-        return "null"
-    if v is True:
-        return "true"
-    if v is False:
-        return "false"
-    if isinstance(v, str):
-        # json.dumps escapes exactly what RFC 8785 3.2.2.2 requires.
-        return json.dumps(v, ensure_ascii=False)
+def _exact_doubles(v: Any) -> Any:
+    """Turn integers beyond 2**53 that are exactly a double's JCS form into that double.
+
+    JSON numbers are IEEE doubles (RFC 8785 3.2.2.3), and ``rfc8785`` refuses larger
+    integers. But a float such as 1e20 is written ``100000000000000000000`` and parses
+    back as a Python int; such a value is accepted (as it always was, so logs written
+    before the switch to ``rfc8785`` keep verifying byte for byte). Any other large
+    integer would be read as another value by other parsers: refused.
+    """
+    if isinstance(v, bool) or not isinstance(v, (int, Mapping, list, tuple)):
+        return v
     if isinstance(v, int):
         if abs(v) <= _MAX_SAFE_INT:
-            return str(v)
-        # JSON numbers are IEEE doubles (RFC 8785 3.2.2.3). A larger integer is
-        # accepted only if its digits are what JCS writes for the nearest double
-        # (e.g. 10**20, which is how the float 1e20 is written and then parses
-        # back as a Python int); otherwise other parsers would read another value.
+            return v
         try:
-            canonical = _es_number(float(v))
+            f = float(v)
         except OverflowError:
-            canonical = ""
-        if canonical != str(v):
-            raise AuditError(AuditReason.NOT_CANONICAL, f"integer {v} is not exact as a JSON "
-                             "number: use a string")
-        return canonical
-    if isinstance(v, float):
-        return _es_number(v)
+            f = math.inf
+        if math.isfinite(f) and rfc8785.dumps(f) == str(v).encode():
+            return f
+        raise AuditError(AuditReason.NOT_CANONICAL, f"integer {v} is not exact as a JSON number: use a string")
     if isinstance(v, Mapping):
-        if not all(isinstance(k, str) for k in v):
-            raise AuditError(AuditReason.NOT_CANONICAL, "object keys must be strings")
-        items = sorted(v.items(), key=lambda kv: kv[0].encode("utf-16-be"))
-        return "{" + ",".join(f"{_encode(k)}:{_encode(x)}" for k, x in items) + "}"
-    if isinstance(v, (list, tuple)):
-        return "[" + ",".join(_encode(x) for x in v) + "]"
-    raise AuditError(AuditReason.NOT_CANONICAL, f"cannot encode {type(v).__name__} as JSON")
-
-
-def _es_number(x: float) -> str:
-    """ECMAScript Number::toString (ECMA-262 7.1.12.1), as RFC 8785 3.2.2.3 requires."""
-    if not math.isfinite(x):
-        raise AuditError(AuditReason.NOT_CANONICAL, f"{x} is not allowed in JSON")
-    if x == 0:
-        return "0"  # also for -0.0
-    # repr() gives the shortest digits that round-trip, as ECMAScript does.
-    _, digit_tuple, exp = Decimal(repr(abs(x))).normalize().as_tuple()
-    s = "".join(map(str, digit_tuple))
-    k = len(s)
-    n = int(exp) + k  # x = 0.s * 10**n
-    sign = "-" if x < 0 else ""
-    if k <= n <= 21:
-        return sign + s + "0" * (n - k)
-    if 0 < n <= 21:
-        return sign + s[:n] + "." + s[n:]
-    if -6 < n <= 0:
-        return sign + "0." + "0" * -n + s
-    e = n - 1
-    mantissa = s if k == 1 else s[0] + "." + s[1:]
-    return f"{sign}{mantissa}e{'+' if e >= 0 else '-'}{abs(e)}"
+        return {k: _exact_doubles(x) for k, x in v.items()}
+    return [_exact_doubles(x) for x in v]
 
 
 def format_time(t: datetime) -> str:
@@ -223,6 +207,35 @@ def entry_hash(
         "subject": subject, "details": details, "prev_hash": prev_hash,
     }
     return hashlib.sha256(canonical_json(record)).hexdigest()
+
+
+def leaf_input(entry: Mapping[str, Any]) -> bytes:
+    """The entry's Merkle leaf input: the canonical JSON of all eight export fields.
+
+    ``entry`` is an export-shaped dict (``details`` an object). These are exactly the
+    bytes of the entry's line in a JSONL export (without the newline).
+    """
+    return canonical_json({f: entry[f] for f in EXPORT_FIELDS})
+
+
+def log_position(event: AuditEvent) -> dict[str, Any]:
+    """Where an entry sits in the log, as receipts state it.
+
+    ``leaf_index`` (seq - 1) and ``tree_size`` (seq: the smallest tree that includes
+    it; every checkpoint of at least this size does), plus the hex ``leaf_hash`` the
+    inclusion proofs of ``GET /api/v1/log/inclusion`` lead from.
+    """
+    return {
+        "audit_seq": event.seq,
+        "audit_hash": event.hash,
+        "leaf_index": event.seq - 1,
+        "tree_size": event.seq,
+        "leaf_hash": event_leaf_hash(event).hex(),
+    }
+
+
+def event_leaf_hash(event: Any) -> bytes:
+    return merkle.leaf_hash(leaf_input(event_to_dict(event)))
 
 
 # ------------------------------------------------------------------- append
@@ -259,6 +272,7 @@ def append(
     )
     session.add(event)
     head.seq, head.hash = seq, digest
+    transparency.append_leaf(session, seq - 1, leaf_input(event_to_dict(event)))
     session.flush()
     return event
 
@@ -304,7 +318,9 @@ def iter_events(
 
 
 @contextmanager
-def _stream(session: Session, after_seq: int = 0, upto: int | None = None) -> Iterator[Any]:
+def _stream(
+    session: Session, after_seq: int = 0, upto: int | None = None, limit: int | None = None
+) -> Iterator[Any]:
     """All entries in seq order, fetched in batches (server-side cursor on PostgreSQL).
 
     A context manager, so that a walk stopping early closes the cursor at once.
@@ -313,6 +329,8 @@ def _stream(session: Session, after_seq: int = 0, upto: int | None = None) -> It
     stmt = select(*cols).where(AuditEvent.seq > after_seq).order_by(AuditEvent.seq)
     if upto is not None:
         stmt = stmt.where(AuditEvent.seq <= upto)
+    if limit is not None:
+        stmt = stmt.limit(limit)
     result = session.execute(stmt.execution_options(yield_per=_STREAM_BATCH))
     try:
         yield result
@@ -320,30 +338,76 @@ def _stream(session: Session, after_seq: int = 0, upto: int | None = None) -> It
         result.close()
 
 
-def export_jsonl(session: Session, fp: IO[str]) -> int:
-    """Write every entry to ``fp`` as one canonical JSON object per line; return the count.
+#: Export formats and their media types.
+EXPORT_FORMATS = {"jsonl": "application/x-ndjson", "csv": "text/csv; charset=utf-8"}
 
-    Run it in a read-only transaction (``db.transaction(..., read_only=True)``) so
-    it reads one consistent snapshot without holding up writers.
+
+def export_chunks(
+    read: Callable[[], AbstractContextManager[Session]], fmt: str, *, after_seq: int = 0,
+    upto_seq: int | None = None, batch: int = _STREAM_BATCH,
+) -> Iterator[str]:
+    """The export of entries ``after_seq < seq <= upto_seq`` as text chunks, one per batch.
+
+    The one export implementation (HTTP, CLI and tests use it). ``read()`` opens a
+    read-only session (e.g. ``Coordinator.read``); each batch is read in its own short
+    transaction, so a slow consumer never holds a snapshot open -- entries are
+    immutable once committed, so the chunks still form one consistent prefix of the log.
+    ``upto_seq=None`` means the head at the first read.
+
+    * ``jsonl``: one entry per line, its canonical JSON (= its Merkle leaf input).
+    * ``csv``: a header row (:data:`EXPORT_FIELDS`), ``details`` as canonical JSON text.
     """
-    n = 0
-    with _stream(session) as rows:
-        for row in rows:
-            fp.write(canonical_json(event_to_dict(row)).decode("utf-8") + "\n")
-            n += 1
-    return n
+    for _, text in _export_pages(read, fmt, after_seq, upto_seq, batch):
+        yield text
+
+
+def _export_pages(
+    read: Callable[[], AbstractContextManager[Session]], fmt: str, after_seq: int,
+    upto_seq: int | None, batch: int,
+) -> Iterator[tuple[int, str]]:
+    """``(entries, text)`` per batch (the CSV header counts 0 entries)."""
+    if fmt not in EXPORT_FORMATS:
+        raise ValueError(f"unknown export format {fmt!r}")
+    if fmt == "csv":
+        buf = io.StringIO()
+        csv.writer(buf).writerow(EXPORT_FIELDS)
+        yield 0, buf.getvalue()
+    cursor = after_seq
+    while upto_seq is None or cursor < upto_seq:
+        with read() as session:
+            if upto_seq is None:
+                upto_seq = get_head(session)[0]
+                if cursor >= upto_seq:
+                    return
+            with _stream(session, cursor, upto=upto_seq, limit=batch) as rows:
+                page = list(rows)
+        if not page:
+            return
+        cursor = page[-1].seq
+        if fmt == "jsonl":
+            yield len(page), "".join(leaf_input(event_to_dict(r)).decode("utf-8") + "\n" for r in page)
+        else:
+            buf = io.StringIO()
+            csv.writer(buf).writerows([getattr(r, f) for f in EXPORT_FIELDS] for r in page)
+            yield len(page), buf.getvalue()
+
+
+def export_jsonl(session: Session, fp: IO[str]) -> int:
+    """Write every entry to ``fp`` as JSONL (:func:`export_chunks`); return the count."""
+    return _export_to(session, fp, "jsonl")
 
 
 def export_csv(session: Session, fp: IO[str]) -> int:
-    """Write every entry to ``fp`` as CSV (header row, ``details`` as its canonical
-    JSON text); return the count. Open ``fp`` with ``newline=""``."""
-    writer = csv.writer(fp)
-    writer.writerow(EXPORT_FIELDS)
+    """Write every entry to ``fp`` as CSV (:func:`export_chunks`); return the count.
+    Open ``fp`` with ``newline=""``."""
+    return _export_to(session, fp, "csv")
+
+
+def _export_to(session: Session, fp: IO[str], fmt: str) -> int:
     n = 0
-    with _stream(session) as rows:
-        for row in rows:
-            writer.writerow([getattr(row, f) for f in EXPORT_FIELDS])
-            n += 1
+    for count, text in _export_pages(lambda: nullcontext(session), fmt, 0, None, _STREAM_BATCH):
+        fp.write(text)
+        n += count
     return n
 
 
@@ -407,14 +471,26 @@ def verify(
         head = get_head(source)
         # Read the head first and stop there: entries appended meanwhile belong
         # to a later head.
+        tree = merkle.RootBuilder() if after_seq == 0 else None
         with _stream(source, after_seq, upto=head[0]) as rows:
-            return _walk(rows, after_seq, after_hash, head)
+            result = _walk(rows, after_seq, after_hash, head, tree)
+        if result.ok and tree is not None and tree.root() != transparency.tree_root(source, head[0]):
+            return replace(result, ok=False, first_bad_seq=head[0], problem=AuditProblem.TREE_MISMATCH,
+                           message="the stored Merkle tree does not match the entries")
+        issued = source.scalars(select(Checkpoint).order_by(Checkpoint.size.desc()).limit(1)).first()
+        if result.ok and issued is not None and issued.size > head[0]:
+            return replace(result, ok=False, first_bad_seq=head[0] + 1, problem=AuditProblem.HEAD_MISMATCH,
+                           message=f"a checkpoint of size {issued.size} was issued, the log has {head[0]} entries")
+        if result.ok and issued is not None and bytes(issued.root) != transparency.tree_root(source, issued.size):
+            return replace(result, ok=False, first_bad_seq=None, problem=AuditProblem.TREE_MISMATCH,
+                           message=f"the log no longer has the root of its checkpoint of size {issued.size}")
+        return result
     return _walk(source, after_seq, after_hash, expected_head)
 
 
 def _walk(
     entries: Iterable[Any], after_seq: int, after_hash: str,
-    expected_head: tuple[int, str] | None,
+    expected_head: tuple[int, str] | None, tree: merkle.RootBuilder | None = None,
 ) -> VerifyResult:
     expected_seq, prev_hash, checked = after_seq + 1, after_hash, 0
 
@@ -439,6 +515,8 @@ def _walk(
         if recomputed != e["hash"]:
             return bad(e["seq"], AuditProblem.HASH_MISMATCH,
                        f"seq {e['seq']} was altered: its content does not match its hash")
+        if tree is not None:
+            tree.add(leaf_input(e))
         expected_seq, prev_hash, checked = expected_seq + 1, e["hash"], checked + 1
 
     if expected_head is not None and tuple(expected_head) != (expected_seq - 1, prev_hash):

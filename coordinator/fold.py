@@ -364,8 +364,7 @@ def _fold_locked(ctx: Coordinator, s: Session, fed: Federation, p: Prepared, now
         "epsilon_claimed": h.epsilon_claim,
         "envelope_digest": p.sealed.envelope_digest,
         "payload_digest": h.payload_digest,
-        "audit_seq": event.seq,
-        "audit_hash": event.hash,
+        **audit.log_position(event),  # audit_seq, audit_hash, leaf_index, tree_size, leaf_hash
         "issued_at": utc_timestamp(now),
     })
     row.receipt, row.receipt_signature = receipt, signature

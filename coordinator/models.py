@@ -44,8 +44,11 @@ __all__ = [
     "AuditEvent",
     "AuditHead",
     "Base",
+    "Checkpoint",
+    "Cosignature",
     "EnrolmentToken",
     "Federation",
+    "MerkleNode",
     "ModelVersion",
     "PrivacyCharge",
     "Role",
@@ -317,3 +320,42 @@ class ApiToken(Base):
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
     revoked_at: Mapped[datetime | None]
     last_used_at: Mapped[datetime | None]
+
+
+class MerkleNode(Base):
+    """A complete subtree of the audit log's RFC 9162 Merkle tree (coordinator/transparency.py).
+
+    ``(level, idx)`` covers leaves ``[idx * 2**level, (idx + 1) * 2**level)``; level 0
+    holds the leaf hashes. Written in the same transaction as the audit entry it completes.
+    """
+
+    __tablename__ = "merkle_nodes"
+
+    level: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=False)
+    idx: Mapped[int] = mapped_column(BigInt, primary_key=True, autoincrement=False)
+    hash: Mapped[bytes] = mapped_column(LargeBinary)  # 32 bytes
+
+
+class Checkpoint(Base):
+    """A signed tree head the coordinator issued: the C2SP checkpoint note as served."""
+
+    __tablename__ = "checkpoints"
+
+    size: Mapped[int] = mapped_column(BigInt, primary_key=True, autoincrement=False)
+    root: Mapped[bytes] = mapped_column(LargeBinary)
+    note: Mapped[str] = mapped_column(Text)  # checkpoint text, blank line, coordinator signature
+    issued_at: Mapped[datetime] = mapped_column(default=utcnow)
+
+
+class Cosignature(Base):
+    """A silo's verified tlog-cosignature/v1 of one checkpoint (its note signature line)."""
+
+    __tablename__ = "cosignatures"
+
+    checkpoint_size: Mapped[int] = mapped_column(
+        BigInt, ForeignKey("checkpoints.size"), primary_key=True, autoincrement=False
+    )
+    silo_id: Mapped[str] = mapped_column(ForeignKey("silos.id"), primary_key=True)
+    timestamp: Mapped[int] = mapped_column(BigInt)  # POSIX seconds, from the cosignature
+    line: Mapped[str] = mapped_column(Text)
+    received_at: Mapped[datetime] = mapped_column(default=utcnow)

@@ -159,6 +159,7 @@ SCHEMAS: dict[str, dict[str, Any]] = {
         ["status", "receipt", "signature"],
         status={"enum": ["accepted", "buffered", "rejected"]}, receipt=_B64, signature=_B64,
         update_id=_STR, resulting_version=_nullable(_INT), audit_seq=_INT, audit_hash=_STR,
+        leaf_index=_INT, tree_size=_INT, leaf_hash=_STR,
     ),
     "Health": _obj(["status"], status=_STR),
 }

@@ -23,6 +23,7 @@ MUTATING = {
     ("PATCH", "/api/admin/federation"),
     ("POST", "/api/admin/tokens"),
     ("POST", "/api/admin/tokens/{token_id}/revoke"),
+    ("POST", "/api/admin/log/checkpoint"),
 }
 
 
@@ -132,7 +133,7 @@ def test_auditor_gets_403_on_every_mutating_route_and_admin_succeeds(server, cli
         assert r.status_code == expected_status.get((method, path), 200), (method, path, r.text)
     events = client.get(f"/api/audit/events?after_seq={head}", headers=auditor).json()["events"]
     assert sorted(e["action"] for e in events) == sorted(
-        ["silo_created", "silo_revoked", "settings_changed", "token_created", "token_revoked"])
+        ["silo_created", "silo_revoked", "settings_changed", "token_created", "token_revoked", "checkpoint_issued"])
     assert {e["actor"] for e in events} == {"token:admin"}
     silos = {s["name"]: s for s in client.get("/api/admin/silos", headers=auditor).json()["silos"]}
     assert silos["to-revoke"]["status"] == "revoked" and silos["by-auditor"]["status"] == "pending"
