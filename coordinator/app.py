@@ -19,7 +19,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Mount, Route
 
-from . import federation, openapi, startup
+from . import federation, openapi, startup, ui
 from .api import admin, audit, silo, transparency
 from .api.errors import exception_handlers
 from .context import Coordinator
@@ -58,6 +58,7 @@ def create_app(ctx: Coordinator) -> Starlette:
         Mount("/api/admin/log", routes=transparency.admin_routes(ctx)),
         Mount("/api/admin", routes=admin.routes(ctx)),
         Mount("/api/audit", routes=audit.routes(ctx)),
+        Mount("/ui", routes=ui.routes(ctx)),  # HTML pages for people, left out of OpenAPI
         *openapi.routes(),
     ]
     return Starlette(routes=routes, exception_handlers=exception_handlers(), lifespan=lifespan)
