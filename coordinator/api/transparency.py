@@ -126,7 +126,7 @@ def routes(ctx: Coordinator, *, interval: timedelta = checkpoints.DEFAULT_INTERV
     async def cosign(request: Request) -> Response:
         size, line = None, None
         try:
-            body = await json_object(request)
+            body = await json_object(request, ctx.config.max_request_bytes)
             size = field(body, "size", int)
             line = field(body, "cosignature", str)
             if size < 0:

@@ -27,6 +27,7 @@ __all__ = [
     "EventPage",
     "UpdateView",
     "accuracy_history",
+    "actions",
     "activity",
     "active_token",
     "checkpoints",

@@ -16,17 +16,22 @@ from __future__ import annotations
 import os
 import shutil
 import sqlite3
+from datetime import UTC, datetime
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
+from privacy.keys import Identity, signing_public_from_raw
+from silo_node.config import SiloConfig
 from silo_node.partition import write_partitions
+from silo_node.witness import witness_once
 from tests.integration.test_silos import ROUND, child_env, enrol_in_process, finish, start
 from tests.support.coordinator import FakeSilo, running_coordinator, serve_coordinator
 
 pytestmark = pytest.mark.slow
 
+FEDERATION = "cardiology-study"
 CHROMIUM = Path("/usr/bin/chromium")
 CHROMEDRIVER = Path("/usr/bin/chromedriver")
 SHOTS = Path(os.environ.get("FEDSILO_SCREENSHOTS") or Path(__file__).parents[2] / "tests-artifacts" / "screenshots")
@@ -50,7 +55,8 @@ def federation(tmp_path_factory) -> Iterator:
     """Two real silos, two DP rounds each, on non-IID partitions of breast_cancer."""
     tmp = tmp_path_factory.mktemp("browser-run")
     parts = write_partitions("breast_cancer", tmp / "parts", 2, alpha=0.5, seed=11)
-    with running_coordinator(tmp / "coordinator", task="breast_cancer", task_options={"hidden": [8]}) as server:
+    with running_coordinator(tmp / "coordinator", task="breast_cancer", task_options={"hidden": [8]},
+                             name=FEDERATION) as server:
         dirs = [enrol_in_process(server, tmp, name, data, epsilon_cap=cap)
                 for name, data, cap in zip(("hospital-north", "hospital-south"), parts.paths, (6.0, 4.0))]
         runs = [start("run", "--data-dir", str(d), "--rounds", "2", *ROUND, env=child_env()) for d in dirs]
@@ -60,8 +66,12 @@ def federation(tmp_path_factory) -> Iterator:
         # exist: the coordinator refuses it (unknown_base_version), as it would a buggy client.
         stray = FakeSilo.create(server, "hospital-west")
         assert stray.push(stray.seal(stray.delta(seed=1), base_version=999)).status_code >= 400
-        with server.client() as c:
-            assert c.get("/api/v1/log/checkpoint").status_code == 200  # a checkpoint to show
+        with server.client() as http:  # a checkpoint, and both hospitals witness it
+            for data_dir in dirs:
+                config = SiloConfig.load(data_dir, environ={})
+                witness_once(http, accepted=None, federation_name=FEDERATION, silo_id=config.enrolment.silo_id,
+                             log_key=signing_public_from_raw(config.enrolment.coordinator_keys.signing),
+                             key=Identity.load(config.keys_dir).signing, now=datetime.now(UTC))
         r = server.admin("POST", "/tokens", json={"name": "compliance", "role": "auditor"})
         assert r.status_code == 201, r.text
         server.auditor_token = r.json()["token"]
@@ -138,7 +148,7 @@ def test_sign_in_and_open_every_page(federation, browser):
     shot(browser, "06-update")
 
     browser.get(f"{base}/ui/checkpoints")
-    assert "witness cosignature" in browser.page_source
+    assert "2 witness cosignatures" in browser.find_element(By.CLASS_NAME, "checkpoint").text
     shot(browser, "07-checkpoints")
     browser.get(f"{base}/ui/settings")
     shot(browser, "10-settings")
