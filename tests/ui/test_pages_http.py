@@ -84,6 +84,22 @@ def test_sign_in_gives_a_strict_http_only_cookie_that_is_not_the_token(server, f
         assert client.get("/ui/").status_code == 200
 
 
+def test_the_cookie_is_secure_when_the_browser_came_over_tls(server, federation):
+    """Behind a TLS-terminating proxy on loopback (uvicorn trusts its X-Forwarded-Proto)."""
+    tls = {"X-Forwarded-Proto": "https"}
+    with httpx.Client(base_url=server.base_url, timeout=60, headers=tls) as client:
+        page = client.get("/ui/login")
+        login_cookie = page.headers["set-cookie"]
+        assert login_cookie.startswith("fedsilo_login=") and "; secure" in login_cookie.lower()
+        # httpx keeps Secure cookies for https URLs only: hand the nonce back by hand.
+        nonce = login_cookie.split(";")[0].split("=", 1)[1]
+        r = client.post("/ui/login", data={"csrf": csrf_of(page.text), "token": server.admin_token},
+                        headers={"Cookie": f"fedsilo_login={nonce}"})
+        assert r.status_code == 303
+        session = [v for k, v in r.headers.multi_items() if k == "set-cookie" and v.startswith("fedsilo_session=")]
+        assert "secure" in [a.strip().lower() for a in session[0].split(";")]
+
+
 def test_pages_send_a_visitor_without_a_session_to_sign_in(server):
     with httpx.Client(base_url=server.base_url, timeout=60) as client:
         for path in PAGES:
