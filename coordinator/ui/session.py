@@ -33,7 +33,7 @@ from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 
 from privacy.keys import Identity
 
-__all__ = ["COOKIE", "LOGIN_COOKIE", "SESSION_SECONDS", "Session", "SessionKeys"]
+__all__ = ["COOKIE", "LOGIN_COOKIE", "LOGIN_SECONDS", "SESSION_SECONDS", "Session", "SessionKeys"]
 
 COOKIE = "fedsilo_session"
 LOGIN_COOKIE = "fedsilo_login"
