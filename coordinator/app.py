@@ -20,7 +20,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Mount, Route
 
-from . import federation, logs, openapi, startup
+from . import federation, logs, openapi, startup, ui
 from .api import admin, audit, silo, transparency
 from .api.errors import exception_handlers
 from .context import Coordinator
@@ -59,6 +59,7 @@ def create_app(ctx: Coordinator) -> Starlette:
         Mount("/api/admin/log", routes=transparency.admin_routes(ctx)),
         Mount("/api/admin", routes=admin.routes(ctx)),
         Mount("/api/audit", routes=audit.routes(ctx)),
+        Mount("/ui", routes=ui.routes(ctx)),  # HTML pages for people, left out of OpenAPI
         *openapi.routes(),
     ]
     logs.install_event_log(ctx.engine)  # one log line per committed audit entry

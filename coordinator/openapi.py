@@ -321,7 +321,7 @@ def iter_operations(routes: Iterable[BaseRoute], prefix: str = "") -> Iterator[t
     for route in routes:
         if isinstance(route, Mount):
             yield from iter_operations(route.routes, prefix + route.path)
-        elif isinstance(route, Route):
+        elif isinstance(route, Route) and route.include_in_schema:  # False: an HTML page, not an API
             path = _CONVERTER.sub(r"{\1}", prefix + route.path)
             for method in sorted(route.methods or ("GET",)):
                 if method != "HEAD":
