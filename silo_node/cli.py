@@ -19,12 +19,12 @@ import threading
 import warnings
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, TextIO
 
 from privacy.errors import PrivacyError
 
 from .client_errors import ClientError, Untrusted
-from .commands import InitResult, export_ledger, init_silo, run_silo, silo_status
+from .commands import InitResult, export_ledger, export_log_evidence, init_silo, run_silo, silo_status
 from .config import ENV_PREFIX, ConfigError
 from .ledger import LedgerError
 
@@ -223,12 +223,17 @@ def _cmd_status(args: argparse.Namespace) -> int:
 
 
 def _cmd_ledger(args: argparse.Namespace) -> int:
+    def export(out: TextIO) -> int:
+        if args.evidence:
+            return export_log_evidence(args.data_dir, out)
+        return export_ledger(args.data_dir, args.format, out)
+
     if args.output:
         with open(args.output, "w", encoding="utf-8", newline="") as fh:
-            n = export_ledger(args.data_dir, args.format, fh)
+            n = export(fh)
         print(f"wrote {n} ledger entries to {args.output}", file=sys.stderr)
     else:
-        export_ledger(args.data_dir, args.format, sys.stdout)
+        export(sys.stdout)
     return EXIT_OK
 
 
@@ -339,6 +344,8 @@ def build_parser() -> argparse.ArgumentParser:
     data_dir_arg(p)
     p.add_argument("--format", choices=("jsonl", "csv"), default="jsonl", help="output format (default: jsonl)")
     p.add_argument("--output", metavar="FILE", help="write to FILE instead of standard output")
+    p.add_argument("--evidence", action="store_true",
+                   help="instead, the evidence kept when the coordinator's log was found altered (JSON lines)")
     verbosity(p)
     return parser
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
+import json
 import logging
 import os
 import secrets
@@ -433,3 +434,15 @@ def export_ledger(data_dir: Path, fmt: str, out: TextIO, *, environ: Mapping[str
         return 0
     with Ledger(config.ledger_path, readonly=True) as ledger:
         return ledger.export(fmt, out)
+
+
+def export_log_evidence(data_dir: Path, out: TextIO, *, environ: Mapping[str, str] | None = None) -> int:
+    """Write the evidence of an altered coordinator log (JSON lines); return how many."""
+    config = SiloConfig.load(data_dir, environ)
+    if not config.ledger_path.exists():
+        return 0
+    with Ledger(config.ledger_path, readonly=True) as ledger:
+        evidence = ledger.log_evidence()
+    for item in evidence:
+        out.write(json.dumps(item, sort_keys=True) + "\n")
+    return len(evidence)
