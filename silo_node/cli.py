@@ -228,6 +228,8 @@ def _cmd_reconcile(args: argparse.Namespace) -> int:
     else:
         for m in report.mismatches:
             print(f"{m.kind}: {m.message}")
+        for update_id in report.uncovered:
+            print(f"not yet covered: update {update_id}'s entry is after the checkpoint this silo cosigned")
         verdict = "clean" if report.ok else f"{len(report.mismatches)} mismatch(es)"
         print(f"{verdict}: {report.updates_checked} update(s) of the ledger against {report.export_entries} log "
               f"entries; the cosigned checkpoint has {report.checkpoint_size}")

@@ -5,8 +5,9 @@ payload and envelope digests, and outcome (accepted / buffered / rejected) -- an
 entry must be inside the newest checkpoint this silo cosigned. The export proves that
 last point itself: the Merkle tree of its first ``size`` entries must have the
 checkpoint's root (privacy/merkle.py), which holds only if the export is, entry for
-entry, the log this silo witnessed. Entries in the log attributed to this silo that
-the ledger does not know are reported too. Nothing here touches the network.
+entry, the log this silo witnessed. Entries after that checkpoint are listed as not
+yet covered (the daemon's next witnessed checkpoint covers them). Entries in the log
+attributed to this silo that the ledger does not know are reported too. Nothing here touches the network.
 """
 
 from __future__ import annotations
@@ -39,6 +40,9 @@ class ReconcileReport:
     export_entries: int
     updates_checked: int
     mismatches: list[Mismatch] = field(default_factory=list)
+    # updates whose entries came after the cosigned checkpoint: not proven yet, not wrong
+    # either; the daemon's next witnessed checkpoint covers them
+    uncovered: list[str] = field(default_factory=list)
 
     @property
     def ok(self) -> bool:
@@ -92,7 +96,9 @@ def reconcile(ledger: Sequence[LedgerEntry], leaves: Iterable[bytes], *, silo_id
                 add(Mismatch("digest_differs", update_id,
                              f"update {update_id}: the log's {name} {str(details[name])[:16]}... is not the "
                              f"ledger's {str(getattr(entry, name))[:16]}... (entry {e['seq']})"))
-        if not witnessed or index >= checkpoint.size:
+        if witnessed and index >= checkpoint.size:
+            report.uncovered.append(update_id)
+        elif not witnessed:
             add(Mismatch("not_included", update_id,
                          f"update {update_id}'s entry {e['seq']} is not proven in the checkpoint of size "
                          f"{checkpoint.size} this silo cosigned"))
