@@ -427,7 +427,8 @@ class Daemon:
                 tlog.verify_inclusion(fields, cp, proof)
             except merkle.ProofError as exc:
                 reason = f"update {entry.update_id}'s audit entry {fields['leaf_index']} is not in the log: {exc}"
-                self._log_altered({"checkpoint": done.note_text, "receipt": fields,
+                self._log_altered({"checkpoint": done.note_text, "receipt": entry.receipt.decode(),
+                                   "receipt_signature": base64.b64encode(entry.receipt_signature or b"").decode(),
                                    "inclusion_proof": [base64.b64encode(h).decode() for h in proof],
                                    "reason": reason}, reason)
             self.ledger.mark_included(entry.update_id, cp.size)
