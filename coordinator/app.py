@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+from datetime import timedelta
 from collections.abc import AsyncIterator
 from pathlib import Path
 
@@ -54,7 +55,9 @@ def create_app(ctx: Coordinator) -> Starlette:
     routes = [
         Route("/healthz", healthz, methods=["GET"]),
         *ctx.metrics.routes(),
-        Mount("/api/v1/log", routes=transparency.routes(ctx)),  # before /api/v1, which would shadow it
+        # before /api/v1, which would shadow it
+        Mount("/api/v1/log", routes=transparency.routes(
+            ctx, interval=timedelta(seconds=ctx.config.checkpoint_interval_seconds))),
         Mount("/api/v1", routes=silo.routes(ctx)),
         Mount("/api/admin/log", routes=transparency.admin_routes(ctx)),
         Mount("/api/admin", routes=admin.routes(ctx)),

@@ -59,6 +59,8 @@ class CoordinatorConfig:
     max_clock_skew_seconds: int = 300  # signed requests, and updates dated in the future
     max_update_age_seconds: int = 7 * 24 * 3600  # an update older than this is a replay
     enrolment_token_ttl_seconds: int = 7 * 24 * 3600
+    # a fetch of the newest checkpoint issues a new one when the log grew and this passed
+    checkpoint_interval_seconds: int = 10
     retain_versions: int = 0  # 0: keep every version's weights; N: keep the newest N + staleness window
     ingest_workers: int = 2  # threads for verify/decrypt/decode outside the fold lock
     fold_workers: int = 4  # threads per process that may queue for the fold lock
@@ -158,6 +160,8 @@ _RULES: dict[str, _Rule] = {
     "max_clock_skew_seconds": _Rule(int, _at_least(0), "an integer >= 0", "300"),
     "max_update_age_seconds": _Rule(int, _at_least(1), "an integer >= 1", str(7 * 24 * 3600)),
     "enrolment_token_ttl_seconds": _Rule(int, _at_least(1), "an integer >= 1", str(7 * 24 * 3600)),
+    "checkpoint_interval_seconds": _Rule(int, _at_least(0), "an integer >= 0 (0: on every fetch after growth)",
+                                         "10"),
     "retain_versions": _Rule(int, _at_least(0), "an integer >= 0 (0 keeps every version)", "0"),
     "ingest_workers": _Rule(int, _at_least(1), "an integer >= 1", "2"),
     "fold_workers": _Rule(int, _at_least(1), "an integer >= 1", "4"),

@@ -19,12 +19,20 @@ import threading
 import warnings
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, TextIO
 
 from privacy.errors import PrivacyError
 
 from .client_errors import ClientError, Untrusted
-from .commands import InitResult, export_ledger, init_silo, run_silo, silo_status
+from .commands import (
+    InitResult,
+    export_ledger,
+    export_log_evidence,
+    init_silo,
+    reconcile_silo,
+    run_silo,
+    silo_status,
+)
 from .config import ENV_PREFIX, ConfigError
 from .ledger import LedgerError
 
@@ -213,6 +221,21 @@ def _cmd_run(args: argparse.Namespace, console: Any) -> int:
     return result.exit_code
 
 
+def _cmd_reconcile(args: argparse.Namespace) -> int:
+    report = reconcile_silo(args.data_dir, export=args.export, token_file=args.token_file)
+    if args.json:
+        print(json.dumps(report.to_json(), indent=2, sort_keys=True))
+    else:
+        for m in report.mismatches:
+            print(f"{m.kind}: {m.message}")
+        for update_id in report.uncovered:
+            print(f"not yet covered: update {update_id}'s entry is after the checkpoint this silo cosigned")
+        verdict = "clean" if report.ok else f"{len(report.mismatches)} mismatch(es)"
+        print(f"{verdict}: {report.updates_checked} update(s) of the ledger against {report.export_entries} log "
+              f"entries; the cosigned checkpoint has {report.checkpoint_size}")
+    return EXIT_OK if report.ok else EXIT_ERROR
+
+
 def _cmd_status(args: argparse.Namespace) -> int:
     status = silo_status(args.data_dir, remote=args.remote)
     if args.json:
@@ -223,12 +246,17 @@ def _cmd_status(args: argparse.Namespace) -> int:
 
 
 def _cmd_ledger(args: argparse.Namespace) -> int:
+    def export(out: TextIO) -> int:
+        if args.evidence:
+            return export_log_evidence(args.data_dir, out)
+        return export_ledger(args.data_dir, args.format, out)
+
     if args.output:
         with open(args.output, "w", encoding="utf-8", newline="") as fh:
-            n = export_ledger(args.data_dir, args.format, fh)
+            n = export(fh)
         print(f"wrote {n} ledger entries to {args.output}", file=sys.stderr)
     else:
-        export_ledger(args.data_dir, args.format, sys.stdout)
+        export(sys.stdout)
     return EXIT_OK
 
 
@@ -339,6 +367,22 @@ def build_parser() -> argparse.ArgumentParser:
     data_dir_arg(p)
     p.add_argument("--format", choices=("jsonl", "csv"), default="jsonl", help="output format (default: jsonl)")
     p.add_argument("--output", metavar="FILE", help="write to FILE instead of standard output")
+    p.add_argument("--evidence", action="store_true",
+                   help="instead, the evidence kept when the coordinator's log was found altered (JSON lines)")
+    verbosity(p)
+
+    p = sub.add_parser("reconcile", help="check the coordinator's audit log against the ledger",
+                       description="Every update with a verdict in the ledger must be in the log with the same "
+                                   "digests and outcome, inside the newest checkpoint this silo cosigned; entries "
+                                   "the log attributes to this silo must be in the ledger. Exit 0: clean; 1: a "
+                                   "mismatch (each one listed) or the inputs cannot be reconciled.")
+    data_dir_arg(p)
+    source = p.add_mutually_exclusive_group(required=True)
+    source.add_argument("export", nargs="?", type=Path, help="an audit export file (JSONL or CSV)")
+    source.add_argument("--token-file", type=Path, metavar="FILE",
+                        help="fetch the export from the coordinator's audit API with the auditor token in FILE "
+                             "(mode 0600)")
+    p.add_argument("--json", action="store_true", help="print the report as JSON")
     verbosity(p)
     return parser
 
@@ -372,6 +416,8 @@ def _main(argv: Sequence[str] | None) -> int:
             return _cmd_run(args, console)
         if args.command == "status":
             return _cmd_status(args)
+        if args.command == "reconcile":
+            return _cmd_reconcile(args)
         return _cmd_ledger(args)
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)

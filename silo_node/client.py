@@ -338,6 +338,13 @@ class SiloClient:
             raise BadResponse(ClientReason.BAD_RESPONSE, f"HTTP 200 with a {receipt.status!r} receipt")
         return receipt
 
+    def log_http(self) -> httpx.Client:
+        """The HTTP session (same TLS, proxy, timeouts) with the coordinator as base URL,
+        for the public transparency-log routes (silo_node/witness.py); requests with an
+        absolute URL, as this client's own, are unaffected by the base URL."""
+        self._http.base_url = httpx.URL(self.base_url)
+        return self._http
+
     # -- internals --
 
     def _check_receipt(self, receipt: Receipt, update_id: str, envelope_digest: str) -> None:

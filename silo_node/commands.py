@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
+import json
 import logging
 import os
 import secrets
@@ -433,3 +434,77 @@ def export_ledger(data_dir: Path, fmt: str, out: TextIO, *, environ: Mapping[str
         return 0
     with Ledger(config.ledger_path, readonly=True) as ledger:
         return ledger.export(fmt, out)
+
+
+def export_log_evidence(data_dir: Path, out: TextIO, *, environ: Mapping[str, str] | None = None) -> int:
+    """Write the evidence of an altered coordinator log (JSON lines); return how many."""
+    config = SiloConfig.load(data_dir, environ)
+    if not config.ledger_path.exists():
+        return 0
+    with Ledger(config.ledger_path, readonly=True) as ledger:
+        evidence = ledger.log_evidence()
+    for item in evidence:
+        out.write(json.dumps(item, sort_keys=True) + "\n")
+    return len(evidence)
+
+
+# --------------------------------------------------------------------------- reconcile
+
+
+def reconcile_silo(data_dir: Path, *, export: Path | None = None, token_file: Path | None = None,
+                   environ: Mapping[str, str] | None = None, transport: Any = None):
+    """Reconcile the ledger with an audit export file, or (``token_file``: an auditor
+    token, file mode 0600) with the coordinator's audit API; returns a ReconcileReport."""
+    from privacy import verify_log
+    from privacy import witness as tlog
+
+    from .reconcile import reconcile
+
+    if (export is None) == (token_file is None):
+        raise ConfigError(ConfigReason.INVALID, "give either an audit export file or --token-file (the audit API)")
+    config = SiloConfig.load(data_dir, environ)
+    enrol = config.enrolment
+    if not config.ledger_path.exists():
+        raise LedgerError("unreadable", f"no ledger at {config.ledger_path}: this silo has not run yet")
+    with Ledger(config.ledger_path, readonly=True) as ledger:
+        entries, accepted = ledger.entries(), ledger.accepted_checkpoint()
+    if accepted is None:
+        raise ConfigError(ConfigReason.INVALID, "this silo has not cosigned a checkpoint of the coordinator's log "
+                                                "yet: run the daemon once, then reconcile")
+    try:
+        checkpoint = tlog.checked_checkpoint(accepted[0], tlog.log_origin(enrol.federation),
+                                             enrol.coordinator_keys.signing_key)
+    except tlog.WitnessError as exc:
+        raise ConfigError(ConfigReason.INVALID, f"the ledger's checkpoint: {exc}") from None
+    if export is None:
+        export = _download_export(config, token_file, transport)
+    try:
+        _fmt, batches = verify_log.read_export(export)
+        leaves = (leaf for batch in batches for leaf in batch)
+        return reconcile(entries, leaves, silo_id=enrol.silo_id, checkpoint=checkpoint)
+    except verify_log.InputError as exc:
+        raise ConfigError(ConfigReason.INVALID, str(exc)) from None
+    except (ValueError, TypeError, KeyError) as exc:  # a line that is not an audit entry
+        raise ConfigError(ConfigReason.INVALID, f"{export} is not an audit export: {exc}") from None
+
+
+def _download_export(config: SiloConfig, token_file: Path, transport: Any) -> Path:
+    """The coordinator's audit export (JSONL), fetched with an auditor token, into the data dir."""
+    mode = os.stat(token_file).st_mode
+    if mode & 0o077:
+        raise ConfigError(ConfigReason.INVALID, f"{token_file} is readable by others (mode {mode & 0o777:o}); "
+                                                f"chmod 600 {token_file}")
+    token = Path(token_file).read_text(encoding="utf-8").strip()
+    target = config.data_dir / "audit-export.jsonl"
+    with SiloClient(config.coordinator_url, transport=transport, **_network(config.network)) as client:
+        http = client.log_http()
+        with http.stream("GET", "/api/audit/export", params={"format": "jsonl"},
+                         headers={"Authorization": f"Bearer {token}"}) as r:
+            if r.status_code != 200:
+                raise ConfigError(ConfigReason.INVALID,
+                                  f"the coordinator refused the audit export: HTTP {r.status_code}")
+            fd = os.open(target, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+            with open(fd, "wb") as out:
+                for chunk in r.iter_bytes():
+                    out.write(chunk)
+    return target

@@ -17,7 +17,11 @@ One iteration, in this order (docs/silo.md):
 6. **Seal** (HPKE to the pinned coordinator key, signed with the silo's key) and
    **write to the ledger** -- fsynced -- *before* the first byte is sent.
 7. **Push**, and store the verified receipt (or the rejection and its reason).
-8. **Pause** ``pause + uniform(0, jitter)`` seconds, so many silos do not stampede.
+8. **Witness** (before each round and after the last): check the coordinator's newest
+   checkpoint extends the one this silo last cosigned, cosign it, and prove that every
+   receipt it covers is in the log. A log that is not append-only stops the daemon
+   with exit code 4 and the evidence in the ledger (docs/silo.md).
+9. **Pause** ``pause + uniform(0, jitter)`` seconds, so many silos do not stampede.
 
 Stops cleanly on SIGTERM/SIGINT (between steps; a second signal exits at once, which
 is safe: every ledger write is a transaction). The clock, randomness, update ids and
@@ -26,6 +30,8 @@ waiting are injected, so tests run without real time passing.
 
 from __future__ import annotations
 
+import base64
+import json
 import logging
 import os
 import random
@@ -38,7 +44,10 @@ from datetime import UTC, datetime
 from enum import StrEnum
 from typing import Any
 
-from privacy import codec
+import httpx
+
+from privacy import codec, merkle
+from privacy import witness as tlog
 from privacy.envelope import UpdateHeader, parse_update, seal_update, utc_timestamp
 from privacy.keys import Identity
 from privacy.reasons import Reason, known
@@ -50,6 +59,7 @@ from .ledger import DPRun, Ledger
 from .receipt import Receipt
 from .tasks import Task
 from .trainer import BudgetExhausted, LocalData, plan_round, run_round
+from .witness import LogError, inclusion_proof, witness_once
 
 __all__ = [
     "CRASH_POINTS",
@@ -127,6 +137,7 @@ class Outcome(StrEnum):
     STOPPED = "stopped"  # a signal asked us to stop
     REFUSED = "refused"  # a model release or receipt failed verification
     FATAL = "fatal"  # revoked, unknown to the coordinator, or a signature it refuses
+    LOG_ALTERED = "log_altered"  # the coordinator's transparency log is not append-only
 
 
 EXIT_CODES = {
@@ -135,7 +146,17 @@ EXIT_CODES = {
     Outcome.STOPPED: 0,
     Outcome.REFUSED: 3,
     Outcome.FATAL: 1,
+    Outcome.LOG_ALTERED: 4,
 }
+
+#: What the silo's IT team reads when the daemon stops with exit code 4.
+LOG_ALTERED_HELP = (
+    "the coordinator's audit log is not the one this silo witnessed: {reason}. This silo did not "
+    "cosign it and will not train until a person has looked. The evidence (both signed checkpoints "
+    "and the proof that failed) is in the ledger: `fedsilo-silo ledger --evidence`. Send it to the "
+    "federation's compliance officer and to the coordinator's operator; do not delete the ledger "
+    "and do not restart this silo until they answer (docs/silo.md, 'An altered log')."
+)
 
 
 @dataclass(frozen=True)
@@ -199,10 +220,12 @@ class Daemon:
                 if not self._resend_pending():
                     self._pause(failed=True)
                     continue
+                self._witness()
                 if self.rounds is not None and self._receipts >= self.rounds:
                     return RunResult(Outcome.ROUNDS_DONE, self._receipts, f"done: {self._receipts} receipt(s)")
                 ok = self._one_round()
                 if self.rounds is not None and self._receipts >= self.rounds:
+                    self._witness()
                     return RunResult(Outcome.ROUNDS_DONE, self._receipts, f"done: {self._receipts} receipt(s)")
                 self._pause(failed=not ok)
         except _Stop as stop:
@@ -361,6 +384,61 @@ class Daemon:
             update_id, receipt.status, receipt.resulting_version, _fmt(receipt.epsilon_computed), receipt.audit_seq,
         )
         return receipt
+
+    # -- witnessing the transparency log --
+
+    def _witness(self) -> None:
+        """Cosign the newest checkpoint if it extends the accepted one; prove our receipts.
+
+        A network or format problem only logs (the next round tries again); a log that
+        is not append-only, or that lacks an entry a receipt of ours names, stops the
+        daemon for good with the evidence in the ledger.
+        """
+        enrol = self.config.enrolment
+        accepted = self.ledger.accepted_checkpoint()
+        http = self.client.log_http()
+        try:
+            done = witness_once(http, accepted=None if accepted is None else accepted[0],
+                                federation_name=enrol.federation, silo_id=enrol.silo_id,
+                                log_key=self._coordinator.signing_key, key=self.identity.signing,
+                                now=self.clock().astimezone(UTC))
+        except tlog.ForkDetected as exc:
+            self._log_altered(exc.evidence(), exc.reason)
+        except (LogError, tlog.WitnessError, httpx.HTTPError, ValueError, KeyError) as exc:
+            log.warning("could not witness the coordinator's log this round: %s", exc)
+            return
+        if accepted is None or done.note_text != accepted[0]:
+            self.ledger.record_checkpoint(done.checkpoint.size, done.note_text, done.cosignature)
+            log.info("cosigned the coordinator's checkpoint of size %d", done.checkpoint.size)
+        self._prove_receipts(http, done)
+
+    def _prove_receipts(self, http: httpx.Client, done: tlog.Witnessed) -> None:
+        cp = done.checkpoint
+        for entry in self.ledger.uncovered_receipts():
+            fields = json.loads(entry.receipt)  # verified against the pinned key when stored
+            if "leaf_index" not in fields or fields["tree_size"] > cp.size:
+                continue  # a receipt from before the log had a tree, or not yet covered
+            try:
+                proof = inclusion_proof(http, fields["leaf_index"], cp.size)
+            except (LogError, httpx.HTTPError, ValueError, KeyError) as exc:
+                log.warning("could not fetch the inclusion proof of update %s: %s", entry.update_id, exc)
+                return
+            try:
+                tlog.verify_inclusion(fields, cp, proof)
+            except merkle.ProofError as exc:
+                reason = f"update {entry.update_id}'s audit entry {fields['leaf_index']} is not in the log: {exc}"
+                self._log_altered({"checkpoint": done.note_text, "receipt": entry.receipt.decode(),
+                                   "receipt_signature": base64.b64encode(entry.receipt_signature or b"").decode(),
+                                   "inclusion_proof": [base64.b64encode(h).decode() for h in proof],
+                                   "reason": reason}, reason)
+            self.ledger.mark_included(entry.update_id, cp.size)
+
+    def _log_altered(self, evidence: dict, reason: str) -> None:
+        self.ledger.record_log_evidence(evidence)
+        self.ledger.record_stop("log_altered", reason)
+        message = LOG_ALTERED_HELP.format(reason=reason)
+        log.error("%s", message)
+        raise _Stop(RunResult(Outcome.LOG_ALTERED, self._receipts, message))
 
     def _fetch(self) -> Release | None:
         try:

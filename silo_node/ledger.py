@@ -196,6 +196,28 @@ CREATE TABLE IF NOT EXISTS entries (
 CREATE INDEX IF NOT EXISTS entries_status ON entries (status);
 """
 
+# The silo as a witness of the coordinator's transparency log (docs/silo.md). Separate
+# tables, created on every writable open: they add to schema 1 without changing it.
+_WITNESS_DDL = """
+CREATE TABLE IF NOT EXISTS checkpoints (
+    seq          INTEGER PRIMARY KEY AUTOINCREMENT,
+    accepted_at  TEXT NOT NULL,
+    size         INTEGER NOT NULL,
+    note         TEXT NOT NULL,
+    cosignature  TEXT NOT NULL
+);
+CREATE TABLE IF NOT EXISTS inclusions (
+    update_id       TEXT PRIMARY KEY,
+    checkpoint_size INTEGER NOT NULL,
+    verified_at     TEXT NOT NULL
+);
+CREATE TABLE IF NOT EXISTS log_evidence (
+    seq          INTEGER PRIMARY KEY AUTOINCREMENT,
+    detected_at  TEXT NOT NULL,
+    evidence     TEXT NOT NULL
+);
+"""
+
 
 @dataclass(frozen=True)
 class LedgerSummary:
@@ -252,6 +274,8 @@ class Ledger:
                         if statement.strip():
                             self._db.execute(statement)
                     self._db.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
+            if not readonly:
+                self._db.executescript(_WITNESS_DDL)
         except sqlite3.DatabaseError as exc:
             raise LedgerError(LedgerReason.UNREADABLE, f"{self.path} is not a readable ledger: {exc}") from exc
 
@@ -474,6 +498,53 @@ class Ledger:
             last_stop=self._entry(stop) if stop else None,
             pending=counts[Status.SEALED.value] + counts[Status.SENT.value],
         )
+
+    # -- the transparency log: checkpoints this silo cosigned, receipts proven, evidence --
+
+    def _has_witness_tables(self) -> bool:
+        return self._db.execute("SELECT 1 FROM sqlite_master WHERE name = 'checkpoints'").fetchone() is not None
+
+    def record_checkpoint(self, size: int, note: str, cosignature: str) -> None:
+        """Keep a checkpoint this silo verified and cosigned; the newest is the next ``accepted``."""
+        with self._transaction() as db:
+            db.execute("INSERT INTO checkpoints (accepted_at, size, note, cosignature) VALUES (?, ?, ?, ?)",
+                       (self._stamp(), size, note, cosignature))
+
+    def accepted_checkpoint(self) -> tuple[str, str] | None:
+        """The newest accepted checkpoint (signed note as received, our cosignature line)."""
+        if not self._has_witness_tables():
+            return None
+        row = self._db.execute("SELECT note, cosignature FROM checkpoints ORDER BY seq DESC LIMIT 1").fetchone()
+        return None if row is None else (row[0], row[1])
+
+    def uncovered_receipts(self) -> list[LedgerEntry]:
+        """Entries with a signed receipt whose inclusion in the log is not proven yet."""
+        return [self._entry(r) for r in self._db.execute(
+            "SELECT * FROM entries WHERE receipt IS NOT NULL AND update_id NOT IN (SELECT update_id FROM inclusions) "
+            "ORDER BY seq")]
+
+    def mark_included(self, update_id: str, checkpoint_size: int) -> None:
+        with self._transaction() as db:
+            db.execute("INSERT OR IGNORE INTO inclusions (update_id, checkpoint_size, verified_at) VALUES (?, ?, ?)",
+                       (update_id, checkpoint_size, self._stamp()))
+
+    def inclusions(self) -> dict[str, int]:
+        """update id -> size of the checkpoint its receipt's entry was proven included in."""
+        if not self._has_witness_tables():
+            return {}
+        return dict(self._db.execute("SELECT update_id, checkpoint_size FROM inclusions"))
+
+    def record_log_evidence(self, evidence: dict) -> None:
+        """Keep proof that the coordinator's log is not append-only (for the IT team)."""
+        with self._transaction() as db:
+            db.execute("INSERT INTO log_evidence (detected_at, evidence) VALUES (?, ?)",
+                       (self._stamp(), json.dumps(evidence, sort_keys=True)))
+
+    def log_evidence(self) -> list[dict]:
+        if not self._has_witness_tables():
+            return []
+        return [{"detected_at": r[0], **json.loads(r[1])}
+                for r in self._db.execute("SELECT detected_at, evidence FROM log_evidence ORDER BY seq")]
 
     # -- export --
 

@@ -5,8 +5,7 @@ proof from the last checkpoint this silo accepted, check both (privacy/witness.p
 cosign, hand the cosignature back, and return what is now accepted. It raises
 ``privacy.witness.ForkDetected`` -- never cosigning -- when the coordinator shows a log
 that does not extend the one this silo cosigned; the caller records
-``exc.evidence()`` and stops (the daemon wiring and the ledger table are not part of
-this module). The log routes are public: nothing here is signed but the cosignature.
+``exc.evidence()`` and stops (silo_node/daemon.py; the ledger keeps the checkpoints). The log routes are public: nothing here is signed but the cosignature.
 """
 
 from __future__ import annotations
@@ -19,7 +18,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey,
 
 from privacy import witness as w
 
-__all__ = ["LogError", "witness_once"]
+__all__ = ["LogError", "inclusion_proof", "witness_once"]
 
 
 class LogError(Exception):
@@ -53,3 +52,9 @@ def witness_once(
     if r.status_code != 200:
         raise LogError(f"the coordinator refused the cosignature: {r.status_code} {r.text[:200]}")
     return done
+
+
+def inclusion_proof(http: httpx.Client, index: int, size: int) -> list[bytes]:
+    """The coordinator's inclusion proof of leaf ``index`` in the tree of ``size`` (unverified)."""
+    body = _get(http, "/proof/inclusion", index=index, size=size).json()
+    return [base64.b64decode(h, validate=True) for h in body["proof"]]

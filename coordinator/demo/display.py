@@ -247,9 +247,10 @@ def print_summary(summary: dict, out_dir: str, console: Console | None = None) -
                  f"audit chain verifies: {audit['verify'].get('checked')} entries online, "
                  f"{audit['export']['verify_offline'].get('checked')} from {audit['export']['path']}")
     grid.add_row(mark(checks["within_caps"]), "every silo within its privacy cap (coordinator's recomputed epsilon)")
-    reconciled = sum(s["ledger_reconciled"]["updates"] for s in summary["silos"])
+    reconciled = sum(s["ledger_reconciled"]["updates_checked"] for s in summary["silos"])
     grid.add_row(mark(checks["ledgers_reconciled"]),
-                 f"every silo's ledger matches the coordinator's record ({reconciled} updates, digest and verdict)")
+                 f"every silo's ledger matches the audit log ({reconciled} updates: digests, outcome, "
+                 "inside a checkpoint the silo cosigned)")
 
     table = Table(box=box.SIMPLE, pad_edge=False)
     for col, just in (("silo", "left"), ("ε spent", "right"), ("cap", "right"), ("accepted", "right"),

@@ -123,7 +123,7 @@ class Finale:
     export_path: Path
     export_lines: int
     export_verify: dict
-    ledgers: dict[str, dict]  # silo id -> {"path": relative path, "entries": the exported ledger rows}
+    ledgers: dict[str, dict]  # silo id -> {"path": relative path, "entries": exported rows, "reconciled": report}
 
 
 class View(Protocol):
@@ -235,10 +235,10 @@ def _watch(run: DemoRun, observer: Observer, view: View, coordinator: Child) -> 
 
 def _finale(run: DemoRun, admin: AdminClient) -> Finale:
     """Exports and verification: the audit log (verified online and, from its export,
-    offline), each silo's ledger (``fedsilo-silo ledger --format jsonl``'s function),
-    the final records."""
+    offline), each silo's ledger (``fedsilo-silo ledger --format jsonl``'s function)
+    reconciled with that export (``fedsilo-silo reconcile``'s), the final records."""
     from coordinator.verify import verify_log
-    from silo_node.commands import export_ledger
+    from silo_node.commands import export_ledger, reconcile_silo
     from silo_node.config import ConfigError
     from silo_node.ledger import LedgerError
 
@@ -255,7 +255,11 @@ def _finale(run: DemoRun, admin: AdminClient) -> Finale:
         except (ConfigError, LedgerError) as exc:
             raise DemoError(f"exporting {s.plan.name}'s ledger: {getattr(exc, 'message', exc)}") from None
         entries = [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
-        ledgers[s.silo_id] = {"path": str(path.relative_to(run.out)), "entries": entries}
+        try:  # what `fedsilo-silo reconcile --data-dir D audit.jsonl` reports
+            reconciled = reconcile_silo(s.data_dir, export=export_path, environ={}).to_json()
+        except (ConfigError, LedgerError) as exc:
+            reconciled = {"ok": False, "updates_checked": 0, "error": getattr(exc, "message", str(exc))}
+        ledgers[s.silo_id] = {"path": str(path.relative_to(run.out)), "entries": entries, "reconciled": reconciled}
     return Finale(
         silos=admin.silos(),
         budgets=admin.budgets(),

@@ -4,8 +4,8 @@ The summary states the demo's three claims and the evidence for each: the global
 model improved on data no silo had (held-out accuracy of version 0 and of the final
 version), the audit chain verifies (online and from its export), and no silo went past
 its privacy cap (the coordinator's own epsilon, recomputed from each silo's accepted
-history, against the cap the operator set). It also reconciles each silo's ledger with
-the coordinator's record, update by update, as a compliance officer would.
+history, against the cap the operator set). It also carries each silo's reconciliation of its
+ledger with the audit export (``fedsilo-silo reconcile``), as a compliance officer would.
 """
 
 from __future__ import annotations
@@ -19,7 +19,7 @@ from typing import Any
 
 from .orchestration import DemoRun, Finale
 
-__all__ = ["SUMMARY_FORMAT", "build_summary", "plot_accuracy", "reconcile", "write_summary"]
+__all__ = ["SUMMARY_FORMAT", "build_summary", "plot_accuracy", "write_summary"]
 
 SUMMARY_FORMAT = 1
 #: Relative slack when comparing epsilon with its cap (float noise of the accountant).
@@ -38,34 +38,6 @@ def _seconds(run: DemoRun, when: datetime) -> float:
 
 def _round(x: float | None, digits: int = 4) -> float | None:
     return None if x is None else round(float(x), digits)
-
-
-def reconcile(ledger: list[dict], updates: list[dict]) -> dict[str, Any]:
-    """Compare a silo's ledger with the coordinator's record of that silo's updates.
-
-    Every update the silo recorded a verdict for must be known to the coordinator with
-    the same envelope digest and the same verdict (a FedBuff update the silo saw
-    ``buffered`` is ``accepted`` once its buffer was folded), and the coordinator must
-    hold no update of this silo that the ledger lacks.
-    """
-    theirs = {u["update_id"]: u for u in updates}
-    ours = [e for e in ledger if e.get("kind") == "update"]
-    problems: list[str] = []
-    pending = 0
-    for e in ours:
-        record = theirs.get(e["update_id"])
-        if e["status"] in ("sealed", "sent"):
-            pending += 1  # left without a verdict (the demo stopped it mid-flight)
-            continue
-        if record is None:
-            problems.append(f"{e['update_id']}: in the ledger, unknown to the coordinator")
-        elif record["envelope_digest"] != e["envelope_digest"]:
-            problems.append(f"{e['update_id']}: envelope digests differ")
-        elif not (record["status"] == e["status"] or (e["status"] == "buffered" and record["status"] == "accepted")):
-            problems.append(f"{e['update_id']}: ledger says {e['status']}, coordinator {record['status']}")
-    missing = set(theirs) - {e["update_id"] for e in ours}
-    problems += [f"{u}: at the coordinator, not in the ledger" for u in sorted(missing)]
-    return {"ok": not problems, "updates": len(ours), "without_verdict": pending, "problems": problems}
 
 
 def _last_stop(ledger: list[dict]) -> dict | None:
@@ -122,7 +94,7 @@ def build_summary(run: DemoRun, finale: Finale) -> dict[str, Any]:
             "stopped_with": last_stop["detail"] if last_stop else (s.child.last_line() if s.child is not None else ""),
             "ledger": ledger["path"],
             "ledger_entries": len(ledger["entries"]),
-            "ledger_reconciled": reconcile(ledger["entries"], [u for u in finale.updates if u["silo_id"] == s.silo_id]),
+            "ledger_reconciled": ledger["reconciled"],  # fedsilo-silo reconcile against the audit export
         })
 
     initial, final = first.accuracy, last.accuracy

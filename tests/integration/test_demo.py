@@ -20,7 +20,6 @@ import pytest
 
 from coordinator import audit
 from coordinator.demo.options import parse_options, silo_plans
-from coordinator.demo.report import reconcile
 
 _SCRIPT = Path(sys.executable).with_name("fedsilo-coordinator")
 DEMO = [str(_SCRIPT), "demo"] if _SCRIPT.exists() else [sys.executable, "-m", "coordinator.demo"]
@@ -146,27 +145,3 @@ def test_demo_options_accept_the_separator_make_may_pass_and_refuse_nonsense(cap
     with pytest.raises(SystemExit):
         parse_options(["--silos", "1"])
     assert "between 2 and 20" in capsys.readouterr().err
-
-
-def _ledger_row(update_id: str, status: str, digest: str = "d") -> dict:
-    return {"kind": "update", "update_id": update_id, "status": status, "envelope_digest": digest}
-
-
-def _record(update_id: str, status: str, digest: str = "d") -> dict:
-    return {"update_id": update_id, "status": status, "envelope_digest": digest}
-
-
-def test_reconcile_matches_a_ledger_with_the_coordinators_record_update_by_update():
-    ledger = [_ledger_row("a", "accepted"), _ledger_row("b", "buffered"), _ledger_row("c", "rejected"),
-              _ledger_row("d", "sent"), {"kind": "stop", "reason": "budget_exhausted"}]
-    records = [_record("a", "accepted"), _record("b", "accepted"), _record("c", "rejected")]
-    result = reconcile(ledger, records)
-    # A FedBuff update the silo saw buffered is accepted once its buffer was folded; one
-    # still in flight when the demo stopped has no verdict to compare.
-    assert result == {"ok": True, "updates": 4, "without_verdict": 1, "problems": []}
-
-    bad = reconcile([_ledger_row("a", "accepted", digest="other"), _ledger_row("x", "accepted")],
-                    [_record("a", "accepted"), _record("y", "accepted"), _record("x", "rejected")])
-    assert not bad["ok"]
-    assert bad["problems"] == ["a: envelope digests differ", "x: ledger says accepted, coordinator rejected",
-                               "y: at the coordinator, not in the ledger"]

@@ -9,15 +9,13 @@ import base64
 from datetime import UTC, datetime
 
 import pytest
-import sqlalchemy as sa
 
-from coordinator import audit, transparency
-from coordinator.db import transaction
 from privacy import merkle
 from privacy import witness as w
 from privacy.keys import signing_public_from_raw
 from silo_node.witness import witness_once
-from tests.support.coordinator import FakeSilo, open_context, running_coordinator, verify_receipt
+from tests.support.coordinator import FakeSilo, running_coordinator, verify_receipt
+from tests.support.tlog import tamper
 
 FED = "witness-federation"
 
@@ -41,39 +39,6 @@ def _grow(server, seed: int) -> dict:
     r = server.silo.push(server.silo.seal(server.silo.delta(seed=seed), base_version=0))
     assert r.status_code == 200, r.text
     return verify_receipt(r.json(), server.silo.coordinator)
-
-
-def _tamper(server, keep: int, rewrite: int | None = None) -> None:
-    """Keep the first ``keep`` entries (rewriting entry ``rewrite``), recompute every hash,
-    the head, the Merkle tree, and drop the coordinator's checkpoints: a thorough operator."""
-    ctx = open_context(server.data_dir)
-    try:
-        with transaction(ctx.engine, read_only=True) as s:
-            rows = [audit.event_to_dict(e) for e in audit.iter_events(s, limit=10_000)][:keep]
-        prev = audit.GENESIS_HASH
-        with ctx.engine.begin() as conn:
-            conn.exec_driver_sql("DROP TRIGGER audit_events_no_update")
-            conn.exec_driver_sql("DROP TRIGGER audit_events_no_delete")
-            for table in ("cosignatures", "checkpoints", "merkle_nodes"):
-                conn.exec_driver_sql(f"DELETE FROM {table}")
-            conn.execute(sa.text("DELETE FROM audit_events WHERE seq > :k"), {"k": keep})
-            for r in rows:
-                if r["seq"] == rewrite:
-                    r["details"] = {**r["details"], "rewritten": True}
-                r["prev_hash"] = prev
-                r["hash"] = prev = audit.entry_hash(**{f: r[f] for f in ("seq", "at", "actor", "action",
-                                                                          "subject", "details", "prev_hash")})
-                conn.execute(sa.text("UPDATE audit_events SET details = :d, prev_hash = :p, hash = :h WHERE seq = :s"),
-                             {"d": audit.canonical_json(r["details"]).decode(), "p": r["prev_hash"],
-                              "h": r["hash"], "s": r["seq"]})
-            conn.execute(sa.text("UPDATE audit_head SET seq = :s, hash = :h"), {"s": keep, "h": prev})
-        with transaction(ctx.engine) as s:
-            for i, r in enumerate(rows):
-                transparency.append_leaf(s, i, audit.leaf_input(r))
-        with transaction(ctx.engine, read_only=True) as s:
-            assert audit.verify(s).ok  # nothing in the database contradicts the new history
-    finally:
-        ctx.close()
 
 
 def test_an_honest_log_is_witnessed_and_receipts_are_included(server):
@@ -103,9 +68,9 @@ def test_a_silo_refuses_to_cosign_an_altered_log(server, alteration):
     accepted = _round(server, None)
     size = accepted.checkpoint.size
     if alteration == "truncated":
-        _tamper(server, keep=size - 2)
+        tamper(server, keep=size - 2)
     else:
-        _tamper(server, keep=size, rewrite=2)
+        tamper(server, keep=size, rewrite=2)
     assert server.admin("POST", "/log/checkpoint").status_code == 200
     with pytest.raises(w.ForkDetected) as exc:
         _round(server, accepted.note_text)

@@ -160,7 +160,8 @@ def test_an_update_left_without_a_receipt_is_resent_with_the_same_id_and_folded_
     config = enrol(tmp_path, fake)
     stop = threading.Event()
     # First run: the coordinator is down when the update is pushed; the operator stops the daemon.
-    fake.faults.extend([lambda r: None, lambda r: None, lambda r: httpx.Response(503)])
+    # (Requests before the push: status, the log checkpoint the silo witnesses, the model.)
+    fake.faults.extend([lambda r: None, lambda r: None, lambda r: None, lambda r: httpx.Response(503)])
 
     def wait(_seconds: float) -> bool:
         stop.set()
@@ -191,7 +192,7 @@ def test_a_lost_reply_is_retried_and_the_coordinator_answers_with_the_original_r
         fake.handle(request)  # the coordinator folds it...
         raise httpx.ReadError("connection reset", request=request)  # ...and the reply is lost
 
-    fake.faults.extend([lambda r: None, lambda r: None, lose_reply])
+    fake.faults.extend([lambda r: None, lambda r: None, lambda r: None, lose_reply])
     result = run(config, fake, rounds=1)
     assert result.receipts == 1
     with Ledger(config.ledger_path) as ledger:
@@ -202,7 +203,7 @@ def test_a_lost_reply_is_retried_and_the_coordinator_answers_with_the_original_r
 def test_a_rejection_is_recorded_with_its_reason_and_the_daemon_carries_on(tmp_path, fake):
     config = enrol(tmp_path, fake)
     stale = httpx.Response(409, json={"reason": "stale", "detail": "base version too old", "audit_seq": 5})
-    fake.faults.extend([lambda r: None, lambda r: None, lambda r: stale])
+    fake.faults.extend([lambda r: None, lambda r: None, lambda r: None, lambda r: stale])
     result = run(config, fake, rounds=1)
     with Ledger(config.ledger_path) as ledger:
         updates = ledger.entries("update")
@@ -253,6 +254,6 @@ def test_a_stop_request_ends_the_run_between_steps(tmp_path, fake):
 def test_a_revoked_silo_stops_with_an_error(tmp_path, fake):
     config = enrol(tmp_path, fake)
     revoked = httpx.Response(403, json={"reason": "revoked", "detail": "this silo has been revoked"})
-    fake.faults.extend([lambda r: None, lambda r: revoked])
+    fake.faults.extend([lambda r: None, lambda r: None, lambda r: revoked])
     result = run(config, fake, rounds=1)
     assert result.outcome == Outcome.FATAL and result.exit_code == 1 and "revoked" in result.message
