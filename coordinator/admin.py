@@ -203,7 +203,7 @@ def _federation_info(session: Session, fed: Federation) -> FederationInfo:
 
 def _effective_settings(stored: Mapping[str, Any]) -> dict[str, Any]:
     """Stored settings with the strategy's defaults filled in (what ingest applies)."""
-    return StrategySettings.from_dict(stored or {}).to_dict()
+    return StrategySettings.from_stored(stored).to_dict()
 
 
 def _load_federation(session: Session, federation_id: int) -> Federation:

@@ -2,8 +2,12 @@
 
 Every refusal writes exactly one audit entry (``update_rejected``) and, when the
 envelope's signature verified, a row in ``updates`` (status ``rejected``) with a
-rejection receipt signed by the coordinator. Nothing else changes: the model, the
-budgets and the rest of the chain stay as they were.
+rejection receipt signed by the coordinator. Nothing else changes -- the model and the
+rest of the chain stay as they were -- except in one case: a refusal after the payload
+was decrypted (schema, norm, a non-finite fold, a check repeated under the fold lock)
+also charges the silo's budget, because the coordinator has seen a DP release. The
+signed rejection says which (``charged``, and the composed ``epsilon_computed`` when
+charged), so the silo's ledger counts exactly what the coordinator counts.
 
 The actor is the silo id only once its signature has verified; before that the
 entry says ``anonymous`` and notes the id the envelope *claims* in its details.
@@ -25,7 +29,7 @@ from privacy.errors import PrivacyError
 from privacy.errors import Reason as PrivacyReason
 from privacy.keys import Identity
 
-from . import audit, receipts
+from . import audit, budget, receipts
 from .errors import MESSAGES, IngestRejected, Reason
 from .models import Update, UpdateStatus
 from .strategies import StrategyError, StrategyReason
@@ -87,7 +91,10 @@ class Evidence:
     signed: bool = False  # the signature verified: the actor is the silo
     header: UpdateHeader | None = None  # parsed after the signature verified
     staleness: int | None = None
-    epsilon_computed: float | None = None
+    epsilon_computed: float | None = None  # the composed figure, once the budget step ran
+    silo_delta: float | None = None  # ... at this delta
+    accountant: str | None = None  # ... with this accountant
+    decrypted: bool = False  # the coordinator has seen the payload: a refusal still charges
 
     @property
     def claimed_silo(self) -> str | None:
@@ -118,6 +125,7 @@ def record(
         "envelope_digest": digest,
         "claimed_silo": ev.claimed_silo,
     }
+    charged = ev.decrypted
     if h is not None:
         details |= {
             "update_id": h.update_id,
@@ -125,6 +133,7 @@ def record(
             "staleness": ev.staleness,
             "epsilon_claimed": _finite(h.epsilon_claim),
             "epsilon_computed": _finite(ev.epsilon_computed),
+            "charged": charged,
         }
     actor = ev.claimed_silo if ev.signed and ev.claimed_silo else "anonymous"
     subject = f"update:{h.update_id}" if h is not None else f"envelope:{digest}" if digest else "envelope"
@@ -138,8 +147,13 @@ def record(
             with session.begin_nested():
                 row = _row(federation_id, ev, h, refusal, now)
                 session.add(row)
+                session.flush()
+                if charged:  # the row exists: its charge refers to it
+                    budget.charge(session, silo_id=ev.claimed_silo, update_id=h.update_id, dp=h.dp,
+                                  delta=ev.silo_delta, epsilon=ev.epsilon_computed,
+                                  epsilon_claimed=h.epsilon_claim, accountant=ev.accountant, now=now)
         except IntegrityError:
-            row = None  # a concurrent request with this id won the insert; the entry stands
+            row = None  # a concurrent request with this id won the insert (and decides); the entry stands
     event = audit.append(
         session, actor=actor, action=ACTION_UPDATE_REJECTED, subject=subject, details=details, now=now
     )
@@ -153,6 +167,8 @@ def record(
         "reason": refusal.reason.value,
         "detail": detail,
         "envelope_digest": digest,
+        "charged": charged,
+        "epsilon_computed": ev.epsilon_computed if charged and math.isfinite(ev.epsilon_computed) else None,
         "audit_seq": event.seq,
         "audit_hash": event.hash,
         "issued_at": utc_timestamp(now),

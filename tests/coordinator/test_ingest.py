@@ -9,6 +9,7 @@ and the weights cache across two "processes" sharing one database.
 
 from __future__ import annotations
 
+import json
 import math
 from pathlib import Path
 
@@ -203,7 +204,11 @@ def test_budget_is_recomputed_under_the_lock(any_ctx):
         fold.commit(ctx, p2)
     assert exc.value.reason == Reason.BUDGET_EXCEEDED
     assert head(ctx) == before + 1 and last_event(ctx).action == "update_rejected"
-    assert count(ctx, PrivacyCharge) == 1 and count(ctx, ModelVersion) == 2
+    # The payload was decrypted before the lock: the refusal still charges the silo
+    # (conservative accounting), at the figure composed over both charges.
+    assert count(ctx, PrivacyCharge) == 2 and count(ctx, ModelVersion) == 2
+    assert json.loads(last_event(ctx).details)["charged"] is True
+    assert exc.value.extra["charged"] is True and exc.value.extra["epsilon_computed"] > one * 1.01
 
 
 def test_staleness_is_rechecked_under_the_lock(tmp_path):
