@@ -413,7 +413,7 @@ def list_updates(
     if after is not None:
         anchor = session.execute(select(Update.received_at, Update.id).where(Update.id == after)).one_or_none()
         if anchor is None:
-            raise ApiError(Reason.INVALID_REQUEST, f"after: no update with id {after!r}")
+            raise ApiError(Reason.NOT_FOUND, f"after: no update with id {after!r}")
         stmt = stmt.where(tuple_(Update.received_at, Update.id) > tuple_(anchor.received_at, anchor.id))
     items = [_update_info(u) for u in session.scalars(stmt)]
     return Page.of(items, limit, lambda u: u.update_id)

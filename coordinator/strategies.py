@@ -159,6 +159,9 @@ class StrategySettings:
                 raise _invalid(f"{name} must be > 0, not {getattr(self, name)}")
         for name, low in (("hinge_b", 0), ("max_staleness", 0), ("buffer_k", 1)):
             value = getattr(self, name)
+            if isinstance(value, float) and value.is_integer():  # JSON's 5.0 is the integer 5
+                value = int(value)
+                object.__setattr__(self, name, value)
             if not _is_int(value) or not low <= value <= MAX_INT_SETTING:
                 raise _invalid(f"{name} must be an integer in [{low}, {MAX_INT_SETTING}], not {value!r}")
         value = self.max_update_norm

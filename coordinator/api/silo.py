@@ -16,8 +16,7 @@ from privacy.keys import b64e
 
 from .. import ingest, silos
 from ..context import Coordinator
-from ..errors import ApiError, Reason
-from ._params import json_object, read_body
+from ._params import json_object, query_int, read_body
 
 __all__ = ["routes", "target_of"]
 
@@ -43,11 +42,9 @@ def routes(ctx: Coordinator) -> list[Route]:
         return JSONResponse(await run_in_threadpool(silos.enroll, ctx, body, remote=remote))
 
     async def model(request: Request) -> Response:
-        raw = request.query_params.get("version")
-        if raw is not None and not raw.isdigit():
-            raise ApiError(Reason.INVALID_REQUEST, "version must be a non-negative integer")
+        version = query_int(request, "version", lo=0)
         req = await signed(request)
-        release = await run_in_threadpool(silos.model, ctx, req, int(raw) if raw is not None else None)
+        release = await run_in_threadpool(silos.model, ctx, req, version)
         return Response(
             release.blob,
             media_type="application/octet-stream",

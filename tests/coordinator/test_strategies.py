@@ -399,7 +399,7 @@ def test_settings_from_dict_fills_defaults_and_normalises_ints() -> None:
         {"hinge_b": 2.5},
         {"max_staleness": -1},
         {"buffer_k": 0},
-        {"buffer_k": 2.0},
+        {"buffer_k": 2.5},
         {"server_lr": 0},
         {"max_update_norm": 0},
         {"max_update_norm": math.inf},
