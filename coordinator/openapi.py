@@ -22,7 +22,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse
 from starlette.routing import BaseRoute, Mount, Route
 
-from coordinator.api._params import MAX_INT, MAX_STR
+from coordinator.api._params import MAX_INT, MAX_STR, MAX_VERSION
 from coordinator.api._routing import BY_METHOD
 from coordinator.api.auth import roles_of
 from coordinator.strategies import DEFAULT_MAX_UPDATE_NORM, MAX_INT_SETTING, MAX_UPDATE_NORM_LIMIT
@@ -307,7 +307,7 @@ OPERATIONS: dict[tuple[str, str], dict[str, Any]] = {
     ),
     ("GET", "/api/v1/model"): _operation(
         "Download the current (or an older retained) global model, with its signed release",
-        tag="silo", parameters=[query("version", integer(0), "an older version still retained")],
+        tag="silo", parameters=[query("version", integer(0, MAX_VERSION), "an older version still retained")],
         response=_BINARY, content_type="application/octet-stream",
         response_headers={
             "Fedsilo-Version": "the version served",
@@ -398,6 +398,7 @@ def build_spec(routes: Iterable[BaseRoute], *, title: str = "fedsilo coordinator
             _add_error(op, Reason.INVALID_REQUEST)
         if op.get("requestBody"):
             _add_error(op, Reason.TOO_LARGE)
+            _add_error(op, Reason.UNSUPPORTED_MEDIA_TYPE)
         op["operationId"] = f"{method.lower()}_{path.strip('/').replace('/', '_').replace('{', '').replace('}', '')}"
         _path_params(path, op)
         paths.setdefault(path, {})[method.lower()] = op

@@ -107,6 +107,7 @@ ON_REJECTION: dict[Reason, OnRejection] = {
     Reason.CONFLICT: OnRejection.NEXT_ROUND,
     Reason.INVALID_REQUEST: OnRejection.FATAL,
     Reason.METHOD_NOT_ALLOWED: OnRejection.FATAL,
+    Reason.UNSUPPORTED_MEDIA_TYPE: OnRejection.FATAL,
     Reason.INTERNAL_ERROR: OnRejection.NEXT_ROUND,  # the coordinator's fault, logged there
 }
 

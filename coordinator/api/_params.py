@@ -18,12 +18,17 @@ from coordinator.errors import ApiError, Reason
 from privacy import strict_json
 from privacy.errors import JsonError
 
-__all__ = ["MAX_INT", "MAX_STR", "field", "json_object", "path_int", "path_str", "query_int", "query_str", "read_body"]
+__all__ = [
+    "MAX_INT", "MAX_STR", "MAX_VERSION", "field", "json_object", "path_int", "path_str", "query_int", "query_str",
+    "read_body",
+]
 
 #: The largest integer a path or query parameter may hold: I-JSON's exact range
 #: (RFC 7493 section 2.2), inside every database's BIGINT, so no huge integer ever
 #: reaches Python arithmetic (OverflowError) or the database (PostgreSQL DataError).
 MAX_INT = 2**53 - 1
+#: The largest model version number: versions are INTEGER columns (PostgreSQL: 32 bits).
+MAX_VERSION = 2**31 - 1
 #: The longest string a path or query parameter may hold (ids, filters).
 MAX_STR = 256
 # An integer written plainly: optional minus, ASCII digits (int() would also take
@@ -107,10 +112,17 @@ async def read_body(request: Request, limit: int) -> bytes:
 
 
 async def json_object(request: Request, limit: int, *, optional: bool = False) -> dict[str, Any]:
-    """The body as a JSON object (via :func:`read_body`); ``{}`` for no body if ``optional``."""
+    """The body as a JSON object (via :func:`read_body`); ``{}`` for no body if ``optional``.
+
+    A body sent as anything but ``application/json`` is refused (415): what the
+    document states is all that is accepted.
+    """
     body = await read_body(request, limit)
     if optional and not body.strip():
         return {}
+    media_type = request.headers.get("content-type", "").split(";", 1)[0].strip().lower()
+    if media_type != "application/json":
+        raise ApiError(Reason.UNSUPPORTED_MEDIA_TYPE, "the body must be sent as Content-Type: application/json")
     try:  # strict and bounded: no duplicate keys, no deep nesting, no huge integers, no NUL
         obj = strict_json.loads(body or b"null", max_bytes=limit)
     except JsonError as exc:

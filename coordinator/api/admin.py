@@ -16,7 +16,7 @@ from starlette.routing import Route
 
 from coordinator import admin, enrolment, tokens
 from coordinator.api._routing import merged
-from coordinator.api._params import field, json_object, path_int, path_str, query_int, query_str
+from coordinator.api._params import MAX_VERSION, field, json_object, path_int, path_str, query_int, query_str
 from coordinator.api._threads import in_read, in_transaction
 from coordinator.api.auth import ADMIN, ANY_ROLE, Principal, guarded
 from coordinator.context import Coordinator
@@ -97,7 +97,8 @@ def routes(ctx: Coordinator) -> list[Route]:
     @guarded(ctx, *ADMIN)
     @describe("Revoke a silo: its signatures stop being accepted at once", tag="silos",
               parameters=[path_param("silo_id")],
-              body={"type": "object", "properties": {"reason": {"anyOf": [_STR, {"type": "null"}]}}}, body_required=False, response="Silo",
+              body={"type": "object", "properties": {"reason": {"anyOf": [_STR, {"type": "null"}]}}},
+              body_required=False, response="Silo",
               errors=[Reason.TOO_LARGE, Reason.INVALID_REQUEST, Reason.NOT_FOUND])
     async def revoke_silo(request: Request, who: Principal) -> Response:
         silo_id = path_str(request, "silo_id")
@@ -128,28 +129,31 @@ def routes(ctx: Coordinator) -> list[Route]:
 
     @guarded(ctx, *ANY_ROLE)
     @describe("Model versions, oldest first (metadata only)", tag="versions",
-              parameters=[query("after", integer(-1), "list versions after this one"), _LIMIT], response="VersionPage")
+              parameters=[query("after", integer(-1, MAX_VERSION), "list versions after this one"), _LIMIT],
+              response="VersionPage")
     async def list_versions(request: Request, who: Principal) -> Response:
-        page = await read(admin.list_versions, after=query_int(request, "after", lo=-1),
+        page = await read(admin.list_versions, after=query_int(request, "after", lo=-1, hi=MAX_VERSION),
                           limit=_limit(request), federation_id=fid)
         return JSONResponse({"versions": [v.to_json() for v in page.items], "next_after": page.next_after})
 
     @guarded(ctx, *ANY_ROLE)
-    @describe("One model version's metadata", tag="versions", parameters=[path_param("version", integer(0))],
+    @describe("One model version's metadata", tag="versions",
+              parameters=[path_param("version", integer(0, MAX_VERSION))],
               response="Version", errors=[Reason.UNKNOWN_VERSION])
     async def get_version(request: Request, who: Principal) -> Response:
-        info = await read(admin.get_version, path_int(request, "version"), federation_id=fid)
+        info = await read(admin.get_version, path_int(request, "version", hi=MAX_VERSION), federation_id=fid)
         return JSONResponse(info.to_json())
 
     @guarded(ctx, *ANY_ROLE)
     @describe("Download a version's weights (safetensors) with the signed release headers", tag="versions",
-              parameters=[path_param("version", integer(0))], response={"type": "string", "format": "binary"},
+              parameters=[path_param("version", integer(0, MAX_VERSION))],
+              response={"type": "string", "format": "binary"},
               content_type="application/octet-stream",
               response_headers={"Fedsilo-Version": "the version", "Fedsilo-Release": "base64url statement",
                                 "Fedsilo-Release-Signature": "base64url signature"},
               errors=[Reason.UNKNOWN_VERSION])
     async def version_weights(request: Request, who: Principal) -> Response:
-        rel = await read(admin.model_release, path_int(request, "version"), identity=ctx.identity,
+        rel = await read(admin.model_release, path_int(request, "version", hi=MAX_VERSION), identity=ctx.identity,
                          federation_id=fid)
         return Response(
             rel.blob,

@@ -16,7 +16,7 @@ from privacy.keys import b64e
 
 from .. import ingest, silos
 from ..context import Coordinator
-from ._params import json_object, query_int, read_body
+from ._params import MAX_VERSION, json_object, query_int, read_body
 
 __all__ = ["routes", "target_of"]
 
@@ -42,7 +42,7 @@ def routes(ctx: Coordinator) -> list[Route]:
         return JSONResponse(await run_in_threadpool(silos.enroll, ctx, body, remote=remote))
 
     async def model(request: Request) -> Response:
-        version = query_int(request, "version", lo=0)
+        version = query_int(request, "version", lo=0, hi=MAX_VERSION)
         req = await signed(request)
         release = await run_in_threadpool(silos.model, ctx, req, version)
         return Response(
