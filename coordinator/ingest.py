@@ -3,7 +3,8 @@
      1  size limit       :func:`read_envelope` refuses on Content-Length, stops reading past it
      2  parse            structure only: magic, format version, suite, lengths
      3  silo             known, enrolled and not revoked
-     4  signature        Ed25519 over the envelope; then the header, strictly
+     4  signature        Ed25519 over the envelope; then the header, strictly (and its
+                         integers within what the update tables store)
      5  replay           update id unique (a resend of an accepted update gets its receipt
                          again, never a second fold); created_at within the window
      6  base version     known; staleness within the bound
@@ -166,6 +167,7 @@ def _check(ctx: Coordinator, body: bytes | bytearray, ev: Evidence) -> Prepared 
         ev.signed = exc.reason != PrivacyReason.BAD_SIGNATURE  # a malformed header was still signed
         raise translate(exc) from None
     ev.signed, ev.header = True, header
+    rejections.check_storable(header)
     if header.payload_kind != "delta":
         raise Refusal(Reason.UNSUPPORTED_VERSION, f"payload kind {header.payload_kind!r} is not supported")
 

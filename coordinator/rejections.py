@@ -66,6 +66,26 @@ TRANSLATION: dict[PrivacyReason | StrategyReason, Reason] = {
 }
 
 
+#: The largest integer the update tables hold (INTEGER: 32 bits on PostgreSQL). The
+#: header admits up to 2^53-1; a header integer past this is refused (malformed) and its
+#: row is not kept, rather than meet a database error.
+MAX_STORED_INT = 2**31 - 1
+_STORED_HEADER_INTS = ("base_version", "num_samples")
+
+
+def storable(h: UpdateHeader) -> bool:
+    """Whether the header's integers fit the columns its update row would hold them in."""
+    return all(getattr(h, name) <= MAX_STORED_INT for name in _STORED_HEADER_INTS)
+
+
+def check_storable(h: UpdateHeader) -> None:
+    """Refuse (``malformed``) a header whose integers the update tables cannot hold."""
+    for name in _STORED_HEADER_INTS:
+        if getattr(h, name) > MAX_STORED_INT:
+            raise Refusal(Reason.MALFORMED, f"{name} {getattr(h, name)} is beyond what this coordinator stores "
+                                            f"({MAX_STORED_INT})")
+
+
 class Refusal(Exception):
     """Raised inside the pipeline; turned into an audited IngestRejected by :func:`record`."""
 
@@ -138,7 +158,7 @@ def record(
     actor = ev.claimed_silo if ev.signed and ev.claimed_silo else "anonymous"
     subject = f"update:{h.update_id}" if h is not None else f"envelope:{digest}" if digest else "envelope"
     row = None
-    if ev.signed and h is not None and session.get(Update, h.update_id) is None:
+    if ev.signed and h is not None and storable(h) and session.get(Update, h.update_id) is None:
         # Keep the refused update's signed header, so a resend gets this same answer and
         # an auditor can see exactly what was refused. Inserted BEFORE the audit append:
         # its foreign key locks the silo row, and every lock must be taken before the
