@@ -198,6 +198,8 @@ SCHEMAS: dict[str, dict[str, Any]] = {
         ["status", "receipt", "signature"],
         status={"enum": ["accepted", "buffered", "rejected"]}, receipt=_B64, signature=_B64,
         update_id=_STR, resulting_version=_nullable(_INT), audit_seq=_INT, audit_hash=_STR,
+        charged={**_BOOL, "description": "rejections: whether the silo's budget was charged (payload decrypted)"},
+        epsilon_computed=_nullable(_NUM),
     ),
     "Health": _obj(["status"], status=_STR),
 }
