@@ -203,7 +203,7 @@ def _federation_info(session: Session, fed: Federation) -> FederationInfo:
 
 def _effective_settings(stored: Mapping[str, Any]) -> dict[str, Any]:
     """Stored settings with the strategy's defaults filled in (what ingest applies)."""
-    return StrategySettings.from_dict(stored or {}).to_dict()
+    return StrategySettings.from_stored(stored).to_dict()
 
 
 def _load_federation(session: Session, federation_id: int) -> Federation:
@@ -415,7 +415,7 @@ def list_updates(
     if after is not None:
         anchor = session.execute(select(Update.received_at, Update.id).where(Update.id == after)).one_or_none()
         if anchor is None:
-            raise ApiError(Reason.INVALID_REQUEST, f"after: no update with id {after!r}")
+            raise ApiError(Reason.NOT_FOUND, f"after: no update with id {after!r}")
         stmt = stmt.where(tuple_(Update.received_at, Update.id) > tuple_(anchor.received_at, anchor.id))
     items = [_update_info(u) for u in session.scalars(stmt)]
     return Page.of(items, limit, lambda u: u.update_id)

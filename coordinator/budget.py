@@ -1,8 +1,9 @@
 """A silo's privacy spend, as the coordinator computes it (never trusting the claim).
 
-Each silo's data is one data set, so every accepted update composes: the silo's
-epsilon is recomputed at its delta from its whole accepted history plus the update
-under consideration (DESIGN.md, "Privacy accounting"). Errors are the privacy
+Each silo's data is one data set, so every update the coordinator decrypted composes
+(accepted, buffered, or refused after decryption: the coordinator has seen a DP
+release either way): the silo's epsilon is recomputed at its delta from its whole
+charged history plus the update under consideration (DESIGN.md, "Privacy accounting"). Errors are the privacy
 library's (``AccountingError``); ingest translates them at its boundary.
 
 The same history, recomputed, is what the audit API's budget reports show
@@ -32,6 +33,7 @@ __all__ = [
     "History",
     "budget_report",
     "budgets",
+    "charge",
     "charges",
     "composed_epsilon",
     "terms",
@@ -54,12 +56,35 @@ def composed_epsilon(past: Sequence[BudgetEntry], dp: Mapping, *, delta: float, 
     return float(epsilon_of([*terms(past), run], delta, accountant=accountant))
 
 
+def charge(session: Session, *, silo_id: str, update_id: str, dp: Mapping, delta: float, epsilon: float,
+           epsilon_claimed: float | None, accountant: str, now: datetime) -> None:
+    """Record one DP release of ``silo_id``: the update ``update_id`` was decrypted (folded,
+    buffered, or refused after decryption), so its run composes into the silo's budget.
+
+    The one writer of privacy charges; ``epsilon`` is the composed figure with this run.
+    """
+    session.add(PrivacyCharge(
+        silo_id=silo_id,
+        update_id=update_id,
+        noise_multiplier=float(dp["noise_multiplier"]),
+        sample_rate=float(dp["sample_rate"]),
+        steps=int(dp["steps"]),
+        max_grad_norm=float(dp["max_grad_norm"]),
+        delta=delta,
+        epsilon_after=epsilon,
+        epsilon_claimed=epsilon_claimed,
+        accountant=accountant,
+        created_at=now,
+    ))
+    session.flush()
+
+
 # --------------------------------------------------------------------------- reports
 
 
 @dataclass(frozen=True)
 class BudgetEntry:
-    """One term of a silo's composition: the DP parameters of one accepted update."""
+    """One term of a silo's composition: the DP parameters of one decrypted update."""
 
     update_id: str
     noise_multiplier: float
@@ -68,7 +93,7 @@ class BudgetEntry:
     max_grad_norm: float
     delta: float
     accountant: str
-    epsilon_after: float  # the coordinator's figure recorded when it accepted this update
+    epsilon_after: float  # the coordinator's figure recorded when it charged this update
     epsilon_claimed: float | None  # the silo's own figure from its signed header
     created_at: datetime
 
@@ -114,7 +139,7 @@ class BudgetReport:
 
 
 def charges(session: Session, silo_id: str) -> list[BudgetEntry]:
-    """Every accepted run of ``silo_id``, in the order it was charged: the one reader of
+    """Every charged run of ``silo_id``, in the order it was charged: the one reader of
     a silo's privacy charges (ingest, the fold, the budget reports and the silo's status)."""
     stmt = select(PrivacyCharge).where(PrivacyCharge.silo_id == silo_id).order_by(PrivacyCharge.id)
     return [

@@ -173,7 +173,7 @@ def check_norm(settings: StrategySettings, norm: float) -> None:
     """The update's global L2 norm (measured by the schema check) within the bound."""
     if not math.isfinite(norm):  # finite values whose squares overflow (float64)
         raise Refusal(Reason.NORM_EXCEEDED, "update has a non-finite norm")
-    if settings.max_update_norm is not None and norm > settings.max_update_norm:
+    if norm > settings.max_update_norm:
         raise Refusal(Reason.NORM_EXCEEDED,
                       f"update norm {norm:.6g} exceeds the bound {settings.max_update_norm:.6g}")
 

@@ -39,7 +39,7 @@ def current_version(session: Session, federation_id: int = 1) -> int:
 
 def settings_of(fed: Federation) -> StrategySettings:
     """The federation's strategy settings as a validated object."""
-    return StrategySettings.from_dict(fed.settings or {})
+    return StrategySettings.from_stored(fed.settings)
 
 
 # --------------------------------------------------------------------------- creation

@@ -33,7 +33,9 @@ wait as long as it takes, and only one connection per process waits on the datab
 Memory and passes over the data, per fold: the strategy's result is written slice by
 slice straight into a safetensors buffer (:meth:`privacy.codec.Layout.allocate`) that
 is then stored as is -- no separate encoding -- and the update's delta is released
-tensor by tensor as soon as it has been folded in.
+tensor by tensor as soon as it has been folded in. Each slice is checked finite as it
+is written (:func:`_write`): a result holding NaN or Inf is refused (``non_finite``),
+and the savepoint around the fold undoes anything written before it.
 """
 
 from __future__ import annotations
@@ -57,11 +59,11 @@ from sqlalchemy.orm import Session
 from privacy import codec
 from privacy.envelope import SealedUpdate, UpdateHeader, utc_timestamp
 
-from . import audit, buffers, db, decisions, receipts, rejections
+from . import audit, budget, buffers, db, decisions, receipts, rejections
 from .decisions import Existing, Snapshot
 from .errors import Reason
 from .model_store import StorageCorrupted, prune, record_metrics, write_version
-from .models import Federation, PrivacyCharge, Silo, Update, UpdateStatus
+from .models import Federation, Silo, Update, UpdateStatus
 from .rejections import Evidence, Refusal, translate
 from .strategies import (
     StrategyError,
@@ -159,7 +161,10 @@ def commit(ctx: Coordinator, p: Prepared) -> Outcome:
             fed = db.lock_federation(s, ctx.federation_id)
             now = ctx.clock()  # read under the lock, so times follow the order of the chain
             try:
-                folded = _fold_locked(ctx, s, fed, p, base, now)
+                # A savepoint: a refusal found while computing (a result that is not
+                # finite) undoes whatever the fold wrote before it (FedBuff's buffer).
+                with s.begin_nested():
+                    folded = _fold_locked(ctx, s, fed, p, base, now)
             except Refusal as refusal:
                 error = rejections.record(s, ctx.identity, ctx.federation_id, p.evidence, refusal, now)
             _crash_point("fold")
@@ -222,13 +227,15 @@ def _fold_locked(ctx: Coordinator, s: Session, fed: Federation, p: Prepared, bas
 
 def _decide(ctx: Coordinator, p: Prepared, snap: Snapshot) -> _Decided:
     """Ingest's decisions again, on the snapshot taken under the lock (nothing written yet)."""
-    decisions.check_silo(snap.silo_status)
-    staleness = p.evidence.staleness = decisions.check_base(snap)
-    decisions.check_norm(snap.settings, p.norm)  # the bound may have been changed meanwhile
+    # The figure first: the payload was decrypted, so any refusal here charges the silo,
+    # at its epsilon composed over the charges as they are now.
     epsilon = p.epsilon
     if decisions.needs_budget_recompute(p.snapshot, snap):
         epsilon = decisions.composed_epsilon(snap, p.header.dp, accountant=ctx.config.accountant)
     p.evidence.epsilon_computed = epsilon
+    decisions.check_silo(snap.silo_status)
+    staleness = p.evidence.staleness = decisions.check_base(snap)
+    decisions.check_norm(snap.settings, p.norm)  # the bound may have been changed meanwhile
     decisions.check_budget(snap, epsilon)
     return _Decided(snap, staleness, epsilon)
 
@@ -261,8 +268,8 @@ def _compute(ctx: Coordinator, s: Session, fed: Federation, p: Prepared, d: _Dec
         for batch in buffers.summed(s, fed.id, schema, p.delta, d.staleness, st):
             for _, name, start, part in batch:
                 stop = start + part.numel()
-                new[name].view(-1)[start:stop].copy_(
-                    fedbuff_apply({name: current[name].reshape(-1)[start:stop]}, {name: part}, count, lr)[name])
+                _write(new[name].view(-1)[start:stop], name,
+                       fedbuff_apply({name: current[name].reshape(-1)[start:stop]}, {name: part}, count, lr)[name])
         p.delta.clear()
         buffers.clear(s, fed.id)
         return _Computed(weight, members, new, blob)
@@ -330,9 +337,17 @@ def _fold_into(
         flats = [inp[name].reshape(-1) for inp in inputs]
         for start in range(0, flat_out.numel(), _SLICE):
             parts = [{name: f[start : start + _SLICE]} for f in flats]
-            flat_out[start : start + _SLICE].copy_(strategy(*parts)[name])
+            _write(flat_out[start : start + _SLICE], name, strategy(*parts)[name])
         if consume is not None:
             consume.pop(name, None)
+
+
+def _write(target: torch.Tensor, name: str, result: torch.Tensor) -> None:
+    """Write one slice of the new model, refusing it unless every value is finite: the
+    global model never holds NaN or Inf (the fold's savepoint undoes what was written)."""
+    if not bool(torch.isfinite(result).all()):
+        raise Refusal(Reason.NON_FINITE, f"folding this update would make {name!r} non-finite; nothing was folded")
+    target.copy_(result)
 
 
 # --------------------------------------------------------------------------- persist
@@ -351,19 +366,8 @@ def _persist(ctx: Coordinator, s: Session, fed: Federation, p: Prepared, d: _Dec
         staleness=d.staleness, weight=c.weight, resulting_version=resulting, epsilon_computed=d.epsilon,
     ))
     s.flush()
-    s.add(PrivacyCharge(
-        silo_id=h.silo_id,
-        update_id=h.update_id,
-        noise_multiplier=float(h.dp["noise_multiplier"]),
-        sample_rate=float(h.dp["sample_rate"]),
-        steps=int(h.dp["steps"]),
-        max_grad_norm=float(h.dp["max_grad_norm"]),
-        delta=d.snap.silo_delta,
-        epsilon_after=d.epsilon,
-        epsilon_claimed=h.epsilon_claim,
-        accountant=ctx.config.accountant,
-        created_at=now,
-    ))
+    budget.charge(s, silo_id=h.silo_id, update_id=h.update_id, dp=h.dp, delta=d.snap.silo_delta,
+                  epsilon=d.epsilon, epsilon_claimed=h.epsilon_claim, accountant=ctx.config.accountant, now=now)
     record_metrics(s, fed.id, h.base_version, h.silo_id, h.metrics)
     s.get(Silo, h.silo_id).last_seen_at = now
     s.flush()

@@ -3,17 +3,24 @@
      1  size limit       :func:`read_envelope` refuses on Content-Length, stops reading past it
      2  parse            structure only: magic, format version, suite, lengths
      3  silo             known, enrolled and not revoked
-     4  signature        Ed25519 over the envelope; then the header, strictly
+     4  signature        Ed25519 over the envelope; then the header, strictly (and its
+                         integers within what the update tables store)
      5  replay           update id unique (a resend of an accepted update gets its receipt
                          again, never a second fold); created_at within the window
      6  base version     known; staleness within the bound
-     7  decrypt          HPKE; the payload must match the signed digest
-     8  decode + schema  safetensors; names, shapes, dtypes, all finite, norm bound
-     9  budget           the silo's composed epsilon with this update <= its cap
+     7  budget           the silo's composed epsilon with this update <= its cap (from
+                         the signed header alone: an update refused here was never
+                         decrypted, so it costs the silo nothing)
+     8  decrypt          HPKE; the payload must match the signed digest
+     9  decode + schema  safetensors; names, shapes, dtypes, all finite, norm bound
     10  fold             :func:`coordinator.fold.commit`: one transaction under the
-                         federation lock, which re-checks 3, 5, 6, the norm bound and 9
+                         federation lock, which re-checks 3, 5, 6, 7 and the norm bound;
+                         every result it writes must be finite
 
-The checks that depend on shared state (3, 5, 6, the norm bound, 9) are the pure
+From step 8 on the coordinator has seen the payload, a DP release: a refusal from then
+on still charges the silo's budget (:mod:`coordinator.rejections`, docs/protocol.md).
+
+The checks that depend on shared state (3, 5, 6, 7, the norm bound) are the pure
 functions of :mod:`coordinator.decisions`, applied to one snapshot read here; the fold
 reads a fresh snapshot under the lock and applies the same functions.
 
@@ -160,6 +167,7 @@ def _check(ctx: Coordinator, body: bytes | bytearray, ev: Evidence) -> Prepared 
         ev.signed = exc.reason != PrivacyReason.BAD_SIGNATURE  # a malformed header was still signed
         raise translate(exc) from None
     ev.signed, ev.header = True, header
+    rejections.check_storable(header)
     if header.payload_kind != "delta":
         raise Refusal(Reason.UNSUPPORTED_VERSION, f"payload kind {header.payload_kind!r} is not supported")
 
@@ -179,14 +187,23 @@ def _check(ctx: Coordinator, body: bytes | bytearray, ev: Evidence) -> Prepared 
     # 6. base version known, staleness within the bound --------------------------------
     ev.staleness = decisions.check_base(snap)
 
-    # 7. decrypt -----------------------------------------------------------------------
+    # 7. budget, from the signed header, before anything is decrypted ------------------
+    if header.accountant not in ACCOUNTANTS:
+        raise Refusal(Reason.INVALID_DP_PARAMETERS, f"unknown accountant {header.accountant!r}")
+    epsilon = ev.epsilon_computed = decisions.composed_epsilon(snap, header.dp, accountant=cfg.accountant)
+    ev.silo_delta, ev.accountant = snap.silo_delta, cfg.accountant
+    decisions.check_budget(snap, epsilon)
+
+    # 8. decrypt: from here on a refusal charges the silo ------------------------------
     try:
         payload = sealed.decrypt(ctx.identity.hpke, header)
     except PrivacyError as exc:
+        ev.decrypted = exc.reason == PrivacyReason.DIGEST_MISMATCH  # decrypted, then found wrong
         raise translate(exc) from None
+    ev.decrypted = True
     _release(body, sealed)
 
-    # 8. decode and schema check, norm bound -------------------------------------------
+    # 9. decode and schema check, norm bound -------------------------------------------
     if header.schema_digest != schema_digest:
         raise Refusal(Reason.SCHEMA_MISMATCH, "the header's schema digest is not this federation's")
     try:
@@ -196,11 +213,5 @@ def _check(ctx: Coordinator, body: bytes | bytearray, ev: Evidence) -> Prepared 
     except PrivacyError as exc:
         raise translate(exc) from None
     decisions.check_norm(snap.settings, norm)
-
-    # 9. budget ------------------------------------------------------------------------
-    if header.accountant not in ACCOUNTANTS:
-        raise Refusal(Reason.INVALID_DP_PARAMETERS, f"unknown accountant {header.accountant!r}")
-    epsilon = ev.epsilon_computed = decisions.composed_epsilon(snap, header.dp, accountant=cfg.accountant)
-    decisions.check_budget(snap, epsilon)
 
     return Prepared(evidence=ev, sealed=sealed, header=header, delta=delta, snapshot=snap, epsilon=epsilon, norm=norm)

@@ -22,10 +22,16 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse
 from starlette.routing import BaseRoute, Mount, Route
 
+from coordinator.api._params import MAX_INT, MAX_STR, MAX_VERSION
+from coordinator.api._routing import BY_METHOD
 from coordinator.api.auth import roles_of
+from coordinator.strategies import DEFAULT_MAX_UPDATE_NORM, MAX_INT_SETTING, MAX_UPDATE_NORM_LIMIT
 from privacy.reasons import Reason
 
-__all__ = ["OPERATIONS", "SCHEMAS", "build_spec", "describe", "iter_operations", "path_param", "query", "routes"]
+__all__ = [
+    "OPERATIONS", "SCHEMAS", "TEXT_PARAM", "build_spec", "describe", "integer", "iter_operations", "path_param",
+    "query", "routes",
+]
 
 _ATTR = "__openapi__"
 _CONVERTER = re.compile(r"{([^}:]+)(:[^}]+)?}")
@@ -50,9 +56,25 @@ _TIME = {"type": "string", "format": "date-time", "description": "ISO 8601 UTC w
 _B64 = {"type": "string", "contentEncoding": "base64url", "description": "unpadded base64url"}
 
 
+#: A string path or query parameter as :mod:`coordinator.api._params` reads it.
+TEXT_PARAM = {"type": "string", "maxLength": MAX_STR, "pattern": "^[^\\x00]*$"}
+
+
+def integer(lo: int = -MAX_INT, hi: int = MAX_INT) -> dict[str, Any]:
+    """An integer parameter's schema: every one is range-checked (api._params)."""
+    return {"type": "integer", "minimum": max(lo, -MAX_INT), "maximum": min(hi, MAX_INT)}
+
+
 def _nullable(schema: dict[str, Any]) -> dict[str, Any]:
     return {"anyOf": [schema, {"type": "null"}]}
 
+
+_POSITIVE = {"type": "number", "exclusiveMinimum": 0}
+# The names the services accept (coordinator.enrolment, coordinator.tokens).
+_SILO_NAME = "^[A-Za-z0-9][A-Za-z0-9 ._@:+-]{0,199}$"
+_TOKEN_NAME = "^[A-Za-z0-9][A-Za-z0-9._@:+-]{0,127}$"
+# A raw 32-byte public key, unpadded base64url (canonical: 43 characters).
+_KEY = {**_B64, "pattern": "^[A-Za-z0-9_-]{42}[AEIMQUYcgkosw048]$"}
 
 SCHEMAS: dict[str, dict[str, Any]] = {
     "Error": _obj(
@@ -69,7 +91,9 @@ SCHEMAS: dict[str, dict[str, Any]] = {
         revoked_at=_nullable(_TIME), updates_accepted=_INT, updates_buffered=_INT, updates_rejected=_INT,
     ),
     "SiloList": _obj(["silos"], silos={"type": "array", "items": _ref("Silo")}),
-    "CreateSilo": _obj(["name", "epsilon_cap", "delta"], name=_STR, epsilon_cap=_NUM,
+    "CreateSilo": _obj(["name", "epsilon_cap", "delta"],
+                       name={"type": "string", "pattern": _SILO_NAME},
+                       epsilon_cap={"type": "number", "exclusiveMinimum": 0, "exclusiveMaximum": 1e6},
                        delta={"type": "number", "exclusiveMinimum": 0, "maximum": 1e-3}),
     "SiloCreated": _obj(
         ["silo_id", "name", "enrolment_token", "expires_at"],
@@ -79,11 +103,18 @@ SCHEMAS: dict[str, dict[str, Any]] = {
         "type": "object",
         "description": "strategy settings (coordinator.strategies.StrategySettings)",
         "properties": {
-            "strategy": {"enum": ["fedasync", "fedbuff"]}, "alpha": _NUM,
-            "staleness": {"enum": ["constant", "polynomial", "hinge"]}, "poly_a": _NUM, "hinge_a": _NUM,
-            "hinge_b": _INT, "max_staleness": _INT, "buffer_k": _INT, "server_lr": _NUM,
-            "max_update_norm": _nullable(_NUM),
+            "strategy": {"enum": ["fedasync", "fedbuff"]},
+            "alpha": {"type": "number", "exclusiveMinimum": 0, "maximum": 1},
+            "staleness": {"enum": ["constant", "polynomial", "hinge"]},
+            "poly_a": _POSITIVE, "hinge_a": _POSITIVE, "server_lr": _POSITIVE,
+            "hinge_b": integer(0, MAX_INT_SETTING), "max_staleness": integer(0, MAX_INT_SETTING),
+            "buffer_k": integer(1, MAX_INT_SETTING),
+            "max_update_norm": {"type": "number", "exclusiveMinimum": 0, "maximum": MAX_UPDATE_NORM_LIMIT,
+                                "description": f"always in force (default {DEFAULT_MAX_UPDATE_NORM:g}); "
+                                               "may be raised, never removed"},
         },
+        "additionalProperties": False,
+        "minProperties": 1,
     },
     "SettingsChange": _obj(["settings"], settings=_ref("Settings")),
     "Federation": _obj(
@@ -116,7 +147,8 @@ SCHEMAS: dict[str, dict[str, Any]] = {
         revoked_at=_nullable(_TIME), last_used_at=_nullable(_TIME),
     ),
     "TokenList": _obj(["tokens"], tokens={"type": "array", "items": _ref("Token")}),
-    "CreateToken": _obj(["name", "role"], name=_STR, role={"enum": ["admin", "auditor"]}),
+    "CreateToken": _obj(["name", "role"], name={"type": "string", "pattern": _TOKEN_NAME},
+                        role={"enum": ["admin", "auditor"]}),
     "TokenCreated": {
         "allOf": [_ref("Token"), _obj(["token"], token={**_STR, "description": "fst_<id>_<secret>, shown once"})]
     },
@@ -146,7 +178,7 @@ SCHEMAS: dict[str, dict[str, Any]] = {
     "BudgetList": _obj(["budgets"], budgets={"type": "array", "items": _ref("Budget")}),
     # silo API
     "EnrollRequest": _obj(
-        ["token", "signing_key", "hpke_key"], token=_STR, signing_key=_B64, hpke_key=_B64,
+        ["token", "signing_key", "hpke_key"], token=_STR, signing_key=_KEY, hpke_key=_KEY,
         coordinator_fingerprint={"type": "string", "pattern": "^SHA256:[0-9a-f]{2}(:[0-9a-f]{2}){15}$",
                                  "description": "the fingerprint the silo expects; a mismatch is refused "
                                                 "before the token is spent"},
@@ -167,6 +199,8 @@ SCHEMAS: dict[str, dict[str, Any]] = {
         status={"enum": ["accepted", "buffered", "rejected"]}, receipt=_B64, signature=_B64,
         update_id=_STR, resulting_version=_nullable(_INT), audit_seq=_INT, audit_hash=_STR,
         leaf_index=_INT, tree_size=_INT, leaf_hash=_STR,
+        charged={**_BOOL, "description": "rejections: whether the silo's budget was charged (payload decrypted)"},
+        epsilon_computed=_nullable(_NUM),
     ),
     "Health": _obj(["status"], status=_STR),
 }
@@ -200,7 +234,8 @@ def query(name: str, schema: dict[str, Any], description: str = "", *, required:
 
 def path_param(name: str, schema: dict[str, Any] | None = None, description: str = "") -> dict[str, Any]:
     """An OpenAPI path parameter."""
-    return {"name": name, "in": "path", "required": True, "schema": schema or _STR, "description": description}
+    return {"name": name, "in": "path", "required": True, "schema": schema or TEXT_PARAM,
+            "description": description}
 
 
 def _json(schema: dict[str, Any] | str) -> dict[str, Any]:
@@ -215,9 +250,10 @@ def _operation(
     parameters: Iterable[dict[str, Any]] = (),
     body: str | dict[str, Any] | None = None,
     body_type: str = "application/json",
+    body_required: bool = True,
     response: str | dict[str, Any] | None = None,
     status: int = 200,
-    content_type: str = "application/json",
+    content_type: str | tuple[str, ...] = "application/json",
     response_headers: dict[str, str] | None = None,
     errors: Iterable[Reason] = (),
     security: list[dict[str, list]] | None = None,
@@ -225,7 +261,8 @@ def _operation(
     ok: dict[str, Any] = {"description": summary}
     if response is not None:
         schema = _ref(response) if isinstance(response, str) else response
-        ok["content"] = {content_type: {"schema": schema}}
+        types = (content_type,) if isinstance(content_type, str) else content_type
+        ok["content"] = {t: {"schema": schema} for t in types}
     if response_headers:
         ok["headers"] = {k: {"description": v, "schema": _STR} for k, v in response_headers.items()}
     responses: dict[str, Any] = {str(status): ok}
@@ -243,7 +280,7 @@ def _operation(
         op["parameters"] = params
     if body is not None:
         schema = _ref(body) if isinstance(body, str) else body
-        op["requestBody"] = {"required": True, "content": {body_type: {"schema": schema}}}
+        op["requestBody"] = {"required": body_required, "content": {body_type: {"schema": schema}}}
     if security is not None:
         op["security"] = security
     return op
@@ -273,7 +310,7 @@ OPERATIONS: dict[tuple[str, str], dict[str, Any]] = {
     ),
     ("GET", "/api/v1/model"): _operation(
         "Download the current (or an older retained) global model, with its signed release",
-        tag="silo", parameters=[query("version", _INT, "an older version still retained")],
+        tag="silo", parameters=[query("version", integer(0, MAX_VERSION), "an older version still retained")],
         response=_BINARY, content_type="application/octet-stream",
         response_headers={
             "Fedsilo-Version": "the version served",
@@ -323,9 +360,10 @@ def iter_operations(routes: Iterable[BaseRoute], prefix: str = "") -> Iterator[t
             yield from iter_operations(route.routes, prefix + route.path)
         elif isinstance(route, Route) and route.include_in_schema:  # False: an HTML page, not an API
             path = _CONVERTER.sub(r"{\1}", prefix + route.path)
+            by_method = getattr(route.endpoint, BY_METHOD, {})  # api._routing.merged
             for method in sorted(route.methods or ("GET",)):
                 if method != "HEAD":
-                    yield method, path, route.endpoint
+                    yield method, path, by_method.get(method, route.endpoint)
 
 
 def _path_params(path: str, op: dict[str, Any]) -> None:
@@ -333,6 +371,15 @@ def _path_params(path: str, op: dict[str, Any]) -> None:
     missing = [path_param(name) for name, _ in _CONVERTER.findall(path) if name not in declared]
     if missing:
         op["parameters"] = missing + op.get("parameters", [])
+
+
+def _add_error(op: dict[str, Any], reason: Reason) -> None:
+    responses = op["responses"] = dict(op["responses"])
+    code = str(reason.status)
+    entry = dict(responses.get(code) or {"description": "", "content": _json("Error")})
+    if reason.value not in entry["description"].split(", "):
+        entry["description"] = ", ".join(filter(None, [entry["description"], reason.value]))
+    responses[code] = entry
 
 
 def build_spec(routes: Iterable[BaseRoute], *, title: str = "fedsilo coordinator", version: str = "1") -> dict:
@@ -349,6 +396,12 @@ def build_spec(routes: Iterable[BaseRoute], *, title: str = "fedsilo coordinator
             responses.setdefault("401", {"description": "bad_token", "content": _json("Error")})
             responses.setdefault("403", {"description": "forbidden", "content": _json("Error")})
             op["responses"] = responses
+        # What api._params refuses for any route with parameters or a body.
+        if op.get("parameters") or op.get("requestBody"):
+            _add_error(op, Reason.INVALID_REQUEST)
+        if op.get("requestBody"):
+            _add_error(op, Reason.TOO_LARGE)
+            _add_error(op, Reason.UNSUPPORTED_MEDIA_TYPE)
         op["operationId"] = f"{method.lower()}_{path.strip('/').replace('/', '_').replace('{', '').replace('}', '')}"
         _path_params(path, op)
         paths.setdefault(path, {})[method.lower()] = op

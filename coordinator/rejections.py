@@ -2,8 +2,12 @@
 
 Every refusal writes exactly one audit entry (``update_rejected``) and, when the
 envelope's signature verified, a row in ``updates`` (status ``rejected``) with a
-rejection receipt signed by the coordinator. Nothing else changes: the model, the
-budgets and the rest of the chain stay as they were.
+rejection receipt signed by the coordinator. Nothing else changes -- the model and the
+rest of the chain stay as they were -- except in one case: a refusal after the payload
+was decrypted (schema, norm, a non-finite fold, a check repeated under the fold lock)
+also charges the silo's budget, because the coordinator has seen a DP release. The
+signed rejection says which (``charged``, and the composed ``epsilon_computed`` when
+charged), so the silo's ledger counts exactly what the coordinator counts.
 
 The actor is the silo id only once its signature has verified; before that the
 entry says ``anonymous`` and notes the id the envelope *claims* in its details.
@@ -25,7 +29,7 @@ from privacy.errors import PrivacyError
 from privacy.errors import Reason as PrivacyReason
 from privacy.keys import Identity
 
-from . import audit, receipts
+from . import audit, budget, receipts
 from .errors import MESSAGES, IngestRejected, Reason
 from .models import Update, UpdateStatus
 from .strategies import StrategyError, StrategyReason
@@ -62,6 +66,26 @@ TRANSLATION: dict[PrivacyReason | StrategyReason, Reason] = {
 }
 
 
+#: The largest integer the update tables hold (INTEGER: 32 bits on PostgreSQL). The
+#: header admits up to 2^53-1; a header integer past this is refused (malformed) and its
+#: row is not kept, rather than meet a database error.
+MAX_STORED_INT = 2**31 - 1
+_STORED_HEADER_INTS = ("base_version", "num_samples")
+
+
+def storable(h: UpdateHeader) -> bool:
+    """Whether the header's integers fit the columns its update row would hold them in."""
+    return all(getattr(h, name) <= MAX_STORED_INT for name in _STORED_HEADER_INTS)
+
+
+def check_storable(h: UpdateHeader) -> None:
+    """Refuse (``malformed``) a header whose integers the update tables cannot hold."""
+    for name in _STORED_HEADER_INTS:
+        if getattr(h, name) > MAX_STORED_INT:
+            raise Refusal(Reason.MALFORMED, f"{name} {getattr(h, name)} is beyond what this coordinator stores "
+                                            f"({MAX_STORED_INT})")
+
+
 class Refusal(Exception):
     """Raised inside the pipeline; turned into an audited IngestRejected by :func:`record`."""
 
@@ -87,7 +111,10 @@ class Evidence:
     signed: bool = False  # the signature verified: the actor is the silo
     header: UpdateHeader | None = None  # parsed after the signature verified
     staleness: int | None = None
-    epsilon_computed: float | None = None
+    epsilon_computed: float | None = None  # the composed figure, once the budget step ran
+    silo_delta: float | None = None  # ... at this delta
+    accountant: str | None = None  # ... with this accountant
+    decrypted: bool = False  # the coordinator has seen the payload: a refusal still charges
 
     @property
     def claimed_silo(self) -> str | None:
@@ -118,6 +145,7 @@ def record(
         "envelope_digest": digest,
         "claimed_silo": ev.claimed_silo,
     }
+    charged = ev.decrypted
     if h is not None:
         details |= {
             "update_id": h.update_id,
@@ -125,11 +153,12 @@ def record(
             "staleness": ev.staleness,
             "epsilon_claimed": _finite(h.epsilon_claim),
             "epsilon_computed": _finite(ev.epsilon_computed),
+            "charged": charged,
         }
     actor = ev.claimed_silo if ev.signed and ev.claimed_silo else "anonymous"
     subject = f"update:{h.update_id}" if h is not None else f"envelope:{digest}" if digest else "envelope"
     row = None
-    if ev.signed and h is not None and session.get(Update, h.update_id) is None:
+    if ev.signed and h is not None and storable(h) and session.get(Update, h.update_id) is None:
         # Keep the refused update's signed header, so a resend gets this same answer and
         # an auditor can see exactly what was refused. Inserted BEFORE the audit append:
         # its foreign key locks the silo row, and every lock must be taken before the
@@ -138,8 +167,13 @@ def record(
             with session.begin_nested():
                 row = _row(federation_id, ev, h, refusal, now)
                 session.add(row)
+                session.flush()
+                if charged:  # the row exists: its charge refers to it
+                    budget.charge(session, silo_id=ev.claimed_silo, update_id=h.update_id, dp=h.dp,
+                                  delta=ev.silo_delta, epsilon=ev.epsilon_computed,
+                                  epsilon_claimed=h.epsilon_claim, accountant=ev.accountant, now=now)
         except IntegrityError:
-            row = None  # a concurrent request with this id won the insert; the entry stands
+            row = None  # a concurrent request with this id won the insert (and decides); the entry stands
     event = audit.append(
         session, actor=actor, action=ACTION_UPDATE_REJECTED, subject=subject, details=details, now=now
     )
@@ -153,6 +187,8 @@ def record(
         "reason": refusal.reason.value,
         "detail": detail,
         "envelope_digest": digest,
+        "charged": charged,
+        "epsilon_computed": ev.epsilon_computed if charged and math.isfinite(ev.epsilon_computed) else None,
         **audit.log_position(event),  # audit_seq, audit_hash, leaf_index, tree_size, leaf_hash
         "issued_at": utc_timestamp(now),
     }

@@ -38,6 +38,9 @@ __all__ = [
     "StrategyReason",
     "StrategyError",
     "StrategySettings",
+    "DEFAULT_MAX_UPDATE_NORM",
+    "MAX_INT_SETTING",
+    "MAX_UPDATE_NORM_LIMIT",
     "constant",
     "polynomial",
     "hinge",
@@ -79,6 +82,26 @@ _STRATEGIES = ("fedasync", "fedbuff")
 _STALENESS = ("constant", "polynomial", "hinge")
 
 
+#: The update-norm bound a federation gets unless its operator sets another (global L2
+#: norm of one delta). Why this figure: DP-SGD clips every per-sample gradient to C and
+#: adds N(0, sigma^2 C^2) per coordinate, so one local step moves the model by at most
+#: lr * (C + sigma * C * sqrt(d) / B) (the noise term with overwhelming probability), and
+#: a round of T steps by T times that. With the silo's defaults (lr 0.1, C 1) and a
+#: 100M-parameter model, sigma 1, B 64, T 16, that is about 250: 1000 admits honest
+#: rounds of that kind with room to spare,
+#: while bounding any single update's pull on the model and keeping every fold far from
+#: float32's overflow (3.4e38). A federation with larger honest deltas raises it.
+DEFAULT_MAX_UPDATE_NORM = 1000.0
+#: The largest value of an integer setting (hinge_b, max_staleness, buffer_k): far past
+#: any useful one, and small enough for every database's integer arithmetic.
+MAX_INT_SETTING = 1_000_000
+#: The largest bound an operator may set. Each coordinate of an admitted delta is then at
+#: most 1e30, so a FedBuff buffer of up to MAX_INT_SETTING weighted (<= 1) deltas sums to
+#: at most 1e36, still finite in float32 (3.4e38). The fold refuses any *result* that is
+#: not finite (a large server_lr, a model already near overflow) whatever the bound.
+MAX_UPDATE_NORM_LIMIT = 1e30
+
+
 def _is_real(value: object) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool)
 
@@ -98,7 +121,9 @@ class StrategySettings:
     ``alpha`` is FedAsync's mixing constant, ``staleness`` names s(.), ``poly_a`` and
     ``hinge_a``/``hinge_b`` parameterise it; ``max_staleness`` bounds ``t - tau``
     (beyond it an update is rejected); ``buffer_k`` and ``server_lr`` are FedBuff's
-    K and eta_g; ``max_update_norm`` (global L2 of a delta) is optional.
+    K and eta_g; ``max_update_norm`` bounds the global L2 norm of a delta. The bound
+    is always in force: an operator may set any finite positive value, never null or
+    infinity (:data:`DEFAULT_MAX_UPDATE_NORM` says where the default comes from).
     Invalid values raise :class:`StrategyError` (``invalid_settings``).
     """
 
@@ -111,7 +136,7 @@ class StrategySettings:
     max_staleness: int = 16
     buffer_k: int = 5
     server_lr: float = 1.0
-    max_update_norm: float | None = None
+    max_update_norm: float = DEFAULT_MAX_UPDATE_NORM
 
     def __post_init__(self) -> None:
         if self.strategy not in _STRATEGIES:
@@ -131,13 +156,18 @@ class StrategySettings:
                 raise _invalid(f"{name} must be > 0, not {getattr(self, name)}")
         for name, low in (("hinge_b", 0), ("max_staleness", 0), ("buffer_k", 1)):
             value = getattr(self, name)
-            if not _is_int(value) or value < low:
-                raise _invalid(f"{name} must be an integer >= {low}, not {value!r}")
-        if self.max_update_norm is not None:
-            value = self.max_update_norm
-            if not _is_real(value) or not math.isfinite(value) or value <= 0:
-                raise _invalid(f"max_update_norm must be a positive number or null, not {value!r}")
-            object.__setattr__(self, "max_update_norm", float(value))
+            if isinstance(value, float) and value.is_integer():  # JSON's 5.0 is the integer 5
+                value = int(value)
+                object.__setattr__(self, name, value)
+            if not _is_int(value) or not low <= value <= MAX_INT_SETTING:
+                raise _invalid(f"{name} must be an integer in [{low}, {MAX_INT_SETTING}], not {value!r}")
+        value = self.max_update_norm
+        if not _is_real(value) or not math.isfinite(value) or not 0 < value <= MAX_UPDATE_NORM_LIMIT:
+            raise _invalid(
+                f"max_update_norm must be a number in (0, {MAX_UPDATE_NORM_LIMIT:g}] (it may be raised, "
+                f"never removed), not {value!r}"
+            )
+        object.__setattr__(self, "max_update_norm", float(value))
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-friendly form; :meth:`from_dict` reverses it."""
@@ -159,6 +189,15 @@ class StrategySettings:
                 f"unknown strategy setting(s): {', '.join(unknown)}; known: {', '.join(sorted(known))}"
             )
         return cls(**data)
+
+    @classmethod
+    def from_stored(cls, data: Mapping[str, Any] | None) -> StrategySettings:
+        """Settings as stored in the database. Settings written before the norm bound was
+        mandatory hold ``max_update_norm: null``: the default bound applies to them."""
+        data = dict(data or {})
+        if data.get("max_update_norm", 0) is None:
+            del data["max_update_norm"]
+        return cls.from_dict(data)
 
 
 # --- staleness functions -------------------------------------------------------------
@@ -468,13 +507,12 @@ def update_norm(delta: Mapping[str, torch.Tensor]) -> float:
 def check_update_norm(settings: StrategySettings, delta: Mapping[str, torch.Tensor]) -> float:
     """Return the delta's global L2 norm; raise ``norm_exceeded`` past the bound.
 
-    A non-finite norm always raises. Without ``max_update_norm`` only finiteness is
-    checked.
+    A non-finite norm always raises.
     """
     norm = update_norm(delta)
     if not math.isfinite(norm):
         raise StrategyError(StrategyReason.NORM_EXCEEDED, "update has a non-finite norm")
-    if settings.max_update_norm is not None and norm > settings.max_update_norm:
+    if norm > settings.max_update_norm:
         raise StrategyError(
             StrategyReason.NORM_EXCEEDED,
             f"update norm {norm:.6g} exceeds the bound {settings.max_update_norm:.6g}",

@@ -59,6 +59,7 @@ class Reason(StrEnum):
     CONFLICT = "conflict", 409, "the request conflicts with the current state"
     INVALID_REQUEST = "invalid_request", 422, "the request's parameters are invalid"
     METHOD_NOT_ALLOWED = "method_not_allowed", 405, "this route does not accept this HTTP method"
+    UNSUPPORTED_MEDIA_TYPE = "unsupported_media_type", 415, "this route does not accept the body's Content-Type"
     # the coordinator's own fault: never the client's, details only in the coordinator's log
     INTERNAL_ERROR = "internal_error", 500, "internal error; see the coordinator's log"
 

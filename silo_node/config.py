@@ -217,9 +217,13 @@ class NetworkOptions:
     timeout_seconds: float = 60.0
     max_attempts: int = 8  # per request, first try included
     max_retry_seconds: float = 900.0  # give up on one request after this long
+    # Refusals of our updates without the coordinator's signature (a proxy's 4xx, say), in
+    # a row, before the daemon stops (exit 5): each one still costs budget.
+    max_unsigned_refusals: int = 3
 
     def __post_init__(self) -> None:
         _positive("timeout_seconds", self.timeout_seconds)
+        _positive("max_unsigned_refusals", self.max_unsigned_refusals, integer=True)
         _positive("max_attempts", self.max_attempts, integer=True)
         _positive("max_retry_seconds", self.max_retry_seconds, zero=True)
         if self.ca_bundle:

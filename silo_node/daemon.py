@@ -117,6 +117,7 @@ ON_REJECTION: dict[Reason, OnRejection] = {
     Reason.CONFLICT: OnRejection.NEXT_ROUND,
     Reason.INVALID_REQUEST: OnRejection.FATAL,
     Reason.METHOD_NOT_ALLOWED: OnRejection.FATAL,
+    Reason.UNSUPPORTED_MEDIA_TYPE: OnRejection.FATAL,
     Reason.INTERNAL_ERROR: OnRejection.NEXT_ROUND,  # the coordinator's fault, logged there
 }
 
@@ -138,6 +139,7 @@ class Outcome(StrEnum):
     REFUSED = "refused"  # a model release or receipt failed verification
     FATAL = "fatal"  # revoked, unknown to the coordinator, or a signature it refuses
     LOG_ALTERED = "log_altered"  # the coordinator's transparency log is not append-only
+    UNSIGNED_REFUSALS = "unsigned_refusals"  # updates refused without the coordinator's signature
 
 
 EXIT_CODES = {
@@ -147,6 +149,7 @@ EXIT_CODES = {
     Outcome.REFUSED: 3,
     Outcome.FATAL: 1,
     Outcome.LOG_ALTERED: 4,
+    Outcome.UNSIGNED_REFUSALS: 5,
 }
 
 #: What the silo's IT team reads when the daemon stops with exit code 4.
@@ -201,6 +204,7 @@ class Daemon:
     crash_at: str | None = None
     _receipts: int = field(default=0, init=False)
     _external: list[DPRun] = field(default_factory=list, init=False)
+    _unsigned: int = field(default=0, init=False)  # unsigned refusals in a row
 
     def __post_init__(self) -> None:
         if self.wait is None:
@@ -368,6 +372,18 @@ class Daemon:
                 message = f"not started: budget. The coordinator's accountant says it is spent: {exc.detail}"
                 self.ledger.record_stop("budget_exceeded", message)
                 raise _Stop(RunResult(Outcome.BUDGET_EXHAUSTED, self._receipts, message))
+            self._unsigned = 0 if exc.receipt is not None else self._unsigned + 1
+            limit = self.config.network.max_unsigned_refusals
+            if self._unsigned >= limit:
+                # Each such update was charged here (nothing signed says it was free): do
+                # not keep spending budget into something that answers without a signature.
+                message = (
+                    f"stopped: {self._unsigned} update(s) in a row were refused without the coordinator's "
+                    f"signature (last: {exc.message}); each was charged to the budget. Check the proxy or "
+                    "the coordinator's address, then start again"
+                )
+                self.ledger.record_stop("unsigned_refusals", message)
+                raise _Stop(RunResult(Outcome.UNSIGNED_REFUSALS, self._receipts, message))
             return exc
         except Untrusted as exc:
             # The envelope stays in the ledger; a later run resends it to a coordinator that verifies.
@@ -379,6 +395,7 @@ class Daemon:
         self._crash_point("pushed")
         self.ledger.record_receipt(update_id, receipt, self._coordinator.signing_key)
         self._receipts += 1
+        self._unsigned = 0
         log.info(
             "update %s %s: version %s, coordinator epsilon %s, audit entry %s",
             update_id, receipt.status, receipt.resulting_version, _fmt(receipt.epsilon_computed), receipt.audit_seq,

@@ -53,7 +53,7 @@ __all__ = [
     "Status",
 ]
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2  # 2: the ``charged`` column
 
 
 class Status(StrEnum):
@@ -65,8 +65,16 @@ class Status(StrEnum):
     STOPPED = "stopped"  # a stop entry: the daemon did not start a round
 
 
-#: Updates whose privacy cost counts: the coordinator has charged them or still may.
+#: Updates whose privacy cost counts: the coordinator has charged them or still may. A
+#: ``rejected`` update counts too unless its ``charged`` column is 0, which only a
+#: coordinator-signed rejection stating ``charged: false`` (never decrypted) sets.
 COUNTED_STATUSES = (Status.SEALED, Status.SENT, Status.ACCEPTED, Status.BUFFERED)
+#: The SQL condition for "this row's privacy cost counts" (the one place it is written).
+_COUNTED_SQL = (
+    "kind = 'update' AND (status IN ({marks}) OR (status = 'rejected' AND COALESCE(charged, 1) = 1))".format(
+        marks=", ".join(f"'{s.value}'" for s in COUNTED_STATUSES)
+    )
+)
 _PENDING = (Status.SEALED, Status.SENT)
 _FINAL = (Status.ACCEPTED, Status.BUFFERED, Status.REJECTED)
 
@@ -135,6 +143,7 @@ class LedgerEntry:
     receipt: bytes | None = None
     receipt_signature: bytes | None = None
     attempts: int = 0
+    charged: int | None = None  # a rejection: 1 counts against the budget, 0 is free (signed)
 
     @property
     def dp_run(self) -> DPRun | None:
@@ -191,7 +200,8 @@ CREATE TABLE IF NOT EXISTS entries (
     receipt           BLOB,
     receipt_signature BLOB,
     attempts          INTEGER NOT NULL DEFAULT 0,
-    envelope          BLOB
+    envelope          BLOB,
+    charged           INTEGER
 );
 CREATE INDEX IF NOT EXISTS entries_status ON entries (status);
 """
@@ -270,6 +280,10 @@ class Ledger:
                 )
             if version < SCHEMA_VERSION and not readonly:
                 with self._transaction():
+                    if version == 1:
+                        # Version 1 counted every rejection as free; its rows keep that verdict.
+                        self._db.execute("ALTER TABLE entries ADD COLUMN charged INTEGER")
+                        self._db.execute("UPDATE entries SET charged = 0 WHERE status = 'rejected'")
                     for statement in _DDL.split(";"):
                         if statement.strip():
                             self._db.execute(statement)
@@ -411,7 +425,13 @@ class Ledger:
         coordinator_key: Ed25519PublicKey | None = None,
         audit_seq: int | None = None,
     ) -> LedgerEntry:
-        """Record a refusal; with a signed rejection receipt when the coordinator sent one."""
+        """Record a refusal; with a signed rejection receipt when the coordinator sent one.
+
+        The update's privacy cost still counts unless the signed receipt says
+        ``charged: false``: an unsigned refusal may come from a proxy, or from a
+        coordinator that decrypted the payload before refusing it.
+        """
+        charged = 0 if receipt is not None and receipt.charged is False else 1
         if receipt is not None:
             if coordinator_key is None:
                 raise ValueError("a receipt is stored only with the key that verifies it")
@@ -422,9 +442,9 @@ class Ledger:
                 raise LedgerError(LedgerReason.ALREADY_FINAL, f"update {update_id} already has a verdict")
             db.execute(
                 """UPDATE entries SET status = ?, updated_at = ?, reason = ?, detail = ?,
-                       audit_seq = COALESCE(audit_seq, ?), envelope = NULL
+                       audit_seq = COALESCE(audit_seq, ?), envelope = NULL, charged = ?
                    WHERE update_id = ?""",
-                (Status.REJECTED.value, self._stamp(), reason, detail, audit_seq, update_id),
+                (Status.REJECTED.value, self._stamp(), reason, detail, audit_seq, charged, update_id),
             )
         return self.get(update_id)
 
@@ -465,12 +485,10 @@ class Ledger:
         return [PendingUpdate(self._entry(r), bytes(r["envelope"])) for r in rows]
 
     def counted_history(self) -> list[DPRun]:
-        """DP runs whose cost counts against the budget (accepted, buffered, in flight)."""
-        marks = ", ".join("?" for _ in COUNTED_STATUSES)
+        """DP runs whose cost counts against the budget (accepted, buffered, in flight, and
+        rejected unless the coordinator signed that it never decrypted them)."""
         rows = self._db.execute(
-            f"SELECT noise_multiplier, sample_rate, steps FROM entries "
-            f"WHERE kind = 'update' AND status IN ({marks}) ORDER BY seq",
-            tuple(s.value for s in COUNTED_STATUSES),
+            f"SELECT noise_multiplier, sample_rate, steps FROM entries WHERE {_COUNTED_SQL} ORDER BY seq"
         )
         return [DPRun(float(r[0]), float(r[1]), int(r[2])) for r in rows]
 
@@ -478,11 +496,8 @@ class Ledger:
         counts = {s.value: 0 for s in Status}
         for status, n in self._db.execute("SELECT status, COUNT(*) FROM entries GROUP BY status"):
             counts[status] = n
-        marks = ", ".join("?" for _ in COUNTED_STATUSES)
         last_counted = self._db.execute(
-            f"SELECT epsilon_after FROM entries WHERE kind = 'update' AND status IN ({marks}) "
-            "ORDER BY seq DESC LIMIT 1",
-            tuple(s.value for s in COUNTED_STATUSES),
+            f"SELECT epsilon_after FROM entries WHERE {_COUNTED_SQL} ORDER BY seq DESC LIMIT 1"
         ).fetchone()
         last_version = self._db.execute("SELECT MAX(resulting_version) FROM entries").fetchone()[0]
         last_update = self._db.execute(

@@ -39,6 +39,9 @@ class Receipt:
     audit_hash: str | None
     reason: str | None
     fields: dict
+    # On a rejection: whether the coordinator charged the silo's budget (it decrypted the
+    # payload). Only ``False`` -- signed -- lets the silo count the update as free.
+    charged: bool | None = None
 
     @classmethod
     def verify(cls, statement: bytes, signature: bytes, coordinator_key: Ed25519PublicKey) -> Receipt:
@@ -71,7 +74,14 @@ class Receipt:
             audit_hash=opt("audit_hash", str),
             reason=opt("reason", str),
             fields=obj,
+            charged=_bool(obj.get("charged")),
         )
+
+
+def _bool(value: Any) -> bool | None:
+    if value is not None and not isinstance(value, bool):
+        raise EnvelopeError(Reason.MALFORMED, "receipt field 'charged' has the wrong type")
+    return value
 
 
 def _float(value: Any) -> float | None:

@@ -17,6 +17,7 @@ Area-specific fixtures belong in ``tests/<area>/conftest.py``.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import secrets
 from collections.abc import Iterator
@@ -62,20 +63,33 @@ def postgres_server_url() -> URL:
     return url
 
 
-@pytest.fixture
-def postgres_url(postgres_server_url: URL) -> Iterator[str]:
-    """A throwaway database ``fedsilo_test_<random>``, dropped after the test."""
+@contextlib.contextmanager
+def _throwaway_database(server_url: URL) -> Iterator[str]:
     name = f"fedsilo_test_{secrets.token_hex(6)}"
-    admin = _admin_engine(postgres_server_url)
+    admin = _admin_engine(server_url)
     with admin.connect() as conn:
         conn.exec_driver_sql(f'CREATE DATABASE "{name}"')
     try:
-        yield postgres_server_url.set(database=name).render_as_string(hide_password=False)
+        yield server_url.set(database=name).render_as_string(hide_password=False)
     finally:
         with admin.connect() as conn:
             # FORCE: a test that leaked a connection must not leak the database.
             conn.exec_driver_sql(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
         admin.dispose()
+
+
+@pytest.fixture
+def postgres_url(postgres_server_url: URL) -> Iterator[str]:
+    """A throwaway database ``fedsilo_test_<random>``, dropped after the test."""
+    with _throwaway_database(postgres_server_url) as url:
+        yield url
+
+
+@pytest.fixture(scope="module")
+def postgres_module_url(postgres_server_url: URL) -> Iterator[str]:
+    """Like ``postgres_url``, shared by one module's tests (one served coordinator)."""
+    with _throwaway_database(postgres_server_url) as url:
+        yield url
 
 
 @pytest.fixture

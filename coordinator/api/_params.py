@@ -9,45 +9,88 @@ over ``max_request_bytes`` -> 413 ``too_large``; not a JSON object -> 422
 
 from __future__ import annotations
 
-import json
+import re
 from typing import Any
 
 from starlette.requests import Request
 
 from coordinator.errors import ApiError, Reason
+from privacy import strict_json
+from privacy.errors import JsonError
 
-def query_int(request: Request, name: str, *, default: int | None = None, lo: int | None = None,
-              hi: int | None = None) -> int | None:
-    """An integer query parameter within [lo, hi], or ``default`` when absent."""
-    raw = request.query_params.get(name)
+__all__ = [
+    "MAX_INT", "MAX_STR", "MAX_VERSION", "field", "json_object", "path_int", "path_str", "query_int", "query_str",
+    "read_body",
+]
+
+#: The largest integer a path or query parameter may hold: I-JSON's exact range
+#: (RFC 7493 section 2.2), inside every database's BIGINT, so no huge integer ever
+#: reaches Python arithmetic (OverflowError) or the database (PostgreSQL DataError).
+MAX_INT = 2**53 - 1
+#: The largest model version number: versions are INTEGER columns (PostgreSQL: 32 bits).
+MAX_VERSION = 2**31 - 1
+#: The longest string a path or query parameter may hold (ids, filters).
+MAX_STR = 256
+# An integer written plainly: optional minus, ASCII digits (int() would also take
+# "+1", " 1", "1_000" and non-ASCII digits), at most as many digits as MAX_INT has.
+_INT = re.compile(r"-?[0-9]{1,16}")
+
+
+def _one(request: Request, name: str) -> str | None:
+    """The single value of query parameter ``name``: a repeated parameter is ambiguous
+    (which one would a proxy, a log, the handler read?), so it is refused."""
+    values = request.query_params.getlist(name)
+    if len(values) > 1:
+        raise ApiError(Reason.INVALID_REQUEST, f"{name} is given {len(values)} times; give it once")
+    return values[0] if values else None
+
+
+def _int(raw: str, name: str, lo: int, hi: int) -> int:
+    if not _INT.fullmatch(raw):
+        raise ApiError(Reason.INVALID_REQUEST, f"{name} must be an integer between {lo} and {hi}")
+    value = int(raw)
+    if not lo <= value <= hi:
+        raise ApiError(Reason.INVALID_REQUEST, f"{name} must be an integer between {lo} and {hi}")
+    return value
+
+
+def _str(value: str, name: str) -> str:
+    # PostgreSQL refuses NUL in text (a DataError, a 500); nothing legitimate holds one.
+    if "\x00" in value:
+        raise ApiError(Reason.INVALID_REQUEST, f"{name} must not contain a NUL character")
+    if len(value) > MAX_STR:
+        raise ApiError(Reason.INVALID_REQUEST, f"{name} is longer than {MAX_STR} characters")
+    return value
+
+
+def query_int(request: Request, name: str, *, default: int | None = None, lo: int = -MAX_INT,
+              hi: int = MAX_INT) -> int | None:
+    """An integer query parameter within [lo, hi] (never past :data:`MAX_INT`), or
+    ``default`` when absent."""
+    raw = _one(request, name)
     if raw is None or raw == "":
         return default
-    try:
-        value = int(raw)
-    except ValueError:
-        raise ApiError(Reason.INVALID_REQUEST, f"{name} must be an integer") from None
-    if (lo is not None and value < lo) or (hi is not None and value > hi):
-        bounds = f"between {lo} and {hi}" if hi is not None else f">= {lo}"
-        raise ApiError(Reason.INVALID_REQUEST, f"{name} must be {bounds}")
-    return value
+    return _int(raw, name, max(lo, -MAX_INT), min(hi, MAX_INT))
 
 
 def query_str(request: Request, name: str, *, choices: tuple[str, ...] | None = None) -> str | None:
     """A string query parameter (None when absent), optionally one of ``choices``."""
-    value = request.query_params.get(name)
+    value = _one(request, name)
     if value is None or value == "":
         return None
     if choices is not None and value not in choices:
         raise ApiError(Reason.INVALID_REQUEST, f"{name} must be one of {', '.join(choices)}")
-    return value
+    return _str(value, name)
 
 
-def path_int(request: Request, name: str) -> int:
-    """An integer path parameter (routes declare it as a plain ``{name}``)."""
-    try:
-        return int(request.path_params[name])
-    except (KeyError, ValueError):
-        raise ApiError(Reason.INVALID_REQUEST, f"{name} must be an integer") from None
+def path_int(request: Request, name: str, *, lo: int = 0, hi: int = MAX_INT) -> int:
+    """An integer path parameter within [lo, hi] (routes declare it as a plain ``{name}``)."""
+    return _int(str(request.path_params.get(name, "")), name, lo, hi)
+
+
+def path_str(request: Request, name: str) -> str:
+    """A string path parameter (an id): no NUL, at most :data:`MAX_STR` characters."""
+    return _str(str(request.path_params.get(name, "")), name)
 
 
 async def read_body(request: Request, limit: int) -> bytes:
@@ -69,14 +112,21 @@ async def read_body(request: Request, limit: int) -> bytes:
 
 
 async def json_object(request: Request, limit: int, *, optional: bool = False) -> dict[str, Any]:
-    """The body as a JSON object (via :func:`read_body`); ``{}`` for no body if ``optional``."""
+    """The body as a JSON object (via :func:`read_body`); ``{}`` for no body if ``optional``.
+
+    A body sent as anything but ``application/json`` is refused (415): what the
+    document states is all that is accepted.
+    """
     body = await read_body(request, limit)
     if optional and not body.strip():
         return {}
-    try:
-        obj = json.loads(body or b"null")
-    except (UnicodeDecodeError, json.JSONDecodeError):
-        raise ApiError(Reason.INVALID_REQUEST, "the body is not valid JSON") from None
+    media_type = request.headers.get("content-type", "").split(";", 1)[0].strip().lower()
+    if media_type != "application/json":
+        raise ApiError(Reason.UNSUPPORTED_MEDIA_TYPE, "the body must be sent as Content-Type: application/json")
+    try:  # strict and bounded: no duplicate keys, no deep nesting, no huge integers, no NUL
+        obj = strict_json.loads(body or b"null", max_bytes=limit)
+    except JsonError as exc:
+        raise ApiError(Reason.INVALID_REQUEST, f"the body is not valid JSON: {exc.message}") from None
     if not isinstance(obj, dict):
         raise ApiError(Reason.INVALID_REQUEST, "the body must be a JSON object")
     return obj

@@ -15,22 +15,22 @@ from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
 from coordinator import admin, enrolment, tokens
-from coordinator.api._params import field, json_object, path_int, query_int, query_str
+from coordinator.api._routing import merged
+from coordinator.api._params import MAX_VERSION, field, json_object, path_int, path_str, query_int, query_str
 from coordinator.api._threads import in_read, in_transaction
 from coordinator.api.auth import ADMIN, ANY_ROLE, Principal, guarded
 from coordinator.context import Coordinator
 from coordinator.models import ApiToken, SiloStatus, UpdateStatus
 from coordinator.errors import Reason
-from coordinator.openapi import describe, path_param, query
+from coordinator.openapi import TEXT_PARAM, describe, integer, path_param, query
 from privacy.envelope import utc_timestamp
 from privacy.keys import b64e
 
 __all__ = ["routes", "token_json"]
 
-_INT = {"type": "integer"}
 _STR = {"type": "string"}
 
-_LIMIT = query("limit", {**_INT, "minimum": 1, "maximum": admin.MAX_LIMIT},
+_LIMIT = query("limit", integer(1, admin.MAX_LIMIT),
                f"page size (default {admin.DEFAULT_LIMIT}, at most {admin.MAX_LIMIT})")
 
 
@@ -91,16 +91,17 @@ def routes(ctx: Coordinator) -> list[Route]:
     @describe("One silo", tag="silos", parameters=[path_param("silo_id")], response="Silo",
               errors=[Reason.NOT_FOUND])
     async def get_silo(request: Request, who: Principal) -> Response:
-        silo = await read(admin.get_silo, request.path_params["silo_id"], federation_id=fid)
+        silo = await read(admin.get_silo, path_str(request, "silo_id"), federation_id=fid)
         return JSONResponse(silo.to_json())
 
     @guarded(ctx, *ADMIN)
     @describe("Revoke a silo: its signatures stop being accepted at once", tag="silos",
               parameters=[path_param("silo_id")],
-              body={"type": "object", "properties": {"reason": _STR}}, response="Silo",
+              body={"type": "object", "properties": {"reason": {"anyOf": [_STR, {"type": "null"}]}}},
+              body_required=False, response="Silo",
               errors=[Reason.TOO_LARGE, Reason.INVALID_REQUEST, Reason.NOT_FOUND])
     async def revoke_silo(request: Request, who: Principal) -> Response:
-        silo_id = request.path_params["silo_id"]
+        silo_id = path_str(request, "silo_id")
         body = await json_object(request, body_limit, optional=True)
         await write(enrolment.revoke_silo, silo_id, actor=who.actor, now=ctx.clock(),
                     reason=field(body, "reason", str, required=False))
@@ -128,28 +129,31 @@ def routes(ctx: Coordinator) -> list[Route]:
 
     @guarded(ctx, *ANY_ROLE)
     @describe("Model versions, oldest first (metadata only)", tag="versions",
-              parameters=[query("after", _INT, "list versions after this one"), _LIMIT], response="VersionPage")
+              parameters=[query("after", integer(-1, MAX_VERSION), "list versions after this one"), _LIMIT],
+              response="VersionPage")
     async def list_versions(request: Request, who: Principal) -> Response:
-        page = await read(admin.list_versions, after=query_int(request, "after", lo=-1),
+        page = await read(admin.list_versions, after=query_int(request, "after", lo=-1, hi=MAX_VERSION),
                           limit=_limit(request), federation_id=fid)
         return JSONResponse({"versions": [v.to_json() for v in page.items], "next_after": page.next_after})
 
     @guarded(ctx, *ANY_ROLE)
-    @describe("One model version's metadata", tag="versions", parameters=[path_param("version", _INT)],
+    @describe("One model version's metadata", tag="versions",
+              parameters=[path_param("version", integer(0, MAX_VERSION))],
               response="Version", errors=[Reason.UNKNOWN_VERSION])
     async def get_version(request: Request, who: Principal) -> Response:
-        info = await read(admin.get_version, path_int(request, "version"), federation_id=fid)
+        info = await read(admin.get_version, path_int(request, "version", hi=MAX_VERSION), federation_id=fid)
         return JSONResponse(info.to_json())
 
     @guarded(ctx, *ANY_ROLE)
     @describe("Download a version's weights (safetensors) with the signed release headers", tag="versions",
-              parameters=[path_param("version", _INT)], response={"type": "string", "format": "binary"},
+              parameters=[path_param("version", integer(0, MAX_VERSION))],
+              response={"type": "string", "format": "binary"},
               content_type="application/octet-stream",
               response_headers={"Fedsilo-Version": "the version", "Fedsilo-Release": "base64url statement",
                                 "Fedsilo-Release-Signature": "base64url signature"},
               errors=[Reason.UNKNOWN_VERSION])
     async def version_weights(request: Request, who: Principal) -> Response:
-        rel = await read(admin.model_release, path_int(request, "version"), identity=ctx.identity,
+        rel = await read(admin.model_release, path_int(request, "version", hi=MAX_VERSION), identity=ctx.identity,
                          federation_id=fid, releases=ctx.releases)
         return Response(
             rel.blob,
@@ -166,10 +170,10 @@ def routes(ctx: Coordinator) -> list[Route]:
 
     @guarded(ctx, *ANY_ROLE)
     @describe("Updates in the order received, with filters and keyset paging", tag="updates",
-              parameters=[query("silo_id", _STR), query("status", {"enum": list(UpdateStatus)}),
-                          query("reason", _STR, "rejection reason code"),
-                          query("after", _STR, "the last update_id of the previous page"), _LIMIT],
-              response="UpdatePage", errors=[Reason.INVALID_REQUEST])
+              parameters=[query("silo_id", TEXT_PARAM), query("status", {"enum": list(UpdateStatus)}),
+                          query("reason", TEXT_PARAM, "rejection reason code"),
+                          query("after", TEXT_PARAM, "the last update_id of the previous page"), _LIMIT],
+              response="UpdatePage", errors=[Reason.INVALID_REQUEST, Reason.NOT_FOUND])
     async def list_updates(request: Request, who: Principal) -> Response:
         page = await read(
             admin.list_updates,
@@ -186,7 +190,7 @@ def routes(ctx: Coordinator) -> list[Route]:
     @describe("One update with its signed header", tag="updates", parameters=[path_param("update_id")],
               response="Update", errors=[Reason.NOT_FOUND])
     async def get_update(request: Request, who: Principal) -> Response:
-        return JSONResponse((await read(admin.get_update, request.path_params["update_id"])).to_json())
+        return JSONResponse((await read(admin.get_update, path_str(request, "update_id"))).to_json())
 
     # ----------------------------------------------------------------- tokens
 
@@ -211,10 +215,10 @@ def routes(ctx: Coordinator) -> list[Route]:
               parameters=[path_param("token_id")], response="Token",
               errors=[Reason.NOT_FOUND, Reason.CONFLICT])
     async def revoke_token(request: Request, who: Principal) -> Response:
-        row = await write(tokens.revoke_token, request.path_params["token_id"], actor=who.actor, now=ctx.clock())
+        row = await write(tokens.revoke_token, path_str(request, "token_id"), actor=who.actor, now=ctx.clock())
         return JSONResponse(token_json(row))
 
-    return [
+    return merged([
         Route("/silos", create_silo, methods=["POST"]),
         Route("/silos", list_silos, methods=["GET"]),
         Route("/silos/{silo_id}", get_silo, methods=["GET"]),
@@ -229,4 +233,4 @@ def routes(ctx: Coordinator) -> list[Route]:
         Route("/tokens", create_token, methods=["POST"]),
         Route("/tokens", list_tokens, methods=["GET"]),
         Route("/tokens/{token_id}/revoke", revoke_token, methods=["POST"]),
-    ]
+    ])

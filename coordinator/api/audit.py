@@ -20,19 +20,18 @@ from starlette.routing import Route
 
 from coordinator import audit
 from coordinator import budget as budget_reports
-from coordinator.api._params import query_int, query_str
+from coordinator.api._params import path_str, query_int, query_str
 from coordinator.api._threads import in_read
 from coordinator.api.auth import ANY_ROLE, Principal, guarded
 from coordinator.context import Coordinator
 from coordinator.errors import Reason
-from coordinator.openapi import describe, path_param, query
+from coordinator.openapi import TEXT_PARAM, describe, integer, path_param, query
 
 __all__ = ["MAX_EVENTS_LIMIT", "routes", "verify_json"]
 
 #: Largest page of ``GET /events``.
 MAX_EVENTS_LIMIT = 1000
 _DEFAULT_EVENTS_LIMIT = 100
-_INT = {"type": "integer"}
 _STR = {"type": "string"}
 _FORMATS = {"jsonl": "application/x-ndjson", "csv": "text/csv; charset=utf-8"}
 
@@ -57,9 +56,9 @@ def routes(ctx: Coordinator) -> list[Route]:
 
     @guarded(ctx, *ANY_ROLE)
     @describe("Audit log entries in seq order, filtered, paged by seq", tag="audit",
-              parameters=[query("after_seq", _INT, "entries after this seq"),
-                          query("limit", {**_INT, "minimum": 1, "maximum": MAX_EVENTS_LIMIT}),
-                          query("actor", _STR), query("action", _STR), query("subject", _STR)],
+              parameters=[query("after_seq", integer(0), "entries after this seq"),
+                          query("limit", integer(1, MAX_EVENTS_LIMIT)),
+                          query("actor", TEXT_PARAM), query("action", TEXT_PARAM), query("subject", TEXT_PARAM)],
               response="EventPage", errors=[Reason.INVALID_REQUEST])
     async def events(request: Request, who: Principal) -> Response:
         limit = query_int(request, "limit", default=_DEFAULT_EVENTS_LIMIT, lo=1, hi=MAX_EVENTS_LIMIT)
@@ -89,8 +88,8 @@ def routes(ctx: Coordinator) -> list[Route]:
                           "row, details as their canonical JSON text. The head the export ends at is in the "
                           "response headers; verify offline with coordinator.audit.verify.",
               parameters=[query("format", {"enum": list(_FORMATS)}, "jsonl (default) or csv"),
-                          query("after_seq", _INT, "export only entries after this seq (incremental)")],
-              response=_STR, content_type="application/x-ndjson",
+                          query("after_seq", integer(0), "export only entries after this seq (incremental)")],
+              response=_STR, content_type=tuple(_FORMATS.values()),
               response_headers={"Fedsilo-Audit-Head-Seq": "seq of the last exported entry",
                                 "Fedsilo-Audit-Head-Hash": "its hash"},
               errors=[Reason.INVALID_REQUEST])
@@ -119,7 +118,7 @@ def routes(ctx: Coordinator) -> list[Route]:
     @describe("One silo's privacy spend with its full DP history, to recompute independently", tag="audit",
               parameters=[path_param("silo_id")], response="Budget", errors=[Reason.NOT_FOUND])
     async def budget(request: Request, who: Principal) -> Response:
-        report = await read(budget_reports.budget_report, request.path_params["silo_id"],
+        report = await read(budget_reports.budget_report, path_str(request, "silo_id"),
                             accountant=ctx.config.accountant, federation_id=ctx.federation_id)
         return JSONResponse(report.to_json())
 

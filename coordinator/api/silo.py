@@ -19,9 +19,8 @@ from privacy.keys import b64e
 
 from .. import ingest, silos
 from ..context import Coordinator
-from ..errors import ApiError, Reason
-from ._params import json_object, read_body
 from ..model_store import ReleaseStream
+from ._params import MAX_VERSION, json_object, query_int, read_body
 
 __all__ = ["routes", "target_of"]
 
@@ -58,11 +57,9 @@ def routes(ctx: Coordinator) -> list[Route]:
         return JSONResponse(await run_in_threadpool(silos.enroll, ctx, body, remote=remote))
 
     async def model(request: Request) -> Response:
-        raw = request.query_params.get("version")
-        if raw is not None and not raw.isdigit():
-            raise ApiError(Reason.INVALID_REQUEST, "version must be a non-negative integer")
+        version = query_int(request, "version", lo=0, hi=MAX_VERSION)
         req = await signed(request)
-        stream = await run_in_threadpool(silos.model, ctx, req, int(raw) if raw is not None else None)
+        stream = await run_in_threadpool(silos.model, ctx, req, version)
         release = stream.release
         return StreamingResponse(
             _streamed(stream),

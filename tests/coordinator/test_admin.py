@@ -176,10 +176,13 @@ def test_updates_filter_and_keyset_paging(engine):
         assert [u.update_id for u in admin.list_updates(s, reason="stale").items] == ["a2"]
         assert [u.update_id for u in admin.list_updates(s).items] == ["a0", "a1", "b0", "a2", "a3", "a4"]
         assert json.dumps(admin.get_update(s, "b0").to_json())
-        for kwargs in ({"status": "maybe"}, {"after": "nope"}, {"limit": 0}):
+        for kwargs in ({"status": "maybe"}, {"limit": 0}):
             with pytest.raises(ApiError) as exc:
                 admin.list_updates(s, **kwargs)
             assert exc.value.reason is Reason.INVALID_REQUEST
+        with pytest.raises(ApiError) as exc:  # a cursor naming no update: not found
+            admin.list_updates(s, after="nope")
+        assert exc.value.reason is Reason.NOT_FOUND
         with pytest.raises(ApiError):
             admin.get_update(s, "nope")
 

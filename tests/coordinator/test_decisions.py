@@ -16,7 +16,7 @@ from coordinator.budget import BudgetEntry
 from coordinator.decisions import Existing, Snapshot
 from coordinator.errors import Reason
 from coordinator.rejections import Refusal
-from coordinator.strategies import StrategySettings
+from coordinator.strategies import DEFAULT_MAX_UPDATE_NORM, StrategySettings
 
 NOW = datetime(2026, 11, 30, 12, 0, tzinfo=UTC)
 
@@ -88,7 +88,9 @@ def test_norm_within_the_bound_and_finite() -> None:
     refused(Reason.NORM_EXCEEDED, decisions.check_norm, SNAP.settings, 5.000001)
     refused(Reason.NORM_EXCEEDED, decisions.check_norm, SNAP.settings, float("inf"))
     refused(Reason.NORM_EXCEEDED, decisions.check_norm, SNAP.settings, float("nan"))
-    decisions.check_norm(StrategySettings.from_dict({}), 1e30)  # no bound set
+    # No bound set: the default one is in force.
+    decisions.check_norm(StrategySettings.from_dict({}), DEFAULT_MAX_UPDATE_NORM)
+    refused(Reason.NORM_EXCEEDED, decisions.check_norm, StrategySettings.from_dict({}), 1e30)
 
 
 def test_budget_composed_epsilon_within_the_cap() -> None:

@@ -9,6 +9,7 @@ and the weights cache across two "processes" sharing one database.
 
 from __future__ import annotations
 
+import json
 import math
 from pathlib import Path
 
@@ -203,7 +204,11 @@ def test_budget_is_recomputed_under_the_lock(any_ctx):
         fold.commit(ctx, p2)
     assert exc.value.reason == Reason.BUDGET_EXCEEDED
     assert head(ctx) == before + 1 and last_event(ctx).action == "update_rejected"
-    assert count(ctx, PrivacyCharge) == 1 and count(ctx, ModelVersion) == 2
+    # The payload was decrypted before the lock: the refusal still charges the silo
+    # (conservative accounting), at the figure composed over both charges.
+    assert count(ctx, PrivacyCharge) == 2 and count(ctx, ModelVersion) == 2
+    assert json.loads(last_event(ctx).details)["charged"] is True
+    assert exc.value.extra["charged"] is True and exc.value.extra["epsilon_computed"] > one * 1.01
 
 
 def test_staleness_is_rechecked_under_the_lock(tmp_path):
@@ -312,3 +317,20 @@ def test_silo_metrics_are_kept_on_the_base_version(ctx):
     with ctx.read() as s:
         metrics = s.scalar(select(ModelVersion.metrics).where(ModelVersion.version == 0))
     assert metrics == {silo.silo_id: {"accuracy": 0.75, "loss": 0.5}}
+
+
+
+@pytest.mark.parametrize("field", ["base_version", "num_samples"])
+def test_header_integers_past_32_bits_are_refused_not_a_database_error(any_ctx, field):
+    # The header admits integers up to 2^53-1; the tables hold INTEGER (32 bits on
+    # PostgreSQL, where this was a DataError: a 500). Refused as malformed, signed,
+    # one audit entry, no row and no charge.
+    silo = enrol(any_ctx, "wide")
+    before = head(any_ctx)
+    kw = {"base_version": 2**40} if field == "base_version" else {"base_version": 0, "num_samples": 2**40}
+    with pytest.raises(IngestRejected) as exc:
+        ingest.check(any_ctx, silo.seal(silo.delta(seed=1), **kw), any_ctx.clock())
+    assert exc.value.reason == Reason.MALFORMED and field in exc.value.detail
+    assert exc.value.extra["charged"] is False and "receipt" in exc.value.extra
+    assert head(any_ctx) == before + 1 and last_event(any_ctx).action == "update_rejected"
+    assert count(any_ctx, PrivacyCharge) == 0

@@ -9,6 +9,8 @@ import pytest
 import torch
 
 from coordinator.strategies import (
+    DEFAULT_MAX_UPDATE_NORM,
+    MAX_INT_SETTING,
     StrategyError,
     StrategySettings,
     check_staleness,
@@ -350,7 +352,22 @@ def test_settings_defaults_are_the_papers() -> None:
         10.0,
         4,
     )
-    assert (s.max_staleness, s.buffer_k, s.server_lr, s.max_update_norm) == (16, 5, 1.0, None)
+    assert (s.max_staleness, s.buffer_k, s.server_lr, s.max_update_norm) == (16, 5, 1.0, DEFAULT_MAX_UPDATE_NORM)
+    assert DEFAULT_MAX_UPDATE_NORM == 1000.0  # documented in docs/protocol.md 4.1 and docs/operations.md
+
+
+def test_the_norm_bound_may_be_raised_never_removed() -> None:
+    assert StrategySettings(max_update_norm=1e30).max_update_norm == 1e30
+    for removed in (None, math.inf, 1e31):
+        with pytest.raises(StrategyError) as exc:
+            StrategySettings.from_dict({"max_update_norm": removed})
+        assert "never removed" in exc.value.message
+
+
+def test_stored_settings_without_a_bound_get_the_default() -> None:
+    # Written before the bound was mandatory: the default applies, nothing is left unbounded.
+    s = StrategySettings.from_stored({"strategy": "fedbuff", "max_update_norm": None})
+    assert (s.strategy, s.max_update_norm) == ("fedbuff", DEFAULT_MAX_UPDATE_NORM)
 
 
 def test_settings_round_trip_through_json() -> None:
@@ -382,10 +399,14 @@ def test_settings_from_dict_fills_defaults_and_normalises_ints() -> None:
         {"hinge_b": 2.5},
         {"max_staleness": -1},
         {"buffer_k": 0},
-        {"buffer_k": 2.0},
+        {"buffer_k": 2.5},
         {"server_lr": 0},
         {"max_update_norm": 0},
         {"max_update_norm": math.inf},
+        {"max_update_norm": None},
+        {"max_staleness": 10**30},
+        {"buffer_k": MAX_INT_SETTING + 1},
+        {"hinge_b": 2**63},
     ],
 )
 def test_invalid_settings_are_rejected(bad: dict) -> None:

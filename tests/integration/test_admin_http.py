@@ -212,8 +212,11 @@ def test_bad_paging_parameters_are_422(client, auditor, query):
 def test_bad_bodies_are_422_not_500(server, client):
     for body in (b"not json", b"[1, 2]", b'{"name": 5, "epsilon_cap": 1, "delta": 0.1}',
                  b'{"name": "x", "epsilon_cap": true, "delta": 0.1}', b'{"name": "x"}'):
-        r = client.post("/api/admin/silos", content=body, headers=server.admin_headers)
+        r = client.post("/api/admin/silos", content=body,
+                        headers={**server.admin_headers, "Content-Type": "application/json"})
         assert (r.status_code, r.json()["reason"]) == (422, "invalid_request"), body
+        r = client.post("/api/admin/silos", content=body, headers=server.admin_headers)  # no Content-Type
+        assert (r.status_code, r.json()["reason"]) == (415, "unsupported_media_type"), body
     r = client.post("/api/admin/tokens", json={"name": "x", "role": "root"}, headers=server.admin_headers)
     assert (r.status_code, r.json()["reason"]) == (422, "invalid_request")
     r = client.post("/api/admin/tokens", json={"name": "admin", "role": "admin"}, headers=server.admin_headers)

@@ -203,15 +203,26 @@ CASES = {
 }
 
 
+#: Refusals after the payload was decrypted: the coordinator has seen a DP release, so
+#: the silo's budget is charged all the same (docs/protocol.md 5.2, "charged").
+CHARGED = {"digest_mismatch", "malformed_payload", "schema_mismatch", "non_finite", "norm_exceeded"}
+
+
 def check_rejection(db, before: State, response: httpx.Response, reason: str, status: int, signed: bool,
-                    coordinator) -> None:
+                    coordinator, *, charged: bool = False) -> None:
     assert response.status_code == status, response.text
     body = response.json()
     assert body["reason"] == reason and body["detail"] and body["status"] == "rejected"
     after = state(db)
-    # the model, the budgets and the silos are as they were ...
+    # the model and the silos are as they were; the budgets too, unless decrypted ...
     assert (after.version, after.digest) == (before.version, before.digest)
-    assert after.charges == before.charges and after.silos == before.silos
+    assert after.silos == before.silos
+    if charged:
+        [(silo_id, update_id, epsilon)] = after.charges[len(before.charges):]
+        assert after.charges[:len(before.charges)] == before.charges
+        assert (silo_id, update_id, epsilon) == (body["silo_id"], body["update_id"], body["epsilon_computed"])
+    else:
+        assert after.charges == before.charges
     # ... and the chain grew by exactly one entry, which names the reason
     assert after.head_seq == before.head_seq + 1 == body["audit_seq"]
     event = last_event(db)
@@ -222,6 +233,8 @@ def check_rejection(db, before: State, response: httpx.Response, reason: str, st
         assert receipt["status"] == "rejected" and receipt["reason"] == reason
         assert (receipt["audit_seq"], receipt["audit_hash"]) == (event["seq"], event["hash"])
         assert event["actor"] == receipt["silo_id"]
+        assert receipt["charged"] is charged and event["details"]["charged"] is charged
+        assert (receipt["epsilon_computed"] is not None) is charged
     else:
         assert "receipt" not in body and event["actor"] == "anonymous"
 
@@ -231,7 +244,7 @@ def test_every_rejection_changes_nothing_but_one_audit_entry(server, silo, db, c
     reason, status, signed, build = CASES[case]
     send = build(server, silo, db)  # may accept updates first (stale, replay)
     before = state(db)
-    check_rejection(db, before, send(), reason, status, signed, silo.coordinator)
+    check_rejection(db, before, send(), reason, status, signed, silo.coordinator, charged=case in CHARGED)
 
 
 def test_revoked_silo_is_refused(server, silo, db):
@@ -311,7 +324,8 @@ def test_status_reports_the_coordinators_own_figures(server, silo, db):
     with db.read() as s:
         charges = s.scalars(select(PrivacyCharge).where(PrivacyCharge.silo_id == silo.silo_id)
                             .order_by(PrivacyCharge.id)).all()
-    assert status["updates_accepted"] == len(charges) == len(status["history"]) > 0
+    # Every decrypted update is charged: the accepted ones and those refused after decryption.
+    assert len(charges) == len(status["history"]) >= status["updates_accepted"] > 0
     assert status["epsilon_spent"] == max(c.epsilon_after for c in charges)
     assert status["current_version"] == state(db).version and status["epsilon_cap"] == 1000.0
 

@@ -21,6 +21,8 @@ def server(tmp_path_factory):
         yield s
 
 
+JSON = {"Content-Type": "application/json"}
+
 def _streamed(data: bytes):
     # A generator body: httpx sends it chunked, with no Content-Length to refuse early.
     for i in range(0, len(data), 512):
@@ -50,7 +52,8 @@ def test_a_body_at_the_limit_is_read(server):
     name = "x" * (LIMIT - len(b'{"name": "", "epsilon_cap": 1, "delta": 0.1}'))
     body = f'{{"name": "{name}", "epsilon_cap": 1, "delta": 0.1}}'.encode()
     assert len(body) == LIMIT
-    r = server.admin("POST", "/silos", content=body)
+    with server.client() as c:
+        r = c.post("/api/admin/silos", content=body, headers={**server.admin_headers, **JSON})
     assert _reason(r) == (422, "invalid_request")
     assert r.json()["detail"].startswith("silo name must be")  # the service judged it, not the reader
 
@@ -58,9 +61,9 @@ def test_a_body_at_the_limit_is_read(server):
 def test_a_body_that_is_not_a_json_object_is_422_everywhere(server):
     with server.client() as c:
         for body in (b"not json", b"[1, 2]", b"\xff\xfe"):
-            r = c.post("/api/v1/enroll", content=body)
+            r = c.post("/api/v1/enroll", content=body, headers=JSON)
             assert _reason(r) == (422, "invalid_request"), body
-            r = c.post("/api/admin/tokens", content=body, headers=server.admin_headers)
+            r = c.post("/api/admin/tokens", content=body, headers={**server.admin_headers, **JSON})
             assert _reason(r) == (422, "invalid_request"), body
 
 

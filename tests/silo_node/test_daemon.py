@@ -210,8 +210,25 @@ def test_a_rejection_is_recorded_with_its_reason_and_the_daemon_carries_on(tmp_p
     assert [u.status for u in updates] == ["rejected", "accepted"]
     assert (updates[0].reason, updates[0].audit_seq) == ("stale", 5)
     assert result.receipts == 1 and result.outcome == Outcome.ROUNDS_DONE  # unsigned refusal: no receipt
-    # The rejected round cost nothing at the coordinator, and the next plan knows it.
-    assert updates[1].epsilon_before == 0
+    # Nothing signed says the refused update was free, so it is counted: the next round
+    # starts from its epsilon, not from 0.
+    assert updates[0].charged == 1
+    assert updates[1].epsilon_before == pytest.approx(updates[0].epsilon_after)
+
+
+def test_unsigned_refusals_in_a_row_stop_the_daemon_with_exit_code_4(tmp_path, fake):
+    config = enrol(tmp_path, fake)
+    page = httpx.Response(403, text="<html>blocked by proxy</html>")
+    fake.faults.extend([lambda r: page if r.url.path == "/api/v1/updates" else None] * 20)
+    result = run(config, fake, rounds=None)
+    assert result.outcome == Outcome.UNSIGNED_REFUSALS and result.exit_code == 5
+    assert "3 update(s) in a row were refused without the coordinator's signature" in result.message
+    with Ledger(config.ledger_path) as ledger:
+        updates, stops = ledger.entries("update"), ledger.entries("stop")
+        history = ledger.counted_history()
+    assert [(u.status, u.charged) for u in updates] == [("rejected", 1)] * 3
+    assert len(history) == 3  # each one counted against the budget
+    assert [s.reason for s in stops] == ["unsigned_refusals"]
 
 
 def test_a_forged_model_release_is_refused_and_nothing_is_trained(tmp_path, fake):

@@ -137,11 +137,34 @@ def test_counted_history_is_what_the_coordinator_charged_or_still_may(ledger, co
     seal(ledger, "01" * 16, dp={**DP, "noise_multiplier": 1.0})
     ledger.record_receipt("01" * 16, receipt_for(coordinator, "01" * 16), key)
     seal(ledger, "02" * 16, dp={**DP, "noise_multiplier": 2.0})
-    ledger.record_rejection("02" * 16, "norm_exceeded", "too big")
+    ledger.record_rejection("02" * 16, "http_403", "a proxy's page")  # unsigned: proves nothing, counted
     seal(ledger, "03" * 16, dp={**DP, "noise_multiplier": 3.0})
     ledger.record_receipt("03" * 16, receipt_for(coordinator, "03" * 16, status="buffered", version=None), key)
-    seal(ledger, "04" * 16, dp={**DP, "noise_multiplier": 4.0})  # in flight: may yet be accepted
-    assert ledger.counted_history() == [DPRun(1.0, 0.1, 20), DPRun(3.0, 0.1, 20), DPRun(4.0, 0.1, 20)]
+    seal(ledger, "04" * 16, dp={**DP, "noise_multiplier": 4.0})
+    free = receipt_for(coordinator, "04" * 16, status="rejected", version=None, reason="stale", charged=False)
+    ledger.record_rejection("04" * 16, "stale", "too old", receipt=free, coordinator_key=key)  # signed: free
+    seal(ledger, "05" * 16, dp={**DP, "noise_multiplier": 5.0})
+    paid = receipt_for(coordinator, "05" * 16, status="rejected", version=None, reason="norm_exceeded", charged=True)
+    ledger.record_rejection("05" * 16, "norm_exceeded", "too big", receipt=paid, coordinator_key=key)
+    seal(ledger, "06" * 16, dp={**DP, "noise_multiplier": 6.0})  # in flight: may yet be accepted
+    assert ledger.counted_history() == [DPRun(m, 0.1, 20) for m in (1.0, 2.0, 3.0, 5.0, 6.0)]
+    assert [ledger.get(f"0{i}" * 16).charged for i in (2, 4, 5)] == [1, 0, 1]
+
+
+def test_a_version_1_ledger_keeps_its_rejections_free(tmp_path):
+    # Version 1 counted every rejection as free; upgrading must not rewrite that history.
+    path = tmp_path / "ledger.db"
+    with Ledger(path, now=Clock()) as led:
+        seal(led, "07" * 16)
+        led.record_rejection("07" * 16, "stale", "too old")
+    db = sqlite3.connect(path)
+    db.execute("UPDATE entries SET charged = NULL")
+    db.execute("ALTER TABLE entries DROP COLUMN charged")
+    db.execute("PRAGMA user_version = 1")
+    db.commit()
+    db.close()
+    with Ledger(path) as led:
+        assert led.get("07" * 16).charged == 0 and led.counted_history() == []
 
 
 def test_summary_counts_spend_and_last_stop(ledger, coordinator):

@@ -191,7 +191,7 @@ class FakeCoordinator:
         if epsilon > self.epsilon_cap:
             body = self._receipt({**base, "status": "rejected", "reason": "budget_exceeded", "resulting_version": None,
                                   "staleness": self.version - header.base_version, "weight": 0.0,
-                                  "epsilon_computed": epsilon})
+                                  "charged": False, "epsilon_computed": None})  # checked before decrypting
             body = {"reason": "budget_exceeded", "detail": "over the cap", **body}
             self.decided[header.update_id] = (digest, 403, body)
             return httpx.Response(403, json=body)
