@@ -11,7 +11,7 @@ import torch
 from sqlalchemy import select
 
 from coordinator import buffers
-from coordinator.federation import StorageCorrupted
+from coordinator.model_store import StorageCorrupted
 from coordinator.models import FedBuffBuffer, Federation, FedBuffSlice
 from privacy import codec, secagg
 from tests.coordinator.test_fold_large import make
