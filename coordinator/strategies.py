@@ -50,6 +50,7 @@ __all__ = [
     "fedbuff_apply",
     "modular_accumulate",
     "SERVER_OPTIMIZERS",
+    "COMPRESSIONS",
     "fedopt_initial_state",
     "fedopt_step",
     "fedavg",
@@ -88,6 +89,8 @@ ServerOptimizerName = Literal["none", "fedadam", "fedyogi", "fedadagrad"]
 _STRATEGIES = ("fedasync", "fedbuff")
 #: FedBuff's server step: ``none`` is FedBuff's own ``x + eta_g * mean``; the others are FedOpt's.
 SERVER_OPTIMIZERS = ("none", "fedadam", "fedyogi", "fedadagrad")
+#: Compressed payload kind accepted besides a plain ``delta`` (privacy/compression.py).
+COMPRESSIONS = {"none": None, "int8": "delta_int8", "topk": "delta_topk"}
 _STALENESS = ("constant", "polynomial", "hinge")
 
 
@@ -113,6 +116,8 @@ class StrategySettings:
     K and eta_g; ``max_update_norm`` (global L2 of a delta) is optional.
     ``server_optimizer`` (FedBuff only) names FedOpt's adaptive step, with ``beta1``,
     ``beta2`` and ``tau`` (the FedOpt paper's defaults 0.9, 0.99, 1e-3).
+    ``compression`` (none, int8, topk) names the compressed payload kind accepted
+    besides a plain delta; it is refused together with secure aggregation.
     Invalid values raise :class:`StrategyError` (``invalid_settings``).
     """
 
@@ -130,6 +135,7 @@ class StrategySettings:
     beta1: float = 0.9
     beta2: float = 0.99
     tau: float = 1e-3
+    compression: str = "none"
 
     def __post_init__(self) -> None:
         if self.strategy not in _STRATEGIES:
@@ -142,6 +148,13 @@ class StrategySettings:
         if self.server_optimizer != "none" and self.strategy != "fedbuff":
             # FedAsync mixes models; it has no pseudo-gradient to adapt (docs/operations.md).
             raise _invalid(f"server_optimizer {self.server_optimizer!r} needs strategy fedbuff")
+        if self.compression not in COMPRESSIONS:
+            raise _invalid(f"compression must be one of {', '.join(COMPRESSIONS)}, not {self.compression!r}")
+        if self.compression != "none" and getattr(self, "secure_aggregation", None) not in (None, False, "none"):
+            # Masked shares are integers modulo 2**m: quantizing or sparsifying them
+            # destroys the masks' cancellation, so the two do not compose.
+            raise _invalid("compression cannot be combined with secure_aggregation: masked shares must be sent "
+                           "whole; set compression = none")
         for name in ("alpha", "poly_a", "hinge_a", "server_lr", "beta1", "beta2", "tau"):
             value = getattr(self, name)
             if not _is_real(value) or not math.isfinite(value):
