@@ -1,7 +1,7 @@
 """Compressed deltas: int8 quantization and top-k sparsification, encoded as safetensors.
 
 Pure tensor code, shared by the silo (which compresses) and the coordinator (which
-decodes before its schema and norm checks). The encodings (docs/protocol.md §4.3), for
+decodes before its schema and norm checks). The encodings (docs/protocol.md §4.1), for
 every tensor ``N`` of the model's schema:
 
 ``delta_int8``  ``q.N``: int8, N's shape, values in [-127, 127]; and one tensor
@@ -12,7 +12,7 @@ every tensor ``N`` of the model's schema:
                 ``q = round(x / scale)``. (One ``scales`` tensor rather than one per
                 tensor keeps the safetensors header small: on small models it is a
                 noticeable share of the bytes.)
-``delta_topk``  ``indices.N``: int64, shape [k], strictly increasing flat (row-major)
+``delta_topk``  ``indices.N``: int32, shape [k], strictly increasing flat (row-major)
                 indices in [0, numel); ``values.N``: N's dtype, shape [k]. The delta is
                 zero except ``flat[indices] = values``. The silo keeps the
                 ``ceil(fraction * numel)`` entries of largest magnitude (at least one).
@@ -66,7 +66,7 @@ def top_k(delta: Mapping[str, torch.Tensor], fraction: float) -> Tensors:
             flat = x.detach().reshape(-1)
             k = min(flat.numel(), max(1, math.ceil(fraction * flat.numel())))
             indices = torch.sort(torch.topk(flat.abs(), k, sorted=False).indices).values
-            out[f"indices.{name}"] = indices.to(torch.int64)
+            out[f"indices.{name}"] = indices.to(torch.int32)  # numel < 2**31: half the bytes of int64
             out[f"values.{name}"] = flat[indices].clone()
     return out
 
@@ -128,7 +128,7 @@ def decode(kind: str, tensors: Mapping[str, torch.Tensor], schema: Schema) -> Te
                     raise _mismatch(f"q of {spec.name!r} holds -128; values are in [-127, 127]")
                 out[spec.name] = (q.to(torch.float32) * s).to(dtype)
             else:
-                idx = _take(tensors, f"indices.{spec.name}", torch.int64, None)
+                idx = _take(tensors, f"indices.{spec.name}", torch.int32, None).to(torch.int64)
                 if idx.dim() != 1 or idx.numel() > n:
                     raise _mismatch(f"indices of {spec.name!r} must be one-dimensional, at most {n} long")
                 values = _take(tensors, f"values.{spec.name}", dtype, (idx.numel(),))

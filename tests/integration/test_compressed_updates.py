@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import httpx
 import torch
+from prometheus_client.parser import text_string_to_metric_families
 
 from coordinator.strategies import StrategySettings, fedasync_fold, fedasync_weight
 from privacy import codec, compression
@@ -30,9 +32,14 @@ def test_an_int8_update_is_accepted_and_folded_and_other_kinds_are_refused(db_ur
         r = silo.push(silo.seal(payload=bad, base_version=0, payload_kind="delta_int8"))
         assert r.status_code == 422 and r.json()["reason"] == "schema_mismatch", r.text
 
-        r = silo.push(silo.seal(payload=payload, base_version=0, payload_kind="delta_int8"))
+        envelope = silo.seal(payload=payload, base_version=0, payload_kind="delta_int8")
+        r = silo.push(envelope)
         assert r.status_code == 200 and r.json()["status"] == "accepted", r.text
         version, w1, _ = silo.fetch_model()
+        metrics = httpx.get(f"{server.base_url}/metrics").text
+    samples = {(s.name, tuple(sorted(s.labels.items()))): s.value
+               for fam in text_string_to_metric_families(metrics) for s in fam.samples}
+    assert samples[("fedsilo_update_bytes_total", (("outcome", "accepted"),))] == len(envelope)
     assert version == 1
     received = compression.decode("delta_int8", codec.decode(payload), codec.Schema.of(w0))
     expected = fedasync_fold(w0, w0, received, fedasync_weight(StrategySettings(), 0))
