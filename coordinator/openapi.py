@@ -83,6 +83,8 @@ SCHEMAS: dict[str, dict[str, Any]] = {
             "staleness": {"enum": ["constant", "polynomial", "hinge"]}, "poly_a": _NUM, "hinge_a": _NUM,
             "hinge_b": _INT, "max_staleness": _INT, "buffer_k": _INT, "server_lr": _NUM,
             "max_update_norm": _nullable(_NUM),
+            "server_optimizer": {"enum": ["none", "fedadam", "fedyogi", "fedadagrad"]}, "beta1": _NUM,
+            "beta2": _NUM, "tau": _NUM, "compression": {"enum": ["none", "int8", "topk"]},
         },
     },
     "SettingsChange": _obj(["settings"], settings=_ref("Settings")),
