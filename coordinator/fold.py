@@ -59,7 +59,7 @@ from sqlalchemy.orm import Session
 from privacy import codec
 from privacy.envelope import SealedUpdate, UpdateHeader, utc_timestamp
 
-from . import audit, budget, buffers, db, decisions, receipts, rejections
+from . import audit, budget, buffers, db, decisions, optimizer_state, receipts, rejections
 from .decisions import Existing, Snapshot
 from .errors import Reason
 from .model_store import StorageCorrupted, prune, record_metrics, write_version
@@ -70,8 +70,10 @@ from .strategies import (
     StrategyReason,
     fedasync_fold,
     fedasync_weight,
+    StrategySettings,
     fedbuff_apply,
     fedbuff_weight,
+    fedopt_step,
 )
 
 if TYPE_CHECKING:
@@ -136,6 +138,7 @@ class _Computed:
     members: list[str]  # the updates this result contains (FedBuff: the buffer's too)
     new: Tensors | None = None  # the new model, when there is one (else: buffered)
     blob: memoryview | None = None  # ``new`` as the safetensors buffer it was written into
+    moments: optimizer_state.Moments | None = None  # FedOpt's (m, v) after ``new``
 
 
 _fold_locks: weakref.WeakKeyDictionary[Engine, threading.Lock] = weakref.WeakKeyDictionary()
@@ -264,17 +267,37 @@ def _compute(ctx: Coordinator, s: Session, fed: Federation, p: Prepared, d: _Dec
             return _Computed(weight, members)
         current, owned = _current(ctx, s, fed, v, None)
         blob, new = _output(schema, current, owned)
-        count, lr = len(members), settings.server_lr
+        count = len(members)
+        moments = None
+        if settings.server_optimizer != "none":  # the moments of version v, stepped in place
+            moments = optimizer_state.load(s, fed.id, v, current, settings.tau)
         for batch in buffers.summed(s, fed.id, schema, p.delta, d.staleness, st):
             for _, name, start, part in batch:
                 stop = start + part.numel()
                 _write(new[name].view(-1)[start:stop], name,
-                       fedbuff_apply({name: current[name].reshape(-1)[start:stop]}, {name: part}, count, lr)[name])
+                       _server_step(settings, current, name, start, part, count, moments))
         p.delta.clear()
         buffers.clear(s, fed.id)
-        return _Computed(weight, members, new, blob)
+        return _Computed(weight, members, new, blob, moments)
     except StrategyError as exc:
         raise translate(exc) from None
+
+
+def _server_step(settings: StrategySettings, current: Tensors, name: str, start: int, part: torch.Tensor,
+                 count: int, moments: optimizer_state.Moments | None) -> torch.Tensor:
+    """FedBuff's server step on elements ``[start, start + len(part))`` of tensor ``name``.
+
+    ``part`` is that slice of the buffer's sum. Both steps are elementwise, so slice by
+    slice is the same arithmetic as on the whole tensor; FedOpt's moments are stepped in
+    place through views of the same slice.
+    """
+    stop = start + part.numel()
+    cur = {name: current[name].reshape(-1)[start:stop]}
+    if moments is None:
+        return fedbuff_apply(cur, {name: part}, count, settings.server_lr)[name]
+    m, v = ({name: t[name].view(-1)[start:stop]} for t in moments)
+    return fedopt_step(settings.server_optimizer, cur, {name: part}, count, m, v, server_lr=settings.server_lr,
+                       beta1=settings.beta1, beta2=settings.beta2, tau=settings.tau)[name]
 
 
 def _fedasync(ctx: Coordinator, s: Session, fed: Federation, p: Prepared, d: _Decided,
@@ -383,6 +406,8 @@ def _persist(ctx: Coordinator, s: Session, fed: Federation, p: Prepared, d: _Dec
             s, fed, tensors=c.new, parent=v, produced_by=h.update_id, now=now,
             details={"strategy": settings.strategy, "updates": c.members}, blob=c.blob,
         )
+        if c.moments is not None:  # with its version, in the same transaction
+            optimizer_state.store(s, fed.id, version_row.version, settings.server_optimizer, c.moments)
         prune(s, fed, retain=ctx.config.retain_versions, max_staleness=settings.max_staleness, now=now)
         new_version = (version_row.version, version_row.digest, c.new)
     event = audit.append(

@@ -40,7 +40,7 @@ from datetime import datetime
 
 from anyio import to_thread
 
-from privacy import codec
+from privacy import codec, compression
 from privacy.accounting import ACCOUNTANTS
 from privacy.envelope import SealedUpdate, parse_update
 from privacy.errors import PrivacyError
@@ -53,6 +53,7 @@ from .errors import IngestRejected, Reason
 from .fold import Outcome, Prepared, resent
 from .models import Federation
 from .rejections import Evidence, Refusal, translate
+from .strategies import COMPRESSIONS
 
 __all__ = ["Outcome", "Prepared", "check", "ingest", "read_envelope"]
 
@@ -168,8 +169,6 @@ def _check(ctx: Coordinator, body: bytes | bytearray, ev: Evidence) -> Prepared 
         raise translate(exc) from None
     ev.signed, ev.header = True, header
     rejections.check_storable(header)
-    if header.payload_kind != "delta":
-        raise Refusal(Reason.UNSUPPORTED_VERSION, f"payload kind {header.payload_kind!r} is not supported")
 
     # The shared state the later checks read, at one instant (the fold reads it again).
     with ctx.read() as s:
@@ -177,6 +176,10 @@ def _check(ctx: Coordinator, body: bytes | bytearray, ev: Evidence) -> Prepared 
         snap = decisions.snapshot(s, fed, silo_id=header.silo_id, update_id=header.update_id,
                                   base_version=header.base_version)
         schema, schema_digest = codec.Schema.from_json(fed.schema), fed.schema_digest
+    accepted = (compression.KIND_DELTA, COMPRESSIONS[snap.settings.compression])
+    if header.payload_kind not in accepted:
+        raise Refusal(Reason.UNSUPPORTED_VERSION, f"payload kind {header.payload_kind!r} is not accepted here "
+                      f"(compression = {snap.settings.compression})")
 
     # 5. replay ------------------------------------------------------------------------
     if decisions.is_resend(snap, silo_id=header.silo_id, envelope_digest=sealed.envelope_digest):
@@ -203,11 +206,11 @@ def _check(ctx: Coordinator, body: bytes | bytearray, ev: Evidence) -> Prepared 
     ev.decrypted = True
     _release(body, sealed)
 
-    # 9. decode and schema check, norm bound -------------------------------------------
+    # 9. decode (decompress) and schema check, norm bound ------------------------------
     if header.schema_digest != schema_digest:
         raise Refusal(Reason.SCHEMA_MISMATCH, "the header's schema digest is not this federation's")
     try:
-        delta = codec.decode(payload)
+        delta = compression.decode(header.payload_kind, codec.decode(payload), schema)
         del payload  # the tensors own copies now; let the plaintext go
         norm = schema.check(delta)
     except PrivacyError as exc:

@@ -90,6 +90,10 @@ class DatabaseCollector(Collector):
                 .where(Update.federation_id == fid)
                 .group_by(Update.status, Update.reason)
             ).all()
+            sizes = s.execute(
+                select(Update.status, func.coalesce(func.sum(Update.size), 0))
+                .where(Update.federation_id == fid).group_by(Update.status)
+            ).all()
             fed = s.execute(select(Federation.current_version).where(Federation.id == fid)).one_or_none()
             buffered_count = buffers.count(s, fid)
             silos = s.execute(
@@ -108,7 +112,16 @@ class DatabaseCollector(Collector):
         for status in OUTCOMES:  # every outcome present, at 0 before the first update
             if status not in seen:
                 updates.add_metric([status, ""], 0)
-        out: list[Metric] = [updates]
+        # Envelope bytes per outcome: with fedsilo_updates, the mean bytes per update
+        # (what compression saves: docs/operations.md).
+        update_bytes = CounterMetricFamily(
+            "fedsilo_update_bytes", "Envelope bytes of the updates recorded in the database, by outcome",
+            labels=["outcome"],
+        )
+        by_size = {status: int(total) for status, total in sizes}
+        for status in OUTCOMES:
+            update_bytes.add_metric([status], by_size.get(status, 0))
+        out: list[Metric] = [updates, update_bytes]
         if fed is not None:
             version = GaugeMetricFamily("fedsilo_model_version", "Current global model version")
             version.add_metric([], fed.current_version)

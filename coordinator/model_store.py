@@ -36,7 +36,7 @@ from datetime import datetime
 from typing import Any
 
 import torch
-from sqlalchemy import func, literal_column, select, update
+from sqlalchemy import delete, func, literal_column, select, update
 from sqlalchemy.orm import Session
 
 from privacy import codec
@@ -45,7 +45,7 @@ from privacy.keys import Identity
 
 from . import audit
 from .errors import ApiError, InternalFault, Reason
-from .models import Federation, ModelVersion
+from .models import Federation, ModelVersion, OptimizerState
 
 __all__ = [
     "ACTION_VERSION_CREATED",
@@ -559,6 +559,9 @@ def prune(
     if not versions:
         return []
     session.execute(update(ModelVersion).where(*where).values(blob=None))
+    # FedOpt's moments of those versions go with their weights (coordinator/optimizer_state.py).
+    session.execute(delete(OptimizerState).where(OptimizerState.federation_id == fed.id,
+                                                 OptimizerState.version.in_(versions)))
     audit.append(
         session,
         actor="system",

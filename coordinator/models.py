@@ -30,6 +30,7 @@ from sqlalchemy import (
     Dialect,
     Float,
     ForeignKey,
+    ForeignKeyConstraint,
     Index,
     Integer,
     LargeBinary,
@@ -44,6 +45,7 @@ if TYPE_CHECKING:
     from privacy.envelope import SealedUpdate, UpdateHeader
 
 __all__ = [
+    "OptimizerState",
     "ApiToken",
     "AuditEvent",
     "AuditHead",
@@ -202,6 +204,24 @@ class ModelVersion(Base):
 
     federation: Mapped[Federation] = relationship()
     update: Mapped[Update | None] = relationship()
+
+
+class OptimizerState(Base):
+    """FedOpt's moments after the fold that produced a version (``coordinator.optimizer_state``).
+
+    Written in the transaction that writes the version, so a version and its moments
+    exist together or not at all; dropped with the version's blob by retention.
+    """
+
+    __tablename__ = "optimizer_states"
+    __table_args__ = (
+        ForeignKeyConstraint(["federation_id", "version"], ["model_versions.federation_id", "model_versions.version"]),
+    )
+
+    federation_id: Mapped[int] = mapped_column(primary_key=True, autoincrement=False)
+    version: Mapped[int] = mapped_column(primary_key=True, autoincrement=False)
+    optimizer: Mapped[str] = mapped_column(String(16))  # fedadam | fedyogi | fedadagrad
+    data: Mapped[bytes] = mapped_column(LargeBinary)  # safetensors: "m.<name>", "v.<name>"
 
 
 class Silo(Base):

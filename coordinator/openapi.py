@@ -112,6 +112,10 @@ SCHEMAS: dict[str, dict[str, Any]] = {
             "max_update_norm": {"type": "number", "exclusiveMinimum": 0, "maximum": MAX_UPDATE_NORM_LIMIT,
                                 "description": f"always in force (default {DEFAULT_MAX_UPDATE_NORM:g}); "
                                                "may be raised, never removed"},
+            "server_optimizer": {"enum": ["none", "fedadam", "fedyogi", "fedadagrad"]},
+            "beta1": {"type": "number", "minimum": 0, "exclusiveMaximum": 1},
+            "beta2": {"type": "number", "minimum": 0, "exclusiveMaximum": 1},
+            "tau": _POSITIVE, "compression": {"enum": ["none", "int8", "topk"]},
         },
         "additionalProperties": False,
         "minProperties": 1,

@@ -16,6 +16,9 @@ writes ``delta = y_0 - y_Q`` and ``w <- w - eta_g * sum / K``; with our sign tha
 - FedBuff (Nguyen et al., AISTATS 2022, arXiv:2106.06639): buffer ``K`` deltas, each
   weighted by ``1 / sqrt(1 + staleness)``; when ``K`` have arrived,
   ``x <- x + eta_g * sum / K``.
+- FedOpt (Reddi et al., ICLR 2021, arXiv:2003.00295, Algorithm 2): an adaptive server
+  optimizer (FedAdagrad, FedYogi, FedAdam) applied to FedBuff's step, the pseudo-gradient
+  being the buffer's staleness-weighted mean delta (see :func:`fedopt_step`).
 - FedAvg (McMahan et al. 2017), synchronous, weighted by sample counts: a baseline for
   benchmarks only.
 """
@@ -51,6 +54,10 @@ __all__ = [
     "fedbuff_accumulate",
     "fedbuff_apply",
     "modular_accumulate",
+    "SERVER_OPTIMIZERS",
+    "COMPRESSIONS",
+    "fedopt_initial_state",
+    "fedopt_step",
     "fedavg",
     "update_norm",
     "check_staleness",
@@ -78,7 +85,12 @@ class StrategyError(ReasonedError):
 
 StrategyName = Literal["fedasync", "fedbuff"]
 StalenessName = Literal["constant", "polynomial", "hinge"]
+ServerOptimizerName = Literal["none", "fedadam", "fedyogi", "fedadagrad"]
 _STRATEGIES = ("fedasync", "fedbuff")
+#: FedBuff's server step: ``none`` is FedBuff's own ``x + eta_g * mean``; the others are FedOpt's.
+SERVER_OPTIMIZERS = ("none", "fedadam", "fedyogi", "fedadagrad")
+#: Compressed payload kind accepted besides a plain ``delta`` (privacy/compression.py).
+COMPRESSIONS = {"none": None, "int8": "delta_int8", "topk": "delta_topk"}
 _STALENESS = ("constant", "polynomial", "hinge")
 
 
@@ -124,6 +136,10 @@ class StrategySettings:
     K and eta_g; ``max_update_norm`` bounds the global L2 norm of a delta. The bound
     is always in force: an operator may set any finite positive value, never null or
     infinity (:data:`DEFAULT_MAX_UPDATE_NORM` says where the default comes from).
+    ``server_optimizer`` (FedBuff only) names FedOpt's adaptive step, with ``beta1``,
+    ``beta2`` and ``tau`` (the FedOpt paper's defaults 0.9, 0.99, 1e-3).
+    ``compression`` (none, int8, topk) names the compressed payload kind accepted
+    besides a plain delta; it is refused together with secure aggregation.
     Invalid values raise :class:`StrategyError` (``invalid_settings``).
     """
 
@@ -137,13 +153,31 @@ class StrategySettings:
     buffer_k: int = 5
     server_lr: float = 1.0
     max_update_norm: float = DEFAULT_MAX_UPDATE_NORM
+    server_optimizer: ServerOptimizerName = "none"
+    beta1: float = 0.9
+    beta2: float = 0.99
+    tau: float = 1e-3
+    compression: str = "none"
 
     def __post_init__(self) -> None:
         if self.strategy not in _STRATEGIES:
             raise _invalid(f"strategy must be one of {', '.join(_STRATEGIES)}, not {self.strategy!r}")
         if self.staleness not in _STALENESS:
             raise _invalid(f"staleness must be one of {', '.join(_STALENESS)}, not {self.staleness!r}")
-        for name in ("alpha", "poly_a", "hinge_a", "server_lr"):
+        if self.server_optimizer not in SERVER_OPTIMIZERS:
+            raise _invalid(f"server_optimizer must be one of {', '.join(SERVER_OPTIMIZERS)}, "
+                           f"not {self.server_optimizer!r}")
+        if self.server_optimizer != "none" and self.strategy != "fedbuff":
+            # FedAsync mixes models; it has no pseudo-gradient to adapt (docs/operations.md).
+            raise _invalid(f"server_optimizer {self.server_optimizer!r} needs strategy fedbuff")
+        if self.compression not in COMPRESSIONS:
+            raise _invalid(f"compression must be one of {', '.join(COMPRESSIONS)}, not {self.compression!r}")
+        if self.compression != "none" and getattr(self, "secure_aggregation", None) not in (None, False, "none"):
+            # Masked shares are integers modulo 2**m: quantizing or sparsifying them
+            # destroys the masks' cancellation, so the two do not compose.
+            raise _invalid("compression cannot be combined with secure_aggregation: masked shares must be sent "
+                           "whole; set compression = none")
+        for name in ("alpha", "poly_a", "hinge_a", "server_lr", "beta1", "beta2", "tau"):
             value = getattr(self, name)
             if not _is_real(value) or not math.isfinite(value):
                 raise _invalid(f"{name} must be a finite number, not {value!r}")
@@ -151,9 +185,12 @@ class StrategySettings:
             object.__setattr__(self, name, float(value))
         if not 0.0 < self.alpha <= 1.0:
             raise _invalid(f"alpha must be in (0, 1], not {self.alpha}")
-        for name in ("poly_a", "hinge_a", "server_lr"):
+        for name in ("poly_a", "hinge_a", "server_lr", "tau"):
             if getattr(self, name) <= 0.0:
                 raise _invalid(f"{name} must be > 0, not {getattr(self, name)}")
+        for name in ("beta1", "beta2"):
+            if not 0.0 <= getattr(self, name) < 1.0:
+                raise _invalid(f"{name} must be in [0, 1), not {getattr(self, name)}")
         for name, low in (("hinge_b", 0), ("max_staleness", 0), ("buffer_k", 1)):
             value = getattr(self, name)
             if isinstance(value, float) and value.is_integer():  # JSON's 5.0 is the integer 5
@@ -454,6 +491,75 @@ def modular_accumulate(
             # wrapping is modulo 2**64, and 2**bits divides 2**64: the low bits are exact.
             buffer_sum[name].add_((t & mask).mul_(w)).bitwise_and_(mask)
     return buffer_sum
+
+
+# --- FedOpt: adaptive server optimizers on FedBuff's step -----------------------------
+#
+# Reddi et al., "Adaptive Federated Optimization", ICLR 2021, Algorithm 2, with the
+# pseudo-gradient Delta_t = FedBuff's staleness-weighted buffer sum / K (our sign: a delta
+# points *downhill*, so the step is added):
+#
+#   m_t = beta1 m_{t-1} + (1 - beta1) Delta_t
+#   v_t = v_{t-1} + Delta_t^2                                              (FedAdagrad)
+#   v_t = v_{t-1} - (1 - beta2) Delta_t^2 sign(v_{t-1} - Delta_t^2)       (FedYogi)
+#   v_t = beta2 v_{t-1} + (1 - beta2) Delta_t^2                            (FedAdam)
+#   x_t = x_{t-1} + eta m_t / (sqrt(v_t) + tau)
+#
+# with m_{-1} = 0 and v_{-1} = tau^2 (the paper asks v_{-1} >= tau^2), and no bias
+# correction (the paper has none). Every operation is elementwise, so the fold may apply
+# it to one slice of each tensor at a time.
+
+
+def fedopt_initial_state(like: Mapping[str, torch.Tensor], tau: float) -> tuple[Tensors, Tensors]:
+    """``(m_{-1}, v_{-1}) = (0, tau^2)``, shaped and typed like ``like``."""
+    _check_floating(like)
+    with torch.no_grad():
+        return ({n: torch.zeros_like(t) for n, t in like.items()},
+                {n: torch.full_like(t, float(tau) ** 2) for n, t in like.items()})
+
+
+def fedopt_step(
+    optimizer: str,
+    current: Mapping[str, torch.Tensor],
+    buffer_sum: Mapping[str, torch.Tensor],
+    count: int,
+    m: Mapping[str, torch.Tensor],
+    v: Mapping[str, torch.Tensor],
+    *,
+    server_lr: float,
+    beta1: float,
+    beta2: float,
+    tau: float,
+) -> Tensors:
+    """One FedOpt server step; returns the new model, updates ``m`` and ``v`` in place.
+
+    ``optimizer`` is ``fedadam``, ``fedyogi`` or ``fedadagrad``; the pseudo-gradient is
+    ``buffer_sum / count`` (FedBuff's weighted mean delta). ``current`` is not modified.
+    ``m`` and ``v`` are the moments of the current version and become the new
+    version's (the caller owns them; they must not alias ``current``).
+    """
+    if optimizer not in SERVER_OPTIMIZERS[1:]:
+        raise StrategyError(StrategyReason.INVALID_ARGUMENT, f"unknown server optimizer {optimizer!r}")
+    if not _is_int(count) or count < 1:
+        raise StrategyError(StrategyReason.INVALID_ARGUMENT, f"count must be an integer >= 1, not {count!r}")
+    _check_floating(current)
+    for what, other in (("buffer", buffer_sum), ("first moment", m), ("second moment", v)):
+        _check_like(current, other, what)
+    out: Tensors = {}
+    with torch.no_grad():
+        for name, x in current.items():
+            g = torch.div(buffer_sum[name], count)  # Delta_t, the one temporary with g2
+            g2 = torch.mul(g, g)
+            m[name].mul_(beta1).add_(g, alpha=1.0 - beta1)
+            vt = v[name]
+            if optimizer == "fedadagrad":
+                vt.add_(g2)
+            elif optimizer == "fedyogi":
+                vt.sub_(torch.sign(vt - g2).mul_(g2), alpha=1.0 - beta2)
+            else:
+                vt.mul_(beta2).add_(g2, alpha=1.0 - beta2)
+            out[name] = torch.sqrt(vt).add_(tau).reciprocal_().mul_(m[name]).mul_(server_lr).add_(x)
+    return out
 
 
 # --- FedAvg (benchmarks only) --------------------------------------------------------

@@ -154,6 +154,10 @@ class TrainingWindow:
         return f"{self.start:%H:%M}-{self.end:%H:%M}"
 
 
+#: The silo's ``compression`` setting -> the payload kind it sends (privacy/compression.py).
+COMPRESSION_KINDS = {"none": "delta", "int8": "delta_int8", "topk": "delta_topk"}
+
+
 @dataclass(frozen=True)
 class TrainingOptions:
     """One local round: DP-SGD settings and the per-round privacy target."""
@@ -169,6 +173,8 @@ class TrainingOptions:
     split_seed: int = 0  # fixed per silo at init so the validation rows never change
     seed: int | None = None  # training noise/sampling seed; None = fresh randomness (production)
     threads: int = 0  # torch CPU threads for training; 0 = torch's default (all cores)
+    compression: str = "none"  # none | int8 | topk: must be the federation's (docs/silo.md)
+    topk_fraction: float = 0.1  # top-k keeps this share of each tensor's entries
 
     def __post_init__(self) -> None:
         _positive("epochs", self.epochs, integer=True)
@@ -185,6 +191,10 @@ class TrainingOptions:
         _check(isinstance(self.split_seed, int), f"split_seed must be an integer, not {self.split_seed!r}")
         _check(self.seed is None or isinstance(self.seed, int), f"seed must be an integer, not {self.seed!r}")
         _positive("threads", self.threads, integer=True, zero=True)
+        _check(self.compression in COMPRESSION_KINDS,
+               f"compression must be one of {', '.join(COMPRESSION_KINDS)}, not {self.compression!r}")
+        _check(isinstance(self.topk_fraction, int | float) and 0 < self.topk_fraction <= 1,
+               f"topk_fraction must be in (0, 1], not {self.topk_fraction!r}")
 
 
 @dataclass(frozen=True)

@@ -54,7 +54,8 @@ from privacy.reasons import Reason, known
 
 from .client import Release, SiloClient
 from .client_errors import BadResponse, Cancelled, ClientError, Rejected, Unreachable, Untrusted
-from .config import SiloConfig
+from .compression import ErrorFeedback
+from .config import COMPRESSION_KINDS, SiloConfig
 from .ledger import DPRun, Ledger
 from .receipt import Receipt
 from .tasks import Task
@@ -273,7 +274,9 @@ class Daemon:
         )
         # Seal, then make it durable, and only then let it leave.
         self._phase("sealing")
-        payload = codec.encode(result.delta)
+        # Compressed after DP noise (post-processing); error feedback keeps what it dropped.
+        kind = COMPRESSION_KINDS[cfg.training.compression]
+        payload = ErrorFeedback(cfg.data_dir).compress(kind, result.delta, cfg.training.topk_fraction)
         header = UpdateHeader(
             silo_id=enrol.silo_id,
             update_id=self.new_update_id(),
@@ -286,6 +289,7 @@ class Daemon:
             payload_size=len(payload),
             schema_digest=enrol.schema_digest,
             accountant=enrol.accountant,
+            payload_kind=kind,
             metrics=result.metrics,
         )
         envelope = seal_update(header, payload, recipient=self._coordinator.hpke_key, signer=self.identity.signing)

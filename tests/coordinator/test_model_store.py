@@ -15,10 +15,10 @@ import pytest
 import torch
 from sqlalchemy import update
 
-from coordinator import federation, model_store
+from coordinator import federation, model_store, optimizer_state
 from coordinator.db import transaction
 from coordinator.errors import ApiError, Reason
-from coordinator.models import Federation, ModelVersion
+from coordinator.models import Federation, ModelVersion, OptimizerState
 from coordinator.strategies import StrategySettings
 from privacy import codec
 from privacy.envelope import utc_timestamp, verify_release
@@ -180,3 +180,23 @@ def test_the_weights_cache_reuses_decoded_versions_by_digest(engine):
         assert buffer is not None and torch.equal(tensors["b"], weights(3.0)["b"])
         assert cache.checkout(s, FED, 1) == (w1, None)
         assert cache.weights(s, FED, 9) is None
+
+
+def test_optimizer_moments_round_trip_with_their_version_and_are_pruned_with_its_weights(engine):
+    like = weights(0.0)
+    moments = ({n: t + 1 for n, t in like.items()}, {n: t + 2 for n, t in like.items()})
+    with transaction(engine) as s:
+        for v in (1, 3):
+            optimizer_state.store(s, FED, v, "fedadam", moments)
+    with transaction(engine, read_only=True) as s:
+        m, v = optimizer_state.load(s, FED, 3, like, 1e-3)
+        assert all(torch.equal(m[n], moments[0][n]) and torch.equal(v[n], moments[1][n]) for n in like)
+        m, v = optimizer_state.load(s, FED, 2, like, 0.5)  # none stored: FedOpt's initial state
+        assert all(torch.equal(m[n], torch.zeros_like(t)) and torch.equal(v[n], torch.full_like(t, 0.25))
+                   for n, t in like.items())
+    with transaction(engine) as s:
+        assert model_store.prune(s, s.get(Federation, FED), retain=1, max_staleness=1, now=T0) == [0, 1]
+    with transaction(engine, read_only=True) as s:
+        assert s.get(OptimizerState, (FED, 1)) is None and s.get(OptimizerState, (FED, 3)) is not None
+        with pytest.raises(model_store.StorageCorrupted):  # a state that does not fit the model
+            optimizer_state.load(s, FED, 3, {"a": like["a"]}, 1e-3)

@@ -22,6 +22,8 @@ from coordinator.strategies import (
     fedbuff_accumulate,
     fedbuff_apply,
     fedbuff_weight,
+    fedopt_initial_state,
+    fedopt_step,
     hinge,
     polynomial,
     staleness_weight,
@@ -368,6 +370,8 @@ def test_stored_settings_without_a_bound_get_the_default() -> None:
     # Written before the bound was mandatory: the default applies, nothing is left unbounded.
     s = StrategySettings.from_stored({"strategy": "fedbuff", "max_update_norm": None})
     assert (s.strategy, s.max_update_norm) == ("fedbuff", DEFAULT_MAX_UPDATE_NORM)
+    # FedOpt (Reddi et al. 2021): off by default; beta1, beta2, tau as in the paper.
+    assert (s.server_optimizer, s.beta1, s.beta2, s.tau) == ("none", 0.9, 0.99, 1e-3)
 
 
 def test_settings_round_trip_through_json() -> None:
@@ -407,6 +411,11 @@ def test_settings_from_dict_fills_defaults_and_normalises_ints() -> None:
         {"max_staleness": 10**30},
         {"buffer_k": MAX_INT_SETTING + 1},
         {"hinge_b": 2**63},
+        {"server_optimizer": "fedsgdm"},
+        {"server_optimizer": "fedadam", "strategy": "fedasync"},
+        {"beta1": 1.0},
+        {"beta2": -0.1},
+        {"tau": 0},
     ],
 )
 def test_invalid_settings_are_rejected(bad: dict) -> None:
@@ -461,3 +470,81 @@ def test_modular_accumulate_sums_integer_shares_exactly_modulo_2_to_the_m():
     assert torch.equal(back["t"], torch.zeros(4, dtype=torch.int64))
     with pytest.raises(StrategyError):
         modular_accumulate(None, {"t": torch.zeros(2)}, 1, bits)  # float shares are refused
+
+
+# --- FedOpt ----------------------------------------------------------------------------
+#
+# By hand, beta1 = 0.5, beta2 = 0.75, tau = 2, eta = 1, x = [1, 2], m = [0.5, -1],
+# buffer sum [4, -6] over K = 2: Delta = [2, -3], Delta^2 = [4, 9],
+# m' = 0.5 m + 0.5 Delta = [1.25, -2].
+
+HAND = {"server_lr": 1.0, "beta1": 0.5, "beta2": 0.75, "tau": 2.0}
+
+
+@pytest.mark.parametrize(
+    ("optimizer", "v", "v_after", "x_after"),
+    [
+        # Adagrad: v' = v + Delta^2 = [0 + 4, 27 + 9] = [4, 36]; sqrt [2, 6];
+        # x' = x + m' / (sqrt v' + 2) = [1 + 1.25/4, 2 - 2/8].
+        ("fedadagrad", (0.0, 27.0), (4.0, 36.0), (1.3125, 1.75)),
+        # Yogi: sign(v - Delta^2) = sign([1, -7.25]) = [+1, -1];
+        # v' = v - 0.25 Delta^2 sign(.) = [5 - 1, 1.75 + 2.25] = [4, 4]; x' = x + m'/4.
+        ("fedyogi", (5.0, 1.75), (4.0, 4.0), (1.3125, 1.5)),
+        # Adam: v' = 0.75 v + 0.25 Delta^2 = [3 + 1, 6.75 + 2.25] = [4, 9]; x' = x + m'/[4, 5].
+        ("fedadam", (4.0, 9.0), (4.0, 9.0), (1.3125, 1.6)),
+    ],
+)
+def test_fedopt_step_by_hand(optimizer: str, v: tuple, v_after: tuple, x_after: tuple) -> None:
+    x, m, vv, total = {"w": t(1.0, 2.0)}, {"w": t(0.5, -1.0)}, {"w": t(*v)}, {"w": t(4.0, -6.0)}
+    new = fedopt_step(optimizer, x, total, 2, m, vv, **HAND)
+    torch.testing.assert_close(new["w"], t(*x_after))
+    torch.testing.assert_close(m["w"], t(1.25, -2.0))  # the moments are stepped in place
+    torch.testing.assert_close(vv["w"], t(*v_after))
+    assert_tensors_equal(x, {"w": t(1.0, 2.0)})  # the model is not modified
+    assert_tensors_equal(total, {"w": t(4.0, -6.0)})
+
+
+def test_fedyogi_leaves_v_unchanged_where_it_equals_delta_squared() -> None:
+    m, v = {"w": t(0.0)}, {"w": t(4.0)}
+    fedopt_step("fedyogi", {"w": t(0.0)}, {"w": t(4.0)}, 2, m, v, **HAND)  # Delta^2 = 4 = v: sign 0
+    assert_tensors_equal(v, {"w": t(4.0)})
+
+
+def test_fedopt_first_step_from_the_initial_state_at_the_papers_defaults() -> None:
+    m, v = fedopt_initial_state({"w": t(0.0, 0.0)}, 1e-3)
+    assert_tensors_equal(m, {"w": t(0.0, 0.0)})
+    torch.testing.assert_close(v["w"], t(1e-6, 1e-6))  # v_{-1} = tau^2
+    new = fedopt_step("fedadam", {"w": t(1.0, -1.0)}, {"w": t(0.3, -0.3)}, 3, m, v,
+                      server_lr=0.01, beta1=0.9, beta2=0.99, tau=1e-3)
+    # Delta = +-0.1: m = +-0.01, v = 0.99e-6 + 0.01 * 0.01 = 1.0099e-4.
+    step = 0.01 * 0.01 / (math.sqrt(1.0099e-4) + 1e-3)
+    torch.testing.assert_close(m["w"], t(0.01, -0.01))
+    torch.testing.assert_close(v["w"], t(1.0099e-4, 1.0099e-4))
+    torch.testing.assert_close(new["w"], t(1.0 + step, -1.0 - step))
+
+
+@pytest.mark.parametrize("optimizer", ["fedadam", "fedyogi", "fedadagrad"])
+def test_fedopt_step_slice_by_slice_equals_the_whole_tensor(optimizer: str) -> None:
+    # The fold writes the step one slice at a time (coordinator/fold.py): same bits.
+    gen = torch.Generator().manual_seed(7)
+    x, total = torch.randn(10, generator=gen), torch.randn(10, generator=gen)
+    m0, v0 = torch.randn(10, generator=gen), torch.rand(10, generator=gen)
+    m_whole, v_whole = {"w": m0.clone()}, {"w": v0.clone()}
+    whole = fedopt_step(optimizer, {"w": x}, {"w": total}, 3, m_whole, v_whole, **HAND)["w"]
+    m_sl, v_sl, parts = m0.clone(), v0.clone(), []
+    for start in range(0, 10, 4):
+        sl = slice(start, start + 4)
+        parts.append(fedopt_step(optimizer, {"w": x[sl]}, {"w": total[sl]}, 3, {"w": m_sl[sl]}, {"w": v_sl[sl]},
+                                 **HAND)["w"])
+    assert torch.equal(torch.cat(parts), whole)
+    assert torch.equal(m_sl, m_whole["w"]) and torch.equal(v_sl, v_whole["w"])
+
+
+def test_fedopt_step_rejects_unknown_optimizer_and_mismatched_moments() -> None:
+    x = {"w": t(1.0)}
+    with pytest.raises(StrategyError) as exc:
+        fedopt_step("none", x, x, 1, {"w": t(0.0)}, {"w": t(0.0)}, **HAND)
+    assert exc.value.reason == "invalid_argument"
+    with pytest.raises(StrategyError) as exc:
+        fedopt_step("fedadam", x, x, 1, {"w": t(0.0, 0.0)}, {"w": t(0.0)}, **HAND)
+    assert exc.value.reason == "mismatched_tensors"

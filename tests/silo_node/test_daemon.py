@@ -10,14 +10,16 @@ from __future__ import annotations
 
 import datetime as dt
 import random
+import stat
 import threading
 
 import httpx
 import pytest
 
-from privacy import accounting
+from privacy import accounting, codec
 from privacy.keys import Identity
 from silo_node.commands import init_silo, run_silo
+from silo_node.compression import RESIDUAL_FILE
 from silo_node.config import SiloConfig, TrainingOptions
 from silo_node.daemon import Outcome
 from silo_node.ledger import DPRun, Ledger
@@ -274,3 +276,18 @@ def test_a_revoked_silo_stops_with_an_error(tmp_path, fake):
     fake.faults.extend([lambda r: None, lambda r: None, lambda r: revoked])
     result = run(config, fake, rounds=1)
     assert result.outcome == Outcome.FATAL and result.exit_code == 1 and "revoked" in result.message
+
+
+def test_a_compressing_silo_sends_fewer_bytes_and_keeps_its_residual_0600(tmp_path, fake):
+    plain, sparse = enrol(tmp_path, fake, "plain"), enrol(tmp_path, fake, "sparse")
+    assert run(plain, fake, rounds=1).receipts == 1
+    result = run(sparse, fake, rounds=2, overrides={"compression": "topk", "topk_fraction": 0.1})
+    assert result.receipts == 2
+    sizes = {}
+    for name, config in (("plain", plain), ("sparse", sparse)):
+        with Ledger(config.ledger_path) as ledger:
+            sizes[name] = [u.envelope_size for u in ledger.entries("update")]
+    assert all(size < sizes["plain"][0] for size in sizes["sparse"]), sizes
+    residual = sparse.data_dir / RESIDUAL_FILE
+    assert stat.S_IMODE(residual.stat().st_mode) == 0o600
+    assert any(bool(t.any()) for t in codec.decode(residual.read_bytes()).values())  # what top-k held back

@@ -15,7 +15,7 @@ from collections.abc import Callable
 
 import httpx
 
-from privacy import accounting, codec
+from privacy import accounting, codec, compression
 from privacy.envelope import (
     enrolment_statement,
     open_update,
@@ -195,7 +195,7 @@ class FakeCoordinator:
             body = {"reason": "budget_exceeded", "detail": "over the cap", **body}
             self.decided[header.update_id] = (digest, 403, body)
             return httpx.Response(403, json=body)
-        delta = codec.decode(payload)
+        delta = compression.decode(header.payload_kind, codec.decode(payload), self.schema)
         self.schema.check(delta)
         x_base = self.versions[header.base_version]
         new = {k: (1 - self.alpha) * self.versions[-1][k] + self.alpha * (x_base[k] + delta[k]) for k in x_base}
