@@ -98,6 +98,7 @@ def serve(data_dir: Path, *, host: str | None = None, port: int | None = None, w
     """Run the app under uvicorn until interrupted (several processes with ``workers``)."""
     import uvicorn
 
+    from .http_protocol import PROTOCOL
     from .startup import DATA_DIR_ENV, StartupError, check_startable
 
     if workers < 1:
@@ -121,6 +122,7 @@ def serve(data_dir: Path, *, host: str | None = None, port: int | None = None, w
         log_level=log_level,
         server_header=False,
         timeout_graceful_shutdown=10,
+        http=PROTOCOL,  # h11 with a deadline for request heads (header_timeout_seconds)
     )
 
 

@@ -18,6 +18,8 @@ from sqlalchemy.orm import Session, sessionmaker
 from privacy.keys import Identity
 
 from .config import CoordinatorConfig
+from .db import WriteHealth
+from .slots import UploadSlots
 from .federation import ModelCache
 from .metrics import Metrics
 
@@ -36,12 +38,19 @@ class Coordinator:
     #: Decoded weights of recent versions, keyed by (version, digest); see federation.py.
     cache: ModelCache = field(default_factory=ModelCache)
     metrics: Metrics = field(init=False, repr=False)
+    #: Whether writes are failing for want of the database (``/healthz`` reports it).
+    health: WriteHealth = field(init=False, repr=False)
+    #: Update bodies being received now: the in-flight limits (coordinator.slots).
+    uploads: UploadSlots = field(init=False, repr=False)
     _sessions: sessionmaker = field(init=False, repr=False)
     _limiters: dict[str, anyio.CapacityLimiter] = field(init=False, repr=False, default_factory=dict)
 
     def __post_init__(self) -> None:
         self._sessions = sessionmaker(self.engine, expire_on_commit=False)
         self.metrics = Metrics(self.engine, federation_id=self.federation_id)
+        self.health = WriteHealth()
+        self.health.watch(self.engine)
+        self.uploads = UploadSlots(self.config.max_uploads_in_flight, self.config.max_uploads_per_silo)
 
     @staticmethod
     def engine_for(config: CoordinatorConfig) -> Engine:

@@ -1,6 +1,9 @@
 """The ingest pipeline for one update: every check, in DESIGN.md's order, then the fold.
 
-     1  size limit       :func:`read_envelope` refuses on Content-Length, stops reading past it
+     1  upload           :mod:`coordinator.uploads`, before the body is read: the signed
+                         request (silo, signature, time), Content-Length <= the limit, the
+                         in-flight limits; then the body, streamed and spooled, against
+                         its signed digest
      2  parse            structure only: magic, format version, suite, lengths
      3  silo             known, enrolled and not revoked
      4  signature        Ed25519 over the envelope; then the header, strictly
@@ -28,7 +31,7 @@ by ``rejections.TRANSLATION``.
 from __future__ import annotations
 
 import functools
-from collections.abc import AsyncIterator
+from typing import TYPE_CHECKING
 from datetime import datetime
 
 from anyio import to_thread
@@ -47,41 +50,19 @@ from .fold import Outcome, Prepared, resent
 from .models import Federation
 from .rejections import Evidence, Refusal, translate
 
-__all__ = ["Outcome", "Prepared", "check", "ingest", "read_envelope"]
+if TYPE_CHECKING:
+    from .uploads import Upload
+
+__all__ = ["Outcome", "Prepared", "check", "ingest", "refuse"]
 
 
 # --------------------------------------------------------------------------- step 1
+# Who sent the upload, its size, the in-flight limits and the body's digest are checked
+# by coordinator.uploads before the body is read; the envelope arrives here as an Upload.
 
 
-async def read_envelope(ctx: Coordinator, chunks: AsyncIterator[bytes], declared_length: str | None) -> bytearray:
-    """Read the request body, refusing (``too_large``) as soon as it passes the limit.
-
-    A declared Content-Length over the limit is refused before a byte is read; a body
-    without one (chunked) is read only up to the limit. Chunks are appended to one
-    buffer as they arrive -- never a list of chunks plus their join, which would hold
-    the envelope twice -- and the buffer is not pre-sized: zero-filling it would be
-    one more pass over the envelope on the event loop (appending grows it in place).
-    """
-    limit = ctx.config.max_update_bytes
-    if declared_length is not None and declared_length.isdigit() and int(declared_length) > limit:
-        await _too_large(ctx, int(declared_length), limit)
-    body = bytearray()
-    async for chunk in chunks:
-        if len(body) + len(chunk) > limit:
-            await _too_large(ctx, len(body) + len(chunk), limit)
-        body += chunk
-    return body
-
-
-async def _too_large(ctx: Coordinator, size: int, limit: int) -> None:
-    detail = f"the envelope is at least {size} bytes; the limit is {limit}"
-    ev = Evidence(size=size, received_at=ctx.clock())
-    error = await to_thread.run_sync(functools.partial(_refuse, ctx, ev, Refusal(Reason.TOO_LARGE, detail)))
-    ctx.metrics.observe_update("rejected", reason=Reason.TOO_LARGE.value)
-    raise error
-
-
-def _refuse(ctx: Coordinator, ev: Evidence, refusal: Refusal) -> IngestRejected:
+def refuse(ctx: Coordinator, ev: Evidence, refusal: Refusal) -> IngestRejected:
+    """Record ``refusal`` (one audit entry, its own transaction) and return the error to raise."""
     with ctx.transaction() as session:
         return rejections.record(session, ctx.identity, ctx.federation_id, ev, refusal, ctx.clock())
 
@@ -89,12 +70,15 @@ def _refuse(ctx: Coordinator, ev: Evidence, refusal: Refusal) -> IngestRejected:
 # --------------------------------------------------------------------------- the pipeline
 
 
-async def ingest(ctx: Coordinator, body: bytes | bytearray) -> Outcome:
+async def ingest(ctx: Coordinator, body: bytes | bytearray | Upload) -> Outcome:
     """Run one envelope through steps 2-10; return the outcome or raise IngestRejected.
 
-    A ``bytearray`` body (what :func:`read_envelope` returns) is consumed: it is
-    emptied once the payload is decrypted, so the ciphertext and the plaintext of a
-    large update are not held at once for longer than the decryption itself.
+    An :class:`~coordinator.uploads.Upload` is loaded into memory only inside the
+    ingest worker (so at most ``ingest_workers`` envelopes are in memory at once), and
+    its envelope must be signed by the silo that signed the upload. A ``bytearray``
+    body is consumed: it is emptied once the payload is decrypted, so the ciphertext
+    and the plaintext of a large update are not held at once for longer than the
+    decryption itself.
     """
     received_at = ctx.clock()
     try:
@@ -113,18 +97,21 @@ async def ingest(ctx: Coordinator, body: bytes | bytearray) -> Outcome:
     return outcome
 
 
-def check(ctx: Coordinator, body: bytes | bytearray, received_at: datetime) -> Prepared | Outcome:
+def check(ctx: Coordinator, body: bytes | bytearray | Upload, received_at: datetime) -> Prepared | Outcome:
     """Steps 2-9 (blocking: run it in a worker thread). Audits and raises on refusal.
 
     A ``bytearray`` body is emptied once decrypted (see :func:`ingest`).
     """
+    uploader = None
+    if not isinstance(body, (bytes, bytearray)):
+        uploader, body = body.silo_id, body.load()
     ev = Evidence(size=len(body), received_at=received_at)
     try:
-        return _check(ctx, body, ev)
+        return _check(ctx, body, ev, uploader)
     except Refusal as refusal:
         if ev.sealed is None:
             ev.body_digest = rejections.body_digest(body)
-        raise _refuse(ctx, ev, refusal) from None
+        raise refuse(ctx, ev, refusal) from None
 
 
 def _release(body: bytes | bytearray, sealed: SealedUpdate) -> None:
@@ -137,7 +124,7 @@ def _release(body: bytes | bytearray, sealed: SealedUpdate) -> None:
             pass
 
 
-def _check(ctx: Coordinator, body: bytes | bytearray, ev: Evidence) -> Prepared | Outcome:
+def _check(ctx: Coordinator, body: bytes | bytearray, ev: Evidence, uploader: str | None) -> Prepared | Outcome:
     cfg = ctx.config
 
     # 2. parse -------------------------------------------------------------------------
@@ -146,6 +133,9 @@ def _check(ctx: Coordinator, body: bytes | bytearray, ev: Evidence) -> Prepared 
     except PrivacyError as exc:
         raise translate(exc) from None
     ev.sealed = sealed
+    if uploader is not None and sealed.signer_id != uploader:
+        raise Refusal(Reason.MALFORMED, f"the envelope is signed as {sealed.signer_id[:128]!r}, "
+                                        f"not by the silo that sent it")
 
     # 3. silo known and active ---------------------------------------------------------
     with ctx.read() as s:

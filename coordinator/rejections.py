@@ -88,10 +88,11 @@ class Evidence:
     header: UpdateHeader | None = None  # parsed after the signature verified
     staleness: int | None = None
     epsilon_computed: float | None = None
+    claimed: str | None = None  # the silo an upload's request headers name, before its envelope
 
     @property
     def claimed_silo(self) -> str | None:
-        return self.sealed.signer_id if self.sealed is not None else None
+        return self.sealed.signer_id if self.sealed is not None else self.claimed
 
 
 def _finite(x: float | None) -> float | str | None:

@@ -61,6 +61,10 @@ class Reason(StrEnum):
     METHOD_NOT_ALLOWED = "method_not_allowed", 405, "this route does not accept this HTTP method"
     # the coordinator's own fault: never the client's, details only in the coordinator's log
     INTERNAL_ERROR = "internal_error", 500, "internal error; see the coordinator's log"
+    # passing conditions, answered with Retry-After: retry the same request later
+    REQUEST_TIMEOUT = "request_timeout", 408, "the request body arrived too slowly"
+    TOO_MANY_UPLOADS = "too_many_uploads", 429, "too many uploads are in flight; retry after the Retry-After delay"
+    UNAVAILABLE = "unavailable", 503, "the coordinator cannot store anything now (database unavailable or full); retry later"
 
 
 def known(code: object) -> Reason | None:
