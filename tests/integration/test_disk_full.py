@@ -46,20 +46,13 @@ def tmpfs(tmp_path) -> Path:
 def fill(directory: Path) -> Path:
     """Write zeros into ``directory`` until the file system is full."""
     filler = directory / "filler"
-    with open(filler, "wb") as f:
-        block = b"\0" * 65536
-        try:
-            while True:
-                f.write(block)
-                f.flush()
-        except OSError:
-            pass
-        try:  # the last partial block
-            while True:
-                f.write(b"\0" * 512)
-                f.flush()
-        except OSError:
-            pass
+    with open(filler, "wb", buffering=0) as f:  # unbuffered: nothing left to flush at close
+        for block in (b"\0" * 65536, b"\0" * 512):  # then the last partial block
+            try:
+                while f.write(block):
+                    pass
+            except OSError:
+                pass
     return filler
 
 
