@@ -8,7 +8,7 @@ PIP    := $(PY) -m pip install --disable-pip-version-check -q $(FIND_LINKS) -c c
 ARGS   ?=
 PYTEST_ARGS ?=
 
-.PHONY: demo test venv clean bench bench-ingest bench-async bench-privacy
+.PHONY: demo test venv clean bench bench-ingest bench-async bench-privacy bench-upload
 
 venv: $(VENV)/.installed
 
@@ -25,7 +25,7 @@ test: venv
 	$(PY) -m pytest $(PYTEST_ARGS)
 
 # Each regenerates its committed results in benchmarks/results/ (see docs/benchmarks.md).
-bench: bench-ingest bench-async bench-privacy
+bench: bench-ingest bench-async bench-privacy bench-upload
 
 bench-ingest: venv
 	$(PY) benchmarks/ingest.py $(ARGS)
@@ -35,6 +35,9 @@ bench-async: venv
 
 bench-privacy: venv
 	$(PY) benchmarks/privacy_accuracy.py $(ARGS)
+
+bench-upload: venv
+	$(PY) benchmarks/upload_memory.py $(ARGS)
 
 clean:
 	rm -rf $(VENV) build *.egg-info

@@ -80,6 +80,13 @@ class Coordinator:
         return self._limiter("ingest", self.config.ingest_workers)
 
     @property
+    def held_limiter(self) -> anyio.CapacityLimiter:
+        """Updates held in memory at once, from loading the envelope to the end of its fold
+        (config.ingest_workers): checked updates waiting for the fold lock hold their
+        decoded tensors, so without this bound they pile up while the fold is slower."""
+        return self._limiter("held", self.config.ingest_workers)
+
+    @property
     def fold_limiter(self) -> anyio.CapacityLimiter:
         """Threads that may wait for the fold lock at once (config.fold_workers)."""
         return self._limiter("fold", self.config.fold_workers)

@@ -20,6 +20,9 @@ The checks that depend on shared state (3, 5, 6, the norm bound, 9) are the pure
 functions of :mod:`coordinator.decisions`, applied to one snapshot read here; the fold
 reads a fresh snapshot under the lock and applies the same functions.
 
+An update is held in memory (envelope, plaintext, tensors) from step 2 to the end of
+step 10 by at most ``ctx.held_limiter`` (``ingest_workers``) at once, whatever the
+number being uploaded (coordinator.uploads spools the others to disk).
 Steps 2-9 run in a worker thread bounded by ``ctx.ingest_limiter`` (several updates
 at once, the event loop never blocks on crypto or SQL); step 10 in a thread bounded by
 ``ctx.fold_limiter``. The first failing check raises :class:`IngestRejected` after one
@@ -82,13 +85,16 @@ async def ingest(ctx: Coordinator, body: bytes | bytearray | Upload) -> Outcome:
     """
     received_at = ctx.clock()
     try:
-        prepared = await to_thread.run_sync(
-            functools.partial(check, ctx, body, received_at), limiter=ctx.ingest_limiter
-        )
-        if isinstance(prepared, Outcome):
-            outcome = prepared
-        else:
-            outcome = await to_thread.run_sync(functools.partial(fold.commit, ctx, prepared), limiter=ctx.fold_limiter)
+        async with ctx.held_limiter:  # memory: at most ingest_workers updates loaded at once
+            prepared = await to_thread.run_sync(
+                functools.partial(check, ctx, body, received_at), limiter=ctx.ingest_limiter
+            )
+            if isinstance(prepared, Outcome):
+                outcome = prepared
+            else:
+                outcome = await to_thread.run_sync(functools.partial(fold.commit, ctx, prepared),
+                                                   limiter=ctx.fold_limiter)
+            del prepared
     except IngestRejected as exc:
         ctx.metrics.observe_update("rejected", reason=exc.reason.value)
         raise

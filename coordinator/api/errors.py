@@ -13,8 +13,10 @@
   not have been read to its end, so the connection cannot be reused); the traceback
   goes to the log, never to the client.
 
-``429``, ``503`` carry ``Retry-After``; answers sent before a body was read to its end
-(``408``, ``413``) carry ``Connection: close``.
+``429``, ``503`` carry ``Retry-After``; ``408`` carries ``Connection: close``. Other
+answers sent before a body was read (401, 413 ...) keep the connection: uvicorn reads
+and discards the rest of the declared body, with bounded memory, so the client reads
+its answer rather than a reset.
 
 Every code answered here is a member of :class:`privacy.reasons.Reason`.
 """
@@ -52,7 +54,7 @@ def _coordinator_error(retry_after: int):
             headers["WWW-Authenticate"] = f'{scheme} realm="fedsilo"'
         if exc.status in (429, 503):  # RFC 9110 10.2.3, RFC 6585 4
             headers["Retry-After"] = str(retry_after)
-        if exc.status in (408, 413):  # the rest of the body is still on the socket
+        if exc.status == 408:  # a client this slow is not worth its connection
             headers["Connection"] = "close"
         return JSONResponse(exc.to_json(), status_code=exc.status, headers=headers or None)
 
