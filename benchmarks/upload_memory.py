@@ -1,7 +1,8 @@
 """Peak coordinator memory under many uploads: bounded by authentication and spooling.
 
 A real ``fedsilo-coordinator serve`` process (SQLite, FedAsync, defaults otherwise:
-``ingest_workers`` 2, ``upload_spool_bytes`` 8 MiB) with ``max_update_bytes`` set to
+``ingest_workers`` 2, ``upload_spool_bytes`` 8 MiB, ``ingest_memory_bytes`` =
+``max_update_bytes``) with ``max_update_bytes`` set to
 the envelope's size, so every upload is *at* the limit, and ``max_uploads_in_flight``
 raised to 10 so that all ten are received at once. Its resident memory is read from
 ``/proc/PID/status`` (VmRSS, and VmHWM after resetting it through ``clear_refs``):
@@ -12,7 +13,7 @@ raised to 10 so that all ten are received at once. Its resident memory is read f
 * **one** -- the peak increase over idle while one upload at the limit is ingested;
 * **ten** -- the peak increase while ten silos upload at the limit concurrently; the
   goal is ``idle + ten <= idle + 2 x one``: bodies wait on disk, not in memory, and
-  only ``ingest_workers`` envelopes are decoded at once;
+  only ``ingest_memory_bytes`` of envelopes are loaded, checked or folding at once;
 * **unauthenticated** -- 100 uploads of 64 MiB without the signed-request headers
   (20 at a time), each sending its whole body: all refused ``401`` before their bodies
   are read; the goal is a peak within 100 MB of idle.
@@ -189,6 +190,7 @@ def run(params: int, out: Path, *, unauth_count: int, unauth_bytes: int, quiet: 
         "config": {"parameters": actual, "envelope_bytes": len(warm[0]), "max_update_bytes": limit,
                    "warm_updates": WARM,
                    "concurrent": CONCURRENT, "ingest_workers": 2, "upload_spool_bytes": 8 * 1024 * 1024,
+                   "ingest_memory_bytes": "max_update_bytes (the default)",
                    "unauthenticated": {"count": unauth_count, "bytes": unauth_bytes, "parallel": UNAUTH_PARALLEL}},
         "idle_rss_mb": idle * 1024 / 1e6,
         "one_upload_increase_mb": one * 1024 / 1e6,

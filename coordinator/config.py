@@ -74,6 +74,7 @@ class CoordinatorConfig:
     upload_min_bytes_per_second: int = 16 * 1024  # slower bodies are cut off (408)
     header_timeout_seconds: int = 30  # a request head must arrive whole within this
     retry_after_seconds: int = 5  # Retry-After of 429 and 503 answers
+    ingest_memory_bytes: int = 0  # envelope bytes checked or folding at once; 0: max_update_bytes
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "data_dir", Path(self.data_dir))
@@ -183,6 +184,7 @@ _RULES: dict[str, _Rule] = {
     "upload_min_bytes_per_second": _Rule(int, _at_least(1), "an integer >= 1", str(16 * 1024)),
     "header_timeout_seconds": _Rule(int, lambda v: 1 <= v <= 3600, "an integer from 1 to 3600", "30"),
     "retry_after_seconds": _Rule(int, lambda v: 1 <= v <= 3600, "an integer from 1 to 3600", "5"),
+    "ingest_memory_bytes": _Rule(int, _at_least(0), "an integer number of bytes >= 0 (0: max_update_bytes)", "0"),
 }
 
 

@@ -19,7 +19,7 @@ from privacy.keys import Identity
 
 from .config import CoordinatorConfig
 from .db import WriteHealth
-from .slots import UploadSlots
+from .slots import ByteBudget, UploadSlots
 from .federation import ModelCache
 from .metrics import Metrics
 
@@ -42,6 +42,8 @@ class Coordinator:
     health: WriteHealth = field(init=False, repr=False)
     #: Update bodies being received now: the in-flight limits (coordinator.slots).
     uploads: UploadSlots = field(init=False, repr=False)
+    #: Bytes of updates held in memory, from loading to the end of the fold (coordinator.ingest).
+    memory: ByteBudget = field(init=False, repr=False)
     _sessions: sessionmaker = field(init=False, repr=False)
     _limiters: dict[str, anyio.CapacityLimiter] = field(init=False, repr=False, default_factory=dict)
 
@@ -51,6 +53,7 @@ class Coordinator:
         self.health = WriteHealth()
         self.health.watch(self.engine)
         self.uploads = UploadSlots(self.config.max_uploads_in_flight, self.config.max_uploads_per_silo)
+        self.memory = ByteBudget(self.config.ingest_memory_bytes or self.config.max_update_bytes)
 
     @staticmethod
     def engine_for(config: CoordinatorConfig) -> Engine:
@@ -78,13 +81,6 @@ class Coordinator:
     def ingest_limiter(self) -> anyio.CapacityLimiter:
         """Threads for verify/decrypt/decode, outside the fold lock (config.ingest_workers)."""
         return self._limiter("ingest", self.config.ingest_workers)
-
-    @property
-    def held_limiter(self) -> anyio.CapacityLimiter:
-        """Updates held in memory at once, from loading the envelope to the end of its fold
-        (config.ingest_workers): checked updates waiting for the fold lock hold their
-        decoded tensors, so without this bound they pile up while the fold is slower."""
-        return self._limiter("held", self.config.ingest_workers)
 
     @property
     def fold_limiter(self) -> anyio.CapacityLimiter:

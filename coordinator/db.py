@@ -32,10 +32,11 @@ from pathlib import Path
 from typing import Any
 
 from sqlalchemy import Engine, create_engine, event, select, text
+from sqlalchemy import exc as sa_exc
 from sqlalchemy.engine import URL, Connection, make_url
 from sqlalchemy.orm import Session, sessionmaker
 
-from coordinator.errors import InternalFault
+from coordinator.errors import InternalFault, StorageUnavailable
 from coordinator.models import Federation
 
 __all__ = [
@@ -81,7 +82,7 @@ class DatabaseError(InternalFault):
         super().__init__(self.message)
 
 
-class DatabaseUnavailable(DatabaseError):
+class DatabaseUnavailable(DatabaseError, StorageUnavailable):
     """The database cannot be reached or cannot write (disk full, I/O error, shut down).
 
     A passing condition of the coordinator's storage, not a bug and not the client's
@@ -91,7 +92,7 @@ class DatabaseUnavailable(DatabaseError):
     """
 
     def __init__(self, message: str) -> None:
-        super().__init__(DbReason.UNAVAILABLE, message)
+        DatabaseError.__init__(self, DbReason.UNAVAILABLE, message)
 
 
 #: SQLite's answers when it cannot write or read its file (sqlite3 result codes
@@ -108,7 +109,10 @@ def _map_fault(context: Any) -> Exception | None:
     original = context.original_exception
     sqlstate = getattr(original, "sqlstate", None) or ""
     text_ = str(original).lower()
-    if (context.is_disconnect or sqlstate.startswith(_PG_UNAVAILABLE)
+    # No connection yet and an OperationalError: the server did not let us in (refused,
+    # unreachable, starting up); a ProgrammingError there would be a bad URL, a bug.
+    refused = context.connection is None and isinstance(context.sqlalchemy_exception, sa_exc.OperationalError)
+    if (context.is_disconnect or refused or sqlstate.startswith(_PG_UNAVAILABLE)
             or any(m in text_ for m in _SQLITE_UNAVAILABLE)):
         return DatabaseUnavailable(f"{type(original).__name__}: {str(original).strip()[:200]}")
     return None

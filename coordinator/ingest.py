@@ -20,9 +20,10 @@ The checks that depend on shared state (3, 5, 6, the norm bound, 9) are the pure
 functions of :mod:`coordinator.decisions`, applied to one snapshot read here; the fold
 reads a fresh snapshot under the lock and applies the same functions.
 
-An update is held in memory (envelope, plaintext, tensors) from step 2 to the end of
-step 10 by at most ``ctx.held_limiter`` (``ingest_workers``) at once, whatever the
-number being uploaded (coordinator.uploads spools the others to disk).
+An update is in memory (envelope, plaintext, tensors) from step 2 to the end of step
+10; ``ctx.memory`` bounds the bytes of envelopes held so at once (``ingest_memory_bytes``,
+by default ``max_update_bytes``: updates at the size limit go one at a time, small ones
+overlap), whatever the number being uploaded (coordinator.uploads spools them on disk).
 Steps 2-9 run in a worker thread bounded by ``ctx.ingest_limiter`` (several updates
 at once, the event loop never blocks on crypto or SQL); step 10 in a thread bounded by
 ``ctx.fold_limiter``. The first failing check raises :class:`IngestRejected` after one
@@ -85,7 +86,8 @@ async def ingest(ctx: Coordinator, body: bytes | bytearray | Upload) -> Outcome:
     """
     received_at = ctx.clock()
     try:
-        async with ctx.held_limiter:  # memory: at most ingest_workers updates loaded at once
+        size = len(body) if isinstance(body, (bytes, bytearray)) else body.size
+        async with ctx.memory.hold(size):  # bytes of updates in memory, from loading to the fold
             prepared = await to_thread.run_sync(
                 functools.partial(check, ctx, body, received_at), limiter=ctx.ingest_limiter
             )

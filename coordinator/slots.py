@@ -1,13 +1,16 @@
-"""Counting uploads in flight, per process: the limits of ``max_uploads_in_flight`` and
-``max_uploads_per_silo`` (coordinator.uploads, check 1c of docs/protocol.md §5)."""
+"""Per-process limits on what uploads may hold: requests in flight (``max_uploads_in_flight``,
+``max_uploads_per_silo``; coordinator.uploads, check 1c of docs/protocol.md §5) and bytes
+of updates in memory (``ingest_memory_bytes``; coordinator.ingest)."""
 
 from __future__ import annotations
 
 from collections import Counter
-from collections.abc import Iterator
-from contextlib import contextmanager
+from collections.abc import AsyncIterator, Iterator
+from contextlib import asynccontextmanager, contextmanager
 
-__all__ = ["UploadSlots"]
+import anyio
+
+__all__ = ["ByteBudget", "UploadSlots"]
 
 
 class UploadSlots:
@@ -41,3 +44,36 @@ class UploadSlots:
     @property
     def in_flight(self) -> int:
         return self._all
+
+
+class ByteBudget:
+    """A weighted semaphore over bytes: updates held in memory at once, by their size.
+
+    An update holds its envelope's size from loading it to the end of its fold
+    (coordinator.ingest): checked updates waiting for the fold lock keep their decoded
+    tensors, so without a bound they pile up whenever folds are slower than checks.
+    Counting bytes, not updates, lets many small updates overlap while updates at the
+    size limit go one at a time. A request larger than the whole budget takes all of it.
+    """
+
+    def __init__(self, total: int) -> None:
+        self.total = total
+        self.used = 0
+        self._changed: anyio.Condition | None = None  # made in the event loop, on first use
+
+    @asynccontextmanager
+    async def hold(self, size: int) -> AsyncIterator[None]:
+        size = min(size, self.total)
+        if self._changed is None:
+            self._changed = anyio.Condition()
+        async with self._changed:
+            while self.used + size > self.total:
+                await self._changed.wait()
+            self.used += size
+        try:
+            yield
+        finally:
+            with anyio.CancelScope(shield=True):  # the bytes go back even if the request is cancelled
+                async with self._changed:
+                    self.used -= size
+                    self._changed.notify_all()

@@ -40,11 +40,12 @@ from anyio import to_thread
 from privacy.envelope import CONTENT_DIGEST_HEADER, REQUEST_HEADERS
 
 from . import enrolment
-from .errors import AuthError, Reason
+from .errors import AuthError, Reason, StorageUnavailable
 from .ingest import refuse
 from .rejections import Evidence, Refusal
 
 if TYPE_CHECKING:
+    from .config import CoordinatorConfig
     from .context import Coordinator
 
 __all__ = ["Upload", "receive"]
@@ -123,7 +124,7 @@ def _authenticate(ctx: Coordinator, method: str, target: str, headers: Mapping[s
         raise Refusal(exc.reason, exc.detail) from None
 
 
-def _spool(cfg) -> tempfile.SpooledTemporaryFile:
+def _spool(cfg: CoordinatorConfig) -> tempfile.SpooledTemporaryFile:
     path = cfg.upload_path
     path.mkdir(mode=0o700, parents=True, exist_ok=True)
     return tempfile.SpooledTemporaryFile(max_size=cfg.upload_spool_bytes, dir=path, prefix="upload-")
@@ -149,7 +150,10 @@ async def _stream(ctx: Coordinator, chunks: AsyncIterator[bytes], spool, size: i
             if received > size:
                 raise Refusal(Reason.MALFORMED, f"the body is longer than its Content-Length of {size} bytes")
             sha.update(chunk)
-            spool.write(chunk)
+            try:
+                spool.write(chunk)
+            except OSError as exc:  # the spool's disk is full: a passing fault, not the client's
+                raise StorageUnavailable(f"cannot spool an upload in {cfg.upload_path}: {exc}") from None
     if overall.cancelled_caught:
         raise Refusal(Reason.REQUEST_TIMEOUT, f"the body did not arrive within {whole} s "
                                               f"({received} of {size} bytes received)")

@@ -4,8 +4,9 @@
   reason's status (rejections add ``audit_seq`` and, when the envelope's signature
   verified, a signed rejection receipt).
 * Starlette's own HTTPException (unknown route, wrong method) -> the same JSON shape.
-* :class:`~coordinator.db.DatabaseUnavailable` (the database cannot be reached or is
-  full) -> 503 ``unavailable`` with ``Retry-After``: a passing fault, logged in one line.
+* :class:`~coordinator.errors.StorageUnavailable` (the database cannot be reached or is
+  full, or the upload spool's disk is) -> 503 ``unavailable`` with ``Retry-After``: a
+  passing fault, logged in one line.
 * starlette's ClientDisconnect (the client went away mid-body) -> one log line, no
   traceback; the answer goes nowhere.
 * Anything else, :class:`~coordinator.errors.InternalFault` included -> 500
@@ -31,8 +32,7 @@ from starlette.responses import JSONResponse, Response
 
 from privacy.reasons import Reason
 
-from ..db import DatabaseUnavailable
-from ..errors import CoordinatorError
+from ..errors import CoordinatorError, StorageUnavailable
 
 __all__ = ["exception_handlers"]
 
@@ -62,8 +62,8 @@ def _coordinator_error(retry_after: int):
 
 
 def _unavailable(retry_after: int):
-    async def unavailable(request: Request, exc: DatabaseUnavailable) -> Response:
-        log.warning("database unavailable on %s %s: %s", request.method, request.url.path, exc.message)
+    async def unavailable(request: Request, exc: StorageUnavailable) -> Response:
+        log.warning("storage unavailable on %s %s: %s", request.method, request.url.path, exc.message)
         reason = Reason.UNAVAILABLE
         return JSONResponse({"reason": reason.value, "detail": reason.message}, status_code=reason.status,
                             headers={"Retry-After": str(retry_after)})
@@ -97,7 +97,7 @@ def exception_handlers(*, retry_after: int = 5) -> dict:
     return {
         CoordinatorError: _coordinator_error(retry_after),
         HTTPException: http_error,
-        DatabaseUnavailable: _unavailable(retry_after),
+        StorageUnavailable: _unavailable(retry_after),
         ClientDisconnect: disconnected,
         Exception: internal_error,
     }

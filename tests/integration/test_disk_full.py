@@ -6,11 +6,13 @@ must run). A filler file takes the rest of the space; updates are sent until one
 answered ``503 unavailable`` (SQLite may still place a few in WAL space it already
 holds). Then: /healthz reports degraded, every update acknowledged before is still
 there with its receipt, the chain verifies; the filler goes, and the very envelope that
-got the 503 is accepted on its resend.
+got the 503 is accepted when the silo's own client (SiloClient.push) resends it after
+waiting at least the Retry-After.
 """
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 from pathlib import Path
@@ -21,7 +23,13 @@ from sqlalchemy import select
 
 from coordinator import audit
 from coordinator.models import Update
+from privacy.envelope import parse_update
+from silo_node.client import SiloClient
 from tests.support.coordinator import FakeSilo, open_context, running_coordinator
+
+
+def silo_update_id(envelope: bytes) -> str:
+    return json.loads(bytes(parse_update(envelope).header_bytes))["update_id"]
 
 SIZE = "24m"
 
@@ -89,10 +97,22 @@ def test_a_full_disk_gets_503_then_ingest_resumes(tmp_path, tmpfs):
         assert health.json()["reason"] == "unavailable"
         assert "Traceback" not in server.logs()
 
-        filler.unlink()  # space returns
-        again = silo.push(envelope)
-        assert again.status_code == 200 and again.json()["status"] == "accepted", again.text
-        accepted.append(again.json())
+        # The silo's own client sends the same envelope: 503 again, so it waits at least
+        # Retry-After (while it waits, space returns) and resends; the receipt verifies.
+        waits: list[float] = []
+
+        def sleep(seconds: float) -> None:
+            waits.append(seconds)
+            if filler.exists():
+                filler.unlink()
+
+        client = SiloClient(server.base_url, silo_id=silo.silo_id, signer=silo.identity.signing,
+                            coordinator_key=silo.coordinator.signing_key, sleep=sleep)
+        with client:
+            receipt = client.push(envelope, update_id=silo_update_id(envelope),
+                                  envelope_digest=parse_update(envelope).envelope_digest)
+        assert receipt.status == "accepted" and waits and waits[0] >= 3
+        accepted.append({"update_id": receipt.update_id})
         assert httpx.get(f"{server.base_url}/healthz").status_code == 200
 
     ctx = open_context(tmp_path / "coordinator")
