@@ -107,6 +107,8 @@ _PG_UNAVAILABLE = ("08", "53", "57P")
 def _map_fault(context: Any) -> Exception | None:
     """The engine's ``handle_error`` hook: storage faults become DatabaseUnavailable."""
     original = context.original_exception
+    if context.connection is not None and context.connection.get_execution_options().get(_READ_ONLY):
+        return None  # a write inside a read-only transaction (query_only) is a bug, not the disk
     sqlstate = getattr(original, "sqlstate", None) or ""
     text_ = str(original).lower()
     # No connection yet and an OperationalError: the server did not let us in (refused,
