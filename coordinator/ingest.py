@@ -35,7 +35,7 @@ by ``rejections.TRANSLATION``.
 from __future__ import annotations
 
 import functools
-from typing import TYPE_CHECKING
+from typing import Protocol
 from datetime import datetime
 
 from anyio import to_thread
@@ -54,8 +54,14 @@ from .fold import Outcome, Prepared, resent
 from .models import Federation
 from .rejections import Evidence, Refusal, translate
 
-if TYPE_CHECKING:
-    from .uploads import Upload
+
+class Upload(Protocol):
+    """A received body (coordinator.uploads.Upload): its signer, its size, the bytes on demand."""
+
+    silo_id: str
+    size: int
+
+    def load(self) -> bytearray: ...
 
 __all__ = ["Outcome", "Prepared", "check", "ingest", "refuse"]
 
