@@ -8,7 +8,7 @@ PIP    := $(PY) -m pip install --disable-pip-version-check -q $(FIND_LINKS) -c c
 ARGS   ?=
 PYTEST_ARGS ?=
 
-.PHONY: demo test venv clean bench bench-ingest bench-async bench-privacy bench-model bench-tlog bench-secagg
+.PHONY: demo test venv clean bench bench-ingest bench-async bench-privacy bench-model bench-tlog bench-secagg bench-upload
 
 venv: $(VENV)/.installed
 
@@ -25,7 +25,7 @@ test: venv
 	$(PY) -m pytest $(PYTEST_ARGS)
 
 # Each regenerates its committed results in benchmarks/results/ (see docs/benchmarks.md).
-bench: bench-ingest bench-async bench-privacy bench-model
+bench: bench-ingest bench-async bench-privacy bench-model bench-upload
 
 bench-ingest: venv
 	$(PY) benchmarks/ingest.py $(ARGS)
@@ -44,6 +44,9 @@ bench-tlog: venv
 
 bench-secagg: venv
 	$(PY) benchmarks/secagg.py $(ARGS)
+
+bench-upload: venv
+	$(PY) benchmarks/upload_memory.py $(ARGS)
 
 clean:
 	rm -rf $(VENV) build *.egg-info

@@ -65,6 +65,7 @@ from typing import Any
 
 import httpx
 import torch
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:  # run as a script from a clean clone, without installing
@@ -73,8 +74,9 @@ if str(ROOT) not in sys.path:  # run as a script from a clean clone, without ins
 from coordinator import bootstrap, enrolment, fold, ingest, silos  # noqa: E402
 from coordinator.app import open_coordinator  # noqa: E402
 from privacy import codec  # noqa: E402
-from privacy.envelope import UpdateHeader, seal_update, utc_timestamp  # noqa: E402
+from privacy.envelope import UpdateHeader, parse_update, seal_update, utc_timestamp  # noqa: E402
 from privacy.keys import Identity, PublicIdentity  # noqa: E402
+from silo_node.client import upload_headers  # noqa: E402
 
 POSTGRES_URL_ENV = "FEDSILO_TEST_POSTGRES_URL"
 DEFAULT_POSTGRES_URL = "postgresql+psycopg://postgres@127.0.0.1:5432/test"
@@ -232,6 +234,7 @@ def enrol_silos(data_dir: Path, count: int) -> list[Silo]:
                                             actor="benchmark", now=ctx.clock())
             identity = Identity.generate()
             info = silos.enroll(ctx, {"token": new.enrolment_token, **identity.public().to_json()})
+            SIGNERS[info["silo_id"]] = identity.signing
             out.append(Silo(info["silo_id"], identity, PublicIdentity.from_json(info["coordinator"]),
                             info["federation"]["schema_digest"]))
         return out
@@ -343,8 +346,17 @@ def serving(data_dir: Path, *, timeout: float = 120) -> Iterator[tuple[str, subp
 FOLDED = ("accepted", "buffered")
 
 
+#: Each enrolled silo's signing key, by silo id: uploads are signed requests (protocol.md §5).
+SIGNERS: dict[str, Ed25519PrivateKey] = {}
+
+
+def _upload_headers(body: bytes) -> dict[str, str]:
+    silo_id = parse_update(body).signer_id
+    return upload_headers(body, silo_id=silo_id, signer=SIGNERS[silo_id])
+
+
 def _post(client: httpx.Client, body: bytes) -> None:
-    r = client.post("/api/v1/updates", content=body, headers={"Content-Type": "application/octet-stream"})
+    r = client.post("/api/v1/updates", content=body, headers=_upload_headers(body))
     if r.status_code != 200 or r.json().get("status") not in FOLDED:
         raise RuntimeError(f"update not accepted: {r.status_code} {r.text[:300]}")
 
@@ -482,8 +494,7 @@ def measure_memory(kind: str, params: int, work: Path, log, strategy: str = "fed
                 Path(f"/proc/{proc.pid}/clear_refs").write_text("5")
                 started = time.perf_counter()
                 with httpx.Client(base_url=base_url, timeout=900) as c:
-                    r = c.post("/api/v1/updates", content=envelope,
-                               headers={"Content-Type": "application/octet-stream"})
+                    r = c.post("/api/v1/updates", content=envelope, headers=_upload_headers(envelope))
                 if r.status_code != 200 or r.json().get("status") != step:
                     raise RuntimeError(f"update not {step}: {r.status_code} {r.text[:300]}")
                 seconds = time.perf_counter() - started

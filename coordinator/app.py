@@ -39,10 +39,15 @@ def create_app(ctx: Coordinator) -> Starlette:
             with ctx.read() as s:
                 return federation.current_version(s, ctx.federation_id)
 
+        retry = {"Retry-After": str(ctx.config.retry_after_seconds)}
         try:
             version = await run_in_threadpool(probe)
         except Exception:  # the process is up but cannot serve: say so, do not crash
-            return JSONResponse({"status": "unavailable", "database": "unreachable"}, status_code=503)
+            return JSONResponse({"status": "unavailable", "database": "unreachable"}, status_code=503, headers=retry)
+        if ctx.health.degraded:  # reads work, writes do not (a full disk): updates get 503
+            return JSONResponse({"status": "degraded", "database": "not_writable", "reason": "unavailable",
+                                 "detail": ctx.health.detail, "current_version": version},
+                                status_code=503, headers=retry)
         return JSONResponse({"status": "ok", "database": "ok", "current_version": version})
 
     @contextlib.asynccontextmanager
@@ -66,8 +71,8 @@ def create_app(ctx: Coordinator) -> Starlette:
         *openapi.routes(),
     ]
     logs.install_event_log(ctx.engine)  # one log line per committed audit entry
-    return Starlette(routes=routes, exception_handlers=exception_handlers(), lifespan=lifespan,
-                     middleware=[Middleware(logs.RequestLog)])
+    return Starlette(routes=routes, exception_handlers=exception_handlers(retry_after=ctx.config.retry_after_seconds),
+                     lifespan=lifespan, middleware=[Middleware(logs.RequestLog)])
 
 
 def open_coordinator(data_dir: Path | str) -> Coordinator:

@@ -143,6 +143,7 @@ def serve(data_dir: Path, *, host: str | None = None, port: int | None = None, w
     import uvicorn
 
     from .logs import logging_config
+    from .http_protocol import PROTOCOL
     from .startup import DATA_DIR_ENV, StartupError, check_startable
 
     if workers < 1:
@@ -170,6 +171,7 @@ def serve(data_dir: Path, *, host: str | None = None, port: int | None = None, w
         server_header=False,
         timeout_graceful_shutdown=10,
         **ssl_options,
+        http=PROTOCOL,  # h11 with a deadline for request heads (header_timeout_seconds)
     )
 
 

@@ -69,6 +69,16 @@ class CoordinatorConfig:
     # torch intra-op threads per process: updates are already processed in parallel by the
     # ingest workers, and torch's own pool only contends with them (measured 3-4x slower checks).
     torch_threads: int = 1
+    # Uploads (protocol.md §5): authenticated before the body is read, then streamed.
+    max_uploads_in_flight: int = 8  # per process, all silos; more -> 429 too_many_uploads
+    max_uploads_per_silo: int = 2  # per process and silo
+    upload_spool_bytes: int = 8 * 1024 * 1024  # an upload past this is spooled to disk
+    upload_dir: str = ""  # where spooled uploads go; default DIR/uploads
+    upload_read_timeout_seconds: int = 30  # longest wait for the next piece of a body
+    upload_min_bytes_per_second: int = 16 * 1024  # slower bodies are cut off (408)
+    header_timeout_seconds: int = 30  # a request head must arrive whole within this
+    retry_after_seconds: int = 5  # Retry-After of 429 and 503 answers
+    ingest_memory_bytes: int = 0  # envelope bytes checked or folding at once; 0: max_update_bytes
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "data_dir", Path(self.data_dir))
@@ -77,6 +87,10 @@ class CoordinatorConfig:
                 _check(f.name, getattr(self, f.name), where=f"setting {f.name}")
         if not self.database_url:
             object.__setattr__(self, "database_url", f"sqlite:///{Path(self.data_dir).resolve() / 'coordinator.db'}")
+
+    @property
+    def upload_path(self) -> Path:
+        return Path(self.upload_dir) if self.upload_dir else self.data_dir / "uploads"
 
     @property
     def keys_dir(self) -> Path:
@@ -168,6 +182,15 @@ _RULES: dict[str, _Rule] = {
     "max_request_bytes": _Rule(int, _at_least(1024), "an integer number of bytes >= 1024", str(64 * 1024)),
     "accountant": _Rule(str, lambda v: v in ACCOUNTANT_CHOICES, f"one of {', '.join(ACCOUNTANT_CHOICES)}", "rdp"),
     "torch_threads": _Rule(int, _at_least(0), "an integer >= 0 (0 keeps torch's default)", "1"),
+    "max_uploads_in_flight": _Rule(int, _at_least(1), "an integer >= 1", "8"),
+    "max_uploads_per_silo": _Rule(int, _at_least(1), "an integer >= 1", "2"),
+    "upload_spool_bytes": _Rule(int, _at_least(0), "an integer number of bytes >= 0", str(8 * 1024 * 1024)),
+    "upload_dir": _Rule(str, lambda v: "\0" not in v, "empty or a directory path", "/var/lib/fedsilo/uploads"),
+    "upload_read_timeout_seconds": _Rule(int, lambda v: 1 <= v <= 3600, "an integer from 1 to 3600", "30"),
+    "upload_min_bytes_per_second": _Rule(int, _at_least(1), "an integer >= 1", str(16 * 1024)),
+    "header_timeout_seconds": _Rule(int, lambda v: 1 <= v <= 3600, "an integer from 1 to 3600", "30"),
+    "retry_after_seconds": _Rule(int, lambda v: 1 <= v <= 3600, "an integer from 1 to 3600", "5"),
+    "ingest_memory_bytes": _Rule(int, _at_least(0), "an integer number of bytes >= 0 (0: max_update_bytes)", "0"),
 }
 
 

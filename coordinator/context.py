@@ -18,7 +18,9 @@ from sqlalchemy.orm import Session, sessionmaker
 from privacy.keys import Identity
 
 from .config import CoordinatorConfig
+from .db import WriteHealth
 from .model_store import ModelCache, ReleaseCache
+from .slots import ByteBudget, UploadSlots
 from .metrics import Metrics
 
 
@@ -38,12 +40,22 @@ class Coordinator:
     #: Signed release statements of recent versions, keyed by (version, digest).
     releases: ReleaseCache = field(default_factory=ReleaseCache)
     metrics: Metrics = field(init=False, repr=False)
+    #: Whether writes are failing for want of the database (``/healthz`` reports it).
+    health: WriteHealth = field(init=False, repr=False)
+    #: Update bodies being received now: the in-flight limits (coordinator.slots).
+    uploads: UploadSlots = field(init=False, repr=False)
+    #: Bytes of updates held in memory, from loading to the end of the fold (coordinator.ingest).
+    memory: ByteBudget = field(init=False, repr=False)
     _sessions: sessionmaker = field(init=False, repr=False)
     _limiters: dict[str, anyio.CapacityLimiter] = field(init=False, repr=False, default_factory=dict)
 
     def __post_init__(self) -> None:
         self._sessions = sessionmaker(self.engine, expire_on_commit=False)
         self.metrics = Metrics(self.engine, federation_id=self.federation_id)
+        self.health = WriteHealth()
+        self.health.watch(self.engine)
+        self.uploads = UploadSlots(self.config.max_uploads_in_flight, self.config.max_uploads_per_silo)
+        self.memory = ByteBudget(self.config.ingest_memory_bytes or self.config.max_update_bytes)
 
     @staticmethod
     def engine_for(config: CoordinatorConfig) -> Engine:

@@ -32,15 +32,18 @@ from pathlib import Path
 from typing import Any
 
 from sqlalchemy import Engine, create_engine, event, select, text
+from sqlalchemy import exc as sa_exc
 from sqlalchemy.engine import URL, Connection, make_url
 from sqlalchemy.orm import Session, sessionmaker
 
-from coordinator.errors import InternalFault
+from coordinator.errors import InternalFault, StorageUnavailable
 from coordinator.models import Federation
 
 __all__ = [
     "DatabaseError",
+    "DatabaseUnavailable",
     "DbReason",
+    "WriteHealth",
     "SQLITE_BUSY_TIMEOUT_S",
     "current_revision",
     "downgrade",
@@ -67,6 +70,7 @@ _MIGRATION_LOCK_KEY = 0x66656473696C6F  # "fedsilo"
 class DbReason(StrEnum):
     FEDERATION_MISSING = "federation_missing"
     UNSUPPORTED_DATABASE = "unsupported_database"
+    UNAVAILABLE = "unavailable"
 
 
 class DatabaseError(InternalFault):
@@ -76,6 +80,79 @@ class DatabaseError(InternalFault):
         self.reason = DbReason(reason)
         self.message = message or self.reason.value.replace("_", " ")
         super().__init__(self.message)
+
+
+class DatabaseUnavailable(DatabaseError, StorageUnavailable):
+    """The database cannot be reached or cannot write (disk full, I/O error, shut down).
+
+    A passing condition of the coordinator's storage, not a bug and not the client's
+    doing: answered as ``503 unavailable`` with ``Retry-After``. Raised in place of the
+    driver's error by the engine's ``handle_error`` hook (:func:`_map_fault`), so code
+    above the database layer sees one exception whatever the backend.
+    """
+
+    def __init__(self, message: str) -> None:
+        DatabaseError.__init__(self, DbReason.UNAVAILABLE, message)
+
+
+#: SQLite's answers when it cannot write or read its file (sqlite3 result codes
+#: SQLITE_FULL, SQLITE_IOERR, SQLITE_CANTOPEN, SQLITE_READONLY), as the driver words them.
+_SQLITE_UNAVAILABLE = ("database or disk is full", "disk i/o error", "unable to open database",
+                       "attempt to write a readonly database")
+#: PostgreSQL SQLSTATE classes that mean "not now" rather than "wrong": 08 connection
+#: exception, 53 insufficient resources (53100 disk_full), 57P0x operator intervention.
+_PG_UNAVAILABLE = ("08", "53", "57P")
+
+
+def _map_fault(context: Any) -> Exception | None:
+    """The engine's ``handle_error`` hook: storage faults become DatabaseUnavailable."""
+    original = context.original_exception
+    if context.connection is not None and context.connection.get_execution_options().get(_READ_ONLY):
+        return None  # a write inside a read-only transaction (query_only) is a bug, not the disk
+    sqlstate = getattr(original, "sqlstate", None) or ""
+    text_ = str(original).lower()
+    # No connection yet and an OperationalError: the server did not let us in (refused,
+    # unreachable, starting up); a ProgrammingError there would be a bad URL, a bug.
+    refused = context.connection is None and isinstance(context.sqlalchemy_exception, sa_exc.OperationalError)
+    if (context.is_disconnect or refused or sqlstate.startswith(_PG_UNAVAILABLE)
+            or any(m in text_ for m in _SQLITE_UNAVAILABLE)):
+        return DatabaseUnavailable(f"{type(original).__name__}: {str(original).strip()[:200]}")
+    return None
+
+
+class WriteHealth:
+    """Whether this process's last write to the database failed as unavailable.
+
+    ``/healthz`` reports ``degraded`` from a DatabaseUnavailable until a transaction
+    commits again -- or until ``hold_seconds`` pass without another failure, since a
+    coordinator nobody writes to would otherwise never learn the disk has space again.
+    """
+
+    def __init__(self, hold_seconds: float = 60.0, clock: Any = None) -> None:
+        import time
+
+        self._clock = clock or time.monotonic
+        self.hold_seconds = hold_seconds
+        self._failed_at: float | None = None
+        self.detail = ""
+
+    def watch(self, engine: Engine) -> None:
+        event.listen(engine, "handle_error", self._on_error)
+        event.listen(engine, "commit", self._on_commit)
+
+    def _on_error(self, context: Any) -> None:
+        fault = _map_fault(context)
+        if fault is not None:
+            self._failed_at, self.detail = self._clock(), fault.message
+
+    def _on_commit(self, conn: Any) -> None:
+        opts = conn.get_execution_options()
+        if not (opts.get(_READ_ONLY) or opts.get("postgresql_readonly")):  # a read proves nothing
+            self._failed_at = None
+
+    @property
+    def degraded(self) -> bool:
+        return self._failed_at is not None and self._clock() - self._failed_at < self.hold_seconds
 
 
 def _normalize_url(url: str | URL) -> URL:
@@ -94,9 +171,12 @@ def make_engine(url: str | URL, **kwargs: Any) -> Engine:
     """
     u = _normalize_url(url)
     if u.get_backend_name() == "sqlite":
-        return _sqlite_engine(u, **kwargs)
-    kwargs.setdefault("pool_pre_ping", True)
-    return create_engine(u, **kwargs)
+        engine = _sqlite_engine(u, **kwargs)
+    else:
+        kwargs.setdefault("pool_pre_ping", True)
+        engine = create_engine(u, **kwargs)
+    event.listen(engine, "handle_error", _map_fault)
+    return engine
 
 
 def _sqlite_engine(u: URL, **kwargs: Any) -> Engine:

@@ -6,12 +6,15 @@
     └── ApiError                anything else a route refuses (404, 409, 422 ...)
 
     InternalFault               root of the coordinator's own faults (never the client's)
+    ├── StorageUnavailable      storage cannot take a write now (disk full, database down): 503
     ├── audit.AuditError        an audit entry cannot be written
     ├── db.DatabaseError        a database-layer condition
+    │   └── db.DatabaseUnavailable   also a StorageUnavailable
     └── model_store.StorageCorrupted   a stored blob does not match its digest
 
 Routes never catch these: one exception handler (``api/errors.py``) turns a refusal into
-``{"reason": ..., "detail": ...}`` with its reason's status, and a fault into a 500
+``{"reason": ..., "detail": ...}`` with its reason's status, a StorageUnavailable into
+a 503 ``unavailable`` with Retry-After, and any other fault into a 500
 ``internal_error`` whose details stay in the log. The codes, their statuses and
 messages are :class:`privacy.reasons.Reason`, shared with the silo.
 """
@@ -35,6 +38,7 @@ __all__ = [
     "IngestRejected",
     "InternalFault",
     "Reason",
+    "StorageUnavailable",
 ]
 
 #: Each code's HTTP status and default message, as tables (read from the enum, not restated).
@@ -77,3 +81,13 @@ class InternalFault(Exception):
     Never a client's doing: answered as 500 ``internal_error`` without details, logged
     in full. Subclasses keep their own ``reason`` enums for the log and for tests.
     """
+
+
+class StorageUnavailable(InternalFault):
+    """The coordinator cannot store anything now: the database is unreachable or full, or
+    the disk under the upload spool is. A passing condition: answered ``503 unavailable``
+    with ``Retry-After``; nothing was decided, the client sends the same request later."""
+
+    def __init__(self, message: str) -> None:
+        self.message = message
+        super().__init__(message)

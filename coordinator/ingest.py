@@ -1,6 +1,9 @@
 """The ingest pipeline for one update: every check, in DESIGN.md's order, then the fold.
 
-     1  size limit       :func:`read_envelope` refuses on Content-Length, stops reading past it
+     1  upload           :mod:`coordinator.uploads`, before the body is read: the signed
+                         request (silo, signature, time), Content-Length <= the limit, the
+                         in-flight limits; then the body, streamed and spooled, against
+                         its signed digest
      2  parse            structure only: magic, format version, suite, lengths
      3  silo             known, enrolled and not revoked
      4  signature        Ed25519 over the envelope; then the header, strictly (and its
@@ -24,6 +27,10 @@ The checks that depend on shared state (3, 5, 6, 7, the norm bound) are the pure
 functions of :mod:`coordinator.decisions`, applied to one snapshot read here; the fold
 reads a fresh snapshot under the lock and applies the same functions.
 
+An update is in memory (envelope, plaintext, tensors) from step 2 to the end of step
+10; ``ctx.memory`` bounds the bytes of envelopes held so at once (``ingest_memory_bytes``,
+by default ``max_update_bytes``: updates at the size limit go one at a time, small ones
+overlap), whatever the number being uploaded (coordinator.uploads spools them on disk).
 Steps 2-9 run in a worker thread bounded by ``ctx.ingest_limiter`` (several updates
 at once, the event loop never blocks on crypto or SQL); step 10 in a thread bounded by
 ``ctx.fold_limiter``. The first failing check raises :class:`IngestRejected` after one
@@ -35,7 +42,7 @@ by ``rejections.TRANSLATION``.
 from __future__ import annotations
 
 import functools
-from collections.abc import AsyncIterator
+from typing import Protocol
 from datetime import datetime
 
 from anyio import to_thread
@@ -55,41 +62,25 @@ from .models import Federation
 from .rejections import Evidence, Refusal, translate
 from .strategies import COMPRESSIONS
 
-__all__ = ["Outcome", "Prepared", "check", "ingest", "read_envelope"]
+
+class Upload(Protocol):
+    """A received body (coordinator.uploads.Upload): its signer, its size, the bytes on demand."""
+
+    silo_id: str
+    size: int
+
+    def load(self) -> bytearray: ...
+
+__all__ = ["Outcome", "Prepared", "check", "ingest", "refuse"]
 
 
 # --------------------------------------------------------------------------- step 1
+# Who sent the upload, its size, the in-flight limits and the body's digest are checked
+# by coordinator.uploads before the body is read; the envelope arrives here as an Upload.
 
 
-async def read_envelope(ctx: Coordinator, chunks: AsyncIterator[bytes], declared_length: str | None) -> bytearray:
-    """Read the request body, refusing (``too_large``) as soon as it passes the limit.
-
-    A declared Content-Length over the limit is refused before a byte is read; a body
-    without one (chunked) is read only up to the limit. Chunks are appended to one
-    buffer as they arrive -- never a list of chunks plus their join, which would hold
-    the envelope twice -- and the buffer is not pre-sized: zero-filling it would be
-    one more pass over the envelope on the event loop (appending grows it in place).
-    """
-    limit = ctx.config.max_update_bytes
-    if declared_length is not None and declared_length.isdigit() and int(declared_length) > limit:
-        await _too_large(ctx, int(declared_length), limit)
-    body = bytearray()
-    async for chunk in chunks:
-        if len(body) + len(chunk) > limit:
-            await _too_large(ctx, len(body) + len(chunk), limit)
-        body += chunk
-    return body
-
-
-async def _too_large(ctx: Coordinator, size: int, limit: int) -> None:
-    detail = f"the envelope is at least {size} bytes; the limit is {limit}"
-    ev = Evidence(size=size, received_at=ctx.clock())
-    error = await to_thread.run_sync(functools.partial(_refuse, ctx, ev, Refusal(Reason.TOO_LARGE, detail)))
-    ctx.metrics.observe_update("rejected", reason=Reason.TOO_LARGE.value)
-    raise error
-
-
-def _refuse(ctx: Coordinator, ev: Evidence, refusal: Refusal) -> IngestRejected:
+def refuse(ctx: Coordinator, ev: Evidence, refusal: Refusal) -> IngestRejected:
+    """Record ``refusal`` (one audit entry, its own transaction) and return the error to raise."""
     with ctx.transaction() as session:
         return rejections.record(session, ctx.identity, ctx.federation_id, ev, refusal, ctx.clock())
 
@@ -97,22 +88,29 @@ def _refuse(ctx: Coordinator, ev: Evidence, refusal: Refusal) -> IngestRejected:
 # --------------------------------------------------------------------------- the pipeline
 
 
-async def ingest(ctx: Coordinator, body: bytes | bytearray) -> Outcome:
+async def ingest(ctx: Coordinator, body: bytes | bytearray | Upload) -> Outcome:
     """Run one envelope through steps 2-10; return the outcome or raise IngestRejected.
 
-    A ``bytearray`` body (what :func:`read_envelope` returns) is consumed: it is
-    emptied once the payload is decrypted, so the ciphertext and the plaintext of a
-    large update are not held at once for longer than the decryption itself.
+    An :class:`~coordinator.uploads.Upload` is loaded into memory only inside the
+    ingest worker (so at most ``ingest_workers`` envelopes are in memory at once), and
+    its envelope must be signed by the silo that signed the upload. A ``bytearray``
+    body is consumed: it is emptied once the payload is decrypted, so the ciphertext
+    and the plaintext of a large update are not held at once for longer than the
+    decryption itself.
     """
     received_at = ctx.clock()
     try:
-        prepared = await to_thread.run_sync(
-            functools.partial(check, ctx, body, received_at), limiter=ctx.ingest_limiter
-        )
-        if isinstance(prepared, Outcome):
-            outcome = prepared
-        else:
-            outcome = await to_thread.run_sync(functools.partial(fold.commit, ctx, prepared), limiter=ctx.fold_limiter)
+        size = len(body) if isinstance(body, (bytes, bytearray)) else body.size
+        async with ctx.memory.hold(size):  # bytes of updates in memory, from loading to the fold
+            prepared = await to_thread.run_sync(
+                functools.partial(check, ctx, body, received_at), limiter=ctx.ingest_limiter
+            )
+            if isinstance(prepared, Outcome):
+                outcome = prepared
+            else:
+                outcome = await to_thread.run_sync(functools.partial(fold.commit, ctx, prepared),
+                                                   limiter=ctx.fold_limiter)
+            del prepared
     except IngestRejected as exc:
         ctx.metrics.observe_update("rejected", reason=exc.reason.value)
         raise
@@ -121,18 +119,21 @@ async def ingest(ctx: Coordinator, body: bytes | bytearray) -> Outcome:
     return outcome
 
 
-def check(ctx: Coordinator, body: bytes | bytearray, received_at: datetime) -> Prepared | Outcome:
+def check(ctx: Coordinator, body: bytes | bytearray | Upload, received_at: datetime) -> Prepared | Outcome:
     """Steps 2-9 (blocking: run it in a worker thread). Audits and raises on refusal.
 
     A ``bytearray`` body is emptied once decrypted (see :func:`ingest`).
     """
+    uploader = None
+    if not isinstance(body, (bytes, bytearray)):
+        uploader, body = body.silo_id, body.load()
     ev = Evidence(size=len(body), received_at=received_at)
     try:
-        return _check(ctx, body, ev)
+        return _check(ctx, body, ev, uploader)
     except Refusal as refusal:
         if ev.sealed is None:
             ev.body_digest = rejections.body_digest(body)
-        raise _refuse(ctx, ev, refusal) from None
+        raise refuse(ctx, ev, refusal) from None
 
 
 def _release(body: bytes | bytearray, sealed: SealedUpdate) -> None:
@@ -145,7 +146,7 @@ def _release(body: bytes | bytearray, sealed: SealedUpdate) -> None:
             pass
 
 
-def _check(ctx: Coordinator, body: bytes | bytearray, ev: Evidence) -> Prepared | Outcome:
+def _check(ctx: Coordinator, body: bytes | bytearray, ev: Evidence, uploader: str | None) -> Prepared | Outcome:
     cfg = ctx.config
 
     # 2. parse -------------------------------------------------------------------------
@@ -154,6 +155,9 @@ def _check(ctx: Coordinator, body: bytes | bytearray, ev: Evidence) -> Prepared 
     except PrivacyError as exc:
         raise translate(exc) from None
     ev.sealed = sealed
+    if uploader is not None and sealed.signer_id != uploader:
+        raise Refusal(Reason.MALFORMED, f"the envelope is signed as {sealed.signer_id[:128]!r}, "
+                                        f"not by the silo that sent it")
 
     # 3. silo known and active ---------------------------------------------------------
     with ctx.read() as s:

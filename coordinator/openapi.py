@@ -8,8 +8,10 @@ nowhere still appears, marked ``x-undocumented``; a test fails if any does.
 
 Security schemes: ``bearer`` (admin and audit API; the roles allowed are listed in
 ``x-roles``), ``siloSignature`` (silo requests signed with the silo's enrolled
-Ed25519 key, docs/protocol.md). ``POST /api/v1/updates`` is authenticated by the
-envelope's own signature and ``POST /api/v1/enroll`` by its one-time token.
+Ed25519 key, docs/protocol.md). ``POST /api/v1/updates`` is a signed request too, over
+the body digest it declares in ``Fedsilo-Content-SHA256`` (checked before the body is
+read), and its envelope carries its own signature; ``POST /api/v1/enroll`` is
+authenticated by its one-time token.
 """
 
 from __future__ import annotations
@@ -330,14 +332,26 @@ OPERATIONS: dict[tuple[str, str], dict[str, Any]] = {
     ),
     ("POST", "/api/v1/updates"): _operation(
         "Submit one sealed update envelope; returns a signed receipt", tag="silo",
-        description="Authenticated by the envelope's own Ed25519 signature. A resend of an update id "
-                    "returns the original receipt. Rejections carry a reason code and audit_seq.",
+        description="A signed request (protocol.md §3) over the digest declared in Fedsilo-Content-SHA256, "
+                    "with a Content-Length of at most max_update_bytes: both are checked, with the in-flight "
+                    "limits (429 + Retry-After), before the body is read. The body must arrive within the "
+                    "read timeouts (408) and match the declared digest; the envelope's own Ed25519 signature "
+                    "is checked again. A resend of an update id returns the original receipt. Rejections "
+                    "carry a reason code and audit_seq; 503 unavailable (with Retry-After) decides nothing.",
+        parameters=[
+            {"name": "Fedsilo-Content-SHA256", "in": "header", "required": True,
+             "schema": {"type": "string", "pattern": "^[0-9a-f]{64}$"},
+             "description": "hex SHA-256 of the body, covered by Fedsilo-Signature"},
+            {"name": "Content-Length", "in": "header", "required": True,
+             "schema": {"type": "integer", "minimum": 0}, "description": "at most max_update_bytes; no chunked bodies"},
+        ],
         body=_BINARY, body_type="application/octet-stream", response="Receipt",
         errors=[r for r in Reason if r.value in {
             "too_large", "malformed", "unsupported_version", "unknown_silo", "revoked", "bad_signature", "replay",
             "unknown_base_version", "stale", "decrypt_failed", "digest_mismatch", "malformed_payload",
-            "schema_mismatch", "non_finite", "norm_exceeded", "budget_exceeded", "invalid_dp_parameters"}],
-        security=[],
+            "schema_mismatch", "non_finite", "norm_exceeded", "budget_exceeded", "invalid_dp_parameters",
+            "request_timeout", "too_many_uploads", "unavailable"}],
+        security=[{"siloSignature": []}],
     ),
     ("GET", "/healthz"): _operation("Liveness and database readiness", tag="ops", response="Health", security=[]),
     ("GET", "/metrics"): _operation(

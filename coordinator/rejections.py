@@ -115,10 +115,11 @@ class Evidence:
     silo_delta: float | None = None  # ... at this delta
     accountant: str | None = None  # ... with this accountant
     decrypted: bool = False  # the coordinator has seen the payload: a refusal still charges
+    claimed: str | None = None  # the silo an upload's request headers name, before its envelope
 
     @property
     def claimed_silo(self) -> str | None:
-        return self.sealed.signer_id if self.sealed is not None else None
+        return self.sealed.signer_id if self.sealed is not None else self.claimed
 
 
 def _finite(x: float | None) -> float | str | None:

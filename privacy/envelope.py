@@ -460,11 +460,24 @@ def verify_enrolment(data: bytes, signature: bytes, signer: Ed25519PublicKey, an
 # --------------------------------------------------------------------------- signed requests
 
 REQUEST_HEADERS = ("fedsilo-silo", "fedsilo-timestamp", "fedsilo-nonce", "fedsilo-signature")
+#: The body's SHA-256 (lowercase hex) as the signer computed it. Required on uploads,
+#: whose signature is checked before the body is read (protocol.md §5); the receiver
+#: then checks the body it reads against it.
+CONTENT_DIGEST_HEADER = "Fedsilo-Content-SHA256"
+_HEX64 = re.compile(r"[0-9a-f]{64}")
 
 
-def _request_message(method: str, target: str, body: bytes, silo_id: str, timestamp: str, nonce: str) -> bytes:
-    lines = [method.upper(), target, silo_id, timestamp, nonce, hashlib.sha256(body).hexdigest()]
+def _request_message(method: str, target: str, body_digest: str, silo_id: str, timestamp: str, nonce: str) -> bytes:
+    lines = [method.upper(), target, silo_id, timestamp, nonce, body_digest]
     return REQUEST_CONTEXT + "\n".join(lines).encode()
+
+
+def declared_digest(headers: Mapping[str, str]) -> str:
+    """The body digest a request declares in ``Fedsilo-Content-SHA256`` (bad_signature if absent)."""
+    value = headers.get(CONTENT_DIGEST_HEADER.lower()) or headers.get(CONTENT_DIGEST_HEADER) or ""
+    if not _HEX64.fullmatch(value):
+        raise EnvelopeError(Reason.BAD_SIGNATURE, f"the request has no valid {CONTENT_DIGEST_HEADER} header")
+    return value
 
 
 def sign_request(
@@ -473,12 +486,14 @@ def sign_request(
     """Headers that authenticate one HTTP request; ``target`` is path plus query string."""
     timestamp = str(int((now or datetime.now(UTC)).timestamp()))
     nonce = b64e(os.urandom(16))
-    sig = signer.sign(_request_message(method, target, body, silo_id, timestamp, nonce))
+    digest = hashlib.sha256(body).hexdigest()
+    sig = signer.sign(_request_message(method, target, digest, silo_id, timestamp, nonce))
     return {
         "Fedsilo-Silo": silo_id,
         "Fedsilo-Timestamp": timestamp,
         "Fedsilo-Nonce": nonce,
         "Fedsilo-Signature": b64e(sig),
+        CONTENT_DIGEST_HEADER: digest,
     }
 
 
@@ -493,14 +508,19 @@ def request_signer(headers: Mapping[str, str]) -> str:
 def verify_request(
     method: str,
     target: str,
-    body: bytes,
+    body: bytes | None,
     headers: Mapping[str, str],
     signer: Ed25519PublicKey,
     *,
     now: datetime | None = None,
     max_skew_seconds: float = 300,
 ) -> None:
-    """Raise EnvelopeError(bad_signature) unless the request is signed and fresh."""
+    """Raise EnvelopeError(bad_signature) unless the request is signed and fresh.
+
+    ``body=None`` checks the signature over the digest the request *declares*
+    (:func:`declared_digest`) before the body is read; the caller must then check the
+    body against that digest.
+    """
     get = lambda k: headers.get(k) or headers.get(k.title())  # noqa: E731  (Mapping or dict)
     try:
         silo_id, timestamp, nonce = get("fedsilo-silo"), get("fedsilo-timestamp"), get("fedsilo-nonce")
@@ -511,6 +531,7 @@ def verify_request(
     if not (silo_id and nonce) or abs(age) > max_skew_seconds:
         raise EnvelopeError(Reason.BAD_SIGNATURE, "request is not signed or not fresh")
     try:
-        signer.verify(signature, _request_message(method, target, body, silo_id, timestamp, nonce))
+        digest = declared_digest(headers) if body is None else hashlib.sha256(body).hexdigest()
+        signer.verify(signature, _request_message(method, target, digest, silo_id, timestamp, nonce))
     except InvalidSignature:
         raise EnvelopeError(Reason.BAD_SIGNATURE, "request signature does not verify") from None

@@ -62,6 +62,10 @@ class Reason(StrEnum):
     UNSUPPORTED_MEDIA_TYPE = "unsupported_media_type", 415, "this route does not accept the body's Content-Type"
     # the coordinator's own fault: never the client's, details only in the coordinator's log
     INTERNAL_ERROR = "internal_error", 500, "internal error; see the coordinator's log"
+    # passing conditions, answered with Retry-After: retry the same request later
+    REQUEST_TIMEOUT = "request_timeout", 408, "the request body arrived too slowly"
+    TOO_MANY_UPLOADS = "too_many_uploads", 429, "too many uploads are in flight; retry after the Retry-After delay"
+    UNAVAILABLE = "unavailable", 503, "the coordinator cannot store anything now (database unavailable or full); retry later"
 
 
 def known(code: object) -> Reason | None:

@@ -55,6 +55,7 @@ if TYPE_CHECKING:  # torch is heavy; status and ledger commands never need it
     import torch
 
 __all__ = [
+    "upload_headers",
     "API_PREFIX",
     "Enrolment",
     "Release",
@@ -82,6 +83,14 @@ class RetryPolicy:
     def backoff(self, retry: int, rng: random.Random) -> float:
         """Sleep before retry number ``retry`` (1-based): uniform in [0, min(cap, base*2^(retry-1))]."""
         return rng.uniform(0.0, min(self.max_delay, self.base_delay * 2 ** (retry - 1)))
+
+
+def upload_headers(envelope: bytes, *, silo_id: str, signer: Ed25519PrivateKey, now: datetime | None = None,
+                   target: str = API_PREFIX + "/updates") -> dict[str, str]:
+    """The headers of ``POST /api/v1/updates`` for ``envelope`` (protocol.md §5): a signed
+    request over the envelope's digest, which the coordinator checks before reading it."""
+    return {"Content-Type": "application/octet-stream",
+            **sign_request("POST", target, envelope, silo_id=silo_id, signer=signer, now=now)}
 
 
 def parse_retry_after(value: str | None, now: datetime) -> float | None:
@@ -324,7 +333,7 @@ class SiloClient:
         if self._coordinator_key is None:
             raise ValueError("push needs the pinned coordinator key")
         try:
-            response = self._send("POST", "/updates", envelope, signed=False, idempotent=True,
+            response = self._send("POST", "/updates", envelope, signed=True, idempotent=True,
                                   content_type="application/octet-stream")
         except Rejected as exc:
             if exc.receipt is not None:

@@ -120,6 +120,11 @@ ON_REJECTION: dict[Reason, OnRejection] = {
     Reason.METHOD_NOT_ALLOWED: OnRejection.FATAL,
     Reason.UNSUPPORTED_MEDIA_TYPE: OnRejection.FATAL,
     Reason.INTERNAL_ERROR: OnRejection.NEXT_ROUND,  # the coordinator's fault, logged there
+    # The client retries these itself (same envelope, honouring Retry-After); they reach
+    # the daemon only as Unreachable, and the ledger resends the update next time.
+    Reason.REQUEST_TIMEOUT: OnRejection.NEXT_ROUND,
+    Reason.TOO_MANY_UPLOADS: OnRejection.NEXT_ROUND,
+    Reason.UNAVAILABLE: OnRejection.NEXT_ROUND,
 }
 
 

@@ -17,7 +17,7 @@ from starlette.routing import Route
 
 from privacy.keys import b64e
 
-from .. import ingest, silos
+from .. import ingest, silos, uploads
 from ..context import Coordinator
 from ..model_store import ReleaseStream
 from ._params import MAX_VERSION, json_object, query_int, read_body
@@ -79,8 +79,12 @@ def routes(ctx: Coordinator) -> list[Route]:
         return JSONResponse(await run_in_threadpool(silos.status, ctx, req))
 
     async def updates(request: Request) -> Response:
-        body = await ingest.read_envelope(ctx, request.stream(), request.headers.get("content-length"))
-        outcome = await ingest.ingest(ctx, body)
+        # Sender, length and in-flight limits are checked before the body is read.
+        upload = await uploads.receive(ctx, request.method, target_of(request), request.headers, request.stream())
+        try:
+            outcome = await ingest.ingest(ctx, upload)
+        finally:
+            upload.close()
         return JSONResponse(outcome.body)
 
     return [

@@ -33,6 +33,9 @@ from tests.support.coordinator import (
 )
 
 SETTINGS = {"max_staleness": 64}  # every update is based on version 0
+#: Every upload in flight at once: the per-silo and global upload limits (429) are not
+#: what these tests measure (tests/integration/test_uploads_http.py does).
+UNLIMITED = {"FEDSILO_MAX_UPLOADS_PER_SILO": "64", "FEDSILO_MAX_UPLOADS_IN_FLIGHT": "64"}
 
 
 def fire(servers, silos, per_silo: int, threads: int = 16):
@@ -43,15 +46,15 @@ def fire(servers, silos, per_silo: int, threads: int = 16):
         for j in range(per_silo):
             delta = silo.delta(scale=0.01, seed=1000 * i + j)
             envelope = silo.seal(delta, base_version=0)
-            jobs.append(envelope)
+            jobs.append((silo, envelope))
             deltas[envelope] = delta
     with ExitStack() as stack:
         clients = [stack.enter_context(s.client(limits=httpx.Limits(max_connections=threads))) for s in servers]
         with ThreadPoolExecutor(threads) as pool:
             responses = list(pool.map(
-                lambda k: silos[0].push(jobs[k], client=clients[k % len(clients)]), range(len(jobs))))
+                lambda k: jobs[k][0].push(jobs[k][1], client=clients[k % len(clients)]), range(len(jobs))))
     by_id = {}
-    for envelope, response in zip(jobs, responses):
+    for (_, envelope), response in zip(jobs, responses):
         assert response.status_code == 200, response.text
         by_id[response.json()["update_id"]] = deltas[envelope]
     return by_id, responses
@@ -120,7 +123,7 @@ def decisions(server) -> float:
 
 @pytest.mark.postgres
 def test_fifty_concurrent_updates_into_two_processes_on_postgresql(tmp_path, postgres_url):
-    with serve_coordinators(tmp_path, init=init(tmp_path, postgres_url), count=2) as (a, b):
+    with serve_coordinators(tmp_path, init=init(tmp_path, postgres_url), count=2, env=UNLIMITED) as (a, b):
         silos = [FakeSilo.create(a, f"silo-{i}", epsilon_cap=100.0) for i in range(10)]
         deltas, _ = fire([a, b], silos, per_silo=5)
         assert len(deltas) == 50
@@ -129,7 +132,7 @@ def test_fifty_concurrent_updates_into_two_processes_on_postgresql(tmp_path, pos
 
 
 def test_twelve_concurrent_updates_into_two_workers_on_sqlite(tmp_path):
-    with serve_coordinator(tmp_path, init=init(tmp_path), workers=2) as server:
+    with serve_coordinator(tmp_path, init=init(tmp_path), workers=2, env=UNLIMITED) as server:
         silos = [FakeSilo.create(server, f"silo-{i}", epsilon_cap=100.0) for i in range(3)]
         deltas, _ = fire([server], silos, per_silo=4, threads=12)
         assert len(deltas) == 12

@@ -26,12 +26,12 @@ from tests.support.coordinator import FakeSilo, init_coordinator, open_context, 
 CRASH = {"FEDSILO_TEST_CRASH_AT": "fold"}
 
 
-def push_and_die(init: dict, data_dir: Path, envelope: bytes) -> None:
+def push_and_die(init: dict, data_dir: Path, silo: FakeSilo, envelope: bytes) -> None:
     """Send ``envelope`` to a coordinator that dies inside the fold; check it did."""
     with serve_coordinator(data_dir, init=init, env=CRASH) as server:
+        silo.base_url = server.base_url
         with pytest.raises(httpx.TransportError):  # no answer: the process is gone
-            httpx.post(f"{server.base_url}/api/v1/updates", content=envelope,
-                       headers={"Content-Type": "application/octet-stream"}, timeout=60)
+            silo.push(envelope)
         assert server.process.wait(30) == -signal.SIGKILL, server.logs()
 
 
@@ -58,7 +58,7 @@ def test_a_fedbuff_fold_killed_before_commit_leaves_nothing_and_the_resend_folds
     first, second = silo.seal(d1, base_version=0), silo.seal(d2, base_version=0)
 
     # The first update is summed into the empty buffer; killed before the commit.
-    push_and_die(init, data_dir, first)
+    push_and_die(init, data_dir, silo, first)
     assert state(data_dir) == ({}, 0, [0], buffers.BufferState(0, ()))
     with serve_coordinator(data_dir, init=init) as server:
         silo.base_url = server.base_url  # a new process, a new port
@@ -68,7 +68,7 @@ def test_a_fedbuff_fold_killed_before_commit_leaves_nothing_and_the_resend_folds
     assert state(data_dir) == ({first_id: ("buffered", None)}, 1, [0], buffers.BufferState(1, (first_id,)))
 
     # The second fills the buffer and applies it; killed before the commit.
-    push_and_die(init, data_dir, second)
+    push_and_die(init, data_dir, silo, second)
     assert state(data_dir) == ({first_id: ("buffered", None)}, 1, [0], buffers.BufferState(1, (first_id,)))
     with serve_coordinator(data_dir, init=init) as server:
         silo.base_url = server.base_url

@@ -449,3 +449,24 @@ def test_custom_ca_bundle_is_trusted_and_an_unknown_ca_is_refused_without_retryi
 
 def test_b64_helpers_round_trip():
     assert b64d(b64e(b"\x00\xff")) == b"\x00\xff"
+
+
+def test_push_is_a_signed_request_over_the_envelope_and_waits_out_429_and_503():
+    """Uploads carry the §3 headers and the body's digest (checked before the body is
+    read); 429/503 answers are waited out (Retry-After) and the same envelope resent."""
+    silo, rec = Identity.generate(), Recorder()
+    transport, seen = scripted((429, {"Retry-After": "4"}), (503, {"Retry-After": "9"}),
+                               httpx.Response(400, json={"reason": "malformed", "detail": "x", "status": "rejected"}))
+    envelope = b"an envelope, opaque here"
+    with client_for(transport, rec, silo=silo, coordinator_key=Identity.generate().signing.public_key()) as client:
+        with pytest.raises(Rejected):
+            client.push(envelope, update_id="0" * 32, envelope_digest="0" * 64)
+    assert [r.content for r in seen] == [envelope] * 3
+    assert rec.sleeps[0] >= 4 and rec.sleeps[1] >= 9
+    nonces = set()
+    for request in seen:
+        assert request.headers["fedsilo-content-sha256"] == hashlib.sha256(envelope).hexdigest()
+        assert request.headers["content-length"] == str(len(envelope))
+        verify_request("POST", "/api/v1/updates", None, request.headers, silo.signing.public_key(), now=NOW)
+        nonces.add(request.headers["fedsilo-nonce"])
+    assert len(nonces) == 3  # a fresh signature per attempt

@@ -64,6 +64,7 @@ from privacy.envelope import (
     verify_statement,
 )
 from privacy.keys import Identity, PublicIdentity, b64d, signing_public_from_raw
+from silo_node.client import upload_headers
 
 __all__ = [
     "DEFAULT_DP",
@@ -373,9 +374,10 @@ class FakeSilo:
 
     # -- talking to the coordinator --
 
-    def push(self, envelope: bytes, *, client: httpx.Client | None = None) -> httpx.Response:
-        """POST one envelope to /api/v1/updates."""
-        headers = {"Content-Type": "application/octet-stream"}
+    def push(self, envelope: bytes, *, client: httpx.Client | None = None, headers: dict | None = None) -> httpx.Response:
+        """POST one envelope to /api/v1/updates, as a request signed by this silo (or with ``headers``)."""
+        if headers is None:
+            headers = upload_headers(envelope, silo_id=self.silo_id, signer=self.identity.signing)
         if client is not None:
             return client.post("/api/v1/updates", content=envelope, headers=headers)
         return httpx.post(f"{self.base_url}/api/v1/updates", content=envelope, headers=headers, timeout=60)
