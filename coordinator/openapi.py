@@ -248,6 +248,16 @@ def _json(schema: dict[str, Any] | str) -> dict[str, Any]:
     return {"application/json": {"schema": _ref(schema) if isinstance(schema, str) else schema}}
 
 
+def _with_response(op: dict[str, Any], status: int, description: str, schema: str,
+                   headers: dict[str, str] | None = None) -> dict[str, Any]:
+    """``op`` with one more documented response (a status that is not an ``Error``)."""
+    entry: dict[str, Any] = {"description": description, "content": {"application/json": {"schema": _ref(schema)}}}
+    if headers:
+        entry["headers"] = {k: {"description": v, "schema": _STR} for k, v in headers.items()}
+    op["responses"][str(status)] = entry
+    return op
+
+
 def _operation(
     summary: str,
     *,
@@ -353,7 +363,12 @@ OPERATIONS: dict[tuple[str, str], dict[str, Any]] = {
             "request_timeout", "too_many_uploads", "unavailable"}],
         security=[{"siloSignature": []}],
     ),
-    ("GET", "/healthz"): _operation("Liveness and database readiness", tag="ops", response="Health", security=[]),
+    ("GET", "/healthz"): _with_response(
+        _operation("Liveness and database readiness", tag="ops", response="Health", security=[]),
+        503, "database unreachable (status unavailable) or not taking writes, e.g. a full disk "
+             "(status degraded): updates get 503 unavailable meanwhile", "Health",
+        headers={"Retry-After": "seconds to wait before asking again"},
+    ),
     ("GET", "/metrics"): _operation(
         "Prometheus metrics: updates by outcome, fold latency, current version", tag="ops",
         response=_STR, content_type="text/plain; version=0.0.4", security=[],

@@ -96,6 +96,8 @@ def test_a_full_disk_gets_503_then_ingest_resumes(tmp_path, tmpfs):
         assert health.status_code == 503 and health.json()["status"] == "degraded"
         assert health.json()["reason"] == "unavailable"
         assert "Traceback" not in server.logs()
+        documented = httpx.get(f"{server.base_url}/openapi.json").json()["paths"]["/healthz"]["get"]["responses"]
+        assert "Retry-After" in documented["503"]["headers"]  # the API document states this answer
 
         # The silo's own client sends the same envelope: 503 again, so it waits at least
         # Retry-After (while it waits, space returns) and resends; the receipt verifies.
