@@ -118,7 +118,7 @@ def test_a_fedadam_step_killed_before_commit_is_replayed_once_with_its_moments(d
 
     # The fourth update fills the buffer: FedAdam steps from version 1's moments. Killed.
     fourth = silo.seal(d[4], base_version=1)
-    push_and_die(init, data_dir, fourth)
+    push_and_die(init, data_dir, silo, fourth)
     assert state(data_dir)[2] == [0, 1] and moments_of(data_dir, 2, w0) is None
     with serve_coordinator(data_dir, init=init) as server:
         silo.base_url = server.base_url
