@@ -258,6 +258,18 @@ def _with_response(op: dict[str, Any], status: int, description: str, schema: st
     return op
 
 
+def _with_plain_400(op: dict[str, Any]) -> dict[str, Any]:
+    """``op`` whose 400 may also be the HTTP server's own plain-text answer.
+
+    A request whose HTTP framing is broken (an empty ``Content-Length``, say) is refused
+    by the HTTP layer before the application sees it: 400, ``text/plain``.
+    """
+    entry = op["responses"].setdefault("400", {"description": "", "content": _json("Error")})
+    entry["content"]["text/plain"] = {"schema": _STR}
+    entry["description"] = ", ".join(filter(None, [entry["description"], "malformed HTTP framing (plain text)"]))
+    return op
+
+
 def _operation(
     summary: str,
     *,
@@ -340,7 +352,8 @@ OPERATIONS: dict[tuple[str, str], dict[str, Any]] = {
         "The calling silo's record: budget spent, history, updates accepted", tag="silo",
         response="SiloStatus", errors=[Reason.BAD_SIGNATURE, Reason.REVOKED], security=[{"siloSignature": []}],
     ),
-    ("POST", "/api/v1/updates"): _operation(
+    ("POST", "/api/v1/updates"): _with_plain_400(
+        _operation(
         "Submit one sealed update envelope; returns a signed receipt", tag="silo",
         description="A signed request (protocol.md §3) over the digest declared in Fedsilo-Content-SHA256, "
                     "with a Content-Length of at most max_update_bytes: both are checked, with the in-flight "
@@ -362,6 +375,7 @@ OPERATIONS: dict[tuple[str, str], dict[str, Any]] = {
             "schema_mismatch", "non_finite", "norm_exceeded", "budget_exceeded", "invalid_dp_parameters",
             "request_timeout", "too_many_uploads", "unavailable"}],
         security=[{"siloSignature": []}],
+    ),
     ),
     ("GET", "/healthz"): _with_response(
         _operation("Liveness and database readiness", tag="ops", response="Health", security=[]),

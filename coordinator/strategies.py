@@ -170,7 +170,7 @@ class StrategySettings:
         if self.server_optimizer != "none" and self.strategy != "fedbuff":
             # FedAsync mixes models; it has no pseudo-gradient to adapt (docs/operations.md).
             raise _invalid(f"server_optimizer {self.server_optimizer!r} needs strategy fedbuff")
-        if self.compression not in COMPRESSIONS:
+        if not isinstance(self.compression, str) or self.compression not in COMPRESSIONS:
             raise _invalid(f"compression must be one of {', '.join(COMPRESSIONS)}, not {self.compression!r}")
         if self.compression != "none" and getattr(self, "secure_aggregation", None) not in (None, False, "none"):
             # Masked shares are integers modulo 2**m: quantizing or sparsifying them

@@ -26,6 +26,10 @@ from coordinator.openapi import describe, path_param, query
 
 __all__ = ["admin_routes", "routes"]
 
+#: Most cosignatures one may ask for: more than any federation has silos, and within a
+#: 32-bit column comparison on every database.
+MAX_COSIGNATURES = 1_000_000
+
 _NOTE = "text/plain; charset=utf-8"
 _INT = {"type": "integer", "minimum": 0}
 _B64_LIST = {"type": "array", "items": {"type": "string", "contentEncoding": "base64"}}
@@ -66,10 +70,10 @@ def routes(ctx: Coordinator, *, interval: timedelta = checkpoints.DEFAULT_INTERV
     @describe("The newest signed checkpoint with every cosignature (C2SP tlog-checkpoint)", tag="log",
               description="Issues a new checkpoint first if the log grew and the interval passed. "
                           "With min_cosignatures, the newest checkpoint that many silos cosigned.",
-              parameters=[query("min_cosignatures", {"type": "integer", "minimum": 1})],
+              parameters=[query("min_cosignatures", {"type": "integer", "minimum": 1, "maximum": MAX_COSIGNATURES})],
               response={"type": "string"}, content_type=_NOTE, errors=[Reason.NOT_FOUND], security=[])
     async def checkpoint(request: Request) -> Response:
-        wanted = query_int(request, "min_cosignatures", lo=1)
+        wanted = query_int(request, "min_cosignatures", lo=1, hi=MAX_COSIGNATURES)
         if wanted is None:
             def fresh(session):
                 row = checkpoints.latest(session, ctx.identity, ctx.federation_id, ctx.clock(), interval)
