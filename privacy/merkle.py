@@ -197,6 +197,30 @@ def _bad(message: str) -> ProofError:
     return ProofError(message)
 
 
+def _walk(fn: int, sn: int, first: bytes, path: Sequence[bytes], *, too_long: str, too_short: str) -> tuple[bytes, bytes]:
+    """The loop RFC 9162 2.1.3.2 and 2.1.4.2 share: fold ``path`` into two running hashes.
+
+    ``fr`` takes only the hashes to the left of the path (it rebuilds the smaller
+    tree's root: consistency proofs), ``sr`` every hash (the larger tree's root, or an
+    inclusion proof's root). Both start at ``first``.
+    """
+    fr = sr = first
+    for c in path:
+        if sn == 0:
+            raise _bad(too_long)
+        if fn & 1 or fn == sn:
+            fr, sr = node_hash(c, fr), node_hash(c, sr)
+            if not fn & 1:
+                while not (fn & 1 or fn == 0):
+                    fn, sn = fn >> 1, sn >> 1
+        else:
+            sr = node_hash(sr, c)
+        fn, sn = fn >> 1, sn >> 1
+    if sn != 0:
+        raise _bad(too_short)
+    return fr, sr
+
+
 def verify_inclusion(leaf: bytes, index: int, size: int, proof: Sequence[bytes], root: bytes) -> None:
     """RFC 9162 2.1.3.2: ``leaf`` (a leaf *hash*) is at ``index`` of the tree ``root``.
 
@@ -204,20 +228,8 @@ def verify_inclusion(leaf: bytes, index: int, size: int, proof: Sequence[bytes],
     """
     if not 0 <= index < size:
         raise _bad(f"leaf index {index} is outside a tree of size {size}")
-    fn, sn, r = index, size - 1, leaf
-    for p in proof:
-        if sn == 0:
-            raise _bad("the inclusion proof is longer than the tree is deep")
-        if fn & 1 or fn == sn:
-            r = node_hash(p, r)
-            if not fn & 1:
-                while not (fn & 1 or fn == 0):
-                    fn, sn = fn >> 1, sn >> 1
-        else:
-            r = node_hash(r, p)
-        fn, sn = fn >> 1, sn >> 1
-    if sn != 0:
-        raise _bad("the inclusion proof is too short for this tree size")
+    _, r = _walk(index, size - 1, leaf, proof, too_long="the inclusion proof is longer than the tree is deep",
+                 too_short="the inclusion proof is too short for this tree size")
     if r != root:
         raise _bad(f"leaf {index} is not in the tree of size {size} with this root")
 
@@ -244,20 +256,8 @@ def verify_consistency(old: int, new: int, old_root: bytes, new_root: bytes, pro
     fn, sn = old - 1, new - 1
     while fn & 1:
         fn, sn = fn >> 1, sn >> 1
-    fr = sr = path[0]
-    for c in path[1:]:
-        if sn == 0:
-            raise _bad("the consistency proof has hashes left over")
-        if fn & 1 or fn == sn:
-            fr, sr = node_hash(c, fr), node_hash(c, sr)
-            if not fn & 1:
-                while not (fn & 1 or fn == 0):
-                    fn, sn = fn >> 1, sn >> 1
-        else:
-            sr = node_hash(sr, c)
-        fn, sn = fn >> 1, sn >> 1
-    if sn != 0:
-        raise _bad("the consistency proof is too short")
+    fr, sr = _walk(fn, sn, path[0], path[1:], too_long="the consistency proof has hashes left over",
+                   too_short="the consistency proof is too short")
     if fr != old_root:
         raise _bad(f"the proof does not lead to the old root of size {old}: history was rewritten")
     if sr != new_root:

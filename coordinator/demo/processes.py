@@ -169,17 +169,39 @@ class Children:
             child.close_log()
 
 
-def wait_healthy(child: Child, base_url: str, timeout: float = 90.0) -> None:
-    """Wait until the coordinator answers ``/healthz``; DemoError if it exits or never does."""
+class ProcessExited(Exception):
+    """The process being waited for exited first (``returncode``)."""
+
+    def __init__(self, returncode: int) -> None:
+        super().__init__(f"exited with {returncode}")
+        self.returncode = returncode
+
+
+def await_healthz(process: subprocess.Popen, base_url: str, timeout: float, *, interval: float = 0.2) -> None:
+    """Poll ``base_url/healthz`` until it answers 200.
+
+    Raises ProcessExited if ``process`` exits first, TimeoutError after ``timeout`` s.
+    Shared by the demo and the tests, which say in their own words what went wrong.
+    """
     deadline = time.monotonic() + timeout
     with httpx.Client(base_url=base_url, timeout=5, trust_env=False) as client:
         while time.monotonic() < deadline:
-            if child.process.poll() is not None:
-                raise DemoError(f"the coordinator exited with {child.process.returncode}; see {child.log_path}")
+            if process.poll() is not None:
+                raise ProcessExited(process.returncode)
             try:
                 if client.get("/healthz").status_code == 200:
                     return
             except httpx.TransportError:
                 pass
-            time.sleep(0.2)
-    raise DemoError(f"the coordinator did not answer within {timeout:.0f} s; see {child.log_path}")
+            time.sleep(interval)
+    raise TimeoutError(f"no healthy answer from {base_url} within {timeout:.0f} s")
+
+
+def wait_healthy(child: Child, base_url: str, timeout: float = 90.0) -> None:
+    """Wait until the coordinator answers ``/healthz``; DemoError if it exits or never does."""
+    try:
+        await_healthz(child.process, base_url, timeout)
+    except ProcessExited as exc:
+        raise DemoError(f"the coordinator exited with {exc.returncode}; see {child.log_path}") from None
+    except TimeoutError:
+        raise DemoError(f"the coordinator did not answer within {timeout:.0f} s; see {child.log_path}") from None

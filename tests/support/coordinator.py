@@ -48,6 +48,7 @@ from cryptography.hazmat.primitives import hpke
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PublicKey
 
+from coordinator.demo.processes import ProcessExited, await_healthz
 from privacy import codec
 from privacy.envelope import (
     FORMAT_VERSION,
@@ -227,18 +228,12 @@ def serve_coordinators(
 
 
 def _wait_healthy(server: RunningCoordinator, timeout: float) -> None:
-    deadline = time.monotonic() + timeout
-    with httpx.Client(base_url=server.base_url, timeout=5) as c:
-        while time.monotonic() < deadline:
-            if server.process.poll() is not None:
-                raise RuntimeError(f"coordinator exited with {server.process.returncode}:\n{server.logs()}")
-            try:
-                if c.get("/healthz").status_code == 200:
-                    return
-            except httpx.TransportError:
-                pass
-            time.sleep(0.1)
-    raise RuntimeError(f"coordinator not healthy after {timeout}s:\n{server.logs()}")
+    try:
+        await_healthz(server.process, server.base_url, timeout, interval=0.1)
+    except ProcessExited as exc:
+        raise RuntimeError(f"coordinator exited with {exc.returncode}:\n{server.logs()}") from None
+    except TimeoutError:
+        raise RuntimeError(f"coordinator not healthy after {timeout}s:\n{server.logs()}") from None
 
 
 @contextmanager
