@@ -28,6 +28,7 @@ from .commands import (
     InitResult,
     export_ledger,
     export_log_evidence,
+    export_witnessed,
     init_silo,
     reconcile_silo,
     run_silo,
@@ -249,6 +250,8 @@ def _cmd_ledger(args: argparse.Namespace) -> int:
     def export(out: TextIO) -> int:
         if args.evidence:
             return export_log_evidence(args.data_dir, out)
+        if args.witnessed:
+            return export_witnessed(args.data_dir, out)
         return export_ledger(args.data_dir, args.format, out)
 
     if args.output:
@@ -369,6 +372,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--output", metavar="FILE", help="write to FILE instead of standard output")
     p.add_argument("--evidence", action="store_true",
                    help="instead, the evidence kept when the coordinator's log was found altered (JSON lines)")
+    p.add_argument("--witnessed", action="store_true",
+                   help="instead, what this silo witnessed -- every checkpoint it cosigned and the audit paths "
+                        "of its receipts (JSON lines, for python -m privacy.verify_log --silo-evidence)")
     verbosity(p)
 
     p = sub.add_parser("reconcile", help="check the coordinator's audit log against the ledger",

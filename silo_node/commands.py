@@ -41,6 +41,7 @@ __all__ = [
     "InitResult",
     "check_data",
     "export_ledger",
+    "export_witnessed",
     "init_silo",
     "load_checked",
     "run_lock",
@@ -446,6 +447,18 @@ def export_log_evidence(data_dir: Path, out: TextIO, *, environ: Mapping[str, st
     for item in evidence:
         out.write(json.dumps(item, sort_keys=True) + "\n")
     return len(evidence)
+
+
+def export_witnessed(data_dir: Path, out: TextIO, *, environ: Mapping[str, str] | None = None) -> int:
+    """Write what this silo witnessed (Ledger.witness_evidence, JSON lines); return how many."""
+    config = SiloConfig.load(data_dir, environ)
+    if not config.ledger_path.exists():
+        return 0
+    with Ledger(config.ledger_path, readonly=True) as ledger:
+        items = ledger.witness_evidence()
+    for item in items:
+        out.write(json.dumps(item, sort_keys=True) + "\n")
+    return len(items)
 
 
 # --------------------------------------------------------------------------- reconcile
