@@ -273,6 +273,12 @@ def _positive_int(text: str) -> int:
     return value
 
 
+def _whole_number(text: str) -> int:
+    if text.strip() == "0":
+        return 0
+    return _positive_int(text)
+
+
 def _non_negative(text: str) -> float:
     try:
         value = float(text)
@@ -345,7 +351,9 @@ def build_parser() -> argparse.ArgumentParser:
                                    "--rounds receipts, the privacy budget runs out (exit 0), or SIGTERM/SIGINT. "
                                    "Options override silo.toml for this run only.")
     data_dir_arg(p)
-    p.add_argument("--rounds", type=_positive_int, metavar="N", help="stop after N receipts (default: keep going)")
+    p.add_argument("--rounds", type=_whole_number, metavar="N",
+                   help="stop after N receipts (default: keep going); 0: only witness the coordinator's log "
+                        "(cosign its newest checkpoint, prove receipts) and stop")
     p.add_argument("--epochs", type=_positive_int, help="local epochs per round")
     p.add_argument("--batch-size", type=_positive_int, help="expected batch size (Poisson sampling)")
     p.add_argument("--lr", type=_positive, help="learning rate")

@@ -333,7 +333,8 @@ def run_silo(
     on_phase: Callable[[str, dict], None] | None = None,
     **daemon_options: Any,
 ):
-    """Run the daemon until ``rounds`` receipts, the budget runs out, or ``stop`` is set.
+    """Run the daemon until ``rounds`` receipts, the budget runs out, or ``stop`` is set
+    (``rounds=0``: witness the coordinator's log once, then stop).
 
     Returns a :class:`~silo_node.daemon.RunResult` (its ``exit_code`` is the process's).
     """
@@ -341,8 +342,8 @@ def run_silo(
     from .daemon import Daemon
 
     config = SiloConfig.load(data_dir, environ).with_overrides(overrides or {})
-    if rounds is not None and rounds < 1:
-        raise ConfigError(ConfigReason.INVALID, "--rounds must be at least 1")
+    if rounds is not None and rounds < 0:
+        raise ConfigError(ConfigReason.INVALID, "--rounds must be 0 or more")
     task, data = load_checked(config)  # refuse data that does not fit before touching the network
     if config.training.threads:
         import torch
