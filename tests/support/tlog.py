@@ -51,7 +51,7 @@ def alter(server, kind: str, seq: int) -> int:
             origin = checkpoints.origin(_federation_name(s, ctx.federation_id))
         with ctx.engine.begin() as conn:
             _drop_triggers(conn)
-            for table in ("cosignatures", "checkpoints", "merkle_nodes"):
+            for table in ("cosignatures", "witness_cosignatures", "checkpoints", "merkle_nodes"):
                 conn.exec_driver_sql(f"DELETE FROM {table}")
             if kind == "edited":
                 rows[seq - 1]["details"] = {**rows[seq - 1]["details"], "edited": True}
@@ -107,7 +107,7 @@ def tamper(server, keep: int, rewrite: int | None = None) -> None:
         prev = audit.GENESIS_HASH
         with ctx.engine.begin() as conn:
             _drop_triggers(conn)
-            for table in ("cosignatures", "checkpoints", "merkle_nodes"):
+            for table in ("cosignatures", "witness_cosignatures", "checkpoints", "merkle_nodes"):
                 conn.exec_driver_sql(f"DELETE FROM {table}")
             conn.execute(sa.text("DELETE FROM audit_events WHERE seq > :k"), {"k": keep})
             for r in rows:
