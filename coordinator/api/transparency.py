@@ -45,12 +45,14 @@ _COSIGN_BODY = {"type": "object", "required": ["size", "cosignature"],
 _COSIGN_OK = {"type": "object", "required": ["size", "timestamp"],
               "properties": {"size": _INT, "silo_id": {"type": "string"}, "witness": {"type": "string"},
                              "timestamp": _INT}}
-_WITNESS_BODY = {"type": "object", "required": ["name", "signing_key"],
+_WITNESS_BODY = {"type": "object", "required": ["name", "signing_key"], "additionalProperties": False,
                  "properties": {"name": {"type": "string", "pattern": "^[A-Za-z0-9._~-]{1,64}$"},
-                                "signing_key": {"type": "string", "description": "base64url raw Ed25519 key"}}}
+                                "signing_key": {"type": "string", "pattern": "^[A-Za-z0-9_-]{43}$",
+                                                "description": "unpadded base64url of the raw 32-byte Ed25519 key"}}}
 _WITNESS_OK = {"type": "object", "required": ["name", "key"],
                "properties": {"name": {"type": "string"}, "key": {"type": "string"}}}
 _WITNESS_NAME = re.compile(r"[A-Za-z0-9._~-]{1,64}")
+_RAW_KEY = re.compile(r"[A-Za-z0-9_-]{43}")
 
 
 def _b64(hashes: list[bytes]) -> list[str]:
@@ -202,11 +204,15 @@ def admin_routes(ctx: Coordinator) -> list[Route]:
               body=_WITNESS_BODY, response=_WITNESS_OK, errors=[Reason.MALFORMED, Reason.INVALID_REQUEST])
     async def register(request: Request, who: Principal) -> Response:
         body = await json_object(request, ctx.config.max_request_bytes)
+        if set(body) - {"name", "signing_key"}:
+            raise ApiError(Reason.INVALID_REQUEST, "the body holds exactly name and signing_key")
         name = field(body, "name", str)
         raw = field(body, "signing_key", str)
         if not _WITNESS_NAME.fullmatch(name):
             raise ApiError(Reason.INVALID_REQUEST, "name: 1 to 64 letters, digits or ._~-")
         try:
+            if not _RAW_KEY.fullmatch(raw):
+                raise ValueError(raw)
             key = b64d(raw)
             signing_public_from_raw(key)
         except (KeyFileError, ValueError):

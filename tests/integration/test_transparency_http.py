@@ -11,7 +11,7 @@ import pytest
 
 from coordinator import checkpoints
 from privacy import merkle, note
-from privacy.keys import Identity, signing_public_from_raw
+from privacy.keys import Identity, b64e, signing_public_from_raw
 from tests.support.coordinator import FakeSilo, running_coordinator, verify_receipt
 
 FED = "test federation+1"  # a space and a '+': the origin must still be a valid key name
@@ -154,9 +154,10 @@ def test_bad_inclusion_requests(client, params):
 
 def test_a_registered_witness_cosigns_and_bad_registrations_are_refused(server, client):
     helper = Identity.generate()
-    raw = base64.urlsafe_b64encode(signing_public_from_raw(helper.public().signing).public_bytes_raw()).decode()
+    raw = b64e(helper.public().signing)  # unpadded base64url, as fedsilo-helper witness setup prints it
     for body in ({"name": "bad name", "signing_key": raw}, {"name": "helper", "signing_key": "AAAA"},
-                 {"name": "helper"}):
+                 {"name": "helper"}, {"name": "helper", "signing_key": raw + "="},
+                 {"name": "helper", "signing_key": raw, "extra": 1}):
         r = server.admin("POST", "/log/witnesses", json=body)
         assert (r.status_code, r.json()["reason"]) == (422, "invalid_request"), r.text
     _, cp = _issue(server)
