@@ -36,6 +36,7 @@ from typing import Any, NamedTuple, TextIO
 
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
+from privacy import note
 from privacy.envelope import utc_timestamp
 from privacy.errors import ReasonedError
 from privacy.keys import b64e
@@ -585,8 +586,8 @@ class Ledger:
         receipt entry it proved included in one (leaf index, leaf hash, audit path)."""
         if not self._has_witness_tables():
             return []
-        items: list[dict] = [{"checkpoint": note + cosignature + "\n", "size": size}
-                             for size, note, cosignature in
+        items: list[dict] = [{"checkpoint": _own_cosigned(text, cosignature), "size": size}
+                             for size, text, cosignature in
                              self._db.execute("SELECT size, note, cosignature FROM checkpoints ORDER BY seq")]
         items += [{"leaf_index": r[0], "leaf_hash": r[1], "checkpoint_size": r[2], "proof": json.loads(r[3])}
                   for r in self._db.execute("SELECT leaf_index, leaf_hash, checkpoint_size, proof "
@@ -598,6 +599,17 @@ class Ledger:
     def export(self, fmt: str, out: TextIO) -> int:
         """Write every entry to ``out`` as ``jsonl`` (one object per line) or ``csv``; returns the count."""
         return export_entries(self.entries(), fmt, out)
+
+
+def _own_cosigned(served: str, cosignature: str) -> str:
+    """The checkpoint with only the coordinator's signature and this silo's cosignature:
+    the other lines were the coordinator's to serve, and one it garbled must not make
+    this silo's evidence unusable."""
+    signed = note.parse_note(served)
+    origin = note.Checkpoint.parse(signed.text).origin
+    own = note.parse_signature_line(cosignature)
+    kept = tuple(sig for sig in signed.signatures if sig[0] == origin) + (own,)
+    return note.SignedNote(signed.text, kept).render()
 
 
 def export_entries(entries: Iterable[LedgerEntry], fmt: str, out: TextIO) -> int:
