@@ -422,6 +422,7 @@ def _diagnose(report: Report, entries: Iterable[Entry] | None, newest: int,
              f"through seq {upper + 1} is not the witnessed one; a checkpoint or receipt in between, e.g. a "
              f"silo's --silo-evidence, would narrow it down)")
     report.first_bad_index, report.problem, report.first_bad_index_exact = lower, "rewritten", exact
+    report.verified_through = max(report.verified_through, lower)
     report.last_possible_bad_index = None if exact else upper
     report.message = (f"history was rewritten: every entry matches its own hash and link, but the tree of the first "
                       f"{bad_cp} entries is not the one the witnesses cosigned; the first altered entry is {where}")

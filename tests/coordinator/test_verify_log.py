@@ -273,6 +273,7 @@ def test_witnessed_leaves_name_a_rewritten_entry_exactly(log: Log) -> None:
     code, report = _verify(log, export, (N,), "--silo-evidence", str(bracketing))
     assert (code, report["problem"], report["first_bad_index"], report["first_bad_index_exact"]) == (
         1, "rewritten", 5, True)
+    assert report["verified_through"] == 5  # the witnessed leaf at index 4 proves seq 1..5
     # a later leaf only bounds it from above
     code, report = _verify(log, export, (N,), "--silo-evidence", str(above))
     assert (code, report["first_bad_index"], report["last_possible_bad_index"]) == (1, 0, 12)
