@@ -157,16 +157,18 @@ def create_app(directory: Path) -> Starlette:
         return JSONResponse({"silo_id": silo_id, "revoked": True})
 
     async def healthz(request: Request) -> Response:
-        def probe() -> None:
+        def probe() -> str | None:
             with engine.connect() as conn:
                 conn.execute(text("SELECT 1"))
+            return witness.halted_reason(factory)
 
         try:
-            await run_in_threadpool(probe)
+            halted = await run_in_threadpool(probe)
         except Exception as exc:  # the database is the helper's one dependency
             return JSONResponse({"status": "unavailable", "detail": type(exc).__name__}, status_code=503)
         return JSONResponse({"status": "ok", "federation": policy.federation,
-                             "helper_fingerprints": policy.identity.public().fingerprints()})
+                             "helper_fingerprints": policy.identity.public().fingerprints(),
+                             "log_forked": halted})
 
     async def metrics(request: Request) -> Response:
         return Response(generate_latest(registry), media_type="text/plain; version=0.0.4")

@@ -120,6 +120,8 @@ def test_the_helper_witnesses_the_log_and_halts_on_a_fork(tmp_path):
             assert refused.headers["Fedsilo-Helper-Signature"]  # signed like every answer of /open
             assert json.loads(_audit(helper)[-1].details)["reason"] == "log_forked"
             assert _witness(helper, "run")[0] == 4  # halted: no round until the operator acts
+            with httpx.Client(base_url=helper.base_url) as c:
+                assert "shrank" in c.get("/healthz").json()["log_forked"]  # what its operator sees
 
             code, resumed = _witness(helper, "resume", "--reason", "ticket 42: rollback examined")
             assert code == 0 and "shrank" in resumed["halted_reason"]
