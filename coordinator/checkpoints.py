@@ -21,21 +21,22 @@ import base64
 from datetime import datetime, timedelta
 from urllib.parse import unquote
 
-from sqlalchemy import func, select
+from sqlalchemy import func, select, union_all
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
 from privacy import note
 from privacy.keys import Identity, signing_public_from_raw
-from privacy.witness import log_origin, witness_name
+from privacy.witness import log_origin, registered_witness_name, witness_name
 
 from . import audit, transparency
 from .errors import ApiError, AuthError, CoordinatorError, Reason
-from .models import Checkpoint, Cosignature, Federation, Silo, SiloStatus
+from .models import Checkpoint, Cosignature, Federation, LogWitness, Silo, SiloStatus, WitnessCosignature
 
 __all__ = [
     "ACTION_CHECKPOINT_ISSUED",
     "ACTION_COSIGNATURE_REJECTED",
+    "ACTION_WITNESS_REGISTERED",
     "DEFAULT_INTERVAL",
     "MAX_CLOCK_SKEW",
     "add_cosignature",
@@ -48,6 +49,7 @@ __all__ = [
     "newest_cosigned",
     "origin",
     "record_rejection",
+    "register_witness",
     "render",
     "verifier_keys",
     "witness_name",
@@ -59,6 +61,7 @@ DEFAULT_INTERVAL = timedelta(seconds=10)
 MAX_CLOCK_SKEW = timedelta(minutes=5)
 ACTION_COSIGNATURE_REJECTED = "cosignature_rejected"
 ACTION_CHECKPOINT_ISSUED = "checkpoint_issued"
+ACTION_WITNESS_REGISTERED = "log_witness_registered"
 
 
 #: The checkpoint origin of a federation, and a silo's witness key name (privacy/witness.py).
@@ -78,7 +81,30 @@ def verifier_keys(session: Session, identity: Identity, federation_id: int) -> l
     for silo in silos:
         keys.append(note.vkey(witness_name(log_origin, silo.id), note.TYPE_COSIGNATURE_V1,
                               signing_public_from_raw(silo.signing_key)))
+    for w in session.scalars(select(LogWitness).where(LogWitness.removed_at.is_(None)).order_by(LogWitness.name)):
+        keys.append(note.vkey(registered_witness_name(log_origin, w.name), note.TYPE_COSIGNATURE_V1,
+                              signing_public_from_raw(w.signing_key)))
     return keys
+
+
+def register_witness(session: Session, federation_id: int, name: str, signing_key: bytes, actor: str,
+                     now: datetime) -> str:
+    """Register (or re-key) a witness that is not a silo -- the helper aggregator -- and
+    audit it; returns its key name. Its cosignatures are then accepted and served."""
+    key = signing_public_from_raw(signing_key)  # a real Ed25519 key, or KeyFileError
+    row = session.get(LogWitness, name)
+    previous = None if row is None else note.vkey(registered_witness_name(_origin(session, federation_id), name),
+                                                  note.TYPE_COSIGNATURE_V1, signing_public_from_raw(row.signing_key))
+    if row is None:
+        row = LogWitness(name=name, signing_key=signing_key, added_at=now)
+        session.add(row)
+    else:
+        row.signing_key, row.removed_at = signing_key, None
+    key_name = registered_witness_name(_origin(session, federation_id), name)
+    vkey = note.vkey(key_name, note.TYPE_COSIGNATURE_V1, key)
+    audit.append(session, actor=actor, action=ACTION_WITNESS_REGISTERED, subject=f"witness:{name}",
+                 details={"key": vkey, "previous_key": previous}, now=now)
+    return vkey
 
 
 def _origin(session: Session, federation_id: int) -> str:
@@ -146,10 +172,11 @@ def get(session: Session, size: int) -> Checkpoint:
 
 def newest_cosigned(session: Session, min_cosignatures: int) -> Checkpoint:
     """The newest checkpoint with at least ``min_cosignatures`` cosignatures."""
+    both = union_all(select(Cosignature.checkpoint_size.label("size")),
+                     select(WitnessCosignature.checkpoint_size.label("size"))).subquery()
     size = session.scalar(
-        select(Cosignature.checkpoint_size).group_by(Cosignature.checkpoint_size)
-        .having(func.count() >= min_cosignatures)
-        .order_by(Cosignature.checkpoint_size.desc()).limit(1)
+        select(both.c.size).group_by(both.c.size).having(func.count() >= min_cosignatures)
+        .order_by(both.c.size.desc()).limit(1)
     )
     if size is None:
         raise ApiError(Reason.NOT_FOUND, f"no checkpoint has {min_cosignatures} cosignatures yet")
@@ -161,11 +188,16 @@ def render(session: Session, row: Checkpoint) -> str:
     lines = session.scalars(
         select(Cosignature.line).where(Cosignature.checkpoint_size == row.size).order_by(Cosignature.silo_id)
     ).all()
+    lines += session.scalars(
+        select(WitnessCosignature.line).where(WitnessCosignature.checkpoint_size == row.size)
+        .order_by(WitnessCosignature.witness)
+    ).all()
     return row.note + "".join(line + "\n" for line in lines)
 
 
-def add_cosignature(session: Session, federation_id: int, size: int, line: str, now: datetime) -> Cosignature:
-    """Verify a silo's cosignature line of checkpoint ``size`` and store it.
+def add_cosignature(session: Session, federation_id: int, size: int, line: str,
+                    now: datetime) -> Cosignature | WitnessCosignature:
+    """Verify a silo's (or a registered witness's) cosignature line of checkpoint ``size`` and store it.
 
     Authenticated by the cosignature itself: its key name names an enrolled, active
     silo and it verifies with that silo's enrolled key over the stored checkpoint.
@@ -177,6 +209,8 @@ def add_cosignature(session: Session, federation_id: int, size: int, line: str, 
         raise ApiError(Reason.MALFORMED, f"the cosignature line is malformed: {exc}") from None
     row = get(session, size)
     log_origin = _origin(session, federation_id)
+    if name.startswith(registered_witness_name(log_origin, "")):
+        return _add_witness_cosignature(session, row, log_origin, name, blob, now)
     prefix = witness_name(log_origin, "")
     silo = session.get(Silo, unquote(name[len(prefix):])) if name.startswith(prefix) else None
     if (silo is None or silo.signing_key is None or silo.federation_id != federation_id
@@ -184,13 +218,7 @@ def add_cosignature(session: Session, federation_id: int, size: int, line: str, 
         raise AuthError(Reason.UNKNOWN_SILO, f"{name!r} is not the key name of an enrolled silo")
     if silo.status == SiloStatus.REVOKED:
         raise AuthError(Reason.REVOKED)
-    text = note.parse_note(row.note).text
-    try:
-        cosig = note.verify_cosignature(text, name, blob, signing_public_from_raw(silo.signing_key))
-    except note.NoteError as exc:
-        raise AuthError(Reason.BAD_SIGNATURE, f"the cosignature does not verify: {exc}") from None
-    if cosig.timestamp > (now + MAX_CLOCK_SKEW).timestamp():
-        raise ApiError(Reason.INVALID_REQUEST, "the cosignature's timestamp is in the future")
+    cosig = _verified(row, name, blob, signing_public_from_raw(silo.signing_key), now)
     existing = session.get(Cosignature, (size, silo.id))
     if existing is not None:
         if cosig.timestamp > existing.timestamp:  # keep the newest statement of this silo
@@ -201,6 +229,36 @@ def add_cosignature(session: Session, federation_id: int, size: int, line: str, 
     session.add(stored)
     session.flush()
     return stored
+
+
+def _add_witness_cosignature(session: Session, row: Checkpoint, log_origin: str, name: str, blob: bytes,
+                             now: datetime) -> WitnessCosignature:
+    """A registered witness's cosignature: the same checks as a silo's, against its registered key."""
+    witness = session.get(LogWitness, unquote(name[len(registered_witness_name(log_origin, "")):]))
+    if witness is None or witness.removed_at is not None or registered_witness_name(log_origin, witness.name) != name:
+        raise AuthError(Reason.UNKNOWN_SILO, f"{name!r} is not the key name of a registered witness")
+    cosig = _verified(row, name, blob, signing_public_from_raw(witness.signing_key), now)
+    existing = session.get(WitnessCosignature, (row.size, witness.name))
+    if existing is not None:
+        if cosig.timestamp > existing.timestamp:
+            existing.timestamp, existing.line, existing.received_at = cosig.timestamp, cosig.line, now
+        return existing
+    stored = WitnessCosignature(checkpoint_size=row.size, witness=witness.name, timestamp=cosig.timestamp,
+                                line=cosig.line, received_at=now)
+    session.add(stored)
+    session.flush()
+    return stored
+
+
+def _verified(row: Checkpoint, name: str, blob: bytes, key, now: datetime):
+    text = note.parse_note(row.note).text
+    try:
+        cosig = note.verify_cosignature(text, name, blob, key)
+    except note.NoteError as exc:
+        raise AuthError(Reason.BAD_SIGNATURE, f"the cosignature does not verify: {exc}") from None
+    if cosig.timestamp > (now + MAX_CLOCK_SKEW).timestamp():
+        raise ApiError(Reason.INVALID_REQUEST, "the cosignature's timestamp is in the future")
+    return cosig
 
 
 def record_rejection(session: Session, size: object, line: object, error: CoordinatorError, now: datetime) -> None:

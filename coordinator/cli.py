@@ -99,6 +99,17 @@ def _parser() -> argparse.ArgumentParser:
     source.add_argument("--data-dir", type=Path, metavar="DIR", help="verify the live log in DIR's database")
     source.add_argument("--export", type=Path, metavar="FILE", help="verify a JSONL export (from /api/audit/export)")
     verify.add_argument("--json", action="store_true", help="print the result as JSON")
+    tlog = verify.add_argument_group(
+        "against cosigned checkpoints (an export only; python -m privacy.verify_log, docs/compliance.md)")
+    tlog.add_argument("--checkpoint", type=Path, action="append", default=[], metavar="FILE",
+                      help="a checkpoint file you kept (repeat for several); the export must be the log it describes")
+    tlog.add_argument("--roster", type=Path, metavar="FILE", help="verifier keys: the coordinator's and the witnesses'")
+    tlog.add_argument("--coordinator-key", action="append", default=[], metavar="VKEY")
+    tlog.add_argument("--witness-key", action="append", default=[], metavar="VKEY")
+    tlog.add_argument("--min-witnesses", type=int, default=1, metavar="N", help="cosignatures required (1)")
+    tlog.add_argument("--silo-evidence", type=Path, action="append", default=[], metavar="FILE",
+                      help="a silo's 'fedsilo-silo ledger --witnessed' export, to pinpoint a rewrite")
+    tlog.add_argument("--allow-newer", action="store_true", help="accept entries after the newest checkpoint")
 
     migrate = sub.add_parser("migrate", help="upgrade DIR's database schema to this version",
                              description="Run the database migrations (safe to run while other processes start).")
@@ -268,6 +279,16 @@ def _init(args: argparse.Namespace) -> int:
 def _verify(args: argparse.Namespace) -> int:
     from .verify import VerifyError, verify_log
 
+    if args.checkpoint:
+        if args.export is None:
+            raise CliError("--checkpoint verifies an export: give --export FILE")
+        from privacy import verify_log as tlog  # exits 0 / 1 (names the first bad entry) / 2, as here
+
+        argv = [str(args.export), "--min-witnesses", str(args.min_witnesses)]
+        argv += [f"--checkpoint={p}" for p in args.checkpoint] + [f"--silo-evidence={p}" for p in args.silo_evidence]
+        argv += [f"--coordinator-key={k}" for k in args.coordinator_key] + [f"--witness-key={k}" for k in args.witness_key]
+        argv += (["--roster", str(args.roster)] if args.roster else []) + (["--json"] if args.json else [])
+        return tlog.main(argv + (["--allow-newer"] if args.allow_newer else []))
     try:
         result = verify_log(data_dir=args.data_dir, export=args.export)
     except VerifyError as exc:

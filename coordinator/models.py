@@ -52,6 +52,8 @@ __all__ = [
     "Base",
     "Checkpoint",
     "Cosignature",
+    "LogWitness",
+    "WitnessCosignature",
     "EnrolmentToken",
     "FedBuffBuffer",
     "FedBuffSlice",
@@ -417,6 +419,31 @@ class Checkpoint(Base):
     root: Mapped[bytes] = mapped_column(LargeBinary)
     note: Mapped[str] = mapped_column(Text)  # checkpoint text, blank line, coordinator signature
     issued_at: Mapped[datetime] = mapped_column(default=utcnow)
+
+
+class LogWitness(Base):
+    """A witness of the log that is not a silo (the helper aggregator): its operator-registered key."""
+
+    __tablename__ = "log_witnesses"
+
+    name: Mapped[str] = mapped_column(String(64), primary_key=True)
+    signing_key: Mapped[bytes] = mapped_column(LargeBinary)  # raw Ed25519 public key
+    added_at: Mapped[datetime] = mapped_column(default=utcnow)
+    removed_at: Mapped[datetime | None] = mapped_column(default=None)
+
+
+class WitnessCosignature(Base):
+    """A registered witness's verified tlog-cosignature/v1 of one checkpoint."""
+
+    __tablename__ = "witness_cosignatures"
+
+    checkpoint_size: Mapped[int] = mapped_column(
+        BigInt, ForeignKey("checkpoints.size"), primary_key=True, autoincrement=False
+    )
+    witness: Mapped[str] = mapped_column(ForeignKey("log_witnesses.name"), primary_key=True)
+    timestamp: Mapped[int] = mapped_column(BigInt)
+    line: Mapped[str] = mapped_column(Text)
+    received_at: Mapped[datetime] = mapped_column(default=utcnow)
 
 
 class Cosignature(Base):

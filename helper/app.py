@@ -6,6 +6,9 @@
 ``GET /healthz``         the database answers
 ``GET /metrics``         Prometheus text: openings and refusals by reason
 
+With a ``witness.toml``, a background task witnesses the coordinator's transparency log
+every interval (helper/witness.py); after a fork ``/open`` answers ``log_forked``.
+
 Every answer of ``/open`` -- the sum and each refusal -- is signed: headers
 ``Fedsilo-Helper-Statement`` (base64url of a ``helper_response`` statement: status,
 SHA-256 of the request body, SHA-256 of the response body) and
@@ -15,6 +18,7 @@ SHA-256 of the request body, SHA-256 of the response body) and
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import hmac
 from collections.abc import AsyncIterator
@@ -36,7 +40,7 @@ from privacy.envelope import canonical_json, sign_statement
 from privacy.errors import JsonError
 from privacy.keys import b64e
 
-from . import roster
+from . import roster, witness
 from .config import load_policy
 from .db import make_engine, session_factory
 from .models import HelperAdminToken
@@ -78,7 +82,8 @@ def create_app(directory: Path) -> Starlette:
         target = request.url.path + (f"?{request.url.query}" if request.url.query else "")
         try:
             opened = await run_in_threadpool(open_buffer, factory, policy, target=target, body=body,
-                                             headers=request.headers, now=_now())
+                                             headers=request.headers, now=_now(),
+                                             halted=lambda: witness.halted_reason(factory))
         except Refused as refusal:
             refusals.labels(refusal.reason.value).inc()
             answer = canonical_json({"reason": refusal.reason.value, "detail": refusal.detail})
@@ -152,25 +157,41 @@ def create_app(directory: Path) -> Starlette:
         return JSONResponse({"silo_id": silo_id, "revoked": True})
 
     async def healthz(request: Request) -> Response:
-        def probe() -> None:
+        def probe() -> str | None:
             with engine.connect() as conn:
                 conn.execute(text("SELECT 1"))
+            return witness.halted_reason(factory)
 
         try:
-            await run_in_threadpool(probe)
+            halted = await run_in_threadpool(probe)
         except Exception as exc:  # the database is the helper's one dependency
             return JSONResponse({"status": "unavailable", "detail": type(exc).__name__}, status_code=503)
         return JSONResponse({"status": "ok", "federation": policy.federation,
-                             "helper_fingerprints": policy.identity.public().fingerprints()})
+                             "helper_fingerprints": policy.identity.public().fingerprints(),
+                             "log_forked": halted})
 
     async def metrics(request: Request) -> Response:
         return Response(generate_latest(registry), media_type="text/plain; version=0.0.4")
 
+    settings = witness.load_settings(directory)
+
+    async def witness_loop() -> None:
+        """Witness the coordinator's log every interval while serving (helper/witness.py)."""
+        while True:
+            try:
+                await run_in_threadpool(witness.witness_round, factory, policy, settings, now=_now())
+            except Exception:  # a database hiccup must not end witnessing for good
+                witness.log.exception("witnessing failed this round")
+            await asyncio.sleep(settings.interval_seconds)
+
     @asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
+        task = asyncio.create_task(witness_loop()) if settings is not None else None
         try:
             yield
         finally:
+            if task is not None:
+                task.cancel()
             engine.dispose()
 
     return Starlette(routes=[

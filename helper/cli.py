@@ -6,6 +6,9 @@
     fedsilo-helper silo create --dir D SILO_ID       # prints the one-time enrolment token
     fedsilo-helper silo revoke --dir D SILO_ID
     fedsilo-helper audit verify --dir D
+    fedsilo-helper witness setup --dir D --coordinator-url URL --federation-name NAME [--interval 60]
+    fedsilo-helper witness run --dir D               # one round; exit 4: the coordinator's log forked
+    fedsilo-helper witness resume --dir D --reason TEXT
 
 ``init`` prints one JSON object: the helper's public keys and fingerprints and the admin
 token (shown once; only its hash is stored).
@@ -20,7 +23,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 
 from privacy import secagg
-from privacy.keys import Identity
+from privacy.keys import Identity, b64e
 
 from . import audit, roster
 from .config import KEY_DIR, load_policy, read_config, write_config
@@ -99,6 +102,37 @@ def audit_verify(args: argparse.Namespace) -> dict:
     return {"ok": bad is None, "first_bad_seq": bad}
 
 
+def witness_command(args: argparse.Namespace) -> dict:
+    """``witness setup|run|resume``: configure, run one round, or lift a halt after a fork."""
+    from . import witness
+
+    directory = Path(args.dir)
+    if args.witness_command == "setup":
+        settings = witness.WitnessSettings(args.coordinator_url, args.federation_name, args.interval, args.name)
+        witness.write_settings(directory, settings)
+        _, policy = load_policy(directory)
+        return {"key_name": settings.key_name, "signing_key": b64e(policy.identity.public().signing),
+                "register_at_coordinator": {"name": settings.name,
+                                            "signing_key": b64e(policy.identity.public().signing)}}
+    engine, factory = _session(args)
+    try:
+        if args.witness_command == "resume":
+            was = witness.resume(factory, operator_reason=args.reason, now=_now())
+            return {"resumed": True, "halted_reason": was}
+        settings = witness.load_settings(directory)
+        if settings is None:
+            raise WitnessNotSetUp("this helper does not witness: run 'fedsilo-helper witness setup' first")
+        _, policy = load_policy(directory)
+        done = witness.witness_round(factory, policy, settings, now=_now())
+        return {**done.to_json(), "ok": done.outcome == "cosigned"}
+    finally:
+        engine.dispose()
+
+
+class WitnessNotSetUp(Exception):
+    pass
+
+
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="fedsilo-helper", description="The secure-aggregation helper aggregator.")
     sub = p.add_subparsers(dest="command", required=True)
@@ -125,6 +159,19 @@ def parser() -> argparse.ArgumentParser:
     a = sub.add_parser("audit", help="the helper's audit chain")
     av = a.add_subparsers(dest="audit_command", required=True).add_parser("verify")
     av.add_argument("--dir", required=True)
+    wp = sub.add_parser("witness", help="witness the coordinator's transparency log (docs/secure-aggregation.md)")
+    ws = wp.add_subparsers(dest="witness_command", required=True)
+    setup = ws.add_parser("setup", help="where the coordinator is; prints the key to register there")
+    setup.add_argument("--dir", required=True)
+    setup.add_argument("--coordinator-url", required=True)
+    setup.add_argument("--federation-name", required=True, help="the federation's name (checkpoint origin)")
+    setup.add_argument("--interval", type=float, default=60.0, help="seconds between rounds while serving (60)")
+    setup.add_argument("--name", default="helper", help="the witness name registered at the coordinator")
+    run = ws.add_parser("run", help="one round now; exit 0 cosigned, 1 not possible now, 4 the log forked")
+    run.add_argument("--dir", required=True)
+    res = ws.add_parser("resume", help="after a fork was examined: open buffers and witness again (audited)")
+    res.add_argument("--dir", required=True)
+    res.add_argument("--reason", required=True, help="why, for the audit log")
     return p
 
 
@@ -134,11 +181,13 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "serve":
             serve(args)
             return 0
-        result = {"init": init, "silo": silo, "audit": audit_verify}[args.command](args)
-    except (secagg.UnsafeSettings, roster.RosterError, OutdatedSchema) as exc:
+        result = {"init": init, "silo": silo, "audit": audit_verify, "witness": witness_command}[args.command](args)
+    except (secagg.UnsafeSettings, roster.RosterError, OutdatedSchema, WitnessNotSetUp, ValueError) as exc:
         print(f"fedsilo-helper: {exc}", file=sys.stderr)
         return 2
     print(json.dumps(result, indent=2))
+    if result.get("outcome") in ("forked", "halted"):
+        return 4  # as a silo daemon's: the coordinator's log is not the one witnessed
     return 0 if result.get("ok", True) else 1
 
 

@@ -67,3 +67,13 @@ class HelperAuditEntry(HelperBase):
     details: Mapped[str] = mapped_column(Text)
     prev_hash: Mapped[str] = mapped_column(String(64))
     hash: Mapped[str] = mapped_column(String(64))
+
+
+class HelperLogWitness(HelperBase):
+    """The helper as a witness of the coordinator's log (helper/witness.py): one row."""
+
+    __tablename__ = "helper_log_witness"
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=False)  # always 1
+    accepted_note: Mapped[str | None] = mapped_column(Text, nullable=True)  # the newest checkpoint cosigned
+    halted_reason: Mapped[str | None] = mapped_column(Text, nullable=True)  # set on a fork; /open refused
+    updated_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))

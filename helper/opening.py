@@ -22,6 +22,9 @@ each with its reason (:class:`HelperReason`):
 8. a buffer id is opened once; a retry with the same bytes gets the    ``buffer_reused``
    same answer, other contents under that id are refused
 
+Before all of them: a helper that saw the coordinator's transparency log fork opens
+nothing until its operator acts (helper/witness.py)                    ``log_forked``
+
 The answer is ``sum w_i * mask_i mod 2**32`` as int32 safetensors (privacy.secagg).
 The opening, its updates (seed digests only, never a seed) and its audit entry are
 written in one transaction, so a crash leaves either all of them or none.
@@ -31,7 +34,7 @@ from __future__ import annotations
 
 import hashlib
 import re
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from datetime import datetime
 from enum import StrEnum
@@ -76,6 +79,7 @@ class HelperReason(StrEnum):
     TOO_FEW_SILOS = "too_few_silos", 422
     SEED_REUSED = "seed_reused", 409
     BUFFER_REUSED = "buffer_reused", 409
+    LOG_FORKED = "log_forked", 409  # the coordinator's log forked: halted until the operator acts
 
 
 class Refused(Exception):
@@ -104,10 +108,17 @@ class Opened:
 
 
 def open_buffer(factory: sessionmaker[Session], policy: HelperPolicy, *, target: str, body: bytes,
-                headers: Mapping[str, str], now: datetime) -> Opened:
-    """Apply the rules above; return the answer or raise :class:`Refused` (audited either way)."""
+                headers: Mapping[str, str], now: datetime, halted: Callable[[], str | None] = lambda: None) -> Opened:
+    """Apply the rules above; return the answer or raise :class:`Refused` (audited either way).
+
+    ``halted`` says why the helper must open nothing at all (helper/witness.py: it saw
+    the coordinator's log fork), checked first: ``log_forked``.
+    """
     digest = hashlib.sha256(body).hexdigest()
     try:
+        if (why := halted()) is not None:
+            raise Refused(HelperReason.LOG_FORKED, f"the coordinator's log forked ({why}); this helper opens "
+                                                   "nothing until its operator has looked")
         return _open(factory, policy, target=target, body=body, headers=headers, now=now, digest=digest)
     except Refused as refusal:
         with factory.begin() as session:

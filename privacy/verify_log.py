@@ -2,7 +2,7 @@
 
     python -m privacy.verify_log EXPORT --checkpoint FILE [--checkpoint FILE ...]
         (--roster FILE | --coordinator-key VKEY [--witness-key VKEY ...])
-        [--min-witnesses N] [--allow-newer] [--json]
+        [--min-witnesses N] [--silo-evidence FILE ...] [--allow-newer] [--json]
 
 Needs Python and the ``cryptography`` package only (docs/compliance.md walks through it
 step by step). Exit status: 0 the export is exactly the log the checkpoints describe;
@@ -24,9 +24,11 @@ What is checked
    sequence number out of place (an entry deleted, inserted or moved), an entry whose
    content does not match its own hash (edited), one not linked to the previous
    entry's hash; or, when every entry is self-consistent but a root differs (history
-   rewritten with every later hash recomputed), the first entry after the largest
-   checkpoint that still matches -- exact when a checkpoint exists just before the
-   rewritten entry, otherwise the range between the two checkpoints that bracket it.
+   rewritten with every later hash recomputed), the first entry after the longest
+   prefix still proven by a matching checkpoint or a witnessed leaf -- exact when that
+   evidence brackets it (a matching checkpoint or leaf just before it, a failing one at
+   it), otherwise the range between the two (``--silo-evidence``: the checkpoints each
+   silo cosigned and its receipts' audit paths, from ``fedsilo-silo ledger --witnessed``).
 
 Keys are C2SP verifier keys (``<name>+<key id hex>+<base64(type || key)>``) as served by
 ``GET /api/v1/log/witnesses``; a roster file holds one per line (``#`` comments
@@ -36,6 +38,7 @@ allowed), the coordinator's being the one whose name is the checkpoint's origin.
 from __future__ import annotations
 
 import argparse
+import base64
 import bisect
 import csv
 import hashlib
@@ -61,7 +64,9 @@ __all__ = [
     "VerifierKey",
     "chain_bytes",
     "leaf_bytes",
+    "WitnessedLeaf",
     "load_checkpoint",
+    "load_silo_evidence",
     "main",
     "parse_vkey",
     "read_export",
@@ -118,12 +123,17 @@ class Trusted:
 def load_checkpoint(path: Path, log_keys: Sequence[VerifierKey], witnesses: Sequence[VerifierKey],
                     min_witnesses: int) -> Trusted:
     """Parse and verify one checkpoint file; InputError says why it cannot be trusted."""
+    return _trust(_read_text(path), str(path), log_keys, witnesses, min_witnesses)
+
+
+def _trust(text: str, label: str, log_keys: Sequence[VerifierKey], witnesses: Sequence[VerifierKey],
+           min_witnesses: int) -> Trusted:
     try:
-        signed = note.parse_note(_read_text(path))
+        signed = note.parse_note(text)
         cp = note.Checkpoint.parse(signed.text)
         [log_key] = [k for k in log_keys if k.name == cp.origin] or [None]
         if log_key is None:
-            raise InputError(f"{path}: no coordinator key named {cp.origin!r} was given")
+            raise InputError(f"{label}: no coordinator key named {cp.origin!r} was given")
         note.verify_note_signature(signed, cp.origin, log_key.public)
         vouched = []
         for w in witnesses:
@@ -133,12 +143,64 @@ def load_checkpoint(path: Path, log_keys: Sequence[VerifierKey], witnesses: Sequ
                     note.verify_cosignature(signed.text, name, blob, w.public)
                     vouched.append(name)
     except note.NoteError as exc:
-        raise InputError(f"{path}: {exc}") from None
+        raise InputError(f"{label}: {exc}") from None
     vouched = sorted(set(vouched))
     if len(vouched) < min_witnesses:
-        raise InputError(f"{path}: {len(vouched)} witness cosignature(s) verified, "
+        raise InputError(f"{label}: {len(vouched)} witness cosignature(s) verified, "
                          f"{min_witnesses} required ({', '.join(vouched) or 'none'})")
-    return Trusted(str(path), cp.origin, cp.size, cp.root, tuple(vouched))
+    return Trusted(label, cp.origin, cp.size, cp.root, tuple(vouched))
+
+
+@dataclass(frozen=True)
+class WitnessedLeaf:
+    """A leaf hash proven (by its audit path) to be in a checkpoint a witness cosigned."""
+
+    index: int
+    hash: bytes
+    source: str
+
+
+def load_silo_evidence(path: Path, log_keys: Sequence[VerifierKey],
+                       witnesses: Sequence[VerifierKey]) -> tuple[list[Trusted], list[WitnessedLeaf]]:
+    """Read a silo's ``fedsilo-silo ledger --witnessed`` export: the checkpoints it cosigned
+    (each must verify with the coordinator's key and carry at least one configured
+    witness's cosignature) and its receipts' leaves with the audit paths that prove them
+    in one of those checkpoints. InputError if any of it does not verify."""
+    trusted: dict[int, Trusted] = {}
+    leaves: list[tuple[int, dict]] = []
+    for n, line in enumerate(_read_text(path).splitlines(), 1):
+        if not line.strip():
+            continue
+        label = f"{path}:{n}"
+        try:
+            item = json.loads(line)
+            if "checkpoint" in item:
+                t = _trust(item["checkpoint"], label, log_keys, witnesses, 1)
+                if t.size in trusted and trusted[t.size].root != t.root:
+                    raise InputError(f"{label}: two cosigned checkpoints of size {t.size} differ: the "
+                                     "coordinator forked its log (keep this file)")
+                trusted[t.size] = t
+            else:
+                leaves.append((n, item))
+        except (ValueError, TypeError, KeyError) as exc:
+            raise InputError(f"{label}: not a line of a silo's witnessed export ({exc})") from None
+    found = []
+    for n, item in leaves:
+        label = f"{path}:{n}"
+        try:
+            index, size = int(item["leaf_index"]), int(item["checkpoint_size"])
+            leaf = bytes.fromhex(item["leaf_hash"])
+            proof = [base64.b64decode(h, validate=True) for h in item["proof"]]
+        except (ValueError, TypeError, KeyError) as exc:
+            raise InputError(f"{label}: not a witnessed leaf ({exc})") from None
+        if size not in trusted:
+            raise InputError(f"{label}: no cosigned checkpoint of size {size} in {path}")
+        try:
+            merkle.verify_inclusion(leaf, index, size, proof, trusted[size].root)
+        except merkle.ProofError as exc:
+            raise InputError(f"{label}: the audit path of leaf {index} does not verify: {exc}") from None
+        found.append(WitnessedLeaf(index, leaf, label))
+    return list(trusted.values()), found
 
 
 # ------------------------------------------------------------------ export
@@ -254,14 +316,20 @@ class Report:
 
 
 def verify_export(fmt: str, leaves: Iterable[list[bytes]], trusted: Sequence[Trusted], *, allow_newer: bool = False,
-                  reread: Iterable[Entry] | None = None) -> Report:
+                  reread: Iterable[Entry] | None = None, evidence: Sequence[Trusted] = (),
+                  witnessed: Sequence[WitnessedLeaf] = ()) -> Report:
     """Check the leaves against the trusted checkpoints; on failure, find the first bad entry.
 
     The first pass only hashes the leaves (fast). ``reread`` gives the same entries
     again, parsed, for the diagnostic second pass that runs only on failure.
+    ``evidence`` (more cosigned checkpoints, e.g. from silos' ledgers) and ``witnessed``
+    (leaf hashes proven in cosigned checkpoints) only narrow down the first bad entry;
+    the export must end at the newest of ``trusted``, the officer's own checkpoints.
     """
+    newest = max(t.size for t in trusted)
+    trusted = [*trusted, *(t for t in evidence if t.size <= newest and t.size not in {u.size for u in trusted})]
     want = {t.size: t.root for t in trusted}
-    newest, sizes = max(want), sorted(want)
+    sizes = sorted(want)
     builder, got = merkle.RootBuilder(), {}
     if 0 in want:
         got[0] = merkle.EMPTY_ROOT
@@ -287,7 +355,8 @@ def verify_export(fmt: str, leaves: Iterable[list[bytes]], trusted: Sequence[Tru
                 got[builder.size] = builder.root()
     n = builder.size
     cps = [{"file": t.file, "size": t.size, "witnesses": list(t.witnesses),
-            "matches": got.get(t.size) == t.root} for t in sorted(trusted, key=lambda t: t.size)]
+            "matches": got.get(t.size) == t.root} for t in sorted({t.size: t for t in trusted}.values(),
+                                                                     key=lambda t: t.size)]
     report = Report(False, fmt, n, 0, cps)
     if all(c["matches"] for c in cps) and (n == newest or allow_newer):
         report.ok, report.verified_through = True, newest
@@ -303,18 +372,18 @@ def verify_export(fmt: str, leaves: Iterable[list[bytes]], trusted: Sequence[Tru
         report.message = (f"the export has {n} entries, the newest checkpoint covers {newest}: entries from "
                           f"seq {newest + 1} on were appended after it (use a newer checkpoint, or --allow-newer)")
         return report
-    return _diagnose(report, reread, newest)
+    return _diagnose(report, reread, newest, witnessed)
 
 
-def _diagnose(report: Report, entries: Iterable[Entry] | None, newest: int) -> Report:
+def _diagnose(report: Report, entries: Iterable[Entry] | None, newest: int,
+              witnessed: Sequence[WitnessedLeaf] = ()) -> Report:
     bad_cp = min(c["size"] for c in report.checkpoints if not c["matches"])
     lower = max((c["size"] for c in report.checkpoints if c["matches"] and c["size"] < bad_cp), default=0)
+    known = {w.index: w.hash for w in witnessed if w.index < newest}
+    seen: dict[int, bool] = {}  # witnessed leaf index -> whether the export's leaf there matches
 
-    def fail(index: int, problem: str, message: str, exact: bool = True) -> Report:
-        report.first_bad_index, report.problem, report.first_bad_index_exact = index, problem, exact
-        report.message = message
-        if not exact:
-            report.last_possible_bad_index = bad_cp - 1
+    def fail(index: int, problem: str, message: str) -> Report:
+        report.first_bad_index, report.problem, report.message = index, problem, message
         return report
 
     prev_hash = GENESIS_HASH
@@ -332,6 +401,8 @@ def _diagnose(report: Report, entries: Iterable[Entry] | None, newest: int) -> R
         if e["prev_hash"] != prev_hash:
             return fail(i, "unlinked", f"seq {i + 1} does not link to the hash of seq {i}")
         prev_hash = e["hash"]
+        if i in known:
+            seen[i] = hashlib.sha256(b"\x00" + entry.leaf).digest() == known[i]
     if report.entries < bad_cp:
         unproven = ("" if lower == report.entries else
                     f"; seq {lower + 1}..{report.entries} are not proven intact either (only a checkpoint of "
@@ -339,14 +410,23 @@ def _diagnose(report: Report, entries: Iterable[Entry] | None, newest: int) -> R
         return fail(report.entries, "truncated",
                     f"the export ends at seq {report.entries}, the checkpoint of size {bad_cp} has more: "
                     f"entries from seq {report.entries + 1} were removed{unproven}")
-    exact = bad_cp == lower + 1
+    # Every entry links to the previous one, and a leaf commits to its entry's hash, so
+    # a witnessed leaf the export matches proves every entry up to it; one it does not
+    # match bounds the first altered entry from above, as a checkpoint that does not.
+    lower = max([lower, *(i + 1 for i, same in seen.items() if same and i < bad_cp)])
+    upper = min([bad_cp - 1, *(i for i, same in seen.items() if not same)])
+    upper = max(upper, lower)
+    exact = upper == lower
     where = (f"seq {lower + 1}" if exact else
-             f"one of seq {lower + 1}..{bad_cp} (the first entry not covered by a matching checkpoint is seq "
-             f"{lower + 1}; an older checkpoint would narrow it down)")
-    return fail(lower, "rewritten",
-                f"history was rewritten: every entry matches its own hash and link, but the tree of the first "
-                f"{bad_cp} entries is not the one the witnesses cosigned; the first altered entry is {where}",
-                exact=exact)
+             f"one of seq {lower + 1}..{upper + 1} (entries before seq {lower + 1} are proven intact, the tree "
+             f"through seq {upper + 1} is not the witnessed one; a checkpoint or receipt in between, e.g. a "
+             f"silo's --silo-evidence, would narrow it down)")
+    report.first_bad_index, report.problem, report.first_bad_index_exact = lower, "rewritten", exact
+    report.verified_through = max(report.verified_through, lower)
+    report.last_possible_bad_index = None if exact else upper
+    report.message = (f"history was rewritten: every entry matches its own hash and link, but the tree of the first "
+                      f"{bad_cp} entries is not the one the witnesses cosigned; the first altered entry is {where}")
+    return report
 
 
 # -------------------------------------------------------------------- CLI
@@ -376,9 +456,11 @@ def _entries(path: Path, fmt: str) -> Iterator[Entry]:
                 yield _parse_leaf(line.rstrip(b"\n").rstrip(b"\r"))
 
 
-def verify_file(export: Path, trusted: Sequence[Trusted], *, allow_newer: bool = False) -> Report:
+def verify_file(export: Path, trusted: Sequence[Trusted], *, allow_newer: bool = False,
+                evidence: Sequence[Trusted] = (), witnessed: Sequence[WitnessedLeaf] = ()) -> Report:
     fmt, leaves = read_export(export)
-    return verify_export(fmt, leaves, trusted, allow_newer=allow_newer, reread=_entries(export, fmt))
+    return verify_export(fmt, leaves, trusted, allow_newer=allow_newer, reread=_entries(export, fmt),
+                         evidence=evidence, witnessed=witnessed)
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -390,6 +472,9 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--coordinator-key", action="append", default=[], help="the coordinator's verifier key")
     p.add_argument("--witness-key", action="append", default=[], help="a witness (silo) verifier key")
     p.add_argument("--min-witnesses", type=int, default=1, help="cosignatures required per checkpoint (1)")
+    p.add_argument("--silo-evidence", type=Path, action="append", default=[],
+                   help="a silo's 'fedsilo-silo ledger --witnessed' export: its cosigned checkpoints and "
+                        "receipt leaves narrow down the first bad entry (repeat for several silos)")
     p.add_argument("--allow-newer", action="store_true", help="accept entries after the newest checkpoint")
     p.add_argument("--json", action="store_true", help="print the report as JSON")
     return p
@@ -409,7 +494,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         trusted = [load_checkpoint(p, log_keys, witnesses, args.min_witnesses) for p in args.checkpoint]
         if len({t.origin for t in trusted}) > 1:
             raise InputError("the checkpoints are of different logs (origins differ)")
-        report = verify_file(args.export, trusted, allow_newer=args.allow_newer)
+        evidence, leaves = [], []
+        for path in args.silo_evidence:
+            more, found = load_silo_evidence(path, log_keys, witnesses)
+            evidence += more
+            leaves += found
+        if len({t.origin for t in [*trusted, *evidence]}) > 1:
+            raise InputError("the silo evidence is of another log (origins differ)")
+        report = verify_file(args.export, trusted, allow_newer=args.allow_newer, evidence=evidence, witnessed=leaves)
     except InputError as exc:
         print(f"CANNOT VERIFY: {exc}", file=sys.stderr)
         return EXIT_BAD_INPUT

@@ -16,7 +16,7 @@ No HTTP, no storage: ``silo_node/witness.py`` fetches and posts.
 from __future__ import annotations
 
 import base64
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime
 from urllib.parse import quote
@@ -31,9 +31,11 @@ __all__ = [
     "Witnessed",
     "checked_checkpoint",
     "log_origin",
+    "registered_witness_name",
     "verify_inclusion",
     "witness",
     "witness_name",
+    "witness_round",
 ]
 
 
@@ -48,6 +50,11 @@ def log_origin(federation_name: str) -> str:
 def witness_name(origin: str, silo_id: str) -> str:
     """The key name a silo cosigns with: ``<origin>/silo/<silo id, percent-encoded>``."""
     return f"{origin}/silo/{quote(silo_id, safe=_SAFE)}"
+
+
+def registered_witness_name(origin: str, witness: str) -> str:
+    """The key name of a witness the operator registered (e.g. the helper): ``<origin>/witness/<name>``."""
+    return f"{origin}/witness/{quote(witness, safe=_SAFE)}"
 
 
 class WitnessError(Exception):
@@ -112,6 +119,27 @@ def witness(
                                f"this silo cosigned: {exc}") from None
     line = note.cosign(new.text(), name, key, int(now.timestamp()))
     return Witnessed(line, new, shown)
+
+
+def witness_round(
+    fetch_checkpoint: Callable[[], str], fetch_consistency: Callable[[int, int], Sequence[bytes]],
+    submit: Callable[[int, str], None], accepted: str | None, *, origin: str, log_key: Ed25519PublicKey,
+    name: str, key: Ed25519PrivateKey, now: datetime,
+) -> Witnessed:
+    """One witnessing round, the transport injected (a silo and the helper bring their own):
+    fetch the newest checkpoint, the consistency proof from ``accepted`` when the log grew,
+    :func:`witness`, then ``submit(size, cosignature line)``. Raises what :func:`witness`
+    raises -- never submitting then -- and whatever the callables raise."""
+    shown = fetch_checkpoint()
+    new = checked_checkpoint(shown, origin, log_key)
+    proof: Sequence[bytes] = []
+    if accepted is not None:
+        old = checked_checkpoint(accepted, origin, log_key)
+        if 0 < old.size < new.size:
+            proof = fetch_consistency(old.size, new.size)
+    done = witness(accepted, shown, proof, origin=origin, log_key=log_key, name=name, key=key, now=now)
+    submit(new.size, done.cosignature)
+    return done
 
 
 def verify_inclusion(receipt: Mapping, checkpoint: note.Checkpoint, proof: Sequence[bytes]) -> None:

@@ -28,6 +28,7 @@ from .commands import (
     InitResult,
     export_ledger,
     export_log_evidence,
+    export_witnessed,
     init_silo,
     reconcile_silo,
     run_silo,
@@ -249,6 +250,8 @@ def _cmd_ledger(args: argparse.Namespace) -> int:
     def export(out: TextIO) -> int:
         if args.evidence:
             return export_log_evidence(args.data_dir, out)
+        if args.witnessed:
+            return export_witnessed(args.data_dir, out)
         return export_ledger(args.data_dir, args.format, out)
 
     if args.output:
@@ -268,6 +271,12 @@ def _positive_int(text: str) -> int:
     if value < 1:
         raise argparse.ArgumentTypeError("must be at least 1")
     return value
+
+
+def _whole_number(text: str) -> int:
+    if text.strip() == "0":
+        return 0
+    return _positive_int(text)
 
 
 def _non_negative(text: str) -> float:
@@ -342,7 +351,9 @@ def build_parser() -> argparse.ArgumentParser:
                                    "--rounds receipts, the privacy budget runs out (exit 0), or SIGTERM/SIGINT. "
                                    "Options override silo.toml for this run only.")
     data_dir_arg(p)
-    p.add_argument("--rounds", type=_positive_int, metavar="N", help="stop after N receipts (default: keep going)")
+    p.add_argument("--rounds", type=_whole_number, metavar="N",
+                   help="stop after N receipts (default: keep going); 0: only witness the coordinator's log "
+                        "(cosign its newest checkpoint, prove receipts) and stop")
     p.add_argument("--epochs", type=_positive_int, help="local epochs per round")
     p.add_argument("--batch-size", type=_positive_int, help="expected batch size (Poisson sampling)")
     p.add_argument("--lr", type=_positive, help="learning rate")
@@ -369,6 +380,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--output", metavar="FILE", help="write to FILE instead of standard output")
     p.add_argument("--evidence", action="store_true",
                    help="instead, the evidence kept when the coordinator's log was found altered (JSON lines)")
+    p.add_argument("--witnessed", action="store_true",
+                   help="instead, what this silo witnessed -- every checkpoint it cosigned and the audit paths "
+                        "of its receipts (JSON lines, for python -m privacy.verify_log --silo-evidence)")
     verbosity(p)
 
     p = sub.add_parser("reconcile", help="check the coordinator's audit log against the ledger",

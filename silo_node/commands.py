@@ -41,6 +41,7 @@ __all__ = [
     "InitResult",
     "check_data",
     "export_ledger",
+    "export_witnessed",
     "init_silo",
     "load_checked",
     "run_lock",
@@ -332,7 +333,8 @@ def run_silo(
     on_phase: Callable[[str, dict], None] | None = None,
     **daemon_options: Any,
 ):
-    """Run the daemon until ``rounds`` receipts, the budget runs out, or ``stop`` is set.
+    """Run the daemon until ``rounds`` receipts, the budget runs out, or ``stop`` is set
+    (``rounds=0``: witness the coordinator's log once, then stop).
 
     Returns a :class:`~silo_node.daemon.RunResult` (its ``exit_code`` is the process's).
     """
@@ -340,8 +342,8 @@ def run_silo(
     from .daemon import Daemon
 
     config = SiloConfig.load(data_dir, environ).with_overrides(overrides or {})
-    if rounds is not None and rounds < 1:
-        raise ConfigError(ConfigReason.INVALID, "--rounds must be at least 1")
+    if rounds is not None and rounds < 0:
+        raise ConfigError(ConfigReason.INVALID, "--rounds must be 0 or more")
     task, data = load_checked(config)  # refuse data that does not fit before touching the network
     if config.training.threads:
         import torch
@@ -446,6 +448,18 @@ def export_log_evidence(data_dir: Path, out: TextIO, *, environ: Mapping[str, st
     for item in evidence:
         out.write(json.dumps(item, sort_keys=True) + "\n")
     return len(evidence)
+
+
+def export_witnessed(data_dir: Path, out: TextIO, *, environ: Mapping[str, str] | None = None) -> int:
+    """Write what this silo witnessed (Ledger.witness_evidence, JSON lines); return how many."""
+    config = SiloConfig.load(data_dir, environ)
+    if not config.ledger_path.exists():
+        return 0
+    with Ledger(config.ledger_path, readonly=True) as ledger:
+        items = ledger.witness_evidence()
+    for item in items:
+        out.write(json.dumps(item, sort_keys=True) + "\n")
+    return len(items)
 
 
 # --------------------------------------------------------------------------- reconcile

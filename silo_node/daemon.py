@@ -457,7 +457,8 @@ class Daemon:
                                    "receipt_signature": base64.b64encode(entry.receipt_signature or b"").decode(),
                                    "inclusion_proof": [base64.b64encode(h).decode() for h in proof],
                                    "reason": reason}, reason)
-            self.ledger.mark_included(entry.update_id, cp.size)
+            self.ledger.mark_included(entry.update_id, cp.size, leaf_index=fields["leaf_index"],
+                                      leaf_hash=fields["leaf_hash"], proof=proof)
 
     def _log_altered(self, evidence: dict, reason: str) -> None:
         self.ledger.record_log_evidence(evidence)

@@ -22,11 +22,12 @@ fsynced, so "written to the ledger before sending" survives a power cut.
 
 from __future__ import annotations
 
+import base64
 import csv
 import json
 import os
 import sqlite3
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, fields
 from datetime import UTC, datetime
 from enum import StrEnum
@@ -35,6 +36,7 @@ from typing import Any, NamedTuple, TextIO
 
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
+from privacy import note
 from privacy.envelope import utc_timestamp
 from privacy.errors import ReasonedError
 from privacy.keys import b64e
@@ -220,6 +222,15 @@ CREATE TABLE IF NOT EXISTS inclusions (
     update_id       TEXT PRIMARY KEY,
     checkpoint_size INTEGER NOT NULL,
     verified_at     TEXT NOT NULL
+);
+-- the audit path that proved a receipt's entry in a cosigned checkpoint: with the
+-- checkpoints above, what the offline verifier takes as witnessed leaves (--silo-evidence)
+CREATE TABLE IF NOT EXISTS inclusion_proofs (
+    update_id       TEXT PRIMARY KEY,
+    leaf_index      INTEGER NOT NULL,
+    leaf_hash       TEXT NOT NULL,
+    checkpoint_size INTEGER NOT NULL,
+    proof           TEXT NOT NULL
 );
 CREATE TABLE IF NOT EXISTS log_evidence (
     seq          INTEGER PRIMARY KEY AUTOINCREMENT,
@@ -538,10 +549,18 @@ class Ledger:
             "SELECT * FROM entries WHERE receipt IS NOT NULL AND update_id NOT IN (SELECT update_id FROM inclusions) "
             "ORDER BY seq")]
 
-    def mark_included(self, update_id: str, checkpoint_size: int) -> None:
+    def mark_included(self, update_id: str, checkpoint_size: int, *, leaf_index: int | None = None,
+                      leaf_hash: str | None = None, proof: Sequence[bytes] = ()) -> None:
+        """Record that a receipt's entry was proven in the checkpoint of ``checkpoint_size``,
+        with the audit path that proved it (evidence for the offline verifier)."""
         with self._transaction() as db:
             db.execute("INSERT OR IGNORE INTO inclusions (update_id, checkpoint_size, verified_at) VALUES (?, ?, ?)",
                        (update_id, checkpoint_size, self._stamp()))
+            if leaf_index is not None and leaf_hash is not None:
+                db.execute("INSERT OR IGNORE INTO inclusion_proofs (update_id, leaf_index, leaf_hash, checkpoint_size, "
+                           "proof) VALUES (?, ?, ?, ?, ?)",
+                           (update_id, leaf_index, leaf_hash, checkpoint_size,
+                            json.dumps([base64.b64encode(h).decode() for h in proof])))
 
     def inclusions(self) -> dict[str, int]:
         """update id -> size of the checkpoint its receipt's entry was proven included in."""
@@ -561,11 +580,36 @@ class Ledger:
         return [{"detected_at": r[0], **json.loads(r[1])}
                 for r in self._db.execute("SELECT detected_at, evidence FROM log_evidence ORDER BY seq")]
 
+    def witness_evidence(self) -> list[dict]:
+        """What this silo witnessed, for ``python -m privacy.verify_log --silo-evidence``:
+        every checkpoint it cosigned (the note with its own cosignature line) and every
+        receipt entry it proved included in one (leaf index, leaf hash, audit path)."""
+        if not self._has_witness_tables():
+            return []
+        items: list[dict] = [{"checkpoint": _own_cosigned(text, cosignature), "size": size}
+                             for size, text, cosignature in
+                             self._db.execute("SELECT size, note, cosignature FROM checkpoints ORDER BY seq")]
+        items += [{"leaf_index": r[0], "leaf_hash": r[1], "checkpoint_size": r[2], "proof": json.loads(r[3])}
+                  for r in self._db.execute("SELECT leaf_index, leaf_hash, checkpoint_size, proof "
+                                            "FROM inclusion_proofs ORDER BY leaf_index")]
+        return items
+
     # -- export --
 
     def export(self, fmt: str, out: TextIO) -> int:
         """Write every entry to ``out`` as ``jsonl`` (one object per line) or ``csv``; returns the count."""
         return export_entries(self.entries(), fmt, out)
+
+
+def _own_cosigned(served: str, cosignature: str) -> str:
+    """The checkpoint with only the coordinator's signature and this silo's cosignature:
+    the other lines were the coordinator's to serve, and one it garbled must not make
+    this silo's evidence unusable."""
+    signed = note.parse_note(served)
+    origin = note.Checkpoint.parse(signed.text).origin
+    own = note.parse_signature_line(cosignature)
+    kept = tuple(sig for sig in signed.signatures if sig[0] == origin) + (own,)
+    return note.SignedNote(signed.text, kept).render()
 
 
 def export_entries(entries: Iterable[LedgerEntry], fmt: str, out: TextIO) -> int:

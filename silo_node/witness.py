@@ -5,7 +5,9 @@ proof from the last checkpoint this silo accepted, check both (privacy/witness.p
 cosign, hand the cosignature back, and return what is now accepted. It raises
 ``privacy.witness.ForkDetected`` -- never cosigning -- when the coordinator shows a log
 that does not extend the one this silo cosigned; the caller records
-``exc.evidence()`` and stops (silo_node/daemon.py; the ledger keeps the checkpoints). The log routes are public: nothing here is signed but the cosignature.
+``exc.evidence()`` and stops (silo_node/daemon.py; the ledger keeps the checkpoints).
+The log routes are public: nothing here is signed but the cosignature. The helper
+(helper/witness.py) uses the same three calls with its own key and state.
 """
 
 from __future__ import annotations
@@ -18,7 +20,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey,
 
 from privacy import witness as w
 
-__all__ = ["LogError", "inclusion_proof", "witness_once"]
+__all__ = ["LogError", "consistency_proof", "fetch_checkpoint", "inclusion_proof", "post_cosignature", "witness_once"]
 
 
 class LogError(Exception):
@@ -32,26 +34,33 @@ def _get(http: httpx.Client, path: str, **params: int) -> httpx.Response:
     return r
 
 
+def fetch_checkpoint(http: httpx.Client) -> str:
+    """The coordinator's newest checkpoint note, as served (unverified)."""
+    return _get(http, "/checkpoint").text
+
+
+def consistency_proof(http: httpx.Client, old: int, new: int) -> list[bytes]:
+    """The coordinator's consistency proof between two tree sizes (unverified)."""
+    body = _get(http, "/proof/consistency", old=old, new=new).json()
+    return [base64.b64decode(h, validate=True) for h in body["proof"]]
+
+
+def post_cosignature(http: httpx.Client, size: int, line: str) -> None:
+    """Hand a cosignature line of checkpoint ``size`` back; LogError if refused."""
+    r = http.post("/api/v1/log/cosignatures", json={"size": size, "cosignature": line})
+    if r.status_code != 200:
+        raise LogError(f"the coordinator refused the cosignature: {r.status_code} {r.text[:200]}")
+
+
 def witness_once(
     http: httpx.Client, *, accepted: str | None, federation_name: str, silo_id: str,
     log_key: Ed25519PublicKey, key: Ed25519PrivateKey, now: datetime,
 ) -> w.Witnessed:
     """One witnessing round against the coordinator ``http`` points at (its base URL)."""
     origin = w.log_origin(federation_name)
-    shown = _get(http, "/checkpoint").text
-    new = w.checked_checkpoint(shown, origin, log_key)
-    proof: list[bytes] = []
-    if accepted is not None:
-        old = w.checked_checkpoint(accepted, origin, log_key)
-        if 0 < old.size < new.size:
-            body = _get(http, "/proof/consistency", old=old.size, new=new.size).json()
-            proof = [base64.b64decode(h, validate=True) for h in body["proof"]]
-    done = w.witness(accepted, shown, proof, origin=origin, log_key=log_key,
-                     name=w.witness_name(origin, silo_id), key=key, now=now)
-    r = http.post("/api/v1/log/cosignatures", json={"size": new.size, "cosignature": done.cosignature})
-    if r.status_code != 200:
-        raise LogError(f"the coordinator refused the cosignature: {r.status_code} {r.text[:200]}")
-    return done
+    return w.witness_round(lambda: fetch_checkpoint(http), lambda old, new: consistency_proof(http, old, new),
+                           lambda size, line: post_cosignature(http, size, line), accepted, origin=origin,
+                           log_key=log_key, name=w.witness_name(origin, silo_id), key=key, now=now)
 
 
 def inclusion_proof(http: httpx.Client, index: int, size: int) -> list[bytes]:

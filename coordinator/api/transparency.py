@@ -9,6 +9,7 @@ lets an operator issue a checkpoint on demand.
 from __future__ import annotations
 
 import base64
+import re
 from datetime import timedelta
 
 from starlette.concurrency import run_in_threadpool
@@ -21,7 +22,9 @@ from coordinator.api._params import field, json_object, path_int, query_int
 from coordinator.api.auth import Principal, guarded
 from coordinator.context import Coordinator
 from coordinator.errors import ApiError, CoordinatorError, Reason
-from coordinator.models import Role
+from coordinator.models import Cosignature, Role
+from privacy.errors import KeyFileError
+from privacy.keys import b64d, signing_public_from_raw
 from coordinator.openapi import describe, path_param, query
 
 __all__ = ["admin_routes", "routes"]
@@ -39,8 +42,17 @@ _INCLUSION = {"type": "object", "required": ["index", "size", "leaf_hash", "proo
               "properties": {"index": _INT, "size": _INT, "leaf_hash": {"type": "string"}, "proof": _B64_LIST}}
 _COSIGN_BODY = {"type": "object", "required": ["size", "cosignature"],
                 "properties": {"size": _INT, "cosignature": {"type": "string"}}}
-_COSIGN_OK = {"type": "object", "required": ["size", "silo_id", "timestamp"],
-              "properties": {"size": _INT, "silo_id": {"type": "string"}, "timestamp": _INT}}
+_COSIGN_OK = {"type": "object", "required": ["size", "timestamp"],
+              "properties": {"size": _INT, "silo_id": {"type": "string"}, "witness": {"type": "string"},
+                             "timestamp": _INT}}
+_WITNESS_BODY = {"type": "object", "required": ["name", "signing_key"], "additionalProperties": False,
+                 "properties": {"name": {"type": "string", "pattern": "^[A-Za-z0-9._~-]{1,64}$"},
+                                "signing_key": {"type": "string", "pattern": "^[A-Za-z0-9_-]{43}$",
+                                                "description": "unpadded base64url of the raw 32-byte Ed25519 key"}}}
+_WITNESS_OK = {"type": "object", "required": ["name", "key"],
+               "properties": {"name": {"type": "string"}, "key": {"type": "string"}}}
+_WITNESS_NAME = re.compile(r"[A-Za-z0-9._~-]{1,64}")
+_RAW_KEY = re.compile(r"[A-Za-z0-9_-]{43}")
 
 
 def _b64(hashes: list[bytes]) -> list[str]:
@@ -150,8 +162,8 @@ def routes(ctx: Coordinator, *, interval: timedelta = checkpoints.DEFAULT_INTERV
             refusal = exc  # the except block unbinds ``exc``; the lambda must not depend on that
             await write(lambda s: checkpoints.record_rejection(s, size, line, refusal, ctx.clock()))
             raise
-        return JSONResponse({"size": stored.checkpoint_size, "silo_id": stored.silo_id,
-                             "timestamp": stored.timestamp})
+        who = ({"silo_id": stored.silo_id} if isinstance(stored, Cosignature) else {"witness": stored.witness})
+        return JSONResponse({"size": stored.checkpoint_size, **who, "timestamp": stored.timestamp})
 
     @describe("Verifier keys: the coordinator's (type 0x01) and each enrolled silo's witness key (0x04)",
               tag="log", description="One C2SP verifier key per line, the roster file of python -m "
@@ -184,4 +196,31 @@ def admin_routes(ctx: Coordinator) -> list[Route]:
                 return checkpoints.render(session, row)
         return PlainTextResponse(await run_in_threadpool(run), media_type=_NOTE)
 
-    return [Route("/checkpoint", issue, methods=["POST"])]
+    @guarded(ctx, Role.ADMIN)
+    @describe("Register a witness of the log that is not a silo (the helper aggregator), by its Ed25519 key",
+              tag="log", description="Its cosignatures (key name <origin>/witness/<name>) are then accepted "
+                                     "and served, and its key listed at /api/v1/log/witnesses. Re-registering a "
+                                     "name replaces its key. Audited: log_witness_registered.",
+              body=_WITNESS_BODY, response=_WITNESS_OK, errors=[Reason.MALFORMED, Reason.INVALID_REQUEST])
+    async def register(request: Request, who: Principal) -> Response:
+        body = await json_object(request, ctx.config.max_request_bytes)
+        if set(body) - {"name", "signing_key"}:
+            raise ApiError(Reason.INVALID_REQUEST, "the body holds exactly name and signing_key")
+        name = field(body, "name", str)
+        raw = field(body, "signing_key", str)
+        if not _WITNESS_NAME.fullmatch(name):
+            raise ApiError(Reason.INVALID_REQUEST, "name: 1 to 64 letters, digits or ._~-")
+        try:
+            if not _RAW_KEY.fullmatch(raw):
+                raise ValueError(raw)
+            key = b64d(raw)
+            signing_public_from_raw(key)
+        except (KeyFileError, ValueError):
+            raise ApiError(Reason.INVALID_REQUEST, "signing_key must be a base64url raw Ed25519 public key") from None
+
+        def run():
+            with ctx.transaction() as session:
+                return checkpoints.register_witness(session, ctx.federation_id, name, key, who.actor, ctx.clock())
+        return JSONResponse({"name": name, "key": await run_in_threadpool(run)})
+
+    return [Route("/checkpoint", issue, methods=["POST"]), Route("/witnesses", register, methods=["POST"])]

@@ -113,6 +113,22 @@ def test_verify_names_the_first_altered_entry(initialised, capsys, tmp_path):
     assert "FAILED at seq 3" in capsys.readouterr().out
 
 
+def test_verify_with_a_checkpoint_needs_an_export_and_inputs_it_can_trust(initialised, capsys, tmp_path):
+    data_dir, _ = initialised
+    checkpoint = tmp_path / "checkpoint.txt"
+    checkpoint.write_text("not a checkpoint\n")
+    assert cli.main(["verify", "--data-dir", str(data_dir), "--checkpoint", str(checkpoint)]) == cli.EXIT_USAGE
+    assert "give --export FILE" in capsys.readouterr().err
+    export = tmp_path / "log.jsonl"
+    engine = make_engine(CoordinatorConfig.load(data_dir).database_url)
+    with transaction(engine, read_only=True) as s, export.open("w") as f:
+        audit.export_jsonl(s, f)
+    engine.dispose()
+    # handed to the offline verifier: an unusable checkpoint is status 2, never "FAILED"
+    assert cli.main(["verify", "--export", str(export), "--checkpoint", str(checkpoint)]) == 2
+    assert capsys.readouterr().err.startswith("CANNOT VERIFY: give the coordinator's key")
+
+
 def test_demo_options_go_to_the_demo_itself(capsys):
     import importlib.util
 

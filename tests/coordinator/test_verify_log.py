@@ -243,3 +243,43 @@ def test_the_human_report_names_the_entry(log: Log) -> None:
                           capture_output=True, text=True, timeout=120)
     assert done.returncode == 1
     assert done.stdout.startswith("FAILED:") and "first bad entry: seq 3 (leaf index 2)" in done.stdout
+
+
+def _witnessed_file(log: Log, indices: tuple[int, ...], *, corrupt: bool = False) -> Path:
+    """What ``fedsilo-silo ledger --witnessed`` writes: a checkpoint the silo cosigned and
+    its receipts' leaves with their audit paths in it."""
+    import base64
+
+    lines = [json.dumps({"checkpoint": log.checkpoint_files[N].read_text(), "size": N})]
+    with transaction(log.engine, read_only=True) as s:
+        for i in indices:
+            proof = [base64.b64encode(h).decode() for h in transparency.inclusion_proof(s, i, N)]
+            leaf = transparency.leaf_hash_at(s, i).hex()
+            if corrupt:
+                leaf = "00" * 32
+            lines.append(json.dumps({"leaf_index": i, "leaf_hash": leaf, "checkpoint_size": N, "proof": proof}))
+    path = log.tmp / f"witnessed-{'-'.join(map(str, indices))}{'-bad' if corrupt else ''}.jsonl"
+    path.write_text("".join(line + "\n" for line in lines))
+    return path
+
+
+def test_witnessed_leaves_name_a_rewritten_entry_exactly(log: Log) -> None:
+    bracketing = _witnessed_file(log, (4, 5))  # the leaf before the rewrite and the rewritten one
+    above = _witnessed_file(log, (12,))
+    _rewrite_from(log, 6)
+    export = _export(log)
+    code, report = _verify(log, export, (N,))  # one checkpoint: anywhere in 1..N
+    assert (code, report["first_bad_index"], report["last_possible_bad_index"]) == (1, 0, N - 1)
+    code, report = _verify(log, export, (N,), "--silo-evidence", str(bracketing))
+    assert (code, report["problem"], report["first_bad_index"], report["first_bad_index_exact"]) == (
+        1, "rewritten", 5, True)
+    assert report["verified_through"] == 5  # the witnessed leaf at index 4 proves seq 1..5
+    # a later leaf only bounds it from above
+    code, report = _verify(log, export, (N,), "--silo-evidence", str(above))
+    assert (code, report["first_bad_index"], report["last_possible_bad_index"]) == (1, 0, 12)
+
+
+def test_silo_evidence_that_does_not_verify_is_refused(log: Log) -> None:
+    bad = _witnessed_file(log, (3,), corrupt=True)
+    code, out = _verify(log, _export(log), (N,), "--silo-evidence", str(bad))
+    assert code == 2 and "does not verify" in out["stderr"]

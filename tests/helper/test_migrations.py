@@ -11,7 +11,8 @@ from coordinator import db as coordinator_db
 from helper.db import downgrade, make_engine, upgrade
 from helper.models import HelperBase
 
-HELPER_TABLES = {"helper_silos", "helper_openings", "helper_opened_updates", "helper_admin_tokens", "helper_audit"}
+HELPER_TABLES = {"helper_silos", "helper_openings", "helper_opened_updates", "helper_admin_tokens", "helper_audit",
+                 "helper_log_witness"}
 
 
 def test_up_down_up_and_the_models_agree(db_url: str) -> None:
@@ -20,7 +21,7 @@ def test_up_down_up_and_the_models_agree(db_url: str) -> None:
         upgrade(db_url)
         assert HELPER_TABLES | {"helper_alembic_version"} == set(sa.inspect(engine).get_table_names())
         with engine.connect() as conn:
-            assert conn.execute(sa.text("SELECT version_num FROM helper_alembic_version")).scalar_one() == "h0001"
+            assert conn.execute(sa.text("SELECT version_num FROM helper_alembic_version")).scalar_one() == "h0002"
             diff = compare_metadata(MigrationContext.configure(conn), HelperBase.metadata)
         assert [d for d in diff if d[0] != "remove_table" or d[1].name != "helper_alembic_version"] == []
         downgrade(db_url)
@@ -39,7 +40,7 @@ def test_the_helper_and_the_coordinator_can_share_one_database(db_url: str) -> N
     try:
         assert coordinator_db.current_revision(engine) == coordinator_db.head_revision()
         with engine.connect() as conn:
-            assert conn.execute(sa.text("SELECT version_num FROM helper_alembic_version")).scalar_one() == "h0001"
+            assert conn.execute(sa.text("SELECT version_num FROM helper_alembic_version")).scalar_one() == "h0002"
     finally:
         engine.dispose()
 
@@ -56,7 +57,7 @@ def test_serve_refuses_a_database_not_at_head(tmp_path) -> None:
     downgrade(f"sqlite:///{tmp_path / 'helper.db'}")
     done = subprocess.run([sys.executable, "-m", "helper.cli", "serve", "--dir", str(tmp_path), "--port", "1"],
                           capture_output=True, text=True, timeout=120)
-    assert done.returncode == 2 and "not 'h0001'" in done.stderr
+    assert done.returncode == 2 and "not 'h0002'" in done.stderr
     # init's files are private: keys and configuration 0600, the key directory 0700
     for path, mode in ((tmp_path / "helper.toml", 0o600), (tmp_path / "keys", 0o700)):
         assert path.stat().st_mode & 0o777 == mode

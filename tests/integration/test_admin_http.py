@@ -24,6 +24,7 @@ MUTATING = {
     ("POST", "/api/admin/tokens"),
     ("POST", "/api/admin/tokens/{token_id}/revoke"),
     ("POST", "/api/admin/log/checkpoint"),
+    ("POST", "/api/admin/log/witnesses"),
 }
 
 
@@ -115,6 +116,7 @@ def test_auditor_gets_403_on_every_mutating_route_and_admin_succeeds(server, cli
         ("POST", "/api/admin/silos"): {"name": "by-auditor", "epsilon_cap": 1.0, "delta": 1e-5},
         ("PATCH", "/api/admin/federation"): {"settings": {"alpha": 0.5}},
         ("POST", "/api/admin/tokens"): {"name": "by-auditor", "role": "admin"},
+        ("POST", "/api/admin/log/witnesses"): {"name": "helper", "signing_key": "A" * 43},
     }
     head = _head(client, auditor)
     for method, path in sorted(MUTATING):
@@ -133,7 +135,8 @@ def test_auditor_gets_403_on_every_mutating_route_and_admin_succeeds(server, cli
         assert r.status_code == expected_status.get((method, path), 200), (method, path, r.text)
     events = client.get(f"/api/audit/events?after_seq={head}", headers=auditor).json()["events"]
     assert sorted(e["action"] for e in events) == sorted(
-        ["silo_created", "silo_revoked", "settings_changed", "token_created", "token_revoked", "checkpoint_issued"])
+        ["silo_created", "silo_revoked", "settings_changed", "token_created", "token_revoked", "checkpoint_issued",
+         "log_witness_registered"])
     assert {e["actor"] for e in events} == {"token:admin"}
     silos = {s["name"]: s for s in client.get("/api/admin/silos", headers=auditor).json()["silos"]}
     assert silos["to-revoke"]["status"] == "revoked" and silos["by-auditor"]["status"] == "pending"

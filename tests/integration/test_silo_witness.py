@@ -14,7 +14,7 @@ from silo_node.ledger import Ledger
 from silo_node.partition import write_partitions
 from tests.integration.test_silos import ROUND, TASK_OPTIONS, enrol_in_process, ledger_rows, silo
 from tests.support.coordinator import running_coordinator
-from tests.support.tlog import tamper
+from tests.support.tlog import alter, tamper
 
 pytestmark = pytest.mark.slow
 
@@ -102,3 +102,33 @@ def _reconcile_finds_each_planted_mismatch(server, data_dir, tmp_path):
     # an earlier entry edited: the export is no longer the log this silo cosigned
     assert ("not_included", update_id) in planted("history", lambda c: c[0].update(actor="someone-else"))
     assert silo_id == first["actor"]
+
+
+def test_a_silo_daemon_stops_when_its_receipt_is_not_in_the_log(tmp_path):
+    """The coordinator edits the silo's own update entry after the checkpoint the silo
+    accepted, rebuilds its tree and re-signs: the new checkpoint extends the accepted one
+    (only later entries changed), so the silo cosigns it -- then its receipt's inclusion
+    proof fails, and it stops with exit code 4, the receipt and the failed proof kept."""
+    parts = write_partitions("breast_cancer", tmp_path / "parts", 1, alpha=0.5, seed=11)
+    # a long interval: the checkpoint the daemon accepts first does not cover its update
+    with running_coordinator(tmp_path / "coordinator", task="breast_cancer", task_options=TASK_OPTIONS,
+                             env={"FEDSILO_CHECKPOINT_INTERVAL_SECONDS": "3600"}) as server:
+        data_dir = enrol_in_process(server, tmp_path, "hospital-a", parts.paths[0])
+        first = silo("run", "--data-dir", str(data_dir), "--rounds", "1", *ROUND)
+        assert first.returncode == 0, first.stderr
+        with Ledger(data_dir / "ledger.db", readonly=True) as ledger:
+            accepted, _ = ledger.accepted_checkpoint()
+            [update] = ledger.entries("update")
+            assert ledger.inclusions() == {}  # not covered yet
+        assert int(accepted.splitlines()[1]) < update.audit_seq
+
+        alter(server, "edited", update.audit_seq)
+        stopped = silo("run", "--data-dir", str(data_dir), "--rounds", "0")
+        assert stopped.returncode == 4, stopped.stdout + stopped.stderr
+        assert f"audit entry {update.audit_seq - 1} is not in the log" in stopped.stdout
+        with Ledger(data_dir / "ledger.db", readonly=True) as ledger:
+            [evidence] = ledger.log_evidence()
+            assert json.loads(evidence["receipt"])["update_id"] == update.update_id
+            assert evidence["inclusion_proof"] and "checkpoint" in evidence
+            assert ledger.entries("stop")[-1].reason == "log_altered"
+            assert ledger.inclusions() == {}

@@ -11,7 +11,7 @@ import pytest
 
 from coordinator import checkpoints
 from privacy import merkle, note
-from privacy.keys import Identity, signing_public_from_raw
+from privacy.keys import Identity, b64e, signing_public_from_raw
 from tests.support.coordinator import FakeSilo, running_coordinator, verify_receipt
 
 FED = "test federation+1"  # a space and a '+': the origin must still be a valid key name
@@ -150,3 +150,30 @@ def test_bad_consistency_requests(client, params):
 def test_bad_inclusion_requests(client, params):
     r = client.get("/api/v1/log/proof/inclusion", params=params)
     assert (r.status_code, r.json()["reason"]) == (422, "invalid_request")
+
+
+def test_a_registered_witness_cosigns_and_bad_registrations_are_refused(server, client):
+    helper = Identity.generate()
+    raw = b64e(helper.public().signing)  # unpadded base64url, as fedsilo-helper witness setup prints it
+    for body in ({"name": "bad name", "signing_key": raw}, {"name": "helper", "signing_key": "AAAA"},
+                 {"name": "helper"}, {"name": "helper", "signing_key": raw + "="},
+                 {"name": "helper", "signing_key": raw, "extra": 1}):
+        r = server.admin("POST", "/log/witnesses", json=body)
+        assert (r.status_code, r.json()["reason"]) == (422, "invalid_request"), r.text
+    _, cp = _issue(server)
+    name = f"{ORIGIN}/witness/helper"
+    line = note.cosign(cp.text(), name, helper.signing, int(time.time()))
+    before = _rejections(server)
+    r = client.post("/api/v1/log/cosignatures", json={"size": cp.size, "cosignature": line})
+    assert (r.status_code, r.json()["reason"]) == (401, "unknown_silo")  # not registered yet
+    assert _rejections(server) == before + 1
+
+    r = server.admin("POST", "/log/witnesses", json={"name": "helper", "signing_key": raw})
+    assert r.status_code == 200, r.text
+    assert r.json()["key"] in client.get("/api/v1/log/witnesses").text
+    forged = note.cosign(cp.text(), name, Identity.generate().signing, int(time.time()))
+    r = client.post("/api/v1/log/cosignatures", json={"size": cp.size, "cosignature": forged})
+    assert (r.status_code, r.json()["reason"]) == (401, "bad_signature")
+    r = client.post("/api/v1/log/cosignatures", json={"size": cp.size, "cosignature": line})
+    assert r.status_code == 200 and r.json()["witness"] == "helper", r.text
+    assert line in client.get(f"/api/v1/log/checkpoints/{cp.size}").text
