@@ -456,9 +456,9 @@ class Simulator:
         buffered = 0
         run = RunResult(starts=[[] for _ in range(n)])
         self._record(run, 0.0, state, spec.label, budget, max_rounds)
-        # (arrival time, tie-break, silo, base version, base tensors, delta); a pacing
-        # wake-up is an entry with delta None: the silo pulls again then.
-        queue: list[tuple[float, int, int, int, Tensors | None, Tensors | None]] = []
+        # (arrival time, tie-break, silo, base version, base tensors, the silo's round
+        # number); a pacing wake-up is an entry with round None: the silo pulls again then.
+        queue: list[tuple[float, int, int, int, Tensors | None, int | None]] = []
         seq = 0
         pacer = _Pacer(settings, n) if spec.pacing else None
 
@@ -477,12 +477,13 @@ class Simulator:
             arrival = t + self.duration(i, durations[i])
             if arrival > budget:
                 return  # would arrive after the run ends: not trained, not counted
-            # Training at the start is exact: the update depends only on the base model.
-            delta = self.train(i, state, rounds[i], sigmas[i], spec.lr)
+            # The update depends only on the base model and the round's own seed, so it
+            # is trained when it arrives, and only if it is folded: a stale round's
+            # update is never looked at (it counts as trained all the same).
+            heapq.heappush(queue, (arrival, seq, i, version, state, rounds[i]))
             rounds[i] += 1
             run.trained += 1
             run.starts[i].append(t)
-            heapq.heappush(queue, (arrival, seq, i, version, state, delta))
             seq += 1
             if pacer is not None:
                 pacer.started(i)
@@ -490,8 +491,8 @@ class Simulator:
         for i in range(n):
             start(i, 0.0)
         while queue:
-            t, _, i, base_version, base, delta = heapq.heappop(queue)
-            if delta is None:  # a paced silo comes back
+            t, _, i, base_version, base, round_no = heapq.heappop(queue)
+            if round_no is None:  # a paced silo comes back
                 start(i, t)
                 continue
             staleness = version - base_version
@@ -507,6 +508,7 @@ class Simulator:
                 continue
             run.accepted += 1
             run.staleness.append(staleness)
+            delta = self.train(i, base, round_no, sigmas[i], spec.lr)
             if spec.kind == "fedasync":
                 # Folds are not in place: in-flight updates keep references to their bases.
                 state = fedasync_fold(state, base, delta, fedasync_weight(settings, staleness))
@@ -541,23 +543,26 @@ class _Pacer:
         self.settings = settings
         self.version_times: list[float] = [0.0]
         self.arrivals: list[pacing.Arrival] = []
-        self.in_flight = [0] * n
+        self.in_flight: list[list[tuple[float, float | None]]] = [[] for _ in range(n)]  # per silo: (start, due)
         self.policy = pacing.PacingPolicy()
+        self._due: tuple[float, float | None] = (0.0, None)
 
     def hint(self, i: int, t: float, version: int) -> pacing.Hint:
         snap = pacing.snapshot(
             now=t, silo=str(i), current_version=version, max_staleness=self.settings.max_staleness,
             updates_per_version=self.settings.buffer_k if self.settings.strategy == "fedbuff" else 1,
             version_times=self.version_times[-self.policy.rate_window:], arrivals=self.arrivals,
-            in_flight=sum(self.in_flight), silo_in_flight=self.in_flight[i],
+            in_flight=[d for due in self.in_flight for d in due], silo_in_flight=len(self.in_flight[i]),
         )
+        r = snap.silo.round_time if snap.silo.round_time is not None else snap.round_time
+        self._due = (t, None if r is None else t + r)
         return pacing.decide(snap, self.policy)
 
     def started(self, i: int) -> None:
-        self.in_flight[i] += 1
+        self.in_flight[i].append(self._due)
 
     def arrived(self, i: int, base_version: int, t: float, accepted: bool) -> None:
-        self.in_flight[i] -= 1
+        self.in_flight[i].pop(0)
         self.arrivals.append(pacing.Arrival(str(i), base_version, self.version_times[base_version], t, accepted))
         del self.arrivals[:-self.RECENT]
 

@@ -12,14 +12,22 @@ budget spent for nothing. Pacing admits a round only when its *expected* stalene
 fits under a fraction of the bound.
 
 The estimate (docs/operations.md, "Pacing"). With ``R`` the silo's own recent round
-time (median of its last rounds; the federation's median ``R_fed`` when it has none),
-``u`` the updates per version (1 for FedAsync, ``buffer_k`` for FedBuff), ``F`` the
-rounds in flight in the whole federation and ``rate`` the recent version rate::
+time (median of its last rounds; the federation's median when it has none), ``u`` the
+updates per version (1 for FedAsync, ``buffer_k`` for FedBuff), ``rate`` the recent
+version rate and ``D`` the updates expected from the rounds in flight before
+``now + R``::
 
-    E = max(rate * R, F * R / (u * R_fed))      (F / u when no round time is known)
+    E = max(rate * R, D / u)                    (all in-flight rounds / u when R is unknown)
 
-The second term anticipates the rounds already started and not yet arrived (the
-version rate lags a burst of starts: at the first pull of 200 silos it is still 0).
+A round in flight started at ``s`` is due at ``d = s + `` its silo's round time; it
+counts ``0`` if ``d > now + R``, else ``1 + floor((now + R - d) / (d - s))`` -- its silo
+is expected to start again and arrive again within the window, as fast silos do -- and
+``1`` when its due time is unknown. This term anticipates rounds already started (the
+version rate lags a burst of starts: at the first pull of 200 silos it is still 0)
+and the fast silos that will lap a slow one; a slow silo's round in flight does not
+make a fast silo's update stale. So fast silos keep the version rate up while a slow
+silo, whose round would span more than the bound, is held back instead of training
+for nothing.
 
 Preference (who gets the scarce rounds). Each silo has a priority ``p`` in [0, 1]::
 
@@ -58,12 +66,12 @@ class PacingPolicy:
     version rate is measured over.
     """
 
-    low: float = 0.4
+    low: float = 0.5
     high: float = 0.8
     max_in_flight: int = 1
     min_wait: float = 1.0
     max_wait: float = 600.0
-    rate_window: int = 32
+    rate_window: int = 64
 
 
 @dataclass(frozen=True)
@@ -88,8 +96,9 @@ class Snapshot:
     """The federation's recent state, as seen at ``now`` (seconds, any epoch).
 
     ``version_times``: creation times of the recent versions, ascending.
-    ``in_flight``: rounds in flight in the whole federation (the pulling silo's
-    included). ``round_time``: the federation's median round time (None: unknown).
+    ``in_flight``: ``(started, due)`` of each round in flight in the whole federation
+    (``due`` None: unknown), the pulling silo's included. ``round_time``: the federation's
+    median round time (None: unknown).
     ``active``: silos that contributed recently (at least 1).
     """
 
@@ -97,7 +106,7 @@ class Snapshot:
     max_staleness: int
     updates_per_version: int
     version_times: Sequence[float]
-    in_flight: int
+    in_flight: Sequence[tuple[float, float | None]]
     round_time: float | None
     active: int
     silo: SiloView
@@ -151,11 +160,19 @@ def expected_staleness(snap: Snapshot, window: int) -> float:
     u = max(snap.updates_per_version, 1)
     r = snap.silo.round_time if snap.silo.round_time is not None else snap.round_time
     if r is None:
-        return snap.in_flight / u
-    r_fed = snap.round_time if snap.round_time else r
-    by_rate = version_rate(snap.version_times, snap.now, window) * r
-    by_flight = snap.in_flight * r / (u * r_fed)
-    return max(by_rate, by_flight)
+        return len(snap.in_flight) / u
+    end = snap.now + r
+    due = sum(_arrivals_before(end, s, d) for s, d in snap.in_flight)
+    return max(version_rate(snap.version_times, snap.now, window) * r, due / u)
+
+
+def _arrivals_before(end: float, started: float, due: float | None) -> int:
+    """Updates a round in flight (and its silo's next rounds) should deliver by ``end``."""
+    if due is None:
+        return 1
+    if due > end:
+        return 0
+    return 1 + int((end - due) // max(due - started, 1e-9))
 
 
 def _clamp(x: float, policy: PacingPolicy) -> float:
@@ -212,12 +229,13 @@ def snapshot(
     updates_per_version: int,
     version_times: Sequence[float],
     arrivals: Sequence[Arrival],
-    in_flight: int,
+    in_flight: Sequence[tuple[float, float | None]],
     silo_in_flight: int,
     history: int = 8,
 ) -> Snapshot:
     """Build the :class:`Snapshot` for ``silo`` from plain records (the coordinator's
-    database rows, or the simulation's events): ``arrivals`` are the federation's recent
+    database rows, or the simulation's events): ``in_flight`` each round in flight as
+    ``(started, due)`` (due None: unknown); ``arrivals`` are the federation's recent
     updates, oldest first; each silo's round time is the median of its last ``history``."""
     own = [a for a in arrivals if a.silo == silo]
     accepted = [a for a in arrivals if a.accepted]

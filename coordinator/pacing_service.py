@@ -43,6 +43,7 @@ GRANT_TTL_SECONDS = 60.0
 class _Grant:
     at: float  # seconds (the coordinator clock's epoch)
     expires: float
+    due: float | None  # when its update is expected (None: the silo's round time is unknown)
 
 
 class Grants:
@@ -52,24 +53,26 @@ class Grants:
         self._by_silo: dict[str, list[_Grant]] = {}
         self._lock = threading.Lock()
 
-    def live(self, now: float, last_arrival: dict[str, float]) -> dict[str, int]:
-        """Rounds in flight per silo: grants not expired and later than the silo's
-        latest arrival (an arrival closes every round started before it)."""
+    def live(self, now: float, last_arrival: dict[str, float]) -> dict[str, list[tuple[float, float | None]]]:
+        """Rounds in flight per silo, as ``(started, due)``: grants not expired and
+        later than the silo's latest arrival (an arrival closes every round started
+        before it)."""
         with self._lock:
             out = {}
             for silo, grants in list(self._by_silo.items()):
                 seen = last_arrival.get(silo, float("-inf"))
                 grants[:] = [g for g in grants if g.expires > now and g.at > seen]
                 if grants:
-                    out[silo] = len(grants)
+                    out[silo] = [(g.at, g.due) for g in grants]
                 else:
                     del self._by_silo[silo]
             return out
 
     def add(self, silo: str, now: float, round_time: float | None) -> None:
         ttl = max(GRANT_TTL_SECONDS, GRANT_TTL_ROUNDS * (round_time or 0.0))
+        due = None if round_time is None else now + round_time
         with self._lock:
-            self._by_silo.setdefault(silo, []).append(_Grant(now, now + ttl))
+            self._by_silo.setdefault(silo, []).append(_Grant(now, now + ttl, due))
 
 
 @dataclass(frozen=True)
@@ -119,8 +122,8 @@ def hint(session: Session, *, identity: Identity, grants: Grants, federation_id:
     snap = pacing.snapshot(
         now=t, silo=silo_id, current_version=version, max_staleness=settings.max_staleness,
         updates_per_version=settings.buffer_k if settings.strategy == "fedbuff" else 1,
-        version_times=times, arrivals=arrivals, in_flight=sum(flying.values()),
-        silo_in_flight=flying.get(silo_id, 0),
+        version_times=times, arrivals=arrivals, in_flight=[d for due in flying.values() for d in due],
+        silo_in_flight=len(flying.get(silo_id, ())),
     )
     decided = pacing.decide(snap, policy, enabled=settings.pacing)
     if decided.start and settings.pacing:

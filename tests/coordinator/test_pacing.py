@@ -11,7 +11,12 @@ from coordinator.pacing import (
 )
 
 
-def snap(*, silo: SiloView = SiloView(), in_flight: int = 0, u: int = 1, times=(), round_time=None, active=1,
+def unknown(k: int) -> list[tuple[float, None]]:
+    """``k`` rounds in flight whose due time is unknown."""
+    return [(100.0, None)] * k
+
+
+def snap(*, silo: SiloView = SiloView(), in_flight=(), u: int = 1, times=(), round_time=None, active=1,
          now: float = 110.0, max_staleness: int = 16) -> Snapshot:
     return Snapshot(now=now, max_staleness=max_staleness, updates_per_version=u, version_times=times,
                     in_flight=in_flight, round_time=round_time, active=active, silo=silo)
@@ -39,29 +44,45 @@ def test_priority_puts_under_represented_first_then_stale():
 
 def test_no_history_counts_rounds_in_flight():
     # E = in_flight / u = 5; new silo: p = 1, threshold 16 * 0.8 = 12.8.
-    h = decide(snap(in_flight=5))
+    h = decide(snap(in_flight=unknown(5)))
     assert (h.start, h.not_before, h.expected, h.reason) == (True, 110.0, 5.0, "paced")
     # 13 in flight: E 13 > 12.8; wait (1 - 12.8/13) * min_wait * 0.5, clamped up to min_wait 1 s.
-    h = decide(snap(in_flight=13))
+    h = decide(snap(in_flight=unknown(13)))
     assert (h.start, h.not_before, h.expected, h.reason) == (False, 111.0, 13.0, "staleness")
     # FedBuff K=5: 40 in flight make E = 8 versions.
-    assert decide(snap(in_flight=40, u=5)).expected == 8.0
+    assert decide(snap(in_flight=unknown(40), u=5)).expected == 8.0
+
+
+def test_rounds_in_flight_count_when_due_before_this_round_ends():
+    # Own R 10 at now 110: the window ends at 120.
+    silo = SiloView(round_time=10.0)
+    flight = [
+        (105.0, 125.0),  # due after 120: 0
+        (108.0, 118.0),  # due at 118, a 10 s round: 1 + floor(2 / 10) = 1
+        (109.0, 111.0),  # due at 111, a 2 s round: laps again at 113 ... 119: 1 + floor(9 / 2) = 5
+        (100.0, None),   # unknown: 1
+    ]
+    assert expected_staleness(snap(silo=silo, in_flight=flight), 64) == 7.0
+    assert expected_staleness(snap(silo=silo, in_flight=flight, u=5), 64) == pytest.approx(7 / 5)
 
 
 def test_rate_and_flight_with_round_times():
-    # rate 5 versions / 10 s = 0.5; own R 10, federation R 5: by_rate 5, by_flight 4*10/5 = 8.
+    # rate 5 versions / 10 s = 0.5; own R 10: by_rate 5; 8 rounds due by 120: by_flight 8.
     silo = SiloView(round_time=10.0, share=0.2, behind=16)  # rep 0.5, fresh 1: p = 2/3
-    s = snap(silo=silo, in_flight=4, times=(100, 102, 104, 106, 108), round_time=5.0, active=5)
-    assert expected_staleness(s, 32) == pytest.approx(8.0)
-    h = decide(s)  # threshold 16 * (0.4 + 0.4 * 2/3) = 10.667
-    assert h.start and h.expected == pytest.approx(8.0)
-    # 8 in flight: E = 16 > 10.667; wait (1 - 10.667/16) * 5 * (1.5 - 2/3) = 1.3889 s.
-    h = decide(snap(silo=silo, in_flight=8, times=(100, 102, 104, 106, 108), round_time=5.0, active=5))
-    assert not h.start and h.expected == pytest.approx(16.0)
-    assert h.not_before == pytest.approx(110.0 + (1 - 32 / 3 / 16) * 5 * (1.5 - 2 / 3))
-    # The rate term rules when it is larger: 10 versions in the last 2 s -> 5/s * R 10 = 50.
-    h = decide(snap(silo=silo, in_flight=0, times=tuple(108 + 0.2 * k for k in range(10)), round_time=5.0, active=5))
+    eight = [(105.0, 115.0)] * 8
+    times = (100, 102, 104, 106, 108)
+    s = snap(silo=silo, in_flight=eight[:4], times=times, round_time=5.0, active=5)
+    assert expected_staleness(s, 64) == pytest.approx(5.0)
+    h = decide(s)  # threshold 16 * (0.5 + 0.3 * 2/3) = 11.2
+    assert h.start and h.expected == pytest.approx(5.0)
+    eleven = [(105.0, 115.0)] * 12  # 12 due: E 12 > 11.2; wait (1 - 11.2/12) * 5 * (1.5 - 2/3) = 0.2778 -> 1 s
+    h = decide(snap(silo=silo, in_flight=eleven, times=times, round_time=5.0, active=5))
+    assert not h.start and h.expected == 12.0 and h.not_before == 111.0
+    # The rate term rules when it is larger: 10 versions in the last 2 s -> 5/s * R 10 = 50;
+    # wait (1 - 11.2/50) * 5 * (5/6) = 3.2333 s.
+    h = decide(snap(silo=silo, times=tuple(108 + 0.2 * k for k in range(10)), round_time=5.0, active=5))
     assert h.expected == pytest.approx(10 / 2 * 10) and not h.start
+    assert h.not_before == pytest.approx(110.0 + (1 - 11.2 / 50) * 5 * (1.5 - 2 / 3))
 
 
 def test_per_silo_bound_and_waits_are_clamped():
@@ -70,12 +91,12 @@ def test_per_silo_bound_and_waits_are_clamped():
     assert math.isinf(h.expected)
     assert decide(snap(silo=SiloView(in_flight=2)), PacingPolicy(max_in_flight=3)).start
     # A huge excess is clamped to max_wait.
-    h = decide(snap(silo=SiloView(round_time=1e6), in_flight=1000, round_time=1e6), PacingPolicy(max_wait=60.0))
+    h = decide(snap(silo=SiloView(round_time=1e6), in_flight=unknown(1000), round_time=1e6), PacingPolicy(max_wait=60.0))
     assert h.not_before == 110.0 + 60.0
 
 
 def test_pacing_off_always_starts_now():
-    for s in (snap(in_flight=1000), snap(silo=SiloView(in_flight=5))):
+    for s in (snap(in_flight=unknown(1000)), snap(silo=SiloView(in_flight=5))):
         h = decide(s, enabled=False)
         assert (h.start, h.not_before, h.reason) == (True, 110.0, "off")
 
@@ -88,10 +109,10 @@ def test_snapshot_from_records():
         Arrival("c", 0, 0.0, 30.0, False),  # stale: a round of 30 s, not a contribution
     ]
     s = snapshot(now=31.0, silo="a", current_version=2, max_staleness=16, updates_per_version=1,
-                 version_times=[0.0, 4.0, 10.0], arrivals=arrivals, in_flight=3, silo_in_flight=0)
+                 version_times=[0.0, 4.0, 10.0], arrivals=arrivals, in_flight=unknown(3), silo_in_flight=0)
     assert s.silo == SiloView(round_time=5.0, in_flight=0, share=2 / 3, behind=1)
     assert s.round_time == 7.5  # median of 4, 9, 6, 30
-    assert s.active == 2 and s.in_flight == 3
+    assert s.active == 2 and len(s.in_flight) == 3
     fresh = snapshot(now=31.0, silo="z", current_version=2, max_staleness=16, updates_per_version=1,
-                     version_times=[0.0], arrivals=[], in_flight=0, silo_in_flight=0)
+                     version_times=[0.0], arrivals=[], in_flight=[], silo_in_flight=0)
     assert fresh.silo == SiloView() and fresh.round_time is None and fresh.active == 1
