@@ -116,3 +116,14 @@ def test_snapshot_from_records():
     fresh = snapshot(now=31.0, silo="z", current_version=2, max_staleness=16, updates_per_version=1,
                      version_times=[0.0], arrivals=[], in_flight=[], silo_in_flight=0)
     assert fresh.silo == SiloView() and fresh.round_time is None and fresh.active == 1
+
+
+def test_the_federation_setting_is_on_by_default_and_validated():
+    from coordinator.strategies import StrategyError, StrategySettings
+
+    assert StrategySettings().pacing is True
+    assert StrategySettings.from_dict({"pacing": False}).to_dict()["pacing"] is False
+    assert StrategySettings.from_stored({"strategy": "fedasync"}).pacing is True  # settings stored before pacing
+    for bad in ("yes", 1, None):
+        with pytest.raises(StrategyError, match="pacing must be true or false"):
+            StrategySettings.from_dict({"pacing": bad})
