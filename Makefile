@@ -48,8 +48,8 @@ bench-secagg: venv
 bench-upload: venv
 	$(PY) benchmarks/upload_memory.py $(ARGS)
 
-clean:
-	rm -rf $(VENV) build *.egg-info
-
 bench-pacing: venv
 	$(PY) benchmarks/pacing.py $(ARGS)
+
+clean:
+	rm -rf $(VENV) build *.egg-info
