@@ -36,9 +36,11 @@ def client(silo: FakeSilo, server, transport: httpx.BaseTransport | None = None)
                       schema=silo.schema, transport=transport)
 
 
-@pytest.fixture(scope="module")
-def server(tmp_path_factory):
-    with running_coordinator(tmp_path_factory.mktemp("pacing") / "coordinator") as s:
+@pytest.fixture(scope="module", params=["sqlite", pytest.param("postgres", marks=pytest.mark.postgres)])
+def server(request, tmp_path_factory):
+    """One served coordinator per backend (the hint reads recent versions and updates)."""
+    url = request.getfixturevalue("postgres_module_url") if request.param == "postgres" else None
+    with running_coordinator(tmp_path_factory.mktemp("pacing") / "coordinator", database_url=url) as s:
         yield s
 
 
