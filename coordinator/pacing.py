@@ -42,7 +42,7 @@ one that dominates them, and among equals the one whose model is most stale is
 preferred. A refused silo is told to come back after the excess fraction of the
 flight has landed, ``(1 - threshold / E) * R_fed``, longer at low priority (times
 ``1.5 - p``), within ``[min_wait, max_wait]``. A silo with ``max_in_flight`` rounds
-already in flight comes back after its own round time.
+already in flight comes back after its own round time (60 s when unknown).
 
 Measured (docs/benchmarks.md section 8): at 200 simulated silos this keeps refusals
 under 10% (from 84% FedAsync, 52% FedBuff), at the cost of a lower version rate and
@@ -69,7 +69,9 @@ class PacingPolicy:
     at priority 0 / 1 (below 1: round times vary, a margin keeps most arrivals inside
     the bound). ``max_in_flight``: rounds one silo may have in flight. Waits are clamped
     to ``[min_wait, max_wait]`` seconds. ``rate_window``: how many recent versions the
-    version rate is measured over.
+    version rate is measured over. ``unknown_round``: how long a silo with a round in
+    flight and no known round time is told to wait (a silo that pulls again mid-round
+    most likely restarted; every pull carries the model, so it should not poll).
     """
 
     low: float = 0.5
@@ -78,6 +80,7 @@ class PacingPolicy:
     min_wait: float = 1.0
     max_wait: float = 600.0
     rate_window: int = 64
+    unknown_round: float = 60.0
 
 
 @dataclass(frozen=True)
@@ -192,7 +195,7 @@ def decide(snap: Snapshot, policy: PacingPolicy = PacingPolicy(), *, enabled: bo
     silo = snap.silo
     own = silo.round_time if silo.round_time is not None else snap.round_time
     if silo.in_flight >= policy.max_in_flight:
-        return Hint(False, snap.now + _clamp(own or policy.min_wait, policy), math.inf, "in_flight")
+        return Hint(False, snap.now + _clamp(own or policy.unknown_round, policy), math.inf, "in_flight")
     e = expected_staleness(snap, policy.rate_window)
     p = priority(silo, snap.active, snap.max_staleness)
     threshold = snap.max_staleness * (policy.low + (policy.high - policy.low) * p)

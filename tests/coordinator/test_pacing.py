@@ -89,6 +89,8 @@ def test_per_silo_bound_and_waits_are_clamped():
     h = decide(snap(silo=SiloView(round_time=10.0, in_flight=1)))
     assert (h.start, h.not_before, h.reason) == (False, 120.0, "in_flight")
     assert math.isinf(h.expected)
+    # No round time known anywhere: come back in unknown_round (60 s), not poll each second.
+    assert decide(snap(silo=SiloView(in_flight=1))).not_before == 110.0 + 60.0
     assert decide(snap(silo=SiloView(in_flight=2)), PacingPolicy(max_in_flight=3)).start
     # A huge excess is clamped to max_wait.
     h = decide(snap(silo=SiloView(round_time=1e6), in_flight=unknown(1000), round_time=1e6), PacingPolicy(max_wait=60.0))
