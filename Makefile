@@ -8,7 +8,7 @@ PIP    := $(PY) -m pip install --disable-pip-version-check -q $(FIND_LINKS) -c c
 ARGS   ?=
 PYTEST_ARGS ?=
 
-.PHONY: demo test venv clean bench bench-ingest bench-async bench-privacy bench-model bench-tlog bench-secagg bench-upload
+.PHONY: demo test venv clean bench bench-ingest bench-async bench-privacy bench-model bench-tlog bench-secagg bench-upload bench-pacing
 
 venv: $(VENV)/.installed
 
@@ -47,6 +47,9 @@ bench-secagg: venv
 
 bench-upload: venv
 	$(PY) benchmarks/upload_memory.py $(ARGS)
+
+bench-pacing: venv
+	$(PY) benchmarks/pacing.py $(ARGS)
 
 clean:
 	rm -rf $(VENV) build *.egg-info

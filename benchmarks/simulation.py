@@ -47,6 +47,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from coordinator import pacing
 from coordinator.strategies import (
     StrategyError,
     StrategyReason,
@@ -93,6 +94,7 @@ class StrategySpec:
     settings: StrategySettings | None = None  # fedasync / fedbuff
     cohort: int | None = None  # fedavg: silos per round; None = all
     lr: float | None = None  # the silos' local learning rate under this strategy; None = config's
+    pacing: bool = False  # async: silos ask coordinator.pacing.decide before each round
 
     def to_dict(self) -> dict[str, Any]:
         out: dict[str, Any] = {"key": self.key, "label": self.label, "kind": self.kind}
@@ -105,6 +107,7 @@ class StrategySpec:
         if self.kind == "fedavg":
             out["cohort"] = self.cohort
         out["local_lr"] = self.lr
+        out["pacing"] = self.pacing
         return out
 
 
@@ -126,6 +129,10 @@ class FederationConfig:
     spread: float = 10.0  # slowest / fastest silo's typical round duration
     fastest_round: float = 2.0  # virtual seconds
     jitter: float = 0.1  # sigma of the lognormal noise on each round's duration
+    # None: disjoint Dirichlet shares of the pool. N: each silo draws N rows from the pool
+    # with its own Dirichlet class mixture (shares overlap), so that many more silos than
+    # digits can fill (200 x 16 rows > 1,437) still get label-skewed data.
+    share_size: int | None = None
     local: LocalTraining = field(default_factory=LocalTraining)
 
     def federation_key(self) -> FederationConfig:
@@ -205,6 +212,22 @@ def silo_speeds(n: int, spread: float, fastest: float, rng: np.random.Generator)
     return fastest * spread ** ((z - z.min()) / np.ptp(z))
 
 
+def overlapping_shares(labels: np.ndarray, n: int, alpha: float, size: int,
+                       rng: np.random.Generator) -> list[np.ndarray]:
+    """``n`` label-skewed shares of ``size`` distinct rows each, drawn independently
+    (so they may overlap): silo i's class mixture is Dirichlet(alpha), and its rows are
+    drawn class by class from the pool."""
+    classes = np.unique(labels)
+    by_class = [np.flatnonzero(labels == k) for k in classes]
+    out = []
+    for _ in range(n):
+        mix = rng.dirichlet(np.full(len(classes), alpha))
+        counts = np.minimum(rng.multinomial(size, mix), [len(c) for c in by_class])
+        rows = [rng.choice(c, size=m, replace=False) for c, m in zip(by_class, counts) if m]
+        out.append(np.sort(np.concatenate(rows)))
+    return out
+
+
 def build_federation(cfg: FederationConfig) -> Federation:
     """Held-out split, Dirichlet non-IID silo shares, speeds, the initial model.
 
@@ -223,9 +246,13 @@ def build_federation(cfg: FederationConfig) -> Federation:
     pool = np.setdiff1d(np.arange(len(y)), held)
     # Every silo can fill a batch (train_dp refuses batch_size > N).
     min_size = max(DEFAULT_MIN_SIZE, cfg.local.batch_size)
-    parts = dirichlet_partition(
-        y[pool], cfg.silos, cfg.dirichlet_alpha, int(part_seq.generate_state(1)[0]), min_size
-    )
+    if cfg.share_size is None:
+        parts = dirichlet_partition(
+            y[pool], cfg.silos, cfg.dirichlet_alpha, int(part_seq.generate_state(1)[0]), min_size
+        )
+    else:
+        parts = overlapping_shares(y[pool], cfg.silos, cfg.dirichlet_alpha, max(cfg.share_size, min_size),
+                                   np.random.default_rng(part_seq))
     speeds = silo_speeds(cfg.silos, cfg.spread, cfg.fastest_round, np.random.default_rng(speed_seq))
 
     def table(rows: np.ndarray) -> TabularData:
@@ -258,6 +285,7 @@ class RunResult:
     rejected_stale: int = 0
     staleness: list[int] = field(default_factory=list)
     starts: list[list[float]] = field(default_factory=list)  # per silo: when each round trained
+    paced_waits: int = 0  # pulls told to come back later (pacing)
     end: float = 0.0  # virtual time of the last event
 
 
@@ -428,30 +456,48 @@ class Simulator:
         buffered = 0
         run = RunResult(starts=[[] for _ in range(n)])
         self._record(run, 0.0, state, spec.label, budget, max_rounds)
-        # (arrival time, tie-break, silo, base version, base tensors, delta)
-        queue: list[tuple[float, int, int, int, Tensors, Tensors]] = []
+        # (arrival time, tie-break, silo, base version, base tensors, the silo's round
+        # number); a pacing wake-up is an entry with round None: the silo pulls again then.
+        queue: list[tuple[float, int, int, int, Tensors | None, int | None]] = []
         seq = 0
+        pacer = _Pacer(settings, n) if spec.pacing else None
 
         def start(i: int, t: float) -> None:
             nonlocal seq
             if max_rounds is not None and rounds[i] >= max_rounds:
                 return
+            if pacer is not None:
+                hint = pacer.hint(i, t, version)
+                if not hint.start:
+                    run.paced_waits += 1
+                    if hint.not_before <= budget:
+                        heapq.heappush(queue, (hint.not_before, seq, i, -1, None, None))
+                        seq += 1
+                    return
             arrival = t + self.duration(i, durations[i])
             if arrival > budget:
                 return  # would arrive after the run ends: not trained, not counted
-            # Training at the start is exact: the update depends only on the base model.
-            delta = self.train(i, state, rounds[i], sigmas[i], spec.lr)
+            # The update depends only on the base model and the round's own seed, so it
+            # is trained when it arrives, and only if it is folded: a stale round's
+            # update is never looked at (it counts as trained all the same).
+            heapq.heappush(queue, (arrival, seq, i, version, state, rounds[i]))
             rounds[i] += 1
             run.trained += 1
             run.starts[i].append(t)
-            heapq.heappush(queue, (arrival, seq, i, version, state, delta))
             seq += 1
+            if pacer is not None:
+                pacer.started(i)
 
         for i in range(n):
             start(i, 0.0)
         while queue:
-            t, _, i, base_version, base, delta = heapq.heappop(queue)
+            t, _, i, base_version, base, round_no = heapq.heappop(queue)
+            if round_no is None:  # a paced silo comes back
+                start(i, t)
+                continue
             staleness = version - base_version
+            if pacer is not None:
+                pacer.arrived(i, base_version, t, staleness <= settings.max_staleness)
             try:
                 check_staleness(settings, staleness)
             except StrategyError as exc:
@@ -462,10 +508,13 @@ class Simulator:
                 continue
             run.accepted += 1
             run.staleness.append(staleness)
+            delta = self.train(i, base, round_no, sigmas[i], spec.lr)
             if spec.kind == "fedasync":
                 # Folds are not in place: in-flight updates keep references to their bases.
                 state = fedasync_fold(state, base, delta, fedasync_weight(settings, staleness))
                 version += 1
+                if pacer is not None:
+                    pacer.version_made(t)
                 self._record(run, t, state, spec.label, budget, max_rounds)
             else:
                 buffer = fedbuff_accumulate(buffer, delta, staleness)
@@ -474,11 +523,51 @@ class Simulator:
                     state = fedbuff_apply(state, buffer, buffered, settings.server_lr)
                     buffer, buffered = None, 0
                     version += 1
+                    if pacer is not None:
+                        pacer.version_made(t)
                     self._record(run, t, state, spec.label, budget, max_rounds)
             start(i, t)
             run.end = t
         run.versions = version
         return run
+
+
+class _Pacer:
+    """The coordinator's pacing state in the simulation: the same records the
+    coordinator keeps (version times, recent arrivals, rounds in flight), handed to the
+    same :func:`coordinator.pacing.snapshot` and :func:`coordinator.pacing.decide`."""
+
+    RECENT = 64  # arrivals kept, as coordinator.pacing_service reads them
+
+    def __init__(self, settings: StrategySettings, n: int) -> None:
+        self.settings = settings
+        self.version_times: list[float] = [0.0]
+        self.arrivals: list[pacing.Arrival] = []
+        self.in_flight: list[list[tuple[float, float | None]]] = [[] for _ in range(n)]  # per silo: (start, due)
+        self.policy = pacing.PacingPolicy()
+        self._due: tuple[float, float | None] = (0.0, None)
+
+    def hint(self, i: int, t: float, version: int) -> pacing.Hint:
+        snap = pacing.snapshot(
+            now=t, silo=str(i), current_version=version, max_staleness=self.settings.max_staleness,
+            updates_per_version=self.settings.buffer_k if self.settings.strategy == "fedbuff" else 1,
+            version_times=self.version_times[-self.policy.rate_window:], arrivals=self.arrivals,
+            in_flight=[d for due in self.in_flight for d in due], silo_in_flight=len(self.in_flight[i]),
+        )
+        r = snap.silo.round_time if snap.silo.round_time is not None else snap.round_time
+        self._due = (t, None if r is None else t + r)
+        return pacing.decide(snap, self.policy)
+
+    def started(self, i: int) -> None:
+        self.in_flight[i].append(self._due)
+
+    def arrived(self, i: int, base_version: int, t: float, accepted: bool) -> None:
+        self.in_flight[i].pop(0)
+        self.arrivals.append(pacing.Arrival(str(i), base_version, self.version_times[base_version], t, accepted))
+        del self.arrivals[:-self.RECENT]
+
+    def version_made(self, t: float) -> None:
+        self.version_times.append(t)
 
 
 # --------------------------------------------------------------------------- metrics

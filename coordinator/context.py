@@ -20,6 +20,7 @@ from privacy.keys import Identity
 from .config import CoordinatorConfig
 from .db import WriteHealth
 from .model_store import ModelCache, ReleaseCache
+from .pacing_service import Grants
 from .slots import ByteBudget, UploadSlots
 from .metrics import Metrics
 
@@ -39,6 +40,8 @@ class Coordinator:
     cache: ModelCache = field(default_factory=ModelCache)
     #: Signed release statements of recent versions, keyed by (version, digest).
     releases: ReleaseCache = field(default_factory=ReleaseCache)
+    #: Rounds this process let silos start and has not yet seen arrive (pacing).
+    grants: Grants = field(default_factory=Grants)
     metrics: Metrics = field(init=False, repr=False)
     #: Whether writes are failing for want of the database (``/healthz`` reports it).
     health: WriteHealth = field(init=False, repr=False)

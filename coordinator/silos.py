@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING
 from privacy.envelope import enrolment_statement
 from privacy.keys import b64e
 
-from . import enrolment
+from . import enrolment, pacing_service
 from .errors import CoordinatorError
 from .federation import settings_of
 from .model_store import ReleaseStream, open_release
@@ -103,13 +103,30 @@ def _seen(ctx: Coordinator, silo: Silo) -> None:
             enrolment.touch(s, silo.id, now)
 
 
-def model(ctx: Coordinator, req: SignedRequest, version: int | None) -> ReleaseStream:
+def model(ctx: Coordinator, req: SignedRequest, version: int | None
+          ) -> tuple[ReleaseStream, pacing_service.SignedHint | None]:
     """The current (or a retained older) model, signed, opened for streaming from one
-    snapshot; for a signed silo request only. The caller closes the stream."""
+    snapshot; for a signed silo request only. The caller closes the stream.
+
+    A pull of the current version (no ``version``) starts a round: it also gets the
+    signed pacing hint (start now or come back later), bound to the request's nonce.
+    """
     with ctx.read() as s:
         silo = _authenticate(ctx, s, req)
     _seen(ctx, silo)
-    return open_release(ctx.read, ctx.identity, ctx.releases, ctx.federation_id, version)
+    stream = open_release(ctx.read, ctx.identity, ctx.releases, ctx.federation_id, version)
+    if version is not None:
+        return stream, None
+    try:
+        with ctx.read() as s:
+            signed = pacing_service.hint(
+                s, identity=ctx.identity, grants=ctx.grants, federation_id=ctx.federation_id, silo_id=silo.id,
+                nonce=req.headers["fedsilo-nonce"], version=stream.release.version, now=ctx.clock(),
+            )
+    except BaseException:
+        stream.close()
+        raise
+    return stream, signed
 
 
 def status(ctx: Coordinator, req: SignedRequest) -> dict:

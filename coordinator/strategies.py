@@ -140,6 +140,8 @@ class StrategySettings:
     ``beta2`` and ``tau`` (the FedOpt paper's defaults 0.9, 0.99, 1e-3).
     ``compression`` (none, int8, topk) names the compressed payload kind accepted
     besides a plain delta; it is refused together with secure aggregation.
+    ``pacing`` (default on) makes the coordinator answer model pulls with a signed
+    start-now / come-back-later hint (coordinator/pacing.py, docs/operations.md).
     Invalid values raise :class:`StrategyError` (``invalid_settings``).
     """
 
@@ -158,8 +160,11 @@ class StrategySettings:
     beta2: float = 0.99
     tau: float = 1e-3
     compression: str = "none"
+    pacing: bool = True
 
     def __post_init__(self) -> None:
+        if not isinstance(self.pacing, bool):
+            raise _invalid(f"pacing must be true or false, not {self.pacing!r}")
         if self.strategy not in _STRATEGIES:
             raise _invalid(f"strategy must be one of {', '.join(_STRATEGIES)}, not {self.strategy!r}")
         if self.staleness not in _STALENESS:

@@ -38,6 +38,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey,
 from privacy.envelope import sign_request, verify_enrolment, verify_release
 from privacy.errors import PrivacyError
 from privacy.keys import PublicIdentity, b64d, fingerprint
+from privacy.pacing_hint import PacingHint, verify_pacing
 
 from .client_errors import (
     BadResponse,
@@ -137,6 +138,9 @@ class Release:
     digest: str
     tensors: dict[str, torch.Tensor]
     statement: dict
+    #: The coordinator's verified pacing hint (pulls of the current version); None when
+    #: it sent none, which means start now.
+    pacing: PacingHint | None = None
 
 
 # --------------------------------------------------------------------------- the client
@@ -317,7 +321,28 @@ class SiloClient:
                 self._schema.check(tensors)
         except PrivacyError as exc:
             raise BadResponse(ClientReason.SCHEMA_MISMATCH, f"the signed model does not decode: {exc.message}") from None
-        return Release(version=served_version, digest=release["digest"], tensors=tensors, statement=release)
+        hint = self._pacing(response, served_version) if version is None else None
+        return Release(version=served_version, digest=release["digest"], tensors=tensors, statement=release,
+                       pacing=hint)
+
+    def _pacing(self, response: httpx.Response, version: int) -> PacingHint | None:
+        """The pacing hint of a model answer, verified with the pinned key and bound to
+        the request it answers (its nonce, this silo, the version served); None if absent.
+        A hint that does not verify is refused whole: a forged wait must not hold us."""
+        data, sig = response.headers.get("fedsilo-pacing"), response.headers.get("fedsilo-pacing-signature")
+        if data is None and sig is None:
+            return None
+        try:
+            return verify_pacing(
+                b64d(data or ""), b64d(sig or ""), self._coordinator_key, federation=self._federation,
+                silo_id=self.silo_id or "", nonce=response.request.headers.get("fedsilo-nonce", ""), version=version,
+            )
+        except (PrivacyError, ValueError) as exc:
+            raise Untrusted(
+                ClientReason.BAD_SIGNATURE,
+                f"pacing hint refused: {getattr(exc, 'message', exc)} "
+                f"(pinned coordinator key {fingerprint(self._coordinator_key)})",
+            ) from None
 
     def status(self) -> dict:
         """The coordinator's record of this silo (budget, history, counts)."""

@@ -204,11 +204,14 @@ class Schedule:
     window: str = ""  # e.g. "22:00-06:00"; "" = any time
     pause_seconds: float = 60.0
     jitter_seconds: float = 30.0  # uniform extra pause, so silos do not stampede the coordinator
+    # The longest wait a coordinator's signed pacing hint may impose before we pull again.
+    max_pacing_wait_seconds: float = 3600.0
 
     def __post_init__(self) -> None:
         TrainingWindow.parse(self.window)  # validate now, not at 22:00
         _positive("pause_seconds", self.pause_seconds, zero=True)
         _positive("jitter_seconds", self.jitter_seconds, zero=True)
+        _positive("max_pacing_wait_seconds", self.max_pacing_wait_seconds, zero=True)
 
     @property
     def training_window(self) -> TrainingWindow:

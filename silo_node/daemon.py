@@ -12,7 +12,10 @@ One iteration, in this order (docs/silo.md):
 3. **Window.** Wait until the training window is open (e.g. 22:00-06:00 local time).
 4. **Pull.** Fetch the newest model; the client verifies the coordinator's signature
    (pinned key) and the digest before anything is decoded. A refused release stops the
-   daemon with exit code 3: it is a security event, not a hiccup.
+   daemon with exit code 3: it is a security event, not a hiccup. **Pacing**: when
+   the coordinator's signed hint (bound to this pull) says "come back in N seconds",
+   wait that long (at most ``max_pacing_wait_seconds``) and go back to 3; a hint that
+   does not verify is refused like a bad release.
 5. **Train** one DP-SGD round from that model; the update is the difference.
 6. **Seal** (HPKE to the pinned coordinator key, signed with the silo's key) and
    **write to the ledger** -- fsynced -- *before* the first byte is sent.
@@ -50,6 +53,7 @@ from privacy import codec, merkle
 from privacy import witness as tlog
 from privacy.envelope import UpdateHeader, parse_update, seal_update, utc_timestamp
 from privacy.keys import Identity
+from privacy.pacing_hint import PacingHint
 from privacy.reasons import Reason, known
 
 from .client import Release, SiloClient
@@ -260,9 +264,7 @@ class Daemon:
             self.ledger.record_stop("budget_exhausted", message, epsilon_spent=exc.spent, epsilon_cap=exc.cap)
             log.info("%s. Stopping; nothing was trained.", message)
             raise _Stop(RunResult(Outcome.BUDGET_EXHAUSTED, self._receipts, message)) from None
-        self._wait_for_window()
-        self._phase("fetching")
-        release = self._fetch()
+        release = self._paced_fetch()
         if release is None:
             return False
         self._check_stop()
@@ -487,6 +489,28 @@ class Daemon:
             return None
         log.info("fetched model version %d (digest %s..., signature verified)", release.version, release.digest[:12])
         return release
+
+    def _paced_fetch(self) -> Release | None:
+        """Wait for the window, fetch; while the coordinator's signed pacing hint says
+        "come back later", wait as it asks (bounded) and fetch again (docs/silo.md)."""
+        while True:
+            self._wait_for_window()
+            self._phase("fetching")
+            release = self._fetch()
+            if release is None or release.pacing is None or release.pacing.start:
+                return release
+            self._wait_for_pacing(release.version, release.pacing)
+
+    def _wait_for_pacing(self, version: int, hint: PacingHint) -> None:
+        """Sleep as a verified hint asks, at most ``max_pacing_wait_seconds``; a stop
+        request ends the wait at once (as every other wait does)."""
+        seconds = min(hint.wait_seconds, self.config.schedule.max_pacing_wait_seconds)
+        self._phase("paced", version=version, seconds=seconds, reason=hint.reason,
+                    expected_staleness=hint.expected_staleness)
+        log.info("paced by the coordinator (%s, expected staleness %s at version %d): waiting %.1f s",
+                 hint.reason, _fmt(hint.expected_staleness), version, seconds)
+        if seconds > 0 and self.wait(seconds):
+            self._check_stop()
 
     def _wait_for_window(self) -> None:
         window = self.config.schedule.training_window

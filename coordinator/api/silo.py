@@ -59,20 +59,20 @@ def routes(ctx: Coordinator) -> list[Route]:
     async def model(request: Request) -> Response:
         version = query_int(request, "version", lo=0, hi=MAX_VERSION)
         req = await signed(request)
-        stream = await run_in_threadpool(silos.model, ctx, req, version)
+        stream, hint = await run_in_threadpool(silos.model, ctx, req, version)
         release = stream.release
-        return StreamingResponse(
-            _streamed(stream),
-            media_type="application/octet-stream",
-            headers={
-                "Content-Length": str(release.size),
-                "Fedsilo-Version": str(release.version),
-                "Fedsilo-Release": b64e(release.statement),
-                "Fedsilo-Release-Signature": b64e(release.signature),
-                "ETag": f'"{release.digest}"',
-                "Cache-Control": "no-store",
-            },
-        )
+        headers = {
+            "Content-Length": str(release.size),
+            "Fedsilo-Version": str(release.version),
+            "Fedsilo-Release": b64e(release.statement),
+            "Fedsilo-Release-Signature": b64e(release.signature),
+            "ETag": f'"{release.digest}"',
+            "Cache-Control": "no-store",
+        }
+        if hint is not None:
+            headers["Fedsilo-Pacing"] = b64e(hint.statement)
+            headers["Fedsilo-Pacing-Signature"] = b64e(hint.signature)
+        return StreamingResponse(_streamed(stream), media_type="application/octet-stream", headers=headers)
 
     async def status(request: Request) -> Response:
         req = await signed(request)

@@ -1,0 +1,137 @@
+"""The coordinator's side of pacing: read the recent state, ask the pure policy, sign.
+
+:func:`hint` runs on every pull of the current model (``coordinator.silos.model``). It
+reads the recent versions and updates from the database, adds the rounds this process
+has let start and not yet seen arrive (:class:`Grants`), builds a
+:class:`coordinator.pacing.Snapshot` and signs what :func:`coordinator.pacing.decide`
+says, bound to the request (privacy/pacing_hint.py, docs/protocol.md §6.1).
+
+Rounds in flight are kept per process: with several coordinator processes behind one
+database each bounds the rounds it started (docs/operations.md, "Pacing"). Pacing is a
+throttle for honest silos, not a defence: a silo that ignores it is still held by the
+staleness bound and its privacy budget.
+"""
+
+from __future__ import annotations
+
+import threading
+from dataclasses import dataclass
+from datetime import datetime
+
+from sqlalchemy import select
+from sqlalchemy.orm import Session, aliased
+
+from privacy.envelope import utc_timestamp
+from privacy.keys import Identity
+from privacy.pacing_hint import pacing_statement
+
+from . import pacing
+from .models import Federation, ModelVersion, Update, UpdateStatus
+from .strategies import StrategySettings
+
+__all__ = ["Grants", "SignedHint", "hint"]
+
+#: Recent updates read for round times and shares (the simulation keeps as many).
+RECENT_UPDATES = 64
+#: A round let start and never seen to arrive stops counting as in flight after
+#: max(GRANT_TTL_ROUNDS x the silo's round time, GRANT_TTL_SECONDS).
+GRANT_TTL_ROUNDS = 2.0
+GRANT_TTL_SECONDS = 60.0
+
+
+@dataclass(frozen=True)
+class _Grant:
+    at: float  # seconds (the coordinator clock's epoch)
+    expires: float
+    due: float | None  # when its update is expected (None: the silo's round time is unknown)
+
+
+class Grants:
+    """Rounds this process told a silo to start, until their update arrives or they expire."""
+
+    def __init__(self) -> None:
+        self._by_silo: dict[str, list[_Grant]] = {}
+        self._lock = threading.Lock()
+
+    def live(self, now: float, last_arrival: dict[str, float]) -> dict[str, list[tuple[float, float | None]]]:
+        """Rounds in flight per silo, as ``(started, due)``: grants not expired and
+        later than the silo's latest arrival (an arrival closes every round started
+        before it)."""
+        with self._lock:
+            out = {}
+            for silo, grants in list(self._by_silo.items()):
+                seen = last_arrival.get(silo, float("-inf"))
+                grants[:] = [g for g in grants if g.expires > now and g.at > seen]
+                if grants:
+                    out[silo] = [(g.at, g.due) for g in grants]
+                else:
+                    del self._by_silo[silo]
+            return out
+
+    def add(self, silo: str, now: float, round_time: float | None) -> None:
+        ttl = max(GRANT_TTL_SECONDS, GRANT_TTL_ROUNDS * (round_time or 0.0))
+        due = None if round_time is None else now + round_time
+        with self._lock:
+            self._by_silo.setdefault(silo, []).append(_Grant(now, now + ttl, due))
+
+
+@dataclass(frozen=True)
+class SignedHint:
+    statement: bytes
+    signature: bytes
+    hint: pacing.Hint
+
+
+def _recent(session: Session, federation_id: int, window: int) -> tuple[list[float], list[pacing.Arrival], dict]:
+    """Creation times of the last ``window`` versions, and the last updates with their
+    base versions' creation times (oldest first); and each silo's latest arrival."""
+    times = session.execute(
+        select(ModelVersion.created_at).where(ModelVersion.federation_id == federation_id)
+        .order_by(ModelVersion.version.desc()).limit(window)
+    ).scalars().all()
+    base = aliased(ModelVersion)
+    rows = session.execute(
+        select(Update.silo_id, Update.base_version, base.created_at, Update.received_at, Update.status)
+        .join(base, (base.federation_id == Update.federation_id) & (base.version == Update.base_version))
+        .where(Update.federation_id == federation_id)
+        .order_by(Update.received_at.desc()).limit(RECENT_UPDATES)
+    ).all()
+    accepted = (UpdateStatus.ACCEPTED.value, UpdateStatus.BUFFERED.value)
+    arrivals = [pacing.Arrival(r[0], r[1], _ts(r[2]), _ts(r[3]), r[4] in accepted) for r in reversed(rows)]
+    last: dict[str, float] = {}
+    for a in arrivals:
+        last[a.silo] = max(last.get(a.silo, a.arrived), a.arrived)
+    return sorted(_ts(t) for t in times), arrivals, last
+
+
+def _ts(t: datetime) -> float:
+    return t.timestamp()
+
+
+def hint(session: Session, *, identity: Identity, grants: Grants, federation_id: int, silo_id: str, nonce: str,
+         version: int, now: datetime, policy: pacing.PacingPolicy = pacing.PacingPolicy()) -> SignedHint:
+    """The signed hint for ``silo_id``'s pull of ``version`` (the current one) now;
+    a ``start`` is recorded as a round in flight."""
+    fed = session.execute(
+        select(Federation.name, Federation.settings).where(Federation.id == federation_id)
+    ).one()
+    settings = StrategySettings.from_stored(fed.settings)
+    t = now.timestamp()
+    times, arrivals, last = _recent(session, federation_id, policy.rate_window)
+    flying = grants.live(t, last)
+    snap = pacing.snapshot(
+        now=t, silo=silo_id, current_version=version, max_staleness=settings.max_staleness,
+        updates_per_version=settings.buffer_k if settings.strategy == "fedbuff" else 1,
+        version_times=times, arrivals=arrivals, in_flight=[d for due in flying.values() for d in due],
+        silo_in_flight=len(flying.get(silo_id, ())),
+    )
+    decided = pacing.decide(snap, policy, enabled=settings.pacing)
+    if decided.start and settings.pacing:
+        grants.add(silo_id, t, snap.silo.round_time or snap.round_time)
+    wait = 0.0 if decided.start else max(0.001, decided.not_before - t)
+    statement, signature = pacing_statement(
+        federation=fed.name, silo_id=silo_id, nonce=nonce, version=version,
+        action="start" if decided.start else "wait", wait_seconds=wait, reason=decided.reason,
+        expected_staleness=decided.expected, issued_at=utc_timestamp(now), signer=identity.signing,
+    )
+    return SignedHint(statement, signature, decided)

@@ -1,0 +1,131 @@
+"""coordinator.pacing: the pure policy, against values computed by hand."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+
+from coordinator.pacing import (
+    Arrival, PacingPolicy, SiloView, Snapshot, decide, expected_staleness, median, priority, snapshot, version_rate,
+)
+
+
+def unknown(k: int) -> list[tuple[float, None]]:
+    """``k`` rounds in flight whose due time is unknown."""
+    return [(100.0, None)] * k
+
+
+def snap(*, silo: SiloView = SiloView(), in_flight=(), u: int = 1, times=(), round_time=None, active=1,
+         now: float = 110.0, max_staleness: int = 16) -> Snapshot:
+    return Snapshot(now=now, max_staleness=max_staleness, updates_per_version=u, version_times=times,
+                    in_flight=in_flight, round_time=round_time, active=active, silo=silo)
+
+
+def test_median_and_version_rate():
+    assert median([]) is None and median([3.0]) == 3.0 and median([4.0, 1.0, 3.0, 2.0]) == 2.5
+    assert version_rate([10, 20, 30], now=40, window=32) == pytest.approx(3 / 30)
+    assert version_rate([10, 20, 30], now=40, window=2) == pytest.approx(2 / 20)
+    assert version_rate([], now=40, window=32) == 0.0
+    assert version_rate([40], now=40, window=32) == 0.0  # no time elapsed
+    # The rate decays while no version is made: 3 versions over 90 s.
+    assert version_rate([10, 20, 30], now=100, window=32) == pytest.approx(3 / 90)
+
+
+def test_priority_puts_under_represented_first_then_stale():
+    assert priority(SiloView(), active=10, max_staleness=16) == 1.0  # never contributed
+    # Fair share (0.1 of 10 silos): rep 0.5; last base 8 versions back: fresh 0.5.
+    assert priority(SiloView(share=0.1, behind=8), active=10, max_staleness=16) == pytest.approx(0.5)
+    # Three times its share and just contributed: rep 0, fresh 0.
+    assert priority(SiloView(share=0.3, behind=0), active=10, max_staleness=16) == 0.0
+    # Representation weighs twice staleness: an absent but fresh silo beats a dominant stale one.
+    assert priority(SiloView(share=0.0, behind=0), 10, 16) > priority(SiloView(share=0.3, behind=99), 10, 16)
+
+
+def test_no_history_counts_rounds_in_flight():
+    # E = in_flight / u = 5; new silo: p = 1, threshold 16 * 0.8 = 12.8.
+    h = decide(snap(in_flight=unknown(5)))
+    assert (h.start, h.not_before, h.expected, h.reason) == (True, 110.0, 5.0, "paced")
+    # 13 in flight: E 13 > 12.8; wait (1 - 12.8/13) * min_wait * 0.5, clamped up to min_wait 1 s.
+    h = decide(snap(in_flight=unknown(13)))
+    assert (h.start, h.not_before, h.expected, h.reason) == (False, 111.0, 13.0, "staleness")
+    # FedBuff K=5: 40 in flight make E = 8 versions.
+    assert decide(snap(in_flight=unknown(40), u=5)).expected == 8.0
+
+
+def test_rounds_in_flight_count_when_due_before_this_round_ends():
+    # Own R 10 at now 110: the window ends at 120.
+    silo = SiloView(round_time=10.0)
+    flight = [
+        (105.0, 125.0),  # due after 120: 0
+        (108.0, 118.0),  # due at 118, a 10 s round: 1 + floor(2 / 10) = 1
+        (109.0, 111.0),  # due at 111, a 2 s round: laps again at 113 ... 119: 1 + floor(9 / 2) = 5
+        (100.0, None),   # unknown: 1
+    ]
+    assert expected_staleness(snap(silo=silo, in_flight=flight), 64) == 7.0
+    assert expected_staleness(snap(silo=silo, in_flight=flight, u=5), 64) == pytest.approx(7 / 5)
+
+
+def test_rate_and_flight_with_round_times():
+    # rate 5 versions / 10 s = 0.5; own R 10: by_rate 5; 8 rounds due by 120: by_flight 8.
+    silo = SiloView(round_time=10.0, share=0.2, behind=16)  # rep 0.5, fresh 1: p = 2/3
+    eight = [(105.0, 115.0)] * 8
+    times = (100, 102, 104, 106, 108)
+    s = snap(silo=silo, in_flight=eight[:4], times=times, round_time=5.0, active=5)
+    assert expected_staleness(s, 64) == pytest.approx(5.0)
+    h = decide(s)  # threshold 16 * (0.5 + 0.3 * 2/3) = 11.2
+    assert h.start and h.expected == pytest.approx(5.0)
+    eleven = [(105.0, 115.0)] * 12  # 12 due: E 12 > 11.2; wait (1 - 11.2/12) * 5 * (1.5 - 2/3) = 0.2778 -> 1 s
+    h = decide(snap(silo=silo, in_flight=eleven, times=times, round_time=5.0, active=5))
+    assert not h.start and h.expected == 12.0 and h.not_before == 111.0
+    # The rate term rules when it is larger: 10 versions in the last 2 s -> 5/s * R 10 = 50;
+    # wait (1 - 11.2/50) * 5 * (5/6) = 3.2333 s.
+    h = decide(snap(silo=silo, times=tuple(108 + 0.2 * k for k in range(10)), round_time=5.0, active=5))
+    assert h.expected == pytest.approx(10 / 2 * 10) and not h.start
+    assert h.not_before == pytest.approx(110.0 + (1 - 11.2 / 50) * 5 * (1.5 - 2 / 3))
+
+
+def test_per_silo_bound_and_waits_are_clamped():
+    h = decide(snap(silo=SiloView(round_time=10.0, in_flight=1)))
+    assert (h.start, h.not_before, h.reason) == (False, 120.0, "in_flight")
+    assert math.isinf(h.expected)
+    # No round time known anywhere: come back in unknown_round (60 s), not poll each second.
+    assert decide(snap(silo=SiloView(in_flight=1))).not_before == 110.0 + 60.0
+    assert decide(snap(silo=SiloView(in_flight=2)), PacingPolicy(max_in_flight=3)).start
+    # A huge excess is clamped to max_wait.
+    h = decide(snap(silo=SiloView(round_time=1e6), in_flight=unknown(1000), round_time=1e6), PacingPolicy(max_wait=60.0))
+    assert h.not_before == 110.0 + 60.0
+
+
+def test_pacing_off_always_starts_now():
+    for s in (snap(in_flight=unknown(1000)), snap(silo=SiloView(in_flight=5))):
+        h = decide(s, enabled=False)
+        assert (h.start, h.not_before, h.reason) == (True, 110.0, "off")
+
+
+def test_snapshot_from_records():
+    arrivals = [
+        Arrival("a", 0, 0.0, 4.0, True),   # round 4 s
+        Arrival("b", 0, 0.0, 9.0, True),   # round 9 s
+        Arrival("a", 1, 4.0, 10.0, True),  # round 6 s
+        Arrival("c", 0, 0.0, 30.0, False),  # stale: a round of 30 s, not a contribution
+    ]
+    s = snapshot(now=31.0, silo="a", current_version=2, max_staleness=16, updates_per_version=1,
+                 version_times=[0.0, 4.0, 10.0], arrivals=arrivals, in_flight=unknown(3), silo_in_flight=0)
+    assert s.silo == SiloView(round_time=5.0, in_flight=0, share=2 / 3, behind=1)
+    assert s.round_time == 7.5  # median of 4, 9, 6, 30
+    assert s.active == 2 and len(s.in_flight) == 3
+    fresh = snapshot(now=31.0, silo="z", current_version=2, max_staleness=16, updates_per_version=1,
+                     version_times=[0.0], arrivals=[], in_flight=[], silo_in_flight=0)
+    assert fresh.silo == SiloView() and fresh.round_time is None and fresh.active == 1
+
+
+def test_the_federation_setting_is_on_by_default_and_validated():
+    from coordinator.strategies import StrategyError, StrategySettings
+
+    assert StrategySettings().pacing is True
+    assert StrategySettings.from_dict({"pacing": False}).to_dict()["pacing"] is False
+    assert StrategySettings.from_stored({"strategy": "fedasync"}).pacing is True  # settings stored before pacing
+    for bad in ("yes", 1, None):
+        with pytest.raises(StrategyError, match="pacing must be true or false"):
+            StrategySettings.from_dict({"pacing": bad})

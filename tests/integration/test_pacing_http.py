@@ -1,0 +1,100 @@
+"""Pacing over real HTTP: a `fedsilo-coordinator serve` subprocess on loopback answers
+model pulls with a signed start / come-back-later hint, which the silo's own client
+verifies with the pinned coordinator key (docs/protocol.md §6.1)."""
+
+from __future__ import annotations
+
+import json
+
+import httpx
+import pytest
+
+from privacy.envelope import canonical_json
+from privacy.keys import b64d, b64e
+from silo_node.client import SiloClient
+from silo_node.client_errors import ClientReason, Untrusted
+from tests.support.coordinator import FakeSilo, running_coordinator
+
+
+class Tamper(httpx.HTTPTransport):
+    """A party between silo and coordinator: edits the pacing hint of real answers."""
+
+    def __init__(self, edit) -> None:
+        super().__init__()
+        self.edit = edit
+
+    def handle_request(self, request: httpx.Request) -> httpx.Response:
+        response = super().handle_request(request)
+        if "fedsilo-pacing" in response.headers:
+            self.edit(response.headers)
+        return response
+
+
+def client(silo: FakeSilo, server, transport: httpx.BaseTransport | None = None) -> SiloClient:
+    return SiloClient(server.base_url, silo_id=silo.silo_id, signer=silo.identity.signing,
+                      coordinator_key=silo.coordinator.signing_key, federation=silo.enrolment["federation"]["name"],
+                      schema=silo.schema, transport=transport)
+
+
+@pytest.fixture(scope="module", params=["sqlite", pytest.param("postgres", marks=pytest.mark.postgres)])
+def server(request, tmp_path_factory):
+    """One served coordinator per backend (the hint reads recent versions and updates)."""
+    url = request.getfixturevalue("postgres_module_url") if request.param == "postgres" else None
+    with running_coordinator(tmp_path_factory.mktemp("pacing") / "coordinator", database_url=url) as s:
+        yield s
+
+
+def test_a_silo_pulling_again_too_early_is_told_to_come_back_later(server):
+    silo = FakeSilo.create(server, "eager")
+    with client(silo, server) as c:
+        first = c.fetch_model()
+        assert first.pacing is not None and first.pacing.start and first.pacing.reason == "paced"
+        # No update arrived from the round it started: one round in flight is the bound.
+        again = c.fetch_model()
+        assert not again.pacing.start and again.pacing.reason == "in_flight"
+        assert again.pacing.wait_seconds == 60.0  # no round time known yet: PacingPolicy.unknown_round
+        # Its update arrives (accepted): the round is over, the next pull may start.
+        assert silo.push(silo.seal(base_version=first.version)).status_code == 200
+        assert c.fetch_model().pacing.start
+        # An explicit older version is no round start: no hint.
+        assert c.fetch_model(version=0).pacing is None
+
+
+def test_a_tampered_or_replayed_hint_is_refused_by_the_silo_client(server):
+    silo = FakeSilo.create(server, "guarded")
+
+    def longer_wait(headers):
+        obj = json.loads(b64d(headers["fedsilo-pacing"]))
+        headers["fedsilo-pacing"] = b64e(canonical_json({**obj, "action": "wait", "wait_seconds": 86400}))
+
+    with client(silo, server, Tamper(longer_wait)) as c, pytest.raises(Untrusted) as e:
+        c.fetch_model()
+    assert e.value.reason == ClientReason.BAD_SIGNATURE and "pacing hint refused" in e.value.message
+
+    captured: dict[str, str] = {}
+
+    def replay(headers):  # a genuine hint, captured from an earlier answer, sent again
+        if not captured:
+            captured.update({k: headers[k] for k in ("fedsilo-pacing", "fedsilo-pacing-signature")})
+        else:
+            headers.update(captured)
+
+    with client(silo, server, Tamper(replay)) as c:
+        c.fetch_model()
+        with pytest.raises(Untrusted) as e:
+            c.fetch_model()
+    assert e.value.reason == ClientReason.BAD_SIGNATURE and "not for this request" in e.value.message
+
+    def stripped(headers):
+        del headers["fedsilo-pacing"]
+
+    with client(silo, server, Tamper(stripped)) as c, pytest.raises(Untrusted):
+        c.fetch_model()  # half a hint is no hint
+
+
+def test_pacing_off_always_starts_now(tmp_path):
+    with running_coordinator(tmp_path / "coordinator", settings={"pacing": False}) as server:
+        silo = FakeSilo.create(server, "free")
+        with client(silo, server) as c:
+            hints = [c.fetch_model().pacing for _ in range(3)]
+    assert all(h.start and h.reason == "off" and h.wait_seconds == 0 for h in hints)
