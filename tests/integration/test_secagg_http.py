@@ -29,7 +29,7 @@ from privacy import codec, masked_update, secagg
 from privacy.envelope import seal_update
 from privacy.keys import b64d, hpke_public_from_raw
 from tests.support.coordinator import (
-    FakeSilo, _stop, free_port, init_coordinator, open_context, serve_coordinator, verify_receipt,
+    FakeSilo, _stop, init_coordinator, open_context, serve_coordinator, verify_receipt,
 )
 from tests.support.helper import CLI as HELPER_CLI
 from tests.support.helper import running_helper
@@ -166,17 +166,20 @@ def test_an_opened_buffer_folds_the_plain_quantized_sum_and_plain_deltas_are_ref
     assert opened["details"]["weights"] == [256] * K and len(opened["details"]["updates"]) == K
 
     # the coordinator's database holds no silo's unmasked update, in any table
-    needles = [t.numpy().tobytes()[:64] for d in deltas for t in d.values() if t.numel() >= 16]
-    needles += [codec.encode(d)[:256] for d in deltas]
+    # (the raw bytes of each delta's tensors, in every dtype it could have been stored in)
+    needles = [t.to(dtype).numpy().tobytes()[:64] for d in deltas for t in d.values() if t.numel() >= 16
+               for dtype in (torch.float32, torch.float64)]
+    needles += [secagg.quantize(d, secagg.MaskSettings(**MASK))[n].numpy().tobytes()[:128]
+                for d in deltas for n in d if d[n].numel() >= 16]  # nor its quantized form
     for value in _stored_values(data_dir):
         for needle in needles:
             assert needle not in value
 
 
 def _serve_helper(helper, port: int) -> subprocess.Popen:
-    log = (helper.data_dir / "serve-again.log").open("wb")
-    return subprocess.Popen([*HELPER_CLI, "serve", "--dir", str(helper.data_dir), "--port", str(port)],
-                            stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    with (helper.data_dir / "serve-again.log").open("wb") as log:
+        return subprocess.Popen([*HELPER_CLI, "serve", "--dir", str(helper.data_dir), "--port", str(port)],
+                                stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
 
 
 def test_with_the_helper_down_the_buffer_waits_and_opens_when_it_is_back(federation):
