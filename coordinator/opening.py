@@ -21,10 +21,13 @@ process (:class:`Opener`, started by the app's lifespan) watches for a *ready* b
    as a plain buffer -- the buffered updates become ``accepted`` with the new version,
    the buffer is cleared and a ``buffer_opened`` audit entry is written, all in one
    transaction. Exactly once: a kill -9 before the commit leaves the buffer as it was
-   (step 1 again, same request, same answer); after it, the buffer is empty. Several
-   processes (PostgreSQL) may each ask the helper for the same buffer -- it answers them
-   the same -- but only the first to take the federation lock folds; the others find
-   the buffer changed and do nothing.
+   (step 1 again, same request, same answer); after it, the buffer is empty.
+
+Several processes (PostgreSQL): one opener at a time, the one holding a session
+advisory lock (:func:`_claim`; the server frees it when that process dies, and another
+takes over). The fold itself takes the federation lock as every fold does, and checks
+that the buffer still holds the asked-for updates, so even two openers could not fold
+one buffer twice. ``/healthz`` of the process that is the opener reports its trouble.
 
 A sum that fails its check (not finite, over the norm bound) can never be opened
 otherwise: the buffer is discarded (its updates ``rejected``, reason in the audit
@@ -39,13 +42,15 @@ from __future__ import annotations
 import hashlib
 import logging
 import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 
 import anyio
 import httpx
 import torch
 from anyio import to_thread
-from sqlalchemy import select
+from sqlalchemy import Engine, select, text
 from sqlalchemy import update as sql_update
 
 from privacy import codec
@@ -144,6 +149,30 @@ def fold_opened(ctx: Coordinator, p: Pending, mask_sum: dict[str, torch.Tensor])
     return None if new_version is None else new_version[0]
 
 
+#: PostgreSQL advisory lock held by the one process that opens buffers ("fsopen").
+OPENER_LOCK_KEY = 0x66736F70656E
+
+
+@contextmanager
+def _claim(engine: Engine) -> Iterator[bool]:
+    """Whether this process may open buffers now: on PostgreSQL, several coordinator
+    processes share the database and one at a time holds a session advisory lock (released
+    by the server if the process dies); SQLite serves one host, where a second opener
+    would only ask the helper the same question (answered the same; the fold is once)."""
+    if engine.dialect.name != "postgresql":
+        yield True
+        return
+    with engine.connect() as conn:
+        got = bool(conn.execute(text("SELECT pg_try_advisory_lock(:k)"), {"k": OPENER_LOCK_KEY}).scalar())
+        conn.commit()
+        try:
+            yield got
+        finally:
+            if got:
+                conn.execute(text("SELECT pg_advisory_unlock(:k)"), {"k": OPENER_LOCK_KEY})
+                conn.commit()
+
+
 @dataclass
 class Opener:
     """The background task of one coordinator process that opens ready masked buffers.
@@ -161,6 +190,13 @@ class Opener:
 
     def step(self) -> float:
         """One look at the buffer (blocking): open it if ready; return the seconds to wait."""
+        with _claim(self.ctx.engine) as mine:
+            if not mine:  # another process is the opener now
+                self._set(None)
+                return POLL_SECONDS
+            return self._step()
+
+    def _step(self) -> float:
         p = pending(self.ctx)
         if p is None:
             self._set(None)

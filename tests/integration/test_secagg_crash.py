@@ -140,3 +140,40 @@ def test_kill_9_of_the_coordinator_or_the_helper_during_an_opening_folds_once(db
     assert len(_helper_openings(helper_dir)) == 2
     versions, _ = _coordinator_state(data_dir)
     assert versions == [0, 1, 2]
+
+
+@pytest.mark.postgres
+def test_several_coordinator_processes_open_each_buffer_once(postgres_url, tmp_path):
+    """Two ``serve`` processes on one PostgreSQL database: one opener at a time, each
+    buffer folded once, whichever process the silos sent to."""
+    from tests.support.coordinator import serve_coordinators
+
+    data_dir, helper_dir = tmp_path / "coordinator", tmp_path / "helper"
+    init = init_coordinator(data_dir, database_url=postgres_url, name=NAME, strategy="fedbuff",
+                            settings={"buffer_k": K})
+    with serve_coordinators(data_dir, init=init, count=2) as servers:
+        silos = [FakeSilo.create(servers[0], f"hospital-{i}", epsilon_cap=100.0) for i in range(K)]
+        _, w0, _ = silos[0].fetch_model(0)
+        key = silos[0].enrolment["coordinator"]["signing_key"]
+        with running_helper(helper_dir, federation=NAME, coordinator_key=key, k_min=K) as helper:
+            hpke = hpke_public_from_raw(b64d(helper.init["helper_keys"]["hpke_key"]))
+            for silo in silos:
+                _enrol_with_helper(helper, silo)
+            assert servers[1].admin("PATCH", "/federation",
+                                    json={"settings": {"secure_aggregation": _setting(helper)}}).status_code == 200
+            weights, expected = w0, []
+            for round_ in range(2):
+                deltas = [_exact_delta(silo, 40 + 10 * round_ + i) for i, silo in enumerate(silos)]
+                for i, (silo, delta) in enumerate(zip(silos, deltas)):
+                    silo.base_url = servers[i % 2].base_url
+                    r = silo.push(_masked_envelope(silo, delta, hpke, base_version=round_))
+                    assert r.status_code == 200, r.text
+                _wait(lambda: _version(servers[round_ % 2]) == round_ + 1, f"opening {round_ + 1}")
+                weights = _expected(weights, deltas, [256] * K)
+                expected.append(weights)
+            for v, want in enumerate(expected, start=1):
+                _, got, _ = silos[0].fetch_model(v)
+                assert all(torch.equal(got[n], want[n]) for n in want)
+    assert len(_helper_openings(helper_dir)) == 2
+    versions, statuses = _coordinator_state(data_dir)
+    assert versions == [0, 1, 2] and len(statuses) == 2 * K
