@@ -119,6 +119,22 @@ SCHEMAS: dict[str, dict[str, Any]] = {
             "beta2": {"type": "number", "minimum": 0, "exclusiveMaximum": 1},
             "tau": _POSITIVE, "compression": {"enum": ["none", "int8", "topk"]},
             "pacing": {"type": "boolean", "description": "signed start/wait hints on model pulls (default true)"},
+            "secure_aggregation": _nullable({
+                "type": "object",
+                "description": "secure aggregation with a helper (docs/secure-aggregation.md); null: off. "
+                               "FedBuff only; k_min <= buffer_k <= mask.max_updates; the mask must not wrap. "
+                               "Changing it while the buffer holds updates is 409 conflict",
+                "required": ["mode", "helper_url", "helper_signing_key", "helper_hpke_key", "k_min", "mask"],
+                "properties": {
+                    "mode": {"enum": ["helper"]}, "helper_url": _STR, "helper_signing_key": _STR,
+                    "helper_hpke_key": _STR, "k_min": integer(2, MAX_INT_SETTING),
+                    "mask": {"type": "object", "required": ["clip", "scale", "max_updates", "max_weight"],
+                             "properties": {"clip": _POSITIVE, "scale": _POSITIVE, "max_updates": _INT,
+                                            "max_weight": _INT},
+                             "additionalProperties": False},
+                },
+                "additionalProperties": False,
+            }),
         },
         "additionalProperties": False,
         "minProperties": 1,
@@ -383,7 +399,9 @@ OPERATIONS: dict[tuple[str, str], dict[str, Any]] = {
     ("GET", "/healthz"): _with_response(
         _operation("Liveness and database readiness", tag="ops", response="Health", security=[]),
         503, "database unreachable (status unavailable) or not taking writes, e.g. a full disk "
-             "(status degraded): updates get 503 unavailable meanwhile", "Health",
+             "(status degraded): updates get 503 unavailable meanwhile; or (status degraded, reason "
+             "helper_unavailable / helper_refused / helper_bad_answer) a ready secure-aggregation buffer "
+             "waits for the helper: masked updates get 503 unavailable meanwhile", "Health",
         headers={"Retry-After": "seconds to wait before asking again"},
     ),
     ("GET", "/metrics"): _operation(

@@ -161,8 +161,16 @@ class StrategySettings:
     tau: float = 1e-3
     compression: str = "none"
     pacing: bool = True
+    #: None (off) or the helper's settings object; its structure is checked here, its
+    #: substance (keys, mask arithmetic, K_min) by coordinator.secagg.parse_settings,
+    #: which needs the privacy library this module does not import.
+    secure_aggregation: dict[str, Any] | None = None
 
     def __post_init__(self) -> None:
+        if self.secure_aggregation is not None:
+            if not isinstance(self.secure_aggregation, Mapping):
+                raise _invalid("secure_aggregation must be null or an object")
+            object.__setattr__(self, "secure_aggregation", dict(self.secure_aggregation))
         if not isinstance(self.pacing, bool):
             raise _invalid(f"pacing must be true or false, not {self.pacing!r}")
         if self.strategy not in _STRATEGIES:

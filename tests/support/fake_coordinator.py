@@ -134,14 +134,16 @@ class FakeCoordinator:
         budget = {"epsilon_cap": self.epsilon_cap, "delta": self.delta, "accountant": "rdp"}
         statement, signature = enrolment_statement(
             {"silo_id": silo_id, "name": name, "federation": self.federation, "task": task,
-             "schema_digest": self.schema.digest, "budget": budget, "silo_keys": self.silos[silo_id].to_json()},
+             "schema_digest": self.schema.digest, "budget": budget, "silo_keys": self.silos[silo_id].to_json(),
+             "secure_aggregation": None},
             self.identity.signing,
         )
         return httpx.Response(200, json={
             "silo_id": silo_id, "name": name,
             "federation": {"name": self.federation, "task": task,
                            "schema": self.schema.to_json(), "schema_digest": self.schema.digest,
-                           "current_version": self.version, "settings": {"max_staleness": 8}},
+                           "current_version": self.version, "settings": {"max_staleness": 8},
+                           "secure_aggregation": None},
             "budget": budget,
             "coordinator": {**pub.to_json(), "fingerprints": pub.fingerprints()},
             "statement": b64e(statement), "signature": b64e(signature),
