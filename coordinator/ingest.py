@@ -198,9 +198,10 @@ def _check(ctx: Coordinator, body: bytes | bytearray, ev: Evidence, uploader: st
         snap = decisions.snapshot(s, fed, silo_id=header.silo_id, update_id=header.update_id,
                                   base_version=header.base_version)
         schema, schema_digest, federation = codec.Schema.from_json(fed.schema), fed.schema_digest, fed.name
-        st = buffers.state(s, fed.id)
-        buffered = st.count, buffers.distinct_silos(s, st.updates)
-    masking = secagg.settings_of(snap.settings)  # None: secure aggregation is off
+        masking = secagg.settings_of(snap.settings)  # None: secure aggregation is off
+        if masking is not None:  # only a masked buffer can be full and waiting (check_room below)
+            st = buffers.state(s, fed.id)
+            buffered = st.count, buffers.distinct_silos(s, st.updates)
     _check_kind(header.payload_kind, snap.settings.compression, masking is not None)
 
     # 5. replay ------------------------------------------------------------------------
