@@ -292,8 +292,10 @@ class Ledger:
                         self._db.execute("UPDATE entries SET charged = 0 WHERE status = 'rejected'")
                     if version in (1, 2):
                         # Rows from before schema 3 keep NULL: the ledger did not record their kind.
-                        self._db.execute("ALTER TABLE entries ADD COLUMN payload_kind TEXT")
-                        self._db.execute("ALTER TABLE entries ADD COLUMN helper_key TEXT")
+                        have = {r[1] for r in self._db.execute("PRAGMA table_info(entries)")}
+                        for column in ("payload_kind", "helper_key"):
+                            if column not in have:
+                                self._db.execute(f"ALTER TABLE entries ADD COLUMN {column} TEXT")
                     for statement in _DDL.split(";"):
                         if statement.strip():
                             self._db.execute(statement)

@@ -15,7 +15,7 @@ from collections.abc import Callable
 
 import httpx
 
-from privacy import accounting, codec, compression
+from privacy import accounting, codec, compression, masked_update, secagg
 from privacy.envelope import (
     enrolment_statement,
     open_update,
@@ -61,6 +61,10 @@ class FakeCoordinator:
         self.faults: list[Callable[[httpx.Request], httpx.Response | None]] = []
         self.sign_releases_with = self.identity.signing  # swap to forge releases
         self.audit_seq = 0
+        #: The federation's secure_aggregation setting, signed into every release (None: off).
+        #: While it is set, masked updates are buffered (kept in ``masked``), never folded.
+        self.secure_aggregation: dict | None = None
+        self.masked: list[tuple[object, masked_update.MaskedStatement, dict]] = []  # (header, statement, shares)
 
     # -- operator side --
 
@@ -154,6 +158,10 @@ class FakeCoordinator:
             schema_digest=self.schema.digest,
             created_at=utc_timestamp(NOW), signer=self.sign_releases_with,
         )
+        if self.secure_aggregation is not None:  # the signed release gains the setting (protocol.md §4.5)
+            body = {k: v for k, v in json.loads(statement).items() if k != "kind"}
+            statement, sig = sign_statement("model_release", {**body, "secure_aggregation": self.secure_aggregation},
+                                            self.sign_releases_with)
         return blob, {"Fedsilo-Version": str(version), "Fedsilo-Release": b64e(statement),
                       "Fedsilo-Release-Signature": b64e(sig)}
 
@@ -195,6 +203,19 @@ class FakeCoordinator:
             body = {"reason": "budget_exceeded", "detail": "over the cap", **body}
             self.decided[header.update_id] = (digest, 403, body)
             return httpx.Response(403, json=body)
+        if header.payload_kind == "masked_delta":
+            if self.secure_aggregation is None:
+                return self._error(400, "unsupported_version", "this federation does not use secure aggregation")
+            statement = masked_update.verify_masked(header.masked, keys.signing_key)
+            self.masked.append((header, statement, secagg.from_wire(codec.decode(payload))))
+            self.history.setdefault(header.silo_id, []).append((header.update_id, run))
+            body = self._receipt({**base, "status": "buffered", "resulting_version": None,
+                                  "staleness": self.version - header.base_version, "weight": 1.0,
+                                  "epsilon_computed": epsilon})
+            self.decided[header.update_id] = (digest, 200, body)
+            return httpx.Response(200, json=body)
+        if self.secure_aggregation is not None:
+            return self._error(400, "masking_required", "this federation takes masked updates only")
         delta = compression.decode(header.payload_kind, codec.decode(payload), self.schema)
         self.schema.check(delta)
         x_base = self.versions[header.base_version]
