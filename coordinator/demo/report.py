@@ -6,6 +6,8 @@ version), the audit chain verifies (online and from its export), and no silo wen
 its privacy cap (the coordinator's own epsilon, recomputed from each silo's accepted
 history, against the cap the operator set). It also carries each silo's reconciliation of its
 ledger with the audit export (``fedsilo-silo reconcile``), as a compliance officer would.
+With ``--secure-aggregation`` it adds a fourth claim: every update left its silo in
+shares (each ledger's ``payload_kind``), with the buffers the helper opened.
 """
 
 from __future__ import annotations
@@ -43,6 +45,16 @@ def _round(x: float | None, digits: int = 4) -> float | None:
 def _last_stop(ledger: list[dict]) -> dict | None:
     stops = [e for e in ledger if e.get("kind") == "stop"]
     return {"reason": stops[-1]["reason"], "detail": stops[-1]["detail"]} if stops else None
+
+
+def _secure_aggregation(run: DemoRun, finale: Finale) -> dict[str, Any] | None:
+    """--secure-aggregation: the helper, the buffers it opened, and the ledgers' word that
+    every update left its silo in shares (``payload_kind`` ``masked_delta``)."""
+    if run.helper is None:
+        return None
+    rows = [e for ledger in finale.ledgers.values() for e in ledger["entries"] if e.get("kind") == "update"]
+    return {**run.helper.summary(), "openings": finale.helper_openings, "updates_sent": len(rows),
+            "updates_in_shares": sum(e.get("payload_kind") == "masked_delta" for e in rows)}
 
 
 def build_summary(run: DemoRun, finale: Finale) -> dict[str, Any]:
@@ -104,6 +116,9 @@ def build_summary(run: DemoRun, finale: Finale) -> dict[str, Any]:
         "within_caps": all(s["within_cap"] for s in silos),
         "ledgers_reconciled": all(s["ledger_reconciled"]["ok"] for s in silos),
     }
+    secure = _secure_aggregation(run, finale)
+    if secure is not None:
+        checks["updates_in_shares"] = secure["updates_in_shares"] == secure["updates_sent"]
     all_reasons = sum(reasons_by_silo.values(), Counter())
     return {
         "format": SUMMARY_FORMAT,
@@ -136,6 +151,7 @@ def build_summary(run: DemoRun, finale: Finale) -> dict[str, Any]:
             "rejections": dict(sorted(all_reasons.items())),
         },
         "silos": silos,
+        "secure_aggregation": secure,
         "audit": {
             "verify": finale.verify,
             "export": {

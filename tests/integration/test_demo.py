@@ -127,6 +127,33 @@ def test_an_interrupted_demo_stops_every_process_it_started(tmp_path):
     assert summary["checks"]["audit_verified"]
 
 
+@pytest.mark.slow
+def test_the_demo_with_secure_aggregation_runs_a_helper_and_every_update_leaves_in_shares(tmp_path):
+    out = tmp_path / "demo"
+    done = subprocess.run([*DEMO, "--secure-aggregation", "--silos", "3", "--updates", "3", "--quiet", "--json",
+                           "--out", str(out)], capture_output=True, text=True, env=demo_env(), timeout=900)
+    assert done.returncode == 0, f"{done.stdout}\n{done.stderr}"
+    summary = json.loads(done.stdout)
+    assert summary["ok"] is True and all(summary["checks"].values()), summary["checks"]
+    assert summary["strategy"] == "fedbuff" and summary["checks"]["updates_in_shares"]
+    secure = summary["secure_aggregation"]
+    assert secure["k_min"] == summary["strategy_settings"]["buffer_k"] == 3
+    assert secure["openings"] >= 1 and secure["updates_sent"] >= 3
+    assert secure["updates_in_shares"] == secure["updates_sent"]
+    assert summary["accuracy"]["final_version"] >= 1
+    # Every ledger row says so too, naming the helper's key; the coordinator's audit log
+    # records the setting change that turned it on.
+    for s in summary["silos"]:
+        updates = [r for r in read_jsonl(out / s["ledger"]) if r["kind"] == "update"]
+        assert updates and {(r["payload_kind"], r["helper_key"]) for r in updates} == \
+            {("masked_delta", secure["fingerprints"]["hpke"])}
+    events = read_jsonl(out / summary["audit"]["export"]["path"])
+    assert audit.verify(events).ok
+    assert any("secure_aggregation" in json.dumps(e["details"]) for e in events if "setting" in e["action"])
+    assert (out / "logs" / "helper.log").exists() and (out / "helper" / "helper.toml").exists()
+    assert processes_mentioning(str(out)) == []  # the helper was stopped too
+
+
 # --------------------------------------------------------------------------- the pieces, fast
 
 
@@ -145,3 +172,12 @@ def test_demo_options_accept_the_separator_make_may_pass_and_refuse_nonsense(cap
     with pytest.raises(SystemExit):
         parse_options(["--silos", "1"])
     assert "between 2 and 20" in capsys.readouterr().err
+
+
+def test_secure_aggregation_means_fedbuff_and_refuses_fedasync(capsys):
+    options = parse_options(["--secure-aggregation", "--silos", "5"])
+    assert (options.secure_aggregation, options.strategy, options.k_min) == (True, "fedbuff", 3)
+    assert parse_options(["--secure-aggregation", "--silos", "2"]).k_min == 2
+    with pytest.raises(SystemExit):
+        parse_options(["--secure-aggregation", "--strategy", "fedasync"])
+    assert "--secure-aggregation opens FedBuff buffers" in capsys.readouterr().err
