@@ -13,7 +13,10 @@ One iteration, in this order (docs/silo.md):
 4. **Pull.** Fetch the newest model; the client verifies the coordinator's signature
    (pinned key) and the digest before anything is decoded. A refused release stops the
    daemon with exit code 3: it is a security event, not a hiccup.
-5. **Train** one DP-SGD round from that model; the update is the difference.
+5. **Train** one DP-SGD round from that model; the update is the difference. When the
+   signed release says the federation uses secure aggregation, the silo checks first
+   that it can mask (enrolled with the helper, the same helper keys, no compression:
+   :meth:`Daemon._masking`) and then sends the update in shares (:meth:`Daemon._payload`).
 6. **Seal** (HPKE to the pinned coordinator key, signed with the silo's key) and
    **write to the ledger** -- fsynced -- *before* the first byte is sent.
 7. **Push**, and store the verified receipt (or the rejection and its reason).

@@ -45,12 +45,10 @@ from privacy.keys import Identity
 from silo_node.commands import helper_enrol, init_silo
 from silo_node.ledger import Ledger
 from silo_node.partition import write_partitions
-from silo_node.tabular import Standardizer
-from silo_node.tasks import get_task
 from tests.support.coordinator import create_silo, running_coordinator
 from tests.support.helper import running_helper
 
-from .test_silos import SILO, child_env
+from .test_silos import SILO, child_env, holdout_accuracy
 
 TASK_OPTIONS = {"hidden": [8]}
 SILOS = 6
@@ -95,14 +93,7 @@ def _settle(server, deadline: float) -> None:
 def _holdout_accuracy(server, holdout: Path) -> tuple[int, float]:
     versions = server.admin("GET", "/versions", params={"limit": 1000}).json()["versions"]
     latest = max(v["version"] for v in versions)
-    r = server.admin("GET", f"/versions/{latest}/weights")
-    assert r.status_code == 200, r.text
-    task = get_task("breast_cancer", TASK_OPTIONS)
-    model = task.build_model()
-    model.load_state_dict(codec.decode(r.content))
-    data = task.load_data(holdout, "target")
-    scaled = Standardizer.fit(data.features).apply(data)
-    return latest, task.evaluate(model, scaled.features, scaled.labels)["accuracy"]
+    return latest, holdout_accuracy(server, latest, holdout)
 
 
 def run_arm(tmp: Path, parts, *, secure: bool) -> dict:
