@@ -96,10 +96,12 @@ def _setup_logging(verbosity: int) -> Any:
     return console
 
 
-def _print_init(result: InitResult, as_json: bool) -> None:
+def _print_init(result: InitResult, as_json: bool, pin: Any = None) -> None:
     cfg = result.config
     if as_json:
+        helper = {} if pin is None else {"helper_url": pin.url, "helper_fingerprints": pin.fingerprints()}
         print(json.dumps({
+            **helper,
             "silo_id": cfg.enrolment.silo_id,
             "data_dir": str(cfg.data_dir),
             "enrolled": result.enrolled,
@@ -196,10 +198,13 @@ def _cmd_init(args: argparse.Namespace) -> int:
         client_key=args.client_key,
         allow_insecure_http=args.allow_insecure_http,
     )
-    _print_init(result, args.json)
-    if args.helper_token and result.enrolled:
-        _print_helper(helper_enrol(args.data_dir, helper_url=args.helper_url, token=args.helper_token,
-                                   expected_fingerprint=args.helper_fingerprint), args.json)
+    pin = None
+    if args.helper_token:  # after the coordinator's enrolment: the helper knows the silo by its id
+        pin = helper_enrol(args.data_dir, helper_url=args.helper_url, token=args.helper_token,
+                           expected_fingerprint=args.helper_fingerprint)
+    _print_init(result, args.json, pin)
+    if pin is not None and not args.json:
+        _print_helper(pin, False)
     if result.data_error is not None:
         print(
             f"error: the data does not fit the federation's model: {result.data_error}. "

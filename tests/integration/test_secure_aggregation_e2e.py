@@ -189,7 +189,7 @@ def _helper_audit_verify(data_dir: Path) -> dict:
 
 @pytest.fixture(scope="module")
 def parts(tmp_path_factory):
-    return write_partitions("breast_cancer", tmp_path_factory.mktemp("partitions"), SILOS, alpha=1.0, seed=7)
+    return write_partitions("breast_cancer", tmp_path_factory.mktemp("partitions"), SILOS, alpha=5.0, seed=7)
 
 
 @pytest.fixture(scope="module")
