@@ -54,10 +54,10 @@ TASK_OPTIONS = {"hidden": [8]}
 SILOS = 6
 K = 3
 K_MIN = 3
-ROUNDS = 4
+ROUNDS = 8
 VICTIM = "silo-6"
 MASK = {"clip": 1.0, "scale": 65536, "max_updates": 64, "max_weight": 256}
-TRAIN = ["--epochs", "3", "--batch-size", "16", "--lr", "0.2", "--round-epsilon", "2.0", "--pause", "0",
+TRAIN = ["--epochs", "3", "--batch-size", "16", "--lr", "0.2", "--round-epsilon", "4.0", "--pause", "0",
          "--jitter", "0"]
 #: |signed value| at or below this is "near zero" for the uniformity check (16 x q_max).
 NEAR_ZERO = 1 << 20
@@ -117,7 +117,7 @@ def run_arm(tmp: Path, parts, *, secure: bool) -> dict:
             dirs: dict[str, Path] = {}
             for i, path in enumerate(parts.paths, start=1):
                 name = f"silo-{i}"
-                token = create_silo(server, name, epsilon_cap=50.0)["enrolment_token"]
+                token = create_silo(server, name, epsilon_cap=100.0)["enrolment_token"]
                 result = init_silo(data_dir=tmp / name, coordinator_url=server.base_url, token=token,
                                    data_path=str(path), environ={})
                 assert result.data_error is None
