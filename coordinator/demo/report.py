@@ -206,9 +206,13 @@ def plot_accuracy(run: DemoRun, finale: Finale, path: Path) -> Path:
     ax.step(xs, [p.accuracy for p in points], where="post", color="0.75", linewidth=1.2, zorder=1)
     handles = []
     for x, p in zip(xs, points):
-        if p.silo_id is None:
+        if p.silo_id is None and p.version == 0:
             handles.insert(0, ax.scatter([x], [p.accuracy], marker="*", s=160, color="black", zorder=3,
                                          label=f"version {p.version}: the initial model"))
+    opened = [(x, p.accuracy) for x, p in zip(xs, points) if p.silo_id is None and p.version > 0]
+    if opened:  # secure aggregation: a version is an opened buffer sum, no one silo's update
+        handles.append(ax.scatter([x for x, _ in opened], [a for _, a in opened], marker="D", s=34, color="0.2",
+                                  zorder=2, label="a buffer sum the helper helped open (secure aggregation)"))
     for s in run.silos:
         mine = [(x, p.accuracy) for x, p in zip(xs, points) if p.silo_id == s.silo_id]
         handles.append(ax.scatter([x for x, _ in mine], [a for _, a in mine], s=38, color=colour[s.silo_id],
@@ -227,7 +231,9 @@ def plot_accuracy(run: DemoRun, finale: Finale, path: Path) -> Path:
                     xytext=(-8, 10), textcoords="offset points", ha="right", fontsize=9)
     strategy = {"fedasync": "FedAsync", "fedbuff": "FedBuff"}[o.strategy]
     made_by = "the silo whose update completed the buffer" if o.strategy == "fedbuff" else "the silo whose update it folded"
-    ax.set_title(f"fedsilo demo: {o.task}, {strategy}, {o.silos} silos with DP-SGD, non-IID (Dirichlet α={o.alpha:g})",
+    secure = " + secure aggregation" if o.secure_aggregation else ""
+    ax.set_title(f"fedsilo demo: {o.task}, {strategy}{secure}, {o.silos} silos with DP-SGD, non-IID "
+                 f"(Dirichlet α={o.alpha:g})",
                  fontsize=12)
     ax.set_ylabel(f"held-out accuracy ({run.holdout_samples} samples no silo has)")
     ax.set_ylim(0, 1.02)
