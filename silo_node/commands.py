@@ -329,7 +329,10 @@ def helper_enrol(
             f"{config.helper.fingerprints()['signing']}); remove [helper] from silo.toml to enrol again",
         )
     expected = _expected_fingerprint(expected_fingerprint, option="--helper-fingerprint")
-    check_coordinator_url(helper_url, config.network.allow_insecure_http)  # the token must not cross in clear
+    try:
+        check_coordinator_url(helper_url, config.network.allow_insecure_http)  # the token must not cross in clear
+    except ConfigError as exc:
+        raise ConfigError(exc.reason, exc.message.replace("coordinator URL", "helper URL")) from None
     enrol = config.enrolment
     identity = Identity.load(config.keys_dir)
     with SiloClient(helper_url, transport=transport, **_network(config.network)) as client:
