@@ -117,14 +117,25 @@ def run_arm(tmp: Path, parts, *, secure: bool) -> dict:
             dirs: dict[str, Path] = {}
             for i, path in enumerate(parts.paths, start=1):
                 name = f"silo-{i}"
-                token = create_silo(server, name, epsilon_cap=100.0)["enrolment_token"]
-                result = init_silo(data_dir=tmp / name, coordinator_url=server.base_url, token=token,
-                                   data_path=str(path), environ={})
+                created = create_silo(server, name, epsilon_cap=100.0)
+                helper_token = None if helper is None else helper.admin(
+                    "POST", "/admin/silos", json={"silo_id": created["silo_id"]}).json()["token"]
+                dirs[name] = tmp / name
+                if helper is not None and i == 1:
+                    # One silo enrols with both, as its operator would: `fedsilo-silo init` with the helper options.
+                    done = subprocess.run(
+                        [*SILO, "init", "--data-dir", str(dirs[name]), "--coordinator", server.base_url, "--token",
+                         created["enrolment_token"], "--data", str(path), "--helper-url", helper.base_url,
+                         "--helper-token", helper_token, "--helper-fingerprint",
+                         helper.init["helper_fingerprints"]["signing"], "--json"],
+                        capture_output=True, text=True, env=child_env(), timeout=300)
+                    assert done.returncode == 0, done.stderr
+                    assert json.loads(done.stdout)["helper_fingerprints"] == helper.init["helper_fingerprints"]
+                    continue
+                result = init_silo(data_dir=dirs[name], coordinator_url=server.base_url,
+                                   token=created["enrolment_token"], data_path=str(path), environ={})
                 assert result.data_error is None
-                dirs[name] = result.config.data_dir
-                if helper is not None:
-                    silo_id = result.config.enrolment.silo_id
-                    helper_token = helper.admin("POST", "/admin/silos", json={"silo_id": silo_id}).json()["token"]
+                if helper_token is not None:
                     helper_enrol(dirs[name], helper_url=helper.base_url, token=helper_token,
                                  expected_fingerprint=helper.init["helper_fingerprints"]["signing"], environ={})
             processes = {
