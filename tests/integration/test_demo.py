@@ -181,3 +181,30 @@ def test_secure_aggregation_means_fedbuff_and_refuses_fedasync(capsys):
     with pytest.raises(SystemExit):
         parse_options(["--secure-aggregation", "--strategy", "fedasync"])
     assert "--secure-aggregation opens FedBuff buffers" in capsys.readouterr().err
+
+
+def test_the_demo_helper_runs_as_a_real_process_and_enrols_a_silo(tmp_path):
+    # The --secure-aggregation pieces without a coordinator run: fedsilo-helper init and
+    # serve as children, a silo (enrolled with the fake coordinator) put on the helper's
+    # roster and enrolled, the helper's /metrics read, every child stopped.
+    from coordinator.demo.processes import Children
+    from coordinator.demo.secagg import enrol_with_helper, openings, setting, start_helper, wait_helper
+    from privacy.keys import b64e
+    from silo_node.commands import init_silo
+    from silo_node.config import SiloConfig
+    from tests.support.fake_coordinator import FakeCoordinator
+
+    fake = FakeCoordinator()
+    silo = init_silo(data_dir=tmp_path / "silo", coordinator_url="https://c.example", token=fake.create_token("s"),
+                     transport=fake.transport, environ={}).config
+    with Children() as kids:
+        helper = start_helper(tmp_path, kids, federation=fake.federation,
+                              coordinator_key=b64e(fake.identity.public().signing), k_min=3)
+        wait_helper(helper)
+        enrol_with_helper(helper, silo.enrolment.silo_id, silo.data_dir)
+        assert openings(helper) == 0
+        value = setting(helper)
+        assert (value["helper_hpke_key"], value["k_min"]) == (helper.keys["hpke_key"], 3)
+    pinned = SiloConfig.load(silo.data_dir, environ={}).helper
+    assert pinned.fingerprints() == helper.fingerprints and pinned.url == helper.url
+    assert helper.child.exit_code is not None and (tmp_path / "logs" / "helper.log").exists()
