@@ -18,13 +18,14 @@ from typing import Any
 from sqlalchemy import case, func, select, tuple_
 from sqlalchemy.orm import Session
 
-from coordinator import audit, buffers
+from coordinator import audit, buffers, secagg
 from coordinator.db import lock_federation
 from coordinator.errors import ApiError, Reason
 from coordinator.models import Federation, ModelVersion, PrivacyCharge, Silo, Update, UpdateStatus
 from coordinator.model_store import Release, ReleaseCache, release
 from coordinator.strategies import StrategyError, StrategySettings
 from privacy.envelope import utc_timestamp
+from privacy.secagg import UnsafeSettings
 from privacy.keys import Identity
 
 __all__ = [
@@ -227,7 +228,10 @@ def change_settings(
     (ApiError ``invalid_request`` otherwise, naming the field). The federation row is
     locked, so the change and any fold are ordered: each update is folded under one
     set of settings. Switching strategy while FedBuff holds buffered deltas is
-    refused (``conflict``): they would be stranded. A change that changes nothing
+    refused (``conflict``): they would be stranded. So is turning secure aggregation
+    on or off (or changing its mask arithmetic) while the buffer is not empty: a
+    buffer holds float deltas or masked integer shares, never both, and masked shares
+    open only under the settings they were made for. A change that changes nothing
     writes no audit entry.
     """
     if not isinstance(changes, Mapping) or not changes:
@@ -238,15 +242,22 @@ def change_settings(
         after = StrategySettings.from_dict({**before, **changes}).to_dict()
     except StrategyError as exc:
         raise ApiError(Reason.INVALID_REQUEST, exc.message) from exc
+    if after["secure_aggregation"] is not None:  # checked with the strategy and K it will run under
+        try:
+            secagg.parse_settings(after["secure_aggregation"], strategy=after["strategy"], buffer_k=after["buffer_k"])
+        except UnsafeSettings as exc:
+            raise ApiError(Reason.INVALID_REQUEST, f"secure_aggregation: {exc}") from exc
     changed = {k: {"from": before.get(k), "to": after[k]} for k in sorted(after) if before.get(k) != after[k]}
     if not changed:
         return _federation_info(session, fed)
     buffered = buffers.count(session, fed.id)
-    if "strategy" in changed and buffered > 0:
-        raise ApiError(
-            Reason.CONFLICT,
-            f"{buffered} update(s) are buffered for FedBuff; change the strategy once the buffer is applied",
-        )
+    for key, what in (("strategy", "the strategy"), ("secure_aggregation", "secure aggregation")):
+        if key in changed and buffered > 0:
+            raise ApiError(
+                Reason.CONFLICT,
+                f"{buffered} update(s) are buffered for FedBuff; change {what} once the buffer is applied "
+                f"(a buffer holds either plain deltas or masked shares, never both)",
+            )
     fed.settings = after  # a new dict: JSON columns are not mutation-tracked
     session.flush()
     audit.append(

@@ -40,7 +40,7 @@ from sqlalchemy import delete, func, literal_column, select, update
 from sqlalchemy.orm import Session
 
 from privacy import codec
-from privacy.envelope import release_statement, utc_timestamp
+from privacy.envelope import canonical_json, release_statement, utc_timestamp
 from privacy.keys import Identity
 
 from . import audit
@@ -279,21 +279,23 @@ class SignedRelease:
 
 
 class ReleaseCache:
-    """Signed release statements of recent versions, keyed by ``(version, digest)``.
+    """Signed release statements of recent versions, keyed by ``(version, digest,
+    secure-aggregation setting)``.
 
     A statement names the federation, the version, its digest and size, the schema and
-    the version's creation time -- all fixed once the version is written -- so it is
-    signed once per process and version.
+    the version's creation time -- all fixed once the version is written -- and the
+    federation's secure-aggregation setting when it is signed, which an operator may
+    change under a version: so it is signed once per process, version and setting.
     """
 
     def __init__(self, capacity: int = 64) -> None:
         self.capacity = capacity
-        self._entries: OrderedDict[tuple[int, str], SignedRelease] = OrderedDict()
+        self._entries: OrderedDict[tuple[int, str, bytes | None], SignedRelease] = OrderedDict()
         self._lock = threading.Lock()
 
     def signed(self, identity: Identity, *, federation: str, schema_digest: str, version: int, digest: str,
-               size: int, created_at: datetime) -> SignedRelease:
-        key = (version, digest)
+               size: int, created_at: datetime, secure_aggregation: Mapping | None = None) -> SignedRelease:
+        key = (version, digest, None if secure_aggregation is None else canonical_json(secure_aggregation))
         with self._lock:
             hit = self._entries.get(key)
             if hit is not None:
@@ -301,7 +303,7 @@ class ReleaseCache:
                 return hit
         statement, signature = release_statement(
             federation=federation, version=version, digest=digest, size=size, schema_digest=schema_digest,
-            created_at=utc_timestamp(created_at), signer=identity.signing,
+            created_at=utc_timestamp(created_at), signer=identity.signing, secure_aggregation=secure_aggregation,
         )
         out = SignedRelease(version, digest, size, statement, signature)
         with self._lock:
@@ -321,13 +323,15 @@ class _VersionRow:
     digest: str
     size: int | None  # None once pruned
     created_at: datetime
+    secure_aggregation: dict | None  # the federation's setting now (signed into the release)
 
 
 def _version_row(session: Session, federation_id: int, version: int | None) -> _VersionRow:
     """The metadata of ``version`` (None: the current one). Raises ApiError
     ``unknown_version`` for a version that does not exist (yet)."""
     fed = session.execute(
-        select(Federation.name, Federation.schema_digest, Federation.current_version).where(Federation.id == federation_id)
+        select(Federation.name, Federation.schema_digest, Federation.current_version, Federation.settings)
+        .where(Federation.id == federation_id)
     ).one()  # named columns: never the FedBuff buffer
     v = fed.current_version if version is None else version
     if v > fed.current_version:
@@ -337,7 +341,8 @@ def _version_row(session: Session, federation_id: int, version: int | None) -> _
     ).one_or_none()
     if row is None or row[1] is None:
         raise ApiError(Reason.UNKNOWN_VERSION, f"model version {v} does not exist or its weights were pruned")
-    return _VersionRow(fed.name, fed.schema_digest, v, row[0], row[1], row[2])
+    return _VersionRow(fed.name, fed.schema_digest, v, row[0], row[1], row[2],
+                       (fed.settings or {}).get("secure_aggregation"))
 
 
 class ReleaseStream:
@@ -389,7 +394,7 @@ def open_release(
         row = _version_row(session, federation_id, version)
         signed = releases.signed(identity, federation=row.federation, schema_digest=row.schema_digest,
                                  version=row.current_version, digest=row.digest, size=row.size,
-                                 created_at=row.created_at)
+                                 created_at=row.created_at, secure_aggregation=row.secure_aggregation)
         found = _slices(session, federation_id, row.current_version, _STREAM_CHUNK)
         if found is None:  # cannot happen within one snapshot; checked all the same
             raise ApiError(Reason.UNKNOWN_VERSION, f"model version {row.current_version} was pruned")
@@ -426,7 +431,7 @@ def release(session: Session, identity: Identity, releases: ReleaseCache, federa
         raise StorageCorrupted(f"stored weights of version {row.current_version} do not match their digest")
     signed = releases.signed(identity, federation=row.federation, schema_digest=row.schema_digest,
                              version=row.current_version, digest=row.digest, size=row.size,
-                             created_at=row.created_at)
+                             created_at=row.created_at, secure_aggregation=row.secure_aggregation)
     return Release(signed.version, signed.digest, blob, signed.statement, signed.signature)
 
 

@@ -118,6 +118,22 @@ SCHEMAS: dict[str, dict[str, Any]] = {
             "beta1": {"type": "number", "minimum": 0, "exclusiveMaximum": 1},
             "beta2": {"type": "number", "minimum": 0, "exclusiveMaximum": 1},
             "tau": _POSITIVE, "compression": {"enum": ["none", "int8", "topk"]},
+            "secure_aggregation": _nullable({
+                "type": "object",
+                "description": "secure aggregation with a helper (docs/secure-aggregation.md); null: off. "
+                               "FedBuff only; k_min <= buffer_k <= mask.max_updates; the mask must not wrap. "
+                               "Changing it while the buffer holds updates is 409 conflict",
+                "required": ["mode", "helper_url", "helper_signing_key", "helper_hpke_key", "k_min", "mask"],
+                "properties": {
+                    "mode": {"enum": ["helper"]}, "helper_url": _STR, "helper_signing_key": _STR,
+                    "helper_hpke_key": _STR, "k_min": integer(2, MAX_INT_SETTING),
+                    "mask": {"type": "object", "required": ["clip", "scale", "max_updates", "max_weight"],
+                             "properties": {"clip": _POSITIVE, "scale": _POSITIVE, "max_updates": _INT,
+                                            "max_weight": _INT},
+                             "additionalProperties": False},
+                },
+                "additionalProperties": False,
+            }),
         },
         "additionalProperties": False,
         "minProperties": 1,

@@ -59,10 +59,12 @@ def _enrolled(ctx: Coordinator, silo: Silo, fed: Federation) -> dict:
     cfg = ctx.config
     budget = {"epsilon_cap": silo.epsilon_cap, "delta": silo.delta, "accountant": cfg.accountant}
     task = {"name": fed.task_name, "options": fed.task_options}
+    settings = settings_of(fed)
     statement, signature = enrolment_statement(
         {"silo_id": silo.id, "name": silo.name, "federation": fed.name, "task": task,
          "schema_digest": fed.schema_digest, "budget": budget,
-         "silo_keys": {"signing_key": b64e(silo.signing_key), "hpke_key": b64e(silo.hpke_key)}},
+         "silo_keys": {"signing_key": b64e(silo.signing_key), "hpke_key": b64e(silo.hpke_key)},
+         "secure_aggregation": settings.secure_aggregation},
         ctx.identity.signing,
     )
     return {
@@ -74,7 +76,9 @@ def _enrolled(ctx: Coordinator, silo: Silo, fed: Federation) -> dict:
             "schema": fed.schema,
             "schema_digest": fed.schema_digest,
             "current_version": fed.current_version,
-            "settings": settings_of(fed).to_dict(),
+            "settings": settings.to_dict(),
+            # the signed statement's member, unsigned copy (the silo checks it against the statement)
+            "secure_aggregation": settings.secure_aggregation,
         },
         "budget": budget,
         "coordinator": {**public.to_json(), "fingerprints": public.fingerprints()},

@@ -158,8 +158,16 @@ class StrategySettings:
     beta2: float = 0.99
     tau: float = 1e-3
     compression: str = "none"
+    #: None (off) or the helper's settings object; its structure is checked here, its
+    #: substance (keys, mask arithmetic, K_min) by coordinator.secagg.parse_settings,
+    #: which needs the privacy library this module does not import.
+    secure_aggregation: dict[str, Any] | None = None
 
     def __post_init__(self) -> None:
+        if self.secure_aggregation is not None:
+            if not isinstance(self.secure_aggregation, Mapping):
+                raise _invalid("secure_aggregation must be null or an object")
+            object.__setattr__(self, "secure_aggregation", dict(self.secure_aggregation))
         if self.strategy not in _STRATEGIES:
             raise _invalid(f"strategy must be one of {', '.join(_STRATEGIES)}, not {self.strategy!r}")
         if self.staleness not in _STALENESS:

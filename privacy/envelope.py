@@ -407,12 +407,15 @@ def verify_statement(kind: str, data: bytes, signature: bytes, signer: Ed25519Pu
 
 def release_statement(
     *, federation: str, version: int, digest: str, size: int, schema_digest: str, created_at: str,
-    signer: Ed25519PrivateKey,
+    signer: Ed25519PrivateKey, secure_aggregation: Mapping | None = None,
 ) -> tuple[bytes, bytes]:
     """Sign a model release: which federation, which version, which bytes (``digest``:
     SHA-256 hex of the bytes, ``size``: their length; the signer hashed them when it
-    stored them, it need not hash them again)."""
+    stored them, it need not hash them again), and the federation's secure-aggregation
+    setting when it signs (None: off) -- a silo learns whether to mask only from here
+    and from its enrolment statement, never from an unsigned answer."""
     body = {
+        "secure_aggregation": None if secure_aggregation is None else dict(secure_aggregation),
         "federation": federation,
         "version": version,
         "digest": digest,
@@ -432,7 +435,8 @@ def verify_release(data: bytes, signature: bytes, blob: bytes, signer: Ed25519Pu
 
 
 #: What an enrolment statement binds: who the silo is, with which keys, in which federation.
-ENROLMENT_FIELDS = ("silo_id", "name", "federation", "task", "schema_digest", "budget", "silo_keys")
+ENROLMENT_FIELDS = ("silo_id", "name", "federation", "task", "schema_digest", "budget", "silo_keys",
+                    "secure_aggregation")
 
 
 def enrolment_statement(body: Mapping, signer: Ed25519PrivateKey) -> tuple[bytes, bytes]:

@@ -48,6 +48,8 @@ class Reason(StrEnum):
     NORM_EXCEEDED = "norm_exceeded", 422, "the update's L2 norm exceeds the federation's bound"
     BUDGET_EXCEEDED = "budget_exceeded", 403, "accepting this update would take the silo past its privacy budget"
     INVALID_DP_PARAMETERS = "invalid_dp_parameters", 422, "the update's DP parameters are invalid"
+    MASKING_REQUIRED = "masking_required", 400, (
+        "secure aggregation is on: send the update as masked shares (payload kind masked_delta)")
     # enrolment and auth
     BAD_TOKEN = "bad_token", 401, "missing, unknown, used, expired or revoked token"
     FORBIDDEN = "forbidden", 403, "this token's role may not do this"

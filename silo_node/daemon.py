@@ -114,6 +114,7 @@ ON_REJECTION: dict[Reason, OnRejection] = {
     Reason.NORM_EXCEEDED: OnRejection.NEXT_ROUND,
     Reason.BUDGET_EXCEEDED: OnRejection.BUDGET,
     Reason.INVALID_DP_PARAMETERS: OnRejection.FATAL,
+    Reason.MASKING_REQUIRED: OnRejection.NEXT_ROUND,  # the next release says "helper": mask then
     Reason.BAD_TOKEN: OnRejection.FATAL,
     Reason.FORBIDDEN: OnRejection.FATAL,
     Reason.ALREADY_ENROLLED: OnRejection.FATAL,

@@ -215,3 +215,33 @@ def test_budgets_are_recomputed_from_the_whole_history(engine):
         s.execute(PrivacyCharge.__table__.update().where(PrivacyCharge.update_id == "u2").values(epsilon_after=0.1))
     with transaction(engine, read_only=True) as s:
         assert budget.budget_report(s, a).consistent is False
+
+
+def test_secure_aggregation_is_validated_audited_and_blocked_by_a_non_empty_buffer(engine):
+    from tests.coordinator.test_secagg import SETTINGS as HELPER_SETTINGS
+
+    for bad in ({"strategy": "fedasync", "secure_aggregation": HELPER_SETTINGS},  # FedBuff only
+                {"strategy": "fedbuff", "buffer_k": 2, "secure_aggregation": HELPER_SETTINGS},  # K < K_min
+                {"strategy": "fedbuff", "secure_aggregation": {**HELPER_SETTINGS, "mode": "alone"}},
+                {"strategy": "fedbuff", "compression": "int8", "secure_aggregation": HELPER_SETTINGS},
+                {"strategy": "fedbuff", "secure_aggregation": "helper"}):
+        with pytest.raises(ApiError) as exc, transaction(engine) as s:
+            admin.change_settings(s, bad, actor="token:ops", now=T0)
+        assert exc.value.reason is Reason.INVALID_REQUEST, bad
+    with transaction(engine) as s:
+        info = admin.change_settings(s, {"strategy": "fedbuff", "secure_aggregation": HELPER_SETTINGS},
+                                     actor="token:ops", now=T0)
+        assert info.settings["secure_aggregation"] == HELPER_SETTINGS
+    [entry] = _entries(engine, admin.ACTION_SETTINGS_CHANGED)
+    assert entry["details"]["changed"]["secure_aggregation"] == {"from": None, "to": HELPER_SETTINGS}
+    with pytest.raises(ApiError) as exc, transaction(engine) as s:  # K_min still holds when K changes
+        admin.change_settings(s, {"buffer_k": 2}, actor="token:ops", now=T0)
+    assert exc.value.reason is Reason.INVALID_REQUEST
+    with transaction(engine) as s:
+        s.add(FedBuffBuffer(federation_id=1, kind="int", modulus_bits=32, count=1, updates=["u1"]))
+    for change in ({"secure_aggregation": None}, {"secure_aggregation": {**HELPER_SETTINGS, "k_min": 4}}):
+        with pytest.raises(ApiError) as exc, transaction(engine) as s:
+            admin.change_settings(s, change, actor="token:ops", now=T0)
+        assert exc.value.reason is Reason.CONFLICT and "buffer" in exc.value.detail
+    with transaction(engine, read_only=True) as s:
+        assert federation.settings_of(s.get(Federation, 1)).secure_aggregation == HELPER_SETTINGS

@@ -8,6 +8,7 @@ The slice sizes are lowered so that a model of a few kilobytes takes every slice
 
 from __future__ import annotations
 
+import json
 from datetime import UTC, datetime, timedelta
 from functools import partial
 
@@ -94,7 +95,7 @@ def test_a_pull_streams_the_stored_bytes_with_a_release_over_the_stored_digest(e
             created = s.get(ModelVersion, (FED, expected)).created_at
         assert statement == {"kind": "model_release", "federation": "fed", "version": expected,
                              "digest": rel.digest, "size": len(body), "schema_digest": fed.schema_digest,
-                             "created_at": utc_timestamp(created)}
+                             "created_at": utc_timestamp(created), "secure_aggregation": None}
 
 
 def test_a_release_is_signed_once_per_version_and_digest(engine):
@@ -109,6 +110,27 @@ def test_a_release_is_signed_once_per_version_and_digest(engine):
     later = model_store.open_release(snapshot(engine), ident, releases, FED, 2)
     later.close()
     assert later.release is not first.release and later.release == first.release  # Ed25519 is deterministic
+
+
+def test_a_release_signs_the_secure_aggregation_setting_in_force_and_the_cache_keys_on_it(engine):
+    from tests.coordinator.test_secagg import SETTINGS as HELPER_SETTINGS
+
+    ident, releases = Identity.generate(), model_store.ReleaseCache()
+
+    def statement() -> dict:
+        stream = model_store.open_release(snapshot(engine), ident, releases, FED, 2)
+        stream.close()
+        return json.loads(stream.release.statement)
+
+    assert statement()["secure_aggregation"] is None
+    with transaction(engine) as s:
+        fed = s.get(Federation, FED)
+        fed.settings = {**fed.settings, "strategy": "fedbuff", "secure_aggregation": HELPER_SETTINGS}
+    assert statement()["secure_aggregation"] == HELPER_SETTINGS  # not the cached release of "off"
+    with transaction(engine) as s:
+        fed = s.get(Federation, FED)
+        fed.settings = {**fed.settings, "secure_aggregation": None}
+    assert statement()["secure_aggregation"] is None
 
 
 def test_the_served_digest_is_the_stored_one_not_a_fresh_hash(engine):

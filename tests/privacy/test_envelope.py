@@ -299,6 +299,16 @@ def test_release_round_trip_and_tamper(coordinator):
     )
     release = env.verify_release(data, sig, blob, coordinator.signing.public_key())
     assert release["version"] == 7 and release["kind"] == "model_release"
+    assert release["secure_aggregation"] is None  # the member is always there: null is off
+    helper = {"mode": "helper", "k_min": 3}
+    data2, sig2 = env.release_statement(
+        federation="f", version=7, digest=codec.digest(blob), size=len(blob), schema_digest="cd" * 32,
+        created_at=env.utc_timestamp(NOW), signer=coordinator.signing, secure_aggregation=helper)
+    assert env.verify_release(data2, sig2, blob, coordinator.signing.public_key())["secure_aggregation"] == helper
+    with pytest.raises(EnvelopeError) as info:  # a man in the middle cannot turn masking off
+        env.verify_release(data2.replace(b'"secure_aggregation":{', b'"secure_aggregation":null,"x":{'), sig2,
+                           blob, coordinator.signing.public_key())
+    assert info.value.reason is Reason.BAD_SIGNATURE
     with pytest.raises(EnvelopeError) as info:
         env.verify_release(data, sig, blob[:-1] + b"\x01", coordinator.signing.public_key())
     assert info.value.reason is Reason.DIGEST_MISMATCH
@@ -345,7 +355,7 @@ def test_signed_request_round_trip_and_refusals(silo):
 def test_enrolment_statement_binds_every_field(coordinator, silo):
     body = {"silo_id": "silo-1", "name": "hospital-a", "federation": "fed", "task": {"name": "csv", "options": {}},
             "schema_digest": "ab" * 32, "budget": {"epsilon_cap": 8.0, "delta": 1e-5, "accountant": "rdp"},
-            "silo_keys": silo.public().to_json()}
+            "silo_keys": silo.public().to_json(), "secure_aggregation": {"mode": "helper", "k_min": 3}}
     data, sig = env.enrolment_statement(body, coordinator.signing)
     assert env.verify_enrolment(data, sig, coordinator.signing.public_key(), body)["kind"] == "enrolment"
     for key in env.ENROLMENT_FIELDS:
