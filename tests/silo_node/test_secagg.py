@@ -20,6 +20,7 @@ from privacy import secagg
 from privacy.keys import Identity, b64e
 from privacy.masked_update import open_seed
 from silo_node.cli import main as silo_main
+from silo_node.client_errors import Untrusted
 from silo_node.commands import helper_enrol, init_silo, run_silo, silo_status
 from silo_node.config import ConfigError, SiloConfig
 from silo_node.daemon import Outcome
@@ -297,3 +298,22 @@ def test_init_refuses_a_helper_token_without_its_url(tmp_path, capsys):
                       "--token", "t", "--helper-token", "h"])
     assert code == 1 and "--helper-url and --helper-token go together" in capsys.readouterr().err
     assert not (tmp_path / "s").exists()
+
+
+def test_the_enrolment_pins_the_signed_setting_and_refuses_an_altered_copy(tmp_path, fake, helper):
+    fake.secure_aggregation = setting_for(helper.public().to_json())
+    config = enrol(tmp_path, fake)
+    assert SiloConfig.load(config.data_dir, environ={}).enrolment.secure_aggregation == fake.secure_aggregation
+
+    def altered(request: httpx.Request) -> httpx.Response:
+        response = fake.handle(request)
+        if request.url.path == "/api/v1/enroll":  # a man in the middle swaps the helper's keys
+            body = json.loads(response.content)
+            body["federation"]["secure_aggregation"] = setting_for(Identity.generate().public().to_json())
+            return httpx.Response(response.status_code, json=body)
+        return response
+
+    with pytest.raises(Untrusted) as info:
+        init_silo(data_dir=tmp_path / "other", coordinator_url="https://coordinator.example",
+                  token=fake.create_token("other"), transport=httpx.MockTransport(altered), environ={})
+    assert "secure_aggregation" in str(info.value) and not (tmp_path / "other" / "silo.toml").exists()

@@ -138,14 +138,16 @@ class FakeCoordinator:
         budget = {"epsilon_cap": self.epsilon_cap, "delta": self.delta, "accountant": "rdp"}
         statement, signature = enrolment_statement(
             {"silo_id": silo_id, "name": name, "federation": self.federation, "task": task,
-             "schema_digest": self.schema.digest, "budget": budget, "silo_keys": self.silos[silo_id].to_json()},
+             "schema_digest": self.schema.digest, "budget": budget, "silo_keys": self.silos[silo_id].to_json(),
+             "secure_aggregation": self.secure_aggregation},
             self.identity.signing,
         )
         return httpx.Response(200, json={
             "silo_id": silo_id, "name": name,
             "federation": {"name": self.federation, "task": task,
                            "schema": self.schema.to_json(), "schema_digest": self.schema.digest,
-                           "current_version": self.version, "settings": {"max_staleness": 8}},
+                           "current_version": self.version, "settings": {"max_staleness": 8},
+                           "secure_aggregation": self.secure_aggregation},
             "budget": budget,
             "coordinator": {**pub.to_json(), "fingerprints": pub.fingerprints()},
             "statement": b64e(statement), "signature": b64e(signature),
@@ -157,11 +159,8 @@ class FakeCoordinator:
             federation=self.federation, version=version, digest=codec.digest(blob), size=len(blob),
             schema_digest=self.schema.digest,
             created_at=utc_timestamp(NOW), signer=self.sign_releases_with,
+            secure_aggregation=self.secure_aggregation,
         )
-        if self.secure_aggregation is not None:  # the signed release gains the setting (protocol.md §4.5)
-            body = {k: v for k, v in json.loads(statement).items() if k != "kind"}
-            statement, sig = sign_statement("model_release", {**body, "secure_aggregation": self.secure_aggregation},
-                                            self.sign_releases_with)
         return blob, {"Fedsilo-Version": str(version), "Fedsilo-Release": b64e(statement),
                       "Fedsilo-Release-Signature": b64e(sig)}
 
