@@ -14,6 +14,7 @@ from datetime import timedelta
 from collections.abc import AsyncIterator
 from pathlib import Path
 
+import anyio
 from starlette.applications import Starlette
 from starlette.concurrency import run_in_threadpool
 from starlette.middleware import Middleware
@@ -21,7 +22,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Mount, Route
 
-from . import federation, logs, openapi, startup, ui
+from . import federation, logs, opening, openapi, startup, ui
 from .api import admin, audit, silo, transparency
 from .api.errors import exception_handlers
 from .context import Coordinator
@@ -48,12 +49,23 @@ def create_app(ctx: Coordinator) -> Starlette:
             return JSONResponse({"status": "degraded", "database": "not_writable", "reason": "unavailable",
                                  "detail": ctx.health.detail, "current_version": version},
                                 status_code=503, headers=retry)
+        if opener.state is not None:  # a ready masked buffer waits for the helper: masked updates get 503
+            return JSONResponse({"status": "degraded", "database": "ok", "reason": opener.state["reason"],
+                                 "detail": opener.state["detail"], "secure_aggregation": opener.state,
+                                 "current_version": version}, status_code=503, headers=retry)
         return JSONResponse({"status": "ok", "database": "ok", "current_version": version})
+
+    opener = opening.Opener(ctx)
 
     @contextlib.asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
         try:
-            yield
+            async with anyio.create_task_group() as tasks:
+                tasks.start_soon(opener.run)  # opens ready secure-aggregation buffers (coordinator.opening)
+                try:
+                    yield
+                finally:
+                    tasks.cancel_scope.cancel()
         finally:
             ctx.close()
 

@@ -24,8 +24,9 @@ from sqlalchemy import select
 from sqlalchemy.engine import make_url
 
 from privacy.keys import Identity
+from privacy.secagg import UnsafeSettings
 
-from . import audit, db, federation, tokens
+from . import audit, db, federation, secagg, tokens
 from .config import CONFIG_FILE, ConfigError, CoordinatorConfig
 from .models import Federation
 from .strategies import StrategyError, StrategySettings
@@ -113,8 +114,11 @@ def initialize(
     spec, weights = _model_weights(task, task_options or {})
     try:
         strategy_settings = StrategySettings.from_dict({**(settings or {}), "strategy": strategy})
+        secagg.settings_of(strategy_settings)  # the same checks as a settings change
     except StrategyError as exc:
         raise InitError(f"strategy settings: {exc.message}") from None
+    except UnsafeSettings as exc:
+        raise InitError(f"strategy settings: secure_aggregation: {exc}") from None
 
     try:
         config = CoordinatorConfig(

@@ -37,17 +37,17 @@ from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 
 import torch
-from sqlalchemy import delete, insert, select, tuple_, update
+from sqlalchemy import delete, distinct, func, insert, select, tuple_, update
 from sqlalchemy.orm import Session
 
 from privacy import codec
 
 from .model_store import StorageCorrupted
-from .models import FedBuffBuffer, FedBuffSlice
+from .models import FedBuffBuffer, FedBuffSlice, Update
 from .strategies import fedbuff_accumulate, modular_accumulate
 
 __all__ = ["KIND_FLOAT", "KIND_INT", "SLICE", "BufferState", "accumulate", "accumulate_masked", "clear", "count",
-           "state", "summed"]
+           "distinct_silos", "slices", "state", "stored_sum", "summed"]
 
 KIND_FLOAT, KIND_INT = "float", "int"
 #: Elements per stored slice (4 MiB of float32).
@@ -71,6 +71,34 @@ def state(session: Session, federation_id: int) -> BufferState:
     """The buffer's count and update ids (call under the fold lock)."""
     row = session.get(FedBuffBuffer, federation_id, populate_existing=True)
     return BufferState(0, ()) if row is None else BufferState(row.count, tuple(row.updates or ()))
+
+
+def distinct_silos(session: Session, updates: tuple[str, ...]) -> int:
+    """How many distinct silos sent the buffered ``updates`` (secure aggregation's K_min)."""
+    if not updates:
+        return 0
+    return int(session.scalar(select(func.count(distinct(Update.silo_id))).where(Update.id.in_(updates))) or 0)
+
+
+def stored_sum(session: Session, federation_id: int, schema: codec.Schema, st: BufferState,
+               dtype: torch.dtype = torch.int64) -> dict[str, torch.Tensor]:
+    """The whole stored sum of a non-empty buffer, shaped as ``schema`` (the masked
+    buffer's opening reads it once; call under the fold lock)."""
+    out = {spec.name: torch.empty(spec.numel(), dtype=dtype) for spec in schema.tensors}
+    for batch in _batches(schema):
+        stored = _read(session, federation_id, [(i, start) for i, _, start, _ in batch])
+        for index, name, start, stop in batch:
+            data = stored.get((index, start))
+            if data is None or len(data) != (stop - start) * out[name].element_size():
+                raise StorageCorrupted(f"the FedBuff sum's slice ({index}, {start}) is missing or not its size")
+            out[name][start:stop] = torch.frombuffer(bytearray(data), dtype=dtype)
+    return {spec.name: out[spec.name].reshape(spec.shape) for spec in schema.tensors}
+
+
+def slices(schema: codec.Schema, tensors: Mapping[str, torch.Tensor]) -> Iterator[list[tuple[int, str, int, torch.Tensor]]]:
+    """``tensors`` in the batches :func:`summed` yields (tensor index, name, start, flat slice)."""
+    for batch in _batches(schema):
+        yield [(index, name, start, tensors[name].reshape(-1)[start:stop]) for index, name, start, stop in batch]
 
 
 def _batches(schema: codec.Schema) -> Iterator[list[tuple[int, str, int, int]]]:

@@ -57,9 +57,10 @@ from sqlalchemy import update as sql_update
 from sqlalchemy.orm import Session
 
 from privacy import codec
-from privacy.envelope import SealedUpdate, UpdateHeader, utc_timestamp
+from privacy.envelope import MASKED_DELTA, SealedUpdate, UpdateHeader, utc_timestamp
+from privacy.secagg import MODULUS_BITS
 
-from . import audit, budget, buffers, db, decisions, optimizer_state, receipts, rejections
+from . import audit, budget, buffers, db, decisions, optimizer_state, receipts, rejections, secagg
 from .decisions import Existing, Snapshot
 from .errors import Reason
 from .model_store import StorageCorrupted, prune, record_metrics, write_version
@@ -79,7 +80,8 @@ from .strategies import (
 if TYPE_CHECKING:
     from .context import Coordinator
 
-__all__ = ["ACTION_UPDATE_ACCEPTED", "ACTION_UPDATE_BUFFERED", "Outcome", "Prepared", "commit", "resent"]
+__all__ = ["ACTION_UPDATE_ACCEPTED", "ACTION_UPDATE_BUFFERED", "Outcome", "Prepared", "commit", "fedbuff_step",
+           "process_lock", "resent", "store_version"]
 
 ACTION_UPDATE_ACCEPTED = "update_accepted"
 ACTION_UPDATE_BUFFERED = "update_buffered"
@@ -146,7 +148,7 @@ _fold_locks_guard = threading.Lock()
 
 
 @contextmanager
-def _process_lock(engine: Engine) -> Iterator[None]:
+def process_lock(engine: Engine) -> Iterator[None]:
     """One fold at a time per process and database (see the module docstring)."""
     with _fold_locks_guard:
         lock = _fold_locks.setdefault(engine, threading.Lock())
@@ -159,7 +161,7 @@ def commit(ctx: Coordinator, p: Prepared) -> Outcome:
     started = time.perf_counter()
     base = _base_weights(ctx, p)  # immutable: loaded before the lock
     error = None
-    with _process_lock(ctx.engine):
+    with process_lock(ctx.engine):
         with ctx.transaction() as s:
             fed = db.lock_federation(s, ctx.federation_id)
             now = ctx.clock()  # read under the lock, so times follow the order of the chain
@@ -259,28 +261,52 @@ def _compute(ctx: Coordinator, s: Session, fed: Federation, p: Prepared, d: _Dec
             return _fedasync(ctx, s, fed, p, d, base)
         st = buffers.state(s, fed.id)
         members = [*st.updates, h.update_id]
-        weight = fedbuff_weight(d.staleness)
         schema = codec.Schema.from_json(fed.schema)
+        masking = secagg.settings_of(settings)
+        if (h.payload_kind == MASKED_DELTA) != (masking is not None):  # the setting changed since ingest
+            raise Refusal(Reason.MASKING_REQUIRED if masking else Reason.UNSUPPORTED_VERSION,
+                          f"secure aggregation was turned {'on' if masking else 'off'} meanwhile")
+        if masking is not None:  # shares wait in the int buffer; the opener folds them (coordinator.opening)
+            secagg.check_room(st.count, buffers.distinct_silos(s, st.updates), buffer_k=settings.buffer_k,
+                              settings=masking)
+            weight = secagg.integer_weight(d.staleness, masking.mask.max_weight)
+            buffers.accumulate_masked(s, fed.id, schema, p.delta, weight, MODULUS_BITS, st, h.update_id)
+            p.delta.clear()
+            return _Computed(float(weight), members)
+        weight = fedbuff_weight(d.staleness)
         if len(members) < settings.buffer_k:
             buffers.accumulate(s, fed.id, schema, p.delta, d.staleness, st, h.update_id)
             p.delta.clear()  # summed into the buffer
             return _Computed(weight, members)
-        current, owned = _current(ctx, s, fed, v, None)
-        blob, new = _output(schema, current, owned)
-        count = len(members)
-        moments = None
-        if settings.server_optimizer != "none":  # the moments of version v, stepped in place
-            moments = optimizer_state.load(s, fed.id, v, current, settings.tau)
-        for batch in buffers.summed(s, fed.id, schema, p.delta, d.staleness, st):
-            for _, name, start, part in batch:
-                stop = start + part.numel()
-                _write(new[name].view(-1)[start:stop], name,
-                       _server_step(settings, current, name, start, part, count, moments))
+        new, blob, moments = fedbuff_step(ctx, s, fed, settings, v, len(members),
+                                          buffers.summed(s, fed.id, schema, p.delta, d.staleness, st))
         p.delta.clear()
         buffers.clear(s, fed.id)
         return _Computed(weight, members, new, blob, moments)
     except StrategyError as exc:
         raise translate(exc) from None
+
+
+def fedbuff_step(
+    ctx: Coordinator, s: Session, fed: Federation, settings: StrategySettings, v: int, count: int,
+    batches: Iterator[list[tuple[int, str, int, torch.Tensor]]],
+) -> tuple[Tensors, memoryview, optimizer_state.Moments | None]:
+    """FedBuff's server step from the buffer's sum of ``count`` updates, given batch by
+    batch as (tensor index, name, start, flat slice of the sum): the new model (written
+    over version ``v``'s buffer when this fold owns it), its blob and FedOpt's moments.
+    The one FedBuff fold: a plain buffer's last update and a masked buffer's opening
+    (coordinator.opening) both call it."""
+    current, owned = _current(ctx, s, fed, v, None)
+    blob, new = _output(codec.Schema.from_json(fed.schema), current, owned)
+    moments = None
+    if settings.server_optimizer != "none":  # the moments of version v, stepped in place
+        moments = optimizer_state.load(s, fed.id, v, current, settings.tau)
+    for batch in batches:
+        for _, name, start, part in batch:
+            stop = start + part.numel()
+            _write(new[name].view(-1)[start:stop], name,
+                   _server_step(settings, current, name, start, part, count, moments))
+    return new, blob, moments
 
 
 def _server_step(settings: StrategySettings, current: Tensors, name: str, start: int, part: torch.Tensor,
@@ -402,14 +428,8 @@ def _persist(ctx: Coordinator, s: Session, fed: Federation, p: Prepared, d: _Dec
                 .where(Update.id.in_(c.members[:-1]))
                 .values(status=UpdateStatus.ACCEPTED.value, resulting_version=resulting)
             )
-        version_row, _ = write_version(
-            s, fed, tensors=c.new, parent=v, produced_by=h.update_id, now=now,
-            details={"strategy": settings.strategy, "updates": c.members}, blob=c.blob,
-        )
-        if c.moments is not None:  # with its version, in the same transaction
-            optimizer_state.store(s, fed.id, version_row.version, settings.server_optimizer, c.moments)
-        prune(s, fed, retain=ctx.config.retain_versions, max_staleness=settings.max_staleness, now=now)
-        new_version = (version_row.version, version_row.digest, c.new)
+        new_version = store_version(ctx, s, fed, settings, v, c.new, c.blob, c.moments, produced_by=h.update_id,
+                                    members=c.members, now=now)
     event = audit.append(
         s,
         actor=h.silo_id,
@@ -431,6 +451,22 @@ def _persist(ctx: Coordinator, s: Session, fed: Federation, p: Prepared, d: _Dec
         now=now,
     )
     return event, new_version
+
+
+def store_version(
+    ctx: Coordinator, s: Session, fed: Federation, settings: StrategySettings, v: int, new: Tensors,
+    blob: memoryview | None, moments: optimizer_state.Moments | None, *, produced_by: str | None,
+    members: list[str], now: datetime, details: Mapping | None = None,
+) -> tuple[int, str, Tensors]:
+    """Version ``v + 1`` with its optimizer moments, then retention; returns what the cache needs."""
+    version_row, _ = write_version(
+        s, fed, tensors=new, parent=v, produced_by=produced_by, now=now,
+        details={"strategy": settings.strategy, "updates": members, **(details or {})}, blob=blob,
+    )
+    if moments is not None:  # with its version, in the same transaction
+        optimizer_state.store(s, fed.id, version_row.version, settings.server_optimizer, moments)
+    prune(s, fed, retain=ctx.config.retain_versions, max_staleness=settings.max_staleness, now=now)
+    return version_row.version, version_row.digest, new
 
 
 # --------------------------------------------------------------------------- receipt

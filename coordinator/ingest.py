@@ -15,7 +15,10 @@
                          the signed header alone: an update refused here was never
                          decrypted, so it costs the silo nothing)
      8  decrypt          HPKE; the payload must match the signed digest
-     9  decode + schema  safetensors; names, shapes, dtypes, all finite, norm bound
+     9  decode + schema  safetensors; names, shapes, dtypes, all finite, norm bound (a
+                         masked update: coordinator.secagg.check_masked -- the silo's
+                         statement and the shares' shapes; the buffer's room was checked
+                         after step 6: a full masked buffer waits for the helper, 503)
     10  fold             :func:`coordinator.fold.commit`: one transaction under the
                          federation lock, which re-checks 3, 5, 6, 7 and the norm bound;
                          every result it writes must be finite
@@ -49,12 +52,12 @@ from anyio import to_thread
 
 from privacy import codec, compression
 from privacy.accounting import ACCOUNTANTS
-from privacy.envelope import SealedUpdate, parse_update
+from privacy.envelope import MASKED_DELTA, SealedUpdate, parse_update
 from privacy.errors import PrivacyError
 from privacy.errors import Reason as PrivacyReason
 from privacy.keys import signing_public_from_raw
 
-from . import decisions, fold, rejections
+from . import buffers, decisions, fold, rejections, secagg
 from .context import Coordinator
 from .errors import IngestRejected, Reason
 from .fold import Outcome, Prepared, resent
@@ -136,6 +139,21 @@ def check(ctx: Coordinator, body: bytes | bytearray | Upload, received_at: datet
         raise refuse(ctx, ev, refusal) from None
 
 
+def _check_kind(kind: str, compression_setting: str, masking: bool) -> None:
+    """With secure aggregation on only masked shares are accepted (a plain or compressed
+    delta is ``masking_required``: the silo's release said otherwise, or it ignores it);
+    off, the federation's compression kind and a plain delta are."""
+    plain = (compression.KIND_DELTA, COMPRESSIONS[compression_setting])
+    if masking and kind in (*compression.KINDS, MASKED_DELTA):
+        if kind != MASKED_DELTA:
+            raise Refusal(Reason.MASKING_REQUIRED, f"secure aggregation is on: payload kind {kind!r} is refused; "
+                                                   f"send {MASKED_DELTA!r} (the current model release says so)")
+        return
+    if masking or kind not in plain:
+        raise Refusal(Reason.UNSUPPORTED_VERSION, f"payload kind {kind!r} is not accepted here "
+                      f"(compression = {compression_setting}, secure aggregation = {'on' if masking else 'off'})")
+
+
 def _release(body: bytes | bytearray, sealed: SealedUpdate) -> None:
     """Free the envelope's buffer once its payload is decrypted (nothing reads it after)."""
     if isinstance(body, bytearray):
@@ -179,11 +197,11 @@ def _check(ctx: Coordinator, body: bytes | bytearray, ev: Evidence, uploader: st
         fed = s.get(Federation, ctx.federation_id)
         snap = decisions.snapshot(s, fed, silo_id=header.silo_id, update_id=header.update_id,
                                   base_version=header.base_version)
-        schema, schema_digest = codec.Schema.from_json(fed.schema), fed.schema_digest
-    accepted = (compression.KIND_DELTA, COMPRESSIONS[snap.settings.compression])
-    if header.payload_kind not in accepted:
-        raise Refusal(Reason.UNSUPPORTED_VERSION, f"payload kind {header.payload_kind!r} is not accepted here "
-                      f"(compression = {snap.settings.compression})")
+        schema, schema_digest, federation = codec.Schema.from_json(fed.schema), fed.schema_digest, fed.name
+        st = buffers.state(s, fed.id)
+        buffered = st.count, buffers.distinct_silos(s, st.updates)
+    masking = secagg.settings_of(snap.settings)  # None: secure aggregation is off
+    _check_kind(header.payload_kind, snap.settings.compression, masking is not None)
 
     # 5. replay ------------------------------------------------------------------------
     if decisions.is_resend(snap, silo_id=header.silo_id, envelope_digest=sealed.envelope_digest):
@@ -193,6 +211,9 @@ def _check(ctx: Coordinator, body: bytes | bytearray, ev: Evidence, uploader: st
 
     # 6. base version known, staleness within the bound --------------------------------
     ev.staleness = decisions.check_base(snap)
+
+    if masking is not None:  # the masked buffer waits for the helper: refuse before decrypting
+        secagg.check_room(*buffered, buffer_k=snap.settings.buffer_k, settings=masking)
 
     # 7. budget, from the signed header, before anything is decrypted ------------------
     if header.accountant not in ACCOUNTANTS:
@@ -214,9 +235,14 @@ def _check(ctx: Coordinator, body: bytes | bytearray, ev: Evidence, uploader: st
     if header.schema_digest != schema_digest:
         raise Refusal(Reason.SCHEMA_MISMATCH, "the header's schema digest is not this federation's")
     try:
-        delta = compression.decode(header.payload_kind, codec.decode(payload), schema)
+        if masking is not None:  # shares: shape only; no norm can be measured on one (the sum's is)
+            delta = secagg.check_masked(header, payload, silo_key=signing_public_from_raw(signing_key),
+                                        federation=federation, settings=masking, schema=schema)
+            norm = 0.0
+        else:
+            delta = compression.decode(header.payload_kind, codec.decode(payload), schema)
+            norm = schema.check(delta)
         del payload  # the tensors own copies now; let the plaintext go
-        norm = schema.check(delta)
     except PrivacyError as exc:
         raise translate(exc) from None
     decisions.check_norm(snap.settings, norm)

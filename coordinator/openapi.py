@@ -396,7 +396,9 @@ OPERATIONS: dict[tuple[str, str], dict[str, Any]] = {
     ("GET", "/healthz"): _with_response(
         _operation("Liveness and database readiness", tag="ops", response="Health", security=[]),
         503, "database unreachable (status unavailable) or not taking writes, e.g. a full disk "
-             "(status degraded): updates get 503 unavailable meanwhile", "Health",
+             "(status degraded): updates get 503 unavailable meanwhile; or (status degraded, reason "
+             "helper_unavailable / helper_refused / helper_bad_answer) a ready secure-aggregation buffer "
+             "waits for the helper: masked updates get 503 unavailable meanwhile", "Health",
         headers={"Retry-After": "seconds to wait before asking again"},
     ),
     ("GET", "/metrics"): _operation(

@@ -30,9 +30,11 @@ from privacy.envelope import UpdateHeader
 from privacy.errors import CodecError, Reason
 from privacy.keys import b64d, fingerprint, hpke_public_from_raw, signing_public_from_raw
 
-from .strategies import fedbuff_weight
+from .errors import IngestRejected, Reason as WireReason
+from .strategies import StrategySettings, fedbuff_weight
 
-__all__ = ["SecaggSettings", "parse_settings", "check_masked", "integer_weight", "opened_delta"]
+__all__ = ["SecaggSettings", "parse_settings", "settings_of", "ready", "check_room", "check_masked", "integer_weight",
+           "opened_delta"]
 
 MODE_HELPER = "helper"
 _URL = re.compile(r"https?://[\x21-\x7e]{1,2000}")
@@ -86,6 +88,41 @@ def parse_settings(obj: Mapping, *, strategy: str, buffer_k: int) -> SecaggSetti
             f"max_updates={settings.max_updates}"
         )
     return SecaggSettings(obj["helper_url"], obj["helper_signing_key"], obj["helper_hpke_key"], k_min, settings)
+
+
+def settings_of(strategy: StrategySettings) -> SecaggSettings | None:
+    """The federation's secure-aggregation settings in force (None: off). Stored settings
+    were checked when they were set; they are parsed again, so a bad row fails loudly."""
+    if strategy.secure_aggregation is None:
+        return None
+    return parse_settings(strategy.secure_aggregation, strategy=strategy.strategy, buffer_k=strategy.buffer_k)
+
+
+def ready(count: int, silos: int, *, buffer_k: int, settings: SecaggSettings) -> bool:
+    """Whether a masked buffer is to be opened: at least K updates from at least K_min
+    distinct silos (the helper refuses fewer silos: the buffer waits for more)."""
+    return count >= buffer_k and silos >= settings.k_min
+
+
+def check_room(count: int, silos: int, *, buffer_k: int, settings: SecaggSettings) -> None:
+    """Refuse a masked update the buffer cannot take now with ``503 unavailable``
+    (Retry-After), deciding nothing: the buffer is ready and waits for the helper, or
+    holds the most updates the mask arithmetic allows (``max_updates``).
+
+    Why a ready buffer does not grow: the helper's request names exactly the buffered
+    updates, and a sum that grew while the helper was being asked would no longer
+    match its mask sum; the same seeds can never be asked for again under another
+    buffer. The silo keeps the sealed update and resends it byte for byte
+    (docs/protocol.md §5): nothing acknowledged is lost, and nothing is charged.
+    """
+    if ready(count, silos, buffer_k=buffer_k, settings=settings) or count >= settings.mask.max_updates:
+        raise IngestRejected(WireReason.UNAVAILABLE, f"the secure-aggregation buffer holds {count} update(s) "
+                             f"from {silo_word(silos)} and waits for the helper to open it; retry after the "
+                             f"Retry-After delay")
+
+
+def silo_word(n: int) -> str:
+    return f"{n} silo" if n == 1 else f"{n} silos"
 
 
 def check_masked(

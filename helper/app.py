@@ -17,6 +17,8 @@ from __future__ import annotations
 
 import hashlib
 import hmac
+import os
+import signal
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from datetime import UTC, datetime
@@ -85,6 +87,8 @@ def create_app(directory: Path) -> Starlette:
             return signed_response(policy, refusal.reason.status, body, answer, "application/json")
         if not opened.repeated:
             openings.inc()
+        if os.environ.get("FEDSILO_TEST_CRASH_AT") == "helper_opened":  # kill -9 tests: committed, unanswered
+            os.kill(os.getpid(), signal.SIGKILL)
         return signed_response(policy, 200, body, opened.answer, SAFETENSORS)
 
     async def enrol_route(request: Request) -> Response:

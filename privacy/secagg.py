@@ -127,10 +127,11 @@ def check_settings(settings: MaskSettings) -> MaskSettings:
         if not _positive_int(getattr(settings, name)):
             raise UnsafeSettings(f"{name} must be an integer >= 1, not {getattr(settings, name)!r}")
     limit = (1 << (MODULUS_BITS - 1)) - 1
-    if settings.headroom > limit:
+    if not math.isfinite(c * s) or settings.headroom > limit:  # c * s = inf: no integer bounds it
+        q_max = settings.q_max if math.isfinite(c * s) else math.inf
         raise UnsafeSettings(
             f"K_max * W_max * ceil(c * s) = {settings.max_updates} * {settings.max_weight} * "
-            f"{settings.q_max} = {settings.headroom} exceeds 2**{MODULUS_BITS - 1} - 1 = {limit}: "
+            f"{q_max} = {settings.max_updates * settings.max_weight * q_max} exceeds 2**{MODULUS_BITS - 1} - 1 = {limit}: "
             "a full buffer could wrap; lower the clip, the scale, the buffer size or the weights"
         )
     return settings

@@ -38,6 +38,9 @@ def test_settings_are_parsed_and_unsafe_ones_refused() -> None:
         ({**SETTINGS, "helper_url": "ftp://x"}, "fedbuff", 3),
         ({**SETTINGS, "helper_hpke_key": "AAAA"}, "fedbuff", 3),
         ({**SETTINGS, "extra": 1}, "fedbuff", 3),
+        ({**SETTINGS, "mask": {**SETTINGS["mask"], "clip": 1e308}}, "fedbuff", 3),  # c * s = inf (was a 500)
+        ({**SETTINGS, "mask": {**SETTINGS["mask"], "scale": "65536"}}, "fedbuff", 3),
+        ({**SETTINGS, "mask": [1, 2]}, "fedbuff", 3),
     ]
     for obj, strategy, k in bad:
         with pytest.raises(secagg.UnsafeSettings):
