@@ -171,7 +171,8 @@ def run_arm(tmp: Path, parts, *, secure: bool) -> dict:
             helper_db = None if helper is None else _helper_records(helper.data_dir)
             helper_verify = None if helper is None else _helper_audit_verify(helper.data_dir)
             fingerprint = None if helper is None else helper.init["helper_fingerprints"]["hpke"]
-            health = server.client().get("/healthz").json()
+            with server.client() as client:
+                health = client.get("/healthz").json()
         finally:
             if helper_cm is not None:
                 helper_cm.__exit__(None, None, None)
