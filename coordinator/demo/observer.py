@@ -59,6 +59,10 @@ class AdminClient:
         """``PATCH /api/admin/federation``: a settings change (validated as a whole, audited)."""
         return self._request("PATCH", "/api/admin/federation", json={"settings": settings}).json()
 
+    def federation(self) -> dict:
+        """``GET /api/admin/federation``: settings, current version, ``buffered_updates``."""
+        return self._get("/api/admin/federation").json()
+
     def silos(self) -> list[dict]:
         return self._get("/api/admin/silos").json()["silos"]
 

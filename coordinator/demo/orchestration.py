@@ -30,7 +30,7 @@ from typing import TYPE_CHECKING, Protocol
 from .observer import AdminClient, Holdout, Observer, Snapshot
 from .options import DemoOptions, SiloPlan, silo_plans
 from .processes import Child, Children, DemoError, child_env, command, free_port, loopback_without_proxy, wait_healthy
-from .secagg import HelperRun, enrol_with_helper, openings, setting, start_helper, wait_helper
+from .secagg import HelperRun, enrol_with_helper, openings, setting, start_helper, wait_for_openings, wait_helper
 
 if TYPE_CHECKING:
     from coordinator.bootstrap import InitResult
@@ -338,6 +338,9 @@ def run_demo(options: DemoOptions, view: View) -> tuple[DemoRun, Finale]:
             for s in run.silos:
                 s.asked_to_stop = s.child is not None and s.child.exit_code is None
             kids.stop([s.child for s in run.silos if s.child is not None], grace=SILO_STOP_GRACE)
+            if run.helper is not None:
+                view.phase(run, "letting the coordinator open a full buffer with the helper")
+                wait_for_openings(admin, options.k_min)
             run.snapshot = observer.poll()
             view.phase(run, "verifying the audit log and exporting the audit log and ledgers")
             finale = _finale(run, admin)

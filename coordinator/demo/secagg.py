@@ -30,7 +30,8 @@ import httpx
 
 from .processes import Child, Children, DemoError, child_env, command, free_port
 
-__all__ = ["HelperRun", "MASK", "enrol_with_helper", "openings", "setting", "start_helper", "wait_helper"]
+__all__ = ["HelperRun", "MASK", "enrol_with_helper", "openings", "setting", "start_helper", "wait_for_openings",
+           "wait_helper"]
 
 HELPER = command("fedsilo-helper", "helper.cli")
 #: The federation's public mask settings (docs/secure-aggregation.md): clip 1, scale 2^16,
@@ -58,8 +59,9 @@ class HelperRun:
 def start_helper(out: Path, kids: Children, *, federation: str, coordinator_key: str, k_min: int) -> HelperRun:
     """``fedsilo-helper init`` (a subprocess), then ``fedsilo-helper serve`` as a child."""
     data_dir = out / "helper"
-    args = [*HELPER, "init", "--dir", str(data_dir), "--federation", federation, "--coordinator-key",
-            coordinator_key, "--k-min", str(k_min), "--clip", str(MASK["clip"]), "--scale", str(MASK["scale"]),
+    # "--option=value": a base64url key may begin with "-", which argparse would read as an option.
+    args = [*HELPER, "init", "--dir", str(data_dir), f"--federation={federation}",
+            f"--coordinator-key={coordinator_key}", "--k-min", str(k_min), "--clip", str(MASK["clip"]), "--scale", str(MASK["scale"]),
             "--max-updates", str(MASK["max_updates"]), "--max-weight", str(MASK["max_weight"])]
     done = subprocess.run(args, capture_output=True, text=True, env=child_env(), timeout=300)
     if done.returncode != 0:
@@ -111,6 +113,15 @@ def enrol_with_helper(helper: HelperRun, silo_id: str, data_dir: Path) -> None:
                      expected_fingerprint=helper.fingerprints["signing"], environ={})
     except (ClientError, ConfigError, SecaggError) as exc:
         raise DemoError(f"enrolling silo {silo_id} with the helper: {exc.message}") from None
+
+
+def wait_for_openings(admin: Any, buffer_k: int, timeout: float = 90.0) -> None:
+    """After the silos stopped: let the coordinator open a buffer that is ready (K updates)
+    -- it asks the helper in the background -- so the figures include its fold. A buffer
+    that cannot open (fewer than K_min distinct silos) is left sealed when time is up."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline and int(admin.federation().get("buffered_updates", 0)) >= buffer_k:
+        time.sleep(0.5)
 
 
 _OPENINGS = re.compile(r"^fedsilo_helper_openings_total\s+([0-9.e+]+)\s*$", re.MULTILINE)
