@@ -190,6 +190,9 @@ class Opener:
 
     def step(self) -> float:
         """One look at the buffer (blocking): open it if ready; return the seconds to wait."""
+        if pending(self.ctx) is None:  # the common case, without taking the opener's lock
+            self._set(None)
+            return POLL_SECONDS
         with _claim(self.ctx.engine) as mine:
             if not mine:  # another process is the opener now
                 self._set(None)

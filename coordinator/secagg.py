@@ -1,7 +1,8 @@
-"""The coordinator's secure-aggregation rules, as pure functions the pipeline will call.
+"""The coordinator's secure-aggregation rules, as pure functions the pipeline calls.
 
-Not yet wired into ingest or the fold (docs/secure-aggregation.md, "Status"). In the
-order the masked path uses them:
+Called by coordinator.admin (settings changes), coordinator.ingest and coordinator.fold
+(the masked path) and coordinator.opening (the opened sum). In the order the masked
+path uses them:
 
 - :func:`parse_settings`   the federation's ``secure_aggregation`` setting, refused when
                            it could wrap, is not FedBuff, or K_min > K
@@ -9,10 +10,12 @@ order the masked path uses them:
                            silo's statement says what its header says, for this
                            federation and helper; the payload is the schema's names and
                            shapes as int32 shares (no norm check is possible)
+- :func:`check_room`       a ready buffer (:func:`ready`) waits for the helper: 503
 - :func:`integer_weight`   the public integer staleness weight ``w_i``
 - :func:`opened_delta`     the opened buffer as FedBuff's float sum, checked (finite, norm)
 
-Errors are the privacy library's (translated at the ingest boundary as today) or
+Errors are the privacy library's (translated at the ingest boundary as today), IngestRejected
+(``unavailable``, from :func:`check_room`), or
 :class:`privacy.secagg.UnsafeSettings` for settings.
 """
 

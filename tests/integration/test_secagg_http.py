@@ -217,3 +217,24 @@ def test_with_the_helper_down_the_buffer_waits_and_opens_when_it_is_back(federat
             assert torch.equal(w1[name], expected[name]), name
     finally:
         _stop(again)
+
+
+def test_an_opened_sum_over_the_norm_bound_discards_the_buffer(federation):
+    """No per-update norm check is possible on shares; the SUM's is, and a sum that fails
+    it can never be opened otherwise: the buffer is discarded, audited, nothing folded."""
+    server, helper, silos, data_dir = federation
+    helper_hpke = hpke_public_from_raw(b64d(helper.init["helper_keys"]["hpke_key"]))
+    assert server.admin("PATCH", "/federation", json={"settings": {"max_update_norm": 1e-6}}).status_code == 200
+    for i, silo in enumerate(silos):
+        assert silo.push(_masked_envelope(silo, _exact_delta(silo, 30 + i), helper_hpke)).status_code == 200
+
+    def discarded():
+        with server.client() as c:
+            r = c.get("/api/audit/events", params={"action": "buffer_discarded"}, headers=server.admin_headers)
+        return r.json()["events"]
+
+    [entry] = _wait(discarded, "the buffer to be discarded")
+    assert entry["details"]["reason"] == "norm_exceeded" and len(entry["details"]["updates"]) == K
+    assert _version(server) == 0 and server.admin("GET", "/federation").json()["buffered_updates"] == 0
+    rows = server.admin("GET", "/updates").json()["updates"]
+    assert len(rows) == K and {u["status"] for u in rows} == {"rejected"}
