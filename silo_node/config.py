@@ -39,6 +39,8 @@ import tomli_w
 from privacy.errors import PrivacyError, ReasonedError
 from privacy.keys import PublicIdentity, b64d, ensure_private, fingerprint, make_private_dir, write_private
 
+from .secagg import HelperPin, SecaggError
+
 log = logging.getLogger("fedsilo.silo")
 
 __all__ = [
@@ -282,6 +284,9 @@ class Enrolment:
     epsilon_cap: float
     delta: float
     accountant: str = "rdp"
+    # The federation's secure_aggregation at enrolment, as the coordinator signed it (None:
+    # off). Informational: each round follows the value in its signed model release.
+    secure_aggregation: dict | None = None
 
     def __post_init__(self) -> None:
         _check(bool(self.silo_id), "silo id is empty")
@@ -325,6 +330,7 @@ class SiloConfig:
     training: TrainingOptions = field(default_factory=TrainingOptions)
     schedule: Schedule = field(default_factory=Schedule)
     network: NetworkOptions = field(default_factory=NetworkOptions)
+    helper: HelperPin | None = None  # the helper aggregator this silo enrolled with (secure aggregation)
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "data_dir", Path(self.data_dir))
@@ -418,6 +424,7 @@ class SiloConfig:
                 data_dir=data_dir,
                 coordinator_url=silo.pop("coordinator_url"),
                 enrolment=enrolment,
+                helper=_helper_pin(doc, path),
                 **silo,
                 **sections,
             )
@@ -445,10 +452,12 @@ class SiloConfig:
             "local_epsilon_cap": self.local_epsilon_cap,
             "allowed_tasks": list(self.allowed_tasks),
         })
-        doc = {"silo": silo, "enrolment": asdict(self.enrolment)}
+        doc = {"silo": silo, "enrolment": clean(asdict(self.enrolment))}
         doc["enrolment"]["fingerprints"] = self.enrolment.fingerprints()
         for name in _SECTIONS:
             doc[name] = clean(asdict(getattr(self, name)))
+        if self.helper is not None:
+            doc["helper"] = {**asdict(self.helper), "fingerprints": self.helper.fingerprints()}
         return doc
 
     def save(self) -> Path:
@@ -465,6 +474,28 @@ class SiloConfig:
         path = self.data_dir / CONFIG_FILE
         write_private(path, text.encode("utf-8"))
         return path
+
+
+def _helper_pin(doc: dict, path: Path) -> HelperPin | None:
+    """``[helper]``: the pinned helper aggregator (absent: not enrolled with one)."""
+    if "helper" not in doc:
+        return None
+    pinned = dict(doc["helper"])
+    written = pinned.pop("fingerprints", None)
+    try:
+        pin = HelperPin(**pinned)
+    except SecaggError as exc:
+        raise ConfigError(ConfigReason.INVALID, f"{path} [helper]: {exc.message}") from None
+    if written != pin.fingerprints():
+        raise ConfigError(ConfigReason.INVALID,
+                          f"{path}: the pinned helper keys do not match the fingerprints beside them")
+    return pin
+
+
+def read_helper_pin(data_dir: Path | str) -> HelperPin | None:
+    """The ``[helper]`` pin as silo.toml holds it now: the daemon reads it again before each
+    masked round, so `fedsilo-silo helper-enrol` takes effect without a restart."""
+    return SiloConfig.load(data_dir, environ={}).helper
 
 
 def prepare_data_dir(data_dir: Path) -> Path:

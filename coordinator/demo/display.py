@@ -67,7 +67,9 @@ def _state(s: SiloRun) -> Text:
 def _header(run: DemoRun) -> Text:
     o = run.options
     strategy = {"fedasync": "FedAsync", "fedbuff": "FedBuff"}[o.strategy]
-    return Text.assemble(("fedsilo demo", "bold"), f" {_clock(run.elapsed())} · {o.task} · {strategy} · {o.silos} silos")
+    secure = " · secure aggregation" if o.secure_aggregation else ""
+    return Text.assemble(("fedsilo demo", "bold"),
+                         f" {_clock(run.elapsed())} · {o.task} · {strategy}{secure} · {o.silos} silos")
 
 
 def _clock(seconds: float) -> str:
@@ -96,6 +98,11 @@ def _global(run: DemoRun) -> Table:
     grid.add_row("now", Text(run.phase, style="italic"))
     if run.base_url:
         grid.add_row("coordinator", Text.assemble((run.base_url, "cyan"), " (loopback; logs in ", str(run.out / "logs"), ")"))
+    if run.helper is not None:
+        grid.add_row("secure agg.", Text.assemble(
+            "helper aggregator at ", (run.helper.url, "cyan"), f" ({run.helper.fingerprints['hpke'][:23]}...): "
+            f"every update leaves in shares; the coordinator opens only sums of buffers of >= {run.helper.k_min} "
+            "silos"))
     return grid
 
 
@@ -191,6 +198,8 @@ class PlainView:
         self._line(run, text)
         if text.startswith("starting the silos") and run.base_url:
             self._line(run, f"coordinator {run.base_url}; output and logs in {run.out}")
+            if run.helper is not None:
+                self._line(run, f"helper aggregator {run.helper.url}: updates leave in shares, buffers open as sums")
 
     def refresh(self, run: DemoRun) -> None:
         now = time.monotonic()
@@ -251,6 +260,13 @@ def print_summary(summary: dict, out_dir: str, console: Console | None = None) -
     grid.add_row(mark(checks["ledgers_reconciled"]),
                  f"every silo's ledger matches the audit log ({reconciled} updates: digests, outcome, "
                  "inside a checkpoint the silo cosigned)")
+    secure = summary.get("secure_aggregation")
+    if secure:
+        opened = "?" if secure["openings"] is None else secure["openings"]
+        grid.add_row(mark(checks["updates_in_shares"]),
+                     f"secure aggregation: {secure['updates_in_shares']} of {secure['updates_sent']} updates left "
+                     f"their silo in shares; the helper at {secure['url']} opened {opened} buffer sum(s) of >= "
+                     f"{secure['k_min']} silos")
 
     table = Table(box=box.SIMPLE, pad_edge=False)
     for col, just in (("silo", "left"), ("ε spent", "right"), ("cap", "right"), ("accepted", "right"),

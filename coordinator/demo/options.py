@@ -95,6 +95,7 @@ class DemoOptions:
     alpha: float = 0.5  # Dirichlet concentration of the label skew
     holdout_fraction: float = 0.2
     training: TrainingPlan = TrainingPlan()
+    secure_aggregation: bool = False  # a helper aggregator too; FedBuff buffers opened as sums only
 
     def out_dir(self, now: datetime | None = None) -> Path:
         if self.out is not None:
@@ -113,6 +114,11 @@ class DemoOptions:
         if self.strategy == "fedbuff":
             return {"buffer_k": max(2, min(3, self.silos))}
         return {}
+
+    @property
+    def k_min(self) -> int:
+        """Secure aggregation: the fewest distinct silos in an opened buffer -- all of the buffer's K."""
+        return int(self.strategy_settings.get("buffer_k", 2))
 
 
 def silo_plans(count: int) -> list[SiloPlan]:
@@ -163,7 +169,11 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--silos", type=_int_range(2, 20), default=5, metavar="N", help="number of silos (default: 5)")
     p.add_argument("--task", choices=TASKS, default="breast_cancer", help="bundled data set (default: breast_cancer)")
-    p.add_argument("--strategy", choices=STRATEGIES, default="fedasync", help="aggregation (default: fedasync)")
+    p.add_argument("--strategy", choices=STRATEGIES,
+                   help="aggregation (default: fedasync; fedbuff with --secure-aggregation)")
+    p.add_argument("--secure-aggregation", action="store_true",
+                   help="start a helper aggregator too: silos send their updates in shares and the coordinator "
+                        "only ever opens FedBuff buffers as sums (docs/secure-aggregation.md)")
     p.add_argument("--out", type=Path, metavar="DIR",
                    help=f"output directory, new or empty (default: {DEFAULT_OUT_ROOT}/run-<time>)")
     p.add_argument("--json", action="store_true", help="print only summary.json on standard output")
@@ -182,6 +192,11 @@ def parse_options(argv: Sequence[str]) -> DemoOptions:
     args = list(argv)
     if args[:1] == ["--"]:  # `fedsilo-coordinator demo -- --quiet` passes the separator through
         args = args[1:]
-    ns = build_parser().parse_args(args)
-    return DemoOptions(silos=ns.silos, task=ns.task, strategy=ns.strategy, out=ns.out, json=ns.json,
-                       quiet=ns.quiet, updates=ns.updates, seed=ns.seed, time_limit=ns.time_limit)
+    parser = build_parser()
+    ns = parser.parse_args(args)
+    strategy = ns.strategy or ("fedbuff" if ns.secure_aggregation else "fedasync")
+    if ns.secure_aggregation and strategy != "fedbuff":
+        parser.error("--secure-aggregation opens FedBuff buffers: use --strategy fedbuff (or leave it out)")
+    return DemoOptions(silos=ns.silos, task=ns.task, strategy=strategy, out=ns.out, json=ns.json,
+                       quiet=ns.quiet, updates=ns.updates, seed=ns.seed, time_limit=ns.time_limit,
+                       secure_aggregation=ns.secure_aggregation)
