@@ -8,7 +8,7 @@ PIP    := $(PY) -m pip install --disable-pip-version-check -q $(FIND_LINKS) -c c
 ARGS   ?=
 PYTEST_ARGS ?=
 
-.PHONY: demo test venv clean bench bench-ingest bench-async bench-privacy bench-model bench-tlog bench-secagg bench-upload
+.PHONY: demo test venv clean bench bench-ingest bench-async bench-privacy bench-model bench-tlog bench-secagg bench-upload bench-race bench-compression
 
 venv: $(VENV)/.installed
 
@@ -47,6 +47,12 @@ bench-secagg: venv
 
 bench-upload: venv
 	$(PY) benchmarks/upload_memory.py $(ARGS)
+
+bench-race: venv
+	$(PY) benchmarks/race.py $(ARGS)
+
+bench-compression: venv
+	$(PY) benchmarks/compression.py $(ARGS)
 
 clean:
 	rm -rf $(VENV) build *.egg-info

@@ -4,9 +4,9 @@ A real ``fedsilo-coordinator serve`` and N real ``fedsilo-silo run`` daemons on 
 machine (loopback HTTP, signed and encrypted envelopes, Opacus DP-SGD, the coordinator's
 real ingest and fold), on non-IID Dirichlet(0.5) shares of ``digits``
 (``silo_node.partition.write_partitions``, as the demo), with a held-out split no silo
-sees. Each silo's training is slowed by a fixed per-silo factor through the
-benchmark-only task ``slow_task:digits`` (``slow_task.py``: a sleep per DP-SGD step,
-fedsilo's custom-task hook, ``benchmarks/`` on the processes' ``PYTHONPATH``): round
+sees. Each silo's training is slowed by a fixed per-silo factor through the demo's
+task wrapper (``coordinator/demo/slow_task.py``: ``digits`` with a sleep per DP-SGD
+step, loaded through fedsilo's custom-task hook; the serving code has no sleep): round
 training times are log-spaced from ``fastest_round`` to ``spread`` times that, assigned
 to silos in a seeded random order. Silos never rest between rounds (``--pause 0``), so a
 slow silo's update arrives against an older version.
@@ -40,7 +40,6 @@ import argparse
 import dataclasses
 import json
 import math
-import os
 import shutil
 import sys
 import tempfile
@@ -54,15 +53,15 @@ from typing import Any
 import numpy as np
 
 HERE = Path(__file__).resolve().parent
-if str(HERE) not in sys.path:  # loaded by path (the tests): find slow_task.py and race_relay.py
+if str(HERE) not in sys.path:  # loaded by path (the tests): find race_relay.py and simulation.py
     sys.path.insert(0, str(HERE))
 
 from race_relay import Relay  # noqa: E402
-from slow_task import ENV as STEP_ENV  # noqa: E402
-from slow_task import TASK_NAME  # noqa: E402
 
 from coordinator.demo.observer import AdminClient, Holdout, Observer  # noqa: E402
 from coordinator.demo.processes import Children, child_env, command, free_port, wait_healthy  # noqa: E402
+from coordinator.demo.slow_task import ENV as STEP_ENV  # noqa: E402
+from coordinator.demo.slow_task import TASK_NAME  # noqa: E402
 from privacy import accounting  # noqa: E402
 from privacy.accounting import MIN_NOISE_MULTIPLIER  # noqa: E402
 
@@ -140,13 +139,9 @@ def round_seconds(cfg: RaceConfig) -> list[float]:
     return [ladder[int(k)] for k in order]
 
 
-def _env(extra: dict[str, str]) -> dict[str, str]:
-    path = os.pathsep.join(filter(None, [str(HERE), os.environ.get("PYTHONPATH", "")]))
-    return child_env({"PYTHONPATH": path, **extra})
-
-
 def run_one(cfg: RaceConfig, work: Path, silos: Sequence[SiloSetup], holdout_path: Path, *,
-            strategy: str, settings: dict[str, Any], sigma: float, sync: bool, limit: float) -> dict[str, Any]:
+            strategy: str, settings: dict[str, Any], sigma: float, sync: bool, limit: float,
+            log: Any = print) -> dict[str, Any]:
     """One federation from scratch (fresh database, keys, enrolments); the race's figures."""
     from coordinator.bootstrap import initialize
     from silo_node.commands import init_silo
@@ -155,13 +150,13 @@ def run_one(cfg: RaceConfig, work: Path, silos: Sequence[SiloSetup], holdout_pat
     shutil.rmtree(work, ignore_errors=True)
     work.mkdir(parents=True)
     port = free_port()
-    init = initialize(work / "coordinator", task=TASK_NAME, name="race", strategy=strategy, settings=settings,
+    init = initialize(work / "coordinator", task=TASK_NAME, task_options={"base": "digits"}, name="race", strategy=strategy, settings=settings,
                       host="127.0.0.1", port=port)
     base = f"http://127.0.0.1:{port}"
     with Children() as kids:
         coordinator = kids.start("coordinator", [*COORDINATOR, "serve", "--data-dir", str(work / "coordinator"),
                                                  "--host", "127.0.0.1", "--port", str(port), "--log-level",
-                                                 "warning"], work / "logs" / "coordinator.log", _env({}))
+                                                 "warning"], work / "logs" / "coordinator.log", child_env())
         wait_healthy(coordinator, base)
         admin = AdminClient(base, init.admin_token)
         version_admin = AdminClient(base, init.admin_token)  # the relay's thread has its own client
@@ -181,18 +176,18 @@ def run_one(cfg: RaceConfig, work: Path, silos: Sequence[SiloSetup], holdout_pat
                     plans.append((s, result.config.enrolment.silo_id, q, steps))
                 children = []
                 for s, _, q, steps in plans:
-                    env = _env({"FEDSILO_SILO_THREADS": "1", "FEDSILO_SILO_SEED": str(cfg.seed * 1000 + s.index),
+                    env = child_env({"FEDSILO_SILO_THREADS": "1", "FEDSILO_SILO_SEED": str(cfg.seed * 1000 + s.index),
                                 "FEDSILO_SILO_NOISE_MULTIPLIER": str(sigma),
                                 STEP_ENV: f"{s.round_seconds / steps:.6f}"})
                     children.append(kids.start(s.name, [*SILO, "run", "--data-dir", str(work / "silos" / s.name),
                                         "--epochs", str(cfg.epochs), "--batch-size", str(cfg.batch_size),
                                         "--lr", str(cfg.lr), "--clip", str(cfg.clip), "--pause", "0",
                                         "--jitter", "0"], work / "logs" / f"{s.name}.log", env))
-                observer = Observer(admin, Holdout(TASK_NAME, init.task["options"], holdout_path))
+                observer = Observer(admin, Holdout(init.task["name"], init.task["options"], holdout_path))
                 if not relay.gate_open.wait(300):
                     raise RuntimeError(f"not every silo asked for a model within 300 s; see {work / 'logs'}")
                 opened = datetime.now(UTC).timestamp() - (time.monotonic() - relay.opened_at)
-                reached = None
+                reached, said = None, time.monotonic()
                 while reached is None and time.monotonic() - relay.opened_at < limit:
                     if coordinator.exit_code is not None:
                         raise RuntimeError(f"the coordinator exited; see {coordinator.log_path}")
@@ -200,6 +195,11 @@ def run_one(cfg: RaceConfig, work: Path, silos: Sequence[SiloSetup], holdout_pat
                     reached = next((p for p in snap.points if p.accuracy is not None
                                     and p.accuracy >= cfg.target_accuracy), None)
                     if reached is None:
+                        if time.monotonic() - said > 15 and snap.points:
+                            said = time.monotonic()
+                            best = max((p.accuracy or 0.0) for p in snap.points)
+                            log(f"    {said - relay.opened_at:5.0f} s: version {snap.points[-1].version}, "
+                                f"best held-out accuracy {best:.3f}")
                         time.sleep(POLL)
                 wall = time.monotonic() - relay.opened_at
                 snap = observer.poll()
@@ -273,14 +273,14 @@ def race(cfg: RaceConfig, work: Path, log: Any = print) -> dict[str, Any]:
         log(f"[{mode}] fedavg (sync, {cfg.silos} silos, sigma {sigma_sync}) ...")
         runs["fedavg"] = run_one(cfg, work / "run", silos, parts.holdout_path, strategy="fedbuff",
                                  settings={"buffer_k": cfg.silos, "server_lr": 1.0}, sigma=sigma_sync,
-                                 sync=True, limit=cfg.fedavg_limit)
+                                 sync=True, limit=cfg.fedavg_limit, log=log)
         log(f"  -> {_line(runs['fedavg'])}")
         base_t = runs["fedavg"]["time_to_target"]
         limit = max(cfg.min_async_limit, cfg.limit_factor * (base_t if base_t is not None else cfg.fedavg_limit))
         for s in strategies:
             log(f"[{mode}] {s.key} (sigma {sigma_async}, limit {limit:.0f} s) ...")
             runs[s.key] = run_one(cfg, work / "run", silos, parts.holdout_path, strategy=s.strategy,
-                                  settings=s.settings, sigma=sigma_async, sync=False, limit=limit)
+                                  settings=s.settings, sigma=sigma_async, sync=False, limit=limit, log=log)
             runs[s.key]["label"] = s.label
             runs[s.key]["settings"] = {"strategy": s.strategy, **s.settings}
             log(f"  -> {_line(runs[s.key])}")
