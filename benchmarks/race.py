@@ -184,8 +184,12 @@ def run_one(cfg: RaceConfig, work: Path, silos: Sequence[SiloSetup], holdout_pat
                                         "--lr", str(cfg.lr), "--clip", str(cfg.clip), "--pause", "0",
                                         "--jitter", "0"], work / "logs" / f"{s.name}.log", env))
                 observer = Observer(admin, Holdout(init.task["name"], init.task["options"], holdout_path))
-                if not relay.gate_open.wait(300):
-                    raise RuntimeError(f"not every silo asked for a model within 300 s; see {work / 'logs'}")
+                deadline = time.monotonic() + 300
+                while not relay.gate_open.wait(0.5):
+                    dead = next((c for c in children if c.exit_code is not None), None)
+                    if dead is not None or time.monotonic() > deadline:
+                        why = f"{dead.name} exited: {dead.last_line()}" if dead else "not every silo asked for a model"
+                        raise RuntimeError(f"the race cannot start: {why}; see {work / 'logs'}")
                 opened = datetime.now(UTC).timestamp() - (time.monotonic() - relay.opened_at)
                 reached, said = None, time.monotonic()
                 while reached is None and time.monotonic() - relay.opened_at < limit:
@@ -213,14 +217,17 @@ def run_one(cfg: RaceConfig, work: Path, silos: Sequence[SiloSetup], holdout_pat
 
 def _figures(cfg: RaceConfig, snap: Any, plans: Sequence[Any], opened: float, reached: Any, wall: float,
              held: float, sigma: float, sync: bool) -> dict[str, Any]:
+    # The coordinator's timestamps have 1 s resolution: so does the time to target.
     t_target = None if reached is None else reached.created_at.timestamp() - opened
-    cutoff = opened + (t_target if t_target is not None else wall)
+    # Updates that had left their silos by then: those received up to the one whose fold
+    # made the target version (the listing is in the order received).
+    ids = [u["update_id"] for u in snap.updates]
+    upto = ids.index(reached.update_id) + 1 if reached is not None and reached.update_id in ids else len(ids)
     names = {sid: s.name for s, sid, _, _ in plans}
     plan_of = {sid: (q, steps) for _, sid, q, steps in plans}
     eps, rounds = {}, {}
     for sid in names:
-        ups = [u for u in snap.updates if u["silo_id"] == sid
-               and datetime.fromisoformat(u["received_at"].replace("Z", "+00:00")).timestamp() <= cutoff]
+        ups = [u for u in snap.updates[:upto] if u["silo_id"] == sid]
         q, steps = plan_of[sid]
         rounds[names[sid]] = len(ups)
         eps[names[sid]] = round(float(accounting.epsilon_of([(sigma, q, steps)] * len(ups), cfg.delta)), 4) \
