@@ -112,7 +112,7 @@ class RaceConfig:
     clip: float = 1.0
     delta: float = 1e-5
     fedavg_limit: float = 300.0  # seconds
-    limit_factor: float = 0.75  # async runs stop after this x FedAvg's time to target
+    limit_factor: float = 0.5  # async runs stop after this x FedAvg's time to target (the goal is 0.3x)
     min_async_limit: float = 30.0
     modes: tuple[str, ...] = ("dp", "min_noise")
     strategies: tuple[str, ...] = tuple(s.key for s in STRATEGIES)
