@@ -90,6 +90,12 @@ STRATEGIES = (
     Strategy("fedbuff_fedadam", "FedBuff + FedAdam (server_lr 0.01)", "fedbuff",
              {"server_optimizer": "fedadam", "server_lr": 0.01}),
 )
+#: Candidates for new defaults, run on request (``--strategies``).
+CANDIDATES = (
+    Strategy("fedbuff_k10", "FedBuff K=10", "fedbuff", {"buffer_k": 10}),
+    Strategy("fedbuff_k10_fedadam", "FedBuff K=10 + FedAdam (server_lr 0.01)", "fedbuff",
+             {"buffer_k": 10, "server_optimizer": "fedadam", "server_lr": 0.01}),
+)
 MODES = {"dp": (1.0, 1.0), "min_noise": (MIN_NOISE_MULTIPLIER, MIN_NOISE_MULTIPLIER)}  # (async, fedavg) sigma
 
 
@@ -250,6 +256,9 @@ def _figures(cfg: RaceConfig, snap: Any, plans: Sequence[Any], opened: float, re
         "max_epsilon_at_target": max(eps.values()) if eps else 0.0,
         "rounds_at_target": rounds,
         "updates": len(snap.updates),
+        "updates_to_target": upto if reached is not None else None,
+        # Throughput: updates the coordinator received per second until the target (or the end).
+        "updates_per_second": round(upto / (t_target if t_target else wall), 3) if upto else 0.0,
         "statuses": {s: statuses.count(s) for s in sorted(set(statuses))},
         "refused_stale": stale,
         "refused_stale_fraction": round(stale / len(snap.updates), 4) if snap.updates else 0.0,
@@ -273,7 +282,7 @@ def race(cfg: RaceConfig, work: Path, log: Any = print) -> dict[str, Any]:
                              holdout_fraction=cfg.holdout_fraction, min_size=cfg.min_partition(total))
     silos = [SiloSetup(f"silo-{i + 1}", i + 1, Path(p), t)
              for i, (p, t) in enumerate(zip(parts.paths, round_seconds(cfg)))]
-    strategies = [s for s in STRATEGIES if s.key in cfg.strategies]
+    strategies = [s for s in STRATEGIES + CANDIDATES if s.key in cfg.strategies]
     out: dict[str, Any] = {"silo_round_seconds": {s.name: round(s.round_seconds, 3) for s in silos},
                            "label_counts": {s.name: {str(k): int(v) for k, v in dict(c).items()}
                                             for s, c in zip(silos, parts.label_counts)}}
@@ -315,6 +324,10 @@ def _verdict(runs: dict[str, Any], limit: float) -> dict[str, Any]:
         t, b = r["time_to_target"], base["time_to_target"]
         out["ratios"][key] = None if t is None or b is None else round(t / b, 3)
         r["ratio_to_fedavg"] = out["ratios"][key]
+        # The best ratio this run's throughput allows, had each of its updates been worth
+        # one of FedAvg's: FedAvg's updates to target / this run's rate, over FedAvg's time.
+        if b is not None and base["updates_to_target"] and r["updates_per_second"]:
+            r["throughput_bound"] = round(base["updates_to_target"] / r["updates_per_second"] / b, 3)
         r["epsilon_within_fedavg"] = r["max_epsilon_at_target"] <= base["max_epsilon_at_target"] + 1e-9 \
             if t is not None else None
     return out
@@ -356,7 +369,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--tiny", action="store_true", help="a short smoke run (for the test)")
     p.add_argument("--out", type=Path, default=RESULTS, help="directory for race.json and race.png")
     p.add_argument("--modes", nargs="+", choices=list(MODES), default=None)
-    p.add_argument("--strategies", nargs="+", choices=[s.key for s in STRATEGIES], default=None)
+    p.add_argument("--strategies", nargs="+", choices=[s.key for s in STRATEGIES + CANDIDATES], default=None)
     p.add_argument("--target", type=float, default=None, help="held-out accuracy to reach (default 0.85)")
     p.add_argument("--fastest-round", type=float, default=None, help="seconds per round, fastest silo")
     p.add_argument("--keep", type=Path, default=None, help="keep the runs' directories (logs) here")
