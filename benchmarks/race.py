@@ -30,7 +30,7 @@ coordinator had received by then, as the silo's own ledger counts them: every up
 that left, refused or not); updates accepted and refused as stale, and the mean
 staleness. Async runs stop at the target or after ``limit_factor`` times FedAvg's time.
 
-Run: ``make bench-race`` or ``.venv/bin/python benchmarks/race.py`` (about 20 minutes
+Run: ``make bench-race`` or ``.venv/bin/python benchmarks/race.py`` (about 15 minutes
 with 12 silos on 2 cores); results go to ``benchmarks/results/race.json`` and
 ``race.png``. ``--tiny`` (3 silos, seconds-long rounds) is for the test.
 """
