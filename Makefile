@@ -8,7 +8,7 @@ PIP    := $(PY) -m pip install --disable-pip-version-check -q $(FIND_LINKS) -c c
 ARGS   ?=
 PYTEST_ARGS ?=
 
-.PHONY: demo test venv clean bench bench-ingest bench-async bench-privacy bench-model bench-tlog bench-secagg bench-upload bench-pacing
+.PHONY: demo test venv clean bench bench-ingest bench-async bench-privacy bench-model bench-tlog bench-secagg bench-upload bench-pacing bench-race bench-compression
 
 venv: $(VENV)/.installed
 
@@ -50,6 +50,12 @@ bench-upload: venv
 
 bench-pacing: venv
 	$(PY) benchmarks/pacing.py $(ARGS)
+
+bench-race: venv
+	$(PY) benchmarks/race.py $(ARGS)
+
+bench-compression: venv
+	$(PY) benchmarks/compression.py $(ARGS)
 
 clean:
 	rm -rf $(VENV) build *.egg-info

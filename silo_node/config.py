@@ -36,6 +36,7 @@ from urllib.parse import urlsplit
 
 import tomli_w
 
+from privacy.accounting import MIN_NOISE_MULTIPLIER
 from privacy.errors import PrivacyError, ReasonedError
 from privacy.keys import PublicIdentity, b64d, ensure_private, fingerprint, make_private_dir, write_private
 
@@ -170,6 +171,9 @@ class TrainingOptions:
     max_grad_norm: float = 1.0  # per-sample clipping norm C
     proximal_rho: float = 0.0  # FedProx (rho/2)||w - w_base||^2; 0 = off
     round_epsilon: float = 1.0  # epsilon one round may add, at most
+    # A fixed noise multiplier for every round instead of planning it from round_epsilon
+    # (0 = plan): a federation's policy may name sigma; the cap still stops the silo.
+    noise_multiplier: float = 0.0
     min_round_epsilon: float = 0.1  # below this remaining budget a round is not worth its noise
     val_fraction: float = 0.2  # local validation split, evaluated on each received model
     split_seed: int = 0  # fixed per silo at init so the validation rows never change
@@ -186,6 +190,10 @@ class TrainingOptions:
         _positive("proximal_rho", self.proximal_rho, zero=True)
         _positive("round_epsilon", self.round_epsilon)
         _positive("min_round_epsilon", self.min_round_epsilon)
+        _check(isinstance(self.noise_multiplier, int | float) and not isinstance(self.noise_multiplier, bool)
+               and (self.noise_multiplier == 0 or MIN_NOISE_MULTIPLIER <= self.noise_multiplier < math.inf),
+               f"noise_multiplier must be 0 (plan it from round_epsilon) or a finite number >= "
+               f"{MIN_NOISE_MULTIPLIER}, not {self.noise_multiplier!r}")
         _check(self.min_round_epsilon <= self.round_epsilon,
                f"min_round_epsilon ({self.min_round_epsilon}) must not exceed round_epsilon ({self.round_epsilon})")
         _check(isinstance(self.val_fraction, int | float) and 0 <= self.val_fraction < 1,

@@ -129,7 +129,7 @@ def _silos(run: DemoRun, width: int) -> Table:
         style = "magenta" if s.plan.slow else ""
         row = [
             Text(s.plan.name + (" slow" if s.plan.slow else ""), style="bold " + style),
-            Text(s.plan.rest, style=style),
+            Text(s.plan.rest + (f", trains +{s.plan.extra_training_seconds:g} s" if s.plan.slow else ""), style=style),
             Text("-" if pace is None else f"{pace:.1f} s", style=style),
         ]
         if wide:
@@ -145,8 +145,9 @@ def _notes(run: DemoRun) -> Text:
     lines = ["ε: the coordinator's own figure (RDP), recomputed from every update it accepted from the silo. "
              "Each silo stops by itself before its cap."]
     if slow is not None and fast is not None:
-        lines.append(f"{slow.plan.name} is slow on purpose: the demo makes it rest {slow.plan.rest} between rounds "
-                     f"(the others {fast.plan.rest}). Nobody waits for it.")
+        lines.append(f"{slow.plan.name} is slow on purpose: each of its rounds trains "
+                     f"{slow.plan.extra_training_seconds:g} s longer (the others train at full speed; all rest "
+                     f"{fast.plan.rest}), so its updates arrive against newer versions. Nobody waits for it.")
     lines.append(f"Ctrl-C stops the demo and every process it started. Output: {run.out}")
     return Text("\n".join(lines), style="dim")
 

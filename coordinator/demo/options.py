@@ -2,7 +2,9 @@
 
 Every number the demo chooses for its silos lives here, in :func:`silo_plans`, so the
 display and the summary can say exactly how the silos differ: each has its own privacy
-cap, and one of them is made slow on purpose by resting longer between rounds.
+cap, and one of them is made slow on purpose *while training* (the demo's task wrapper,
+:mod:`.slow_task`, adds a pause to each of its DP-SGD steps), so its updates arrive
+against versions that moved on meanwhile, as a real straggler's do.
 """
 
 from __future__ import annotations
@@ -28,10 +30,11 @@ TASKS = ("breast_cancer", "digits")
 STRATEGIES = ("fedasync", "fedbuff")
 #: A cap per silo: the first silo may spend epsilon 2, the next 3, and so on.
 FIRST_CAP, CAP_STEP = 2.0, 1.0
-#: Fast silos rest about this long between rounds (pause + uniform jitter) ...
-FAST_PAUSE, FAST_JITTER = 2.0, 2.0
-#: ... the slow one this long, which makes its rounds about four times as long here.
-SLOW_PAUSE, SLOW_JITTER = 16.0, 2.0
+#: Every silo rests about this long between rounds (pause + uniform jitter) ...
+PAUSE, JITTER = 2.0, 2.0
+#: ... and the slow one also trains this many seconds longer per round (spread over its
+#: DP-SGD steps), which makes its rounds about four times as long here.
+SLOW_TRAINING_SECONDS = 12.0
 #: Which silo is the slow one: silo-2, whose cap (3) lets it train about as long as the
 #: fast silos with larger caps take to spend theirs.
 SLOW_INDEX = 2
@@ -66,6 +69,7 @@ class SiloPlan:
     pause_seconds: float
     jitter_seconds: float
     slow: bool
+    extra_training_seconds: float = 0.0  # added to each round's training (slow_task's pause)
 
     @property
     def rest(self) -> str:
@@ -76,7 +80,10 @@ class SiloPlan:
     def pace(self) -> str:
         """How this silo's speed was chosen, in words (shown as it is)."""
         rest = f"rests {self.rest} between rounds (fedsilo-silo run --pause/--jitter)"
-        return f"slow on purpose: {rest}" if self.slow else rest
+        if not self.slow:
+            return rest
+        return (f"slow on purpose: each round's training takes {self.extra_training_seconds:g} s longer "
+                f"(the demo's slow_task wrapper), then it {rest}")
 
 
 @dataclass(frozen=True)
@@ -130,9 +137,10 @@ def silo_plans(count: int) -> list[SiloPlan]:
             index=i,
             name=f"silo-{i}",
             epsilon_cap=FIRST_CAP + CAP_STEP * (i - 1),
-            pause_seconds=SLOW_PAUSE if slow else FAST_PAUSE,
-            jitter_seconds=SLOW_JITTER if slow else FAST_JITTER,
+            pause_seconds=PAUSE,
+            jitter_seconds=JITTER,
             slow=slow,
+            extra_training_seconds=SLOW_TRAINING_SECONDS if slow else 0.0,
         ))
     return plans
 

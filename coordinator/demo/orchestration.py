@@ -28,9 +28,11 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Protocol
 
 from .observer import AdminClient, Holdout, Observer, Snapshot
-from .options import DemoOptions, SiloPlan, silo_plans
+from .options import DemoOptions, SiloPlan, TrainingPlan, silo_plans
 from .processes import Child, Children, DemoError, child_env, command, free_port, loopback_without_proxy, wait_healthy
 from .secagg import HelperRun, enrol_with_helper, openings, setting, start_helper, wait_for_openings, wait_helper
+from .slow_task import ENV as SLOW_STEP_ENV
+from .slow_task import TASK_NAME as SLOW_TASK
 
 if TYPE_CHECKING:
     from coordinator.bootstrap import InitResult
@@ -167,7 +169,9 @@ def _start_coordinator(run: DemoRun, kids: Children) -> tuple[InitResult, Child]
     data_dir = run.out / "coordinator"
     port = free_port()
     try:
-        init = initialize(data_dir, task=o.task, name="fedsilo-demo", strategy=o.strategy,
+        # The bundled task wrapped so one silo can be slow while training (slow_task.py).
+        init = initialize(data_dir, task=SLOW_TASK, task_options={"base": o.task}, name="fedsilo-demo",
+                          strategy=o.strategy,
                           settings=o.strategy_settings, host="127.0.0.1", port=port)
     except InitError as exc:
         raise DemoError(f"coordinator init: {exc}") from None
@@ -194,7 +198,8 @@ def _enrol_silos(run: DemoRun, admin: AdminClient, init: InitResult, parts) -> N
         data_dir = run.out / "silos" / plan.name
         try:
             result = init_silo(data_dir=data_dir, coordinator_url=run.base_url, token=token, data_path=str(path),
-                               expected_fingerprint=init.fingerprints["signing"], environ={})
+                               expected_fingerprint=init.fingerprints["signing"], allowed_tasks=[SLOW_TASK],
+                               environ={})
         except (ConfigError, ClientError, TaskError, PrivacyError, OSError) as exc:
             raise DemoError(f"enrolling {plan.name}: {getattr(exc, 'message', None) or exc}") from None
         if result.data_error is not None:
@@ -203,12 +208,21 @@ def _enrol_silos(run: DemoRun, admin: AdminClient, init: InitResult, parts) -> N
                                  result.num_samples, dict(counts)))
 
 
+def step_seconds(plan: SiloPlan, training: TrainingPlan, train_samples: int) -> float:
+    """The pause per DP-SGD step that adds ``plan.extra_training_seconds`` to each round."""
+    from silo_node.trainer import schedule
+
+    _, steps = schedule(train_samples, training.batch_for(train_samples), training.epochs)
+    return plan.extra_training_seconds / max(1, steps)
+
+
 def _start_silos(run: DemoRun, kids: Children) -> None:
     o = run.options
     for s in run.silos:
         env = child_env({
             "FEDSILO_SILO_THREADS": "1",  # N silos and a coordinator share this machine's cores
             "FEDSILO_SILO_SEED": str(o.seed * 1000 + s.plan.index),  # comparable runs; production leaves it unset
+            SLOW_STEP_ENV: f"{step_seconds(s.plan, o.training, s.train_samples):.6f}",
         })
         args = [*SILO, "run", "--data-dir", str(s.data_dir), *o.training.run_args(s.train_samples),
                 "--pause", str(s.plan.pause_seconds), "--jitter", str(s.plan.jitter_seconds)]
@@ -307,7 +321,7 @@ def run_demo(options: DemoOptions, view: View) -> tuple[DemoRun, Finale]:
         view.phase(run, f"partitioning {options.task} for {options.silos} silos (Dirichlet alpha {options.alpha:g}) "
                         "and keeping a held-out split")
         parts = _partition(run)
-        holdout = Holdout(options.task, init.task["options"], parts.holdout_path)
+        holdout = Holdout(init.task["name"], init.task["options"], parts.holdout_path)
         run.holdout_samples = len(holdout)
         wait_healthy(coordinator, run.base_url)
         if run.helper is not None:

@@ -87,6 +87,7 @@ def build_summary(run: DemoRun, finale: Finale) -> dict[str, Any]:
             "pace": s.plan.pace,
             "pause_seconds": s.plan.pause_seconds,
             "jitter_seconds": s.plan.jitter_seconds,
+            "extra_training_seconds": s.plan.extra_training_seconds,
             "partition_rows": sum(s.label_counts.values()),
             "label_counts": {str(k): v for k, v in sorted(s.label_counts.items())},
             "train_samples": s.train_samples,  # after the silo's own validation split
@@ -197,7 +198,8 @@ def plot_accuracy(run: DemoRun, finale: Finale, path: Path) -> Path:
     colours = plt.get_cmap("tab10" if len(run.silos) <= 10 else "tab20")
     colour = {s.silo_id: colours(i % colours.N) for i, s in enumerate(run.silos)}
     label = {s.silo_id: f"{s.plan.name}: cap ε={s.plan.epsilon_cap:g}, rests {s.plan.rest} between rounds"
-                        + (" (slow on purpose)" if s.plan.slow else "") for s in run.silos}
+                        + (f", trains {s.plan.extra_training_seconds:g} s longer (slow on purpose)" if s.plan.slow else "")
+             for s in run.silos}
 
     fig, (ax, bx) = plt.subplots(2, 1, figsize=(10, 7.5), sharex=True, height_ratios=(3, 2),
                                  layout="constrained")
