@@ -446,8 +446,18 @@ def _checkpoints_show(api: AdminApi, a: argparse.Namespace) -> Any:
     return {"checkpoint": api.request("GET", "/api/v1/log/checkpoint").text}
 
 
+@command("checkpoints", "add-witness", "POST", "/api/admin/log/witnesses",
+         "register a witness that is not a silo (the helper aggregator) by its Ed25519 key (audited)",
+         arg("name", help="the witness's name, e.g. helper (its key name becomes <origin>/witness/<name>)"),
+         arg("--signing-key", required=True, dest="signing_key",
+             help="its base64url raw Ed25519 public key; write --signing-key=KEY, since a key may begin with '-'"),
+         show=_show_object)
+def _checkpoints_add_witness(api: AdminApi, a: argparse.Namespace) -> Any:
+    return api.json("POST", "/api/admin/log/witnesses", json_body={"name": a.name, "signing_key": a.signing_key})
+
+
 GROUP_HELP = {
-    "checkpoints": "signed checkpoints of the audit log: issue one now, show the newest",
+    "checkpoints": "signed checkpoints of the audit log: issue one now, show the newest, register a witness",
     "silos": "create, list, show and revoke silos",
     "tokens": "create, list and revoke API tokens",
     "federation": "the federation's task, version and settings",

@@ -104,8 +104,10 @@ def _parser() -> argparse.ArgumentParser:
     tlog.add_argument("--checkpoint", type=Path, action="append", default=[], metavar="FILE",
                       help="a checkpoint file you kept (repeat for several); the export must be the log it describes")
     tlog.add_argument("--roster", type=Path, metavar="FILE", help="verifier keys: the coordinator's and the witnesses'")
-    tlog.add_argument("--coordinator-key", action="append", default=[], metavar="VKEY")
-    tlog.add_argument("--witness-key", action="append", default=[], metavar="VKEY")
+    tlog.add_argument("--coordinator-key", action="append", default=[], metavar="VKEY",
+                      help="the coordinator's note verifier key, instead of --roster (repeatable)")
+    tlog.add_argument("--witness-key", action="append", default=[], metavar="VKEY",
+                      help="a witness's note verifier key, instead of --roster (repeatable)")
     tlog.add_argument("--min-witnesses", type=int, default=1, metavar="N", help="cosignatures required (1)")
     tlog.add_argument("--silo-evidence", type=Path, action="append", default=[], metavar="FILE",
                       help="a silo's 'fedsilo-silo ledger --witnessed' export, to pinpoint a rewrite")

@@ -137,6 +137,11 @@ def test_the_operators_flow_in_json(admin, server, tmp_path):
     assert code == 0 and newest["checkpoint"].startswith("fedsilo/")
     code, out, _ = admin("checkpoints", "show", as_json=False)
     assert code == 0 and out.startswith("fedsilo/") and "\n\u2014 " in out
+    witness_key = b64e(Identity.generate().public().signing)
+    code, registered, _ = admin("checkpoints", "add-witness", "helper", f"--signing-key={witness_key}")
+    assert code == 0 and registered["name"] == "helper"
+    code, _, err = admin("checkpoints", "add-witness", "helper", "--signing-key=not-a-key")
+    assert code == 1 and "invalid_request" in err
 
     code, revoked, _ = admin("silos", "revoke", silo["silo_id"], "--reason", "left the consortium")
     assert code == 0 and revoked["status"] == "revoked"
