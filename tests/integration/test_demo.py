@@ -108,8 +108,11 @@ def test_the_demo_improves_the_model_within_every_cap_and_leaves_verifiable_evid
 @pytest.mark.slow
 def test_an_interrupted_demo_stops_every_process_it_started(tmp_path):
     out = tmp_path / "demo"
+    # As from a terminal: SIGINT not ignored, even when the test run itself was started in
+    # the background by a shell (which makes a background job ignore SIGINT, inherited).
     process = subprocess.Popen([*DEMO, "--silos", "2", "--quiet", "--out", str(out)], stdout=subprocess.PIPE,
-                               stderr=subprocess.PIPE, text=True, env=demo_env())
+                               stderr=subprocess.PIPE, text=True, env=demo_env(),
+                               preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     try:
         deadline = time.monotonic() + 300
         # Wait until the silo processes exist, then press Ctrl-C (SIGINT, as a terminal would).
