@@ -236,12 +236,17 @@ class Federation:
         r = client.get("/api/admin/federation", headers={"Authorization": f"Bearer {self.admin_token}"})
         return r.json()["current_version"]
 
+    def _openings(self) -> tuple[tuple[float, float], ...]:
+        """(sum, count) of the coordinator's helper round trips, its folds of opened sums,
+        and the helper's own opening times."""
+        return (_histogram(self.base_url, "fedsilo_secagg_opening_seconds", {"phase": "helper"}),
+                _histogram(self.base_url, "fedsilo_secagg_opening_seconds", {"phase": "fold"}),
+                _histogram(self.helper_url, "fedsilo_helper_open_seconds"))
+
     def buffer(self, k: int) -> dict:
         """Build and POST one buffer of ``k`` updates (one client), until its version is served."""
         built = [self.envelope(silo) for silo in self.silos[:k]]
-        before = (_histogram(self.base_url, "fedsilo_secagg_opening_seconds", {"phase": "helper"}),
-                  _histogram(self.base_url, "fedsilo_secagg_opening_seconds", {"phase": "fold"}),
-                  _histogram(self.helper_url, "fedsilo_helper_open_seconds")) if self.masked else None
+        before = self._openings() if self.masked else None
         posts = []
         with httpx.Client(base_url=self.base_url, timeout=600) as c:
             started = time.perf_counter()
@@ -259,12 +264,15 @@ class Federation:
         out = {"silo_seconds": [t for _, t in built], "post_seconds": posts, "buffer_seconds": done - started,
                "envelope_bytes": len(built[0][0]), "wait_after_posts": done - posted}
         if self.masked:
-            after = (_histogram(self.base_url, "fedsilo_secagg_opening_seconds", {"phase": "helper"}),
-                     _histogram(self.base_url, "fedsilo_secagg_opening_seconds", {"phase": "fold"}),
-                     _histogram(self.helper_url, "fedsilo_helper_open_seconds"))
+            # The opener records its timings just after the commit that serves the version.
+            deadline = time.monotonic() + 60
+            after = self._openings()
+            while any(a[1] - b[1] != 1 for a, b in zip(after, before)):
+                if time.monotonic() > deadline:
+                    raise RuntimeError(f"expected one opening of this buffer in the metrics: {before} -> {after}")
+                time.sleep(0.05)
+                after = self._openings()
             (helper_rt, fold_s, helper_s) = [a[0] - b[0] for a, b in zip(after, before)]
-            if any(a[1] - b[1] != 1 for a, b in zip(after, before)):
-                raise RuntimeError("expected exactly one opening of this buffer in the metrics")
             out |= {"helper_round_trip_seconds": helper_rt, "opening_fold_seconds": fold_s,
                     "helper_seconds": helper_s,
                     "buffer_seconds_without_poll": sum(posts) + helper_rt + fold_s}
