@@ -8,7 +8,7 @@ PIP    := $(PY) -m pip install --disable-pip-version-check -q $(FIND_LINKS) -c c
 ARGS   ?=
 PYTEST_ARGS ?=
 
-.PHONY: demo test venv clean bench bench-ingest bench-async bench-privacy bench-model bench-tlog bench-secagg bench-upload bench-pacing
+.PHONY: demo test venv clean bench
 
 venv: $(VENV)/.installed
 
@@ -24,32 +24,25 @@ demo: venv
 test: venv
 	$(PY) -m pytest $(PYTEST_ARGS)
 
-# Each regenerates its committed results in benchmarks/results/ (see docs/benchmarks.md).
+# Each regenerates its committed results in benchmarks/results/ (see docs/benchmarks.md):
+# `make bench-NAME ARGS="..."` runs benchmarks/$(BENCH_NAME).py.
+BENCH_ingest      := ingest
+BENCH_async       := async_vs_sync
+BENCH_privacy     := privacy_accuracy
+BENCH_model       := model_pull
+BENCH_tlog        := tlog_verify
+BENCH_secagg      := secagg
+BENCH_upload      := upload_memory
+BENCH_pacing      := pacing
+BENCH_race        := race
+BENCH_compression := compression
+BENCHES := $(patsubst BENCH_%,bench-%,$(filter BENCH_%,$(.VARIABLES)))
+.PHONY: $(BENCHES)
+
 bench: bench-ingest bench-async bench-privacy bench-model bench-upload
 
-bench-ingest: venv
-	$(PY) benchmarks/ingest.py $(ARGS)
-
-bench-async: venv
-	$(PY) benchmarks/async_vs_sync.py $(ARGS)
-
-bench-privacy: venv
-	$(PY) benchmarks/privacy_accuracy.py $(ARGS)
-
-bench-model: venv
-	$(PY) benchmarks/model_pull.py $(ARGS)
-
-bench-tlog: venv
-	$(PY) benchmarks/tlog_verify.py $(ARGS)
-
-bench-secagg: venv
-	$(PY) benchmarks/secagg.py $(ARGS)
-
-bench-upload: venv
-	$(PY) benchmarks/upload_memory.py $(ARGS)
-
-bench-pacing: venv
-	$(PY) benchmarks/pacing.py $(ARGS)
+$(BENCHES): bench-%: venv
+	$(PY) benchmarks/$(BENCH_$*).py $(ARGS)
 
 clean:
 	rm -rf $(VENV) build *.egg-info

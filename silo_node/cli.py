@@ -29,6 +29,7 @@ from .commands import (
     export_ledger,
     export_log_evidence,
     export_witnessed,
+    helper_enrol,
     init_silo,
     reconcile_silo,
     run_silo,
@@ -36,6 +37,7 @@ from .commands import (
 )
 from .config import ENV_PREFIX, ConfigError
 from .ledger import LedgerError
+from .secagg import SecaggError
 
 __all__ = ["main"]
 
@@ -48,7 +50,7 @@ TEST_CRASH_ENV = "FEDSILO_TEST_CRASH_AT"
 def _user_errors() -> tuple[type[BaseException], ...]:
     from .tabular import TaskError
 
-    errors: list[type[BaseException]] = [ConfigError, ClientError, LedgerError, TaskError, PrivacyError]
+    errors: list[type[BaseException]] = [ConfigError, ClientError, LedgerError, TaskError, PrivacyError, SecaggError]
     if "silo_node.trainer" in sys.modules:  # imported only by `run`
         from .trainer import TrainError
 
@@ -95,10 +97,12 @@ def _setup_logging(verbosity: int) -> Any:
     return console
 
 
-def _print_init(result: InitResult, as_json: bool) -> None:
+def _print_init(result: InitResult, as_json: bool, pin: Any = None) -> None:
     cfg = result.config
     if as_json:
+        helper = {} if pin is None else {"helper_url": pin.url, "helper_fingerprints": pin.fingerprints()}
         print(json.dumps({
+            **helper,
             "silo_id": cfg.enrolment.silo_id,
             "data_dir": str(cfg.data_dir),
             "enrolled": result.enrolled,
@@ -137,6 +141,11 @@ def _print_status(status: dict) -> None:
     ]
     if status.get("pending"):
         lines.append(f"pending         {status['pending']} update(s) without a receipt; `run` resends them first")
+    helper = status.get("helper")
+    if helper or status.get("updates_in_shares"):
+        where = f"enrolled with the helper at {helper['url']} (hpke {helper['fingerprints']['hpke']})" if helper \
+            else "not enrolled with a helper"
+        lines.append(f"secure agg.     {where}; {status.get('updates_in_shares') or 0} update(s) sent in shares")
     stop = status.get("last_stop")
     if stop:
         lines.append(f"last stop       {stop['at']}: {stop['reason']}: {stop['detail']}")
@@ -172,6 +181,9 @@ class _Phases:
 
 
 def _cmd_init(args: argparse.Namespace) -> int:
+    if bool(args.helper_url) != bool(args.helper_token):
+        raise ConfigError("invalid", "--helper-url and --helper-token go together (the helper's address and its "
+                                     "one-time token); nothing was sent")
     result = init_silo(
         data_dir=args.data_dir,
         coordinator_url=args.coordinator,
@@ -187,7 +199,13 @@ def _cmd_init(args: argparse.Namespace) -> int:
         client_key=args.client_key,
         allow_insecure_http=args.allow_insecure_http,
     )
-    _print_init(result, args.json)
+    pin = None
+    if args.helper_token:  # after the coordinator's enrolment: the helper knows the silo by its id
+        pin = helper_enrol(args.data_dir, helper_url=args.helper_url, token=args.helper_token,
+                           expected_fingerprint=args.helper_fingerprint)
+    _print_init(result, args.json, pin)
+    if pin is not None and not args.json:
+        _print_helper(pin, False)
     if result.data_error is not None:
         print(
             f"error: the data does not fit the federation's model: {result.data_error}. "
@@ -195,6 +213,23 @@ def _cmd_init(args: argparse.Namespace) -> int:
             file=sys.stderr,
         )
         return EXIT_ERROR
+    return EXIT_OK
+
+
+def _print_helper(pin: Any, as_json: bool) -> None:
+    if as_json:
+        print(json.dumps({"helper_url": pin.url, "helper_fingerprints": pin.fingerprints()}, indent=2))
+        return
+    print(f"Enrolled with the helper aggregator at {pin.url}; its keys are pinned. Compare out of band:")
+    print(f"  signing  {pin.fingerprints()['signing']}")
+    print(f"  hpke     {pin.fingerprints()['hpke']}")
+    print("Each round checks them against the helper keys in the coordinator's signed model release.")
+
+
+def _cmd_helper_enrol(args: argparse.Namespace) -> int:
+    pin = helper_enrol(args.data_dir, helper_url=args.helper_url, token=args.helper_token,
+                       expected_fingerprint=args.helper_fingerprint)
+    _print_helper(pin, args.json)
     return EXIT_OK
 
 
@@ -313,6 +348,14 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--data-dir", type=Path, required=default_dir is None, default=default_dir,
                        help="the silo's directory: configuration, keys, ledger (default: $FEDSILO_SILO_DATA_DIR)")
 
+    def helper_args(p: argparse.ArgumentParser, required: bool = False) -> None:
+        p.add_argument("--helper-url", metavar="URL", required=required,
+                       help="the helper aggregator's address (secure aggregation)")
+        p.add_argument("--helper-token", metavar="T", required=required,
+                       help="the one-time enrolment token from the helper's operator")
+        p.add_argument("--helper-fingerprint", metavar="SHA256:..",
+                       help="refuse to pin the helper unless its signing key has this fingerprint")
+
     def verbosity(p: argparse.ArgumentParser) -> None:
         # --debug also after the command; SUPPRESS keeps a --debug given before it.
         p.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help="show tracebacks on errors")
@@ -343,6 +386,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--allow-insecure-http", action="store_true",
                    help="allow a plain http:// coordinator on another machine (test networks only; "
                         "loopback is always allowed)")
+    helper_args(p)
+    p.add_argument("--json", action="store_true", help="print the result as JSON")
+    verbosity(p)
+
+    p = sub.add_parser("helper-enrol", help="enrol this silo with the federation's helper aggregator (once)",
+                       description="For a federation with secure aggregation: register this silo's signing key "
+                                   "with the helper aggregator (its own one-time token, from the helper's "
+                                   "operator) and pin the helper's keys. A running daemon picks it up at its "
+                                   "next round. See docs/silo.md.")
+    data_dir_arg(p)
+    helper_args(p, required=True)
     p.add_argument("--json", action="store_true", help="print the result as JSON")
     verbosity(p)
 
@@ -428,6 +482,8 @@ def _main(argv: Sequence[str] | None) -> int:
             return _cmd_init(args)
         if args.command == "run":
             return _cmd_run(args, console)
+        if args.command == "helper-enrol":
+            return _cmd_helper_enrol(args)
         if args.command == "status":
             return _cmd_status(args)
         if args.command == "reconcile":

@@ -259,7 +259,7 @@ class SiloClient:
             verify_enrolment(b64d(obj["statement"]), b64d(obj["signature"]), pinned.signing_key, {
                 "silo_id": enrolment.silo_id, "name": enrolment.name, "federation": federation.get("name"),
                 "task": federation["task"], "schema_digest": federation["schema_digest"], "budget": budget,
-                "silo_keys": keys.to_json()})
+                "silo_keys": keys.to_json(), "secure_aggregation": federation.get("secure_aggregation")})
         except (KeyError, TypeError, ValueError) as exc:
             raise BadResponse(ClientReason.BAD_RESPONSE, f"the enrolment answer is not signed: {exc}") from None
         except PrivacyError as exc:
@@ -272,6 +272,19 @@ class SiloClient:
                 "the coordinator's stated fingerprints do not match the keys it sent; not enrolling",
             )
         return enrolment
+
+    def enrol_with_helper(self, token: str, silo_id: str, signing_key: str) -> dict:
+        """``POST /enrol`` at a helper aggregator (this client's base URL is the helper's):
+        register the silo's Ed25519 key under ``silo_id`` with the helper's one-time token.
+
+        Returns the answer's JSON (``silo_id``, ``helper_keys``, ``helper_fingerprints``),
+        unchecked: :func:`silo_node.secagg.pin_helper` checks it. Retried like
+        :meth:`enroll` (the token dies when the helper processes the request).
+        """
+        body = json.dumps({"silo_id": silo_id, "signing_key": signing_key}).encode()
+        response = self._send("POST", "/enrol", body, signed=False, idempotent=False,
+                              content_type="application/json", prefix="", bearer=token)
+        return self._json(response)
 
     def fetch_model(self, version: int | None = None) -> Release:
         """Download a model version (default: the newest) and verify it before decoding.
@@ -419,8 +432,11 @@ class SiloClient:
             raise BadResponse(ClientReason.BAD_RESPONSE, f"expected a JSON object from {response.request.url.path}")
         return obj
 
-    def _build(self, method: str, path: str, body: bytes, *, signed: bool, content_type: str | None) -> httpx.Request:
-        request = self._http.build_request(method, self.base_url + API_PREFIX + path, content=body or None)
+    def _build(self, method: str, path: str, body: bytes, *, signed: bool, content_type: str | None,
+               prefix: str = API_PREFIX, bearer: str | None = None) -> httpx.Request:
+        request = self._http.build_request(method, self.base_url + prefix + path, content=body or None)
+        if bearer is not None:
+            request.headers["Authorization"] = f"Bearer {bearer}"
         if content_type:
             request.headers["Content-Type"] = content_type
         if signed:
@@ -442,6 +458,8 @@ class SiloClient:
         signed: bool,
         idempotent: bool,
         content_type: str | None = None,
+        prefix: str = API_PREFIX,
+        bearer: str | None = None,
     ) -> httpx.Response:
         """One logical request: attempts, backoff, translation of every failure."""
         started = self._monotonic()
@@ -449,7 +467,8 @@ class SiloClient:
         while True:
             attempt += 1
             # A fresh signature per attempt: the coordinator may remember nonces.
-            request = self._build(method, path, body, signed=signed, content_type=content_type)
+            request = self._build(method, path, body, signed=signed, content_type=content_type, prefix=prefix,
+                                  bearer=bearer)
             wait_hint: float | None = None
             try:
                 response = self._http.send(request)

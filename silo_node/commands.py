@@ -35,6 +35,7 @@ from .config import (
     prepare_data_dir,
 )
 from .ledger import Ledger, LedgerError
+from .secagg import HelperPin, SecaggError, SecaggReason, pin_helper
 
 __all__ = [
     "DataRefused",
@@ -42,6 +43,7 @@ __all__ = [
     "check_data",
     "export_ledger",
     "export_witnessed",
+    "helper_enrol",
     "init_silo",
     "load_checked",
     "run_lock",
@@ -223,7 +225,7 @@ def init_silo(
     return InitResult(config, fingerprints, True, samples)
 
 
-def _expected_fingerprint(text: str | None) -> str | None:
+def _expected_fingerprint(text: str | None, *, option: str = "--coordinator-fingerprint") -> str | None:
     """The operator's fingerprint, checked for form before it is sent anywhere."""
     if not text:
         return None
@@ -231,7 +233,7 @@ def _expected_fingerprint(text: str | None) -> str | None:
     if not FINGERPRINT_PATTERN.fullmatch(text):
         raise ConfigError(
             ConfigReason.INVALID,
-            f"--coordinator-fingerprint {text!r} is not a fingerprint: expected SHA256: followed by 16 hex pairs "
+            f"{option} {text!r} is not a fingerprint: expected SHA256: followed by 16 hex pairs "
             "joined by ':' (as `fedsilo-coordinator init` prints it); nothing was sent",
         )
     return text
@@ -295,7 +297,60 @@ def _pin(answer: EnrolAnswer) -> Enrolment:
         epsilon_cap=float(budget["epsilon_cap"]),
         delta=float(budget["delta"]),
         accountant=str(budget.get("accountant") or "rdp"),
+        secure_aggregation=fed.get("secure_aggregation"),
     )
+
+
+# --------------------------------------------------------------------------- the helper aggregator
+
+
+def helper_enrol(
+    data_dir: Path,
+    *,
+    helper_url: str,
+    token: str,
+    expected_fingerprint: str | None = None,
+    transport: Any = None,
+    environ: Mapping[str, str] | None = None,
+) -> HelperPin:
+    """Enrol this (already enrolled) silo with the federation's helper aggregator.
+
+    Sends the silo's existing Ed25519 public key under the silo id the coordinator gave
+    it, with the helper's one-time ``token``; checks the answer (this silo, readable
+    keys, the operator's ``expected_fingerprint`` if given, and the helper keys the
+    coordinator signed at enrolment if the federation had secure aggregation on then),
+    and pins the helper's keys in silo.toml ``[helper]``. Every round then checks them
+    again against the keys in the coordinator's signed model release.
+    """
+    config = SiloConfig.load(data_dir, environ={} if environ is None else environ)
+    if config.helper is not None:
+        raise ConfigError(
+            ConfigReason.ALREADY_INITIALISED,
+            f"{data_dir} is already enrolled with the helper at {config.helper.url} (signing key "
+            f"{config.helper.fingerprints()['signing']}); remove [helper] from silo.toml to enrol again",
+        )
+    expected = _expected_fingerprint(expected_fingerprint, option="--helper-fingerprint")
+    try:
+        check_coordinator_url(helper_url, config.network.allow_insecure_http)  # the token must not cross in clear
+    except ConfigError as exc:
+        raise ConfigError(exc.reason, exc.message.replace("coordinator URL", "helper URL")) from None
+    enrol = config.enrolment
+    identity = Identity.load(config.keys_dir)
+    with SiloClient(helper_url, transport=transport, **_network(config.network)) as client:
+        try:
+            answer = client.enrol_with_helper(token, enrol.silo_id, identity.public().to_json()["signing_key"])
+        except Rejected as exc:
+            raise Rejected(exc.reason, f"the helper at {helper_url} refused: {exc.detail}. Nothing was pinned",
+                           status=exc.status) from None
+    try:
+        pin = pin_helper(answer, url=helper_url, silo_id=enrol.silo_id, expected_fingerprint=expected,
+                         signed_setting=enrol.secure_aggregation)
+    except SecaggError as exc:
+        raise SecaggError(exc.reason, f"{exc.message}. The helper has spent the token: tell its operator, who "
+                                      f"must revoke silo {enrol.silo_id} there and issue a new token") from None
+    # Saved over the file as it is now: only [helper] changes (a running daemon reads it).
+    config.with_(helper=pin).save()
+    return pin
 
 
 # --------------------------------------------------------------------------- run
@@ -397,6 +452,8 @@ def silo_status(data_dir: Path, *, remote: bool = False, environ: Mapping[str, s
         "epsilon_cap_local": config.local_epsilon_cap,
         "delta": enrol.delta,
         "accountant": enrol.accountant,
+        "helper": None if config.helper is None else {"url": config.helper.url,
+                                                      "fingerprints": config.helper.fingerprints()},
     }
     if config.ledger_path.exists():
         with Ledger(config.ledger_path, readonly=True) as ledger:
@@ -410,10 +467,12 @@ def silo_status(data_dir: Path, *, remote: bool = False, environ: Mapping[str, s
             "counts": summary.counts,
             "pending": summary.pending,
             "last_stop": None if stop is None else {"at": stop.created_at, "reason": stop.reason, "detail": stop.detail},
+            "updates_in_shares": summary.in_shares,
+            "last_helper_key": summary.last_helper_key,
         })
     else:
         out.update({"epsilon_spent": 0.0, "last_version": None, "last_base_version": None, "last_update_at": None,
-                    "counts": {}, "pending": 0, "last_stop": None})
+                    "counts": {}, "pending": 0, "last_stop": None, "updates_in_shares": 0, "last_helper_key": None})
     out["epsilon_remaining"] = max(0.0, config.epsilon_cap - out["epsilon_spent"])
     if remote:
         identity = Identity.load(config.keys_dir)

@@ -36,8 +36,11 @@ from urllib.parse import urlsplit
 
 import tomli_w
 
+from privacy.accounting import MIN_NOISE_MULTIPLIER
 from privacy.errors import PrivacyError, ReasonedError
 from privacy.keys import PublicIdentity, b64d, ensure_private, fingerprint, make_private_dir, write_private
+
+from .secagg import HelperPin, SecaggError
 
 log = logging.getLogger("fedsilo.silo")
 
@@ -168,6 +171,9 @@ class TrainingOptions:
     max_grad_norm: float = 1.0  # per-sample clipping norm C
     proximal_rho: float = 0.0  # FedProx (rho/2)||w - w_base||^2; 0 = off
     round_epsilon: float = 1.0  # epsilon one round may add, at most
+    # A fixed noise multiplier for every round instead of planning it from round_epsilon
+    # (0 = plan): a federation's policy may name sigma; the cap still stops the silo.
+    noise_multiplier: float = 0.0
     min_round_epsilon: float = 0.1  # below this remaining budget a round is not worth its noise
     val_fraction: float = 0.2  # local validation split, evaluated on each received model
     split_seed: int = 0  # fixed per silo at init so the validation rows never change
@@ -184,6 +190,10 @@ class TrainingOptions:
         _positive("proximal_rho", self.proximal_rho, zero=True)
         _positive("round_epsilon", self.round_epsilon)
         _positive("min_round_epsilon", self.min_round_epsilon)
+        _check(isinstance(self.noise_multiplier, int | float) and not isinstance(self.noise_multiplier, bool)
+               and (self.noise_multiplier == 0 or MIN_NOISE_MULTIPLIER <= self.noise_multiplier < math.inf),
+               f"noise_multiplier must be 0 (plan it from round_epsilon) or a finite number >= "
+               f"{MIN_NOISE_MULTIPLIER}, not {self.noise_multiplier!r}")
         _check(self.min_round_epsilon <= self.round_epsilon,
                f"min_round_epsilon ({self.min_round_epsilon}) must not exceed round_epsilon ({self.round_epsilon})")
         _check(isinstance(self.val_fraction, int | float) and 0 <= self.val_fraction < 1,
@@ -282,6 +292,9 @@ class Enrolment:
     epsilon_cap: float
     delta: float
     accountant: str = "rdp"
+    # The federation's secure_aggregation at enrolment, as the coordinator signed it (None:
+    # off). Informational: each round follows the value in its signed model release.
+    secure_aggregation: dict | None = None
 
     def __post_init__(self) -> None:
         _check(bool(self.silo_id), "silo id is empty")
@@ -325,6 +338,7 @@ class SiloConfig:
     training: TrainingOptions = field(default_factory=TrainingOptions)
     schedule: Schedule = field(default_factory=Schedule)
     network: NetworkOptions = field(default_factory=NetworkOptions)
+    helper: HelperPin | None = None  # the helper aggregator this silo enrolled with (secure aggregation)
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "data_dir", Path(self.data_dir))
@@ -418,6 +432,7 @@ class SiloConfig:
                 data_dir=data_dir,
                 coordinator_url=silo.pop("coordinator_url"),
                 enrolment=enrolment,
+                helper=_helper_pin(doc, path),
                 **silo,
                 **sections,
             )
@@ -445,10 +460,12 @@ class SiloConfig:
             "local_epsilon_cap": self.local_epsilon_cap,
             "allowed_tasks": list(self.allowed_tasks),
         })
-        doc = {"silo": silo, "enrolment": asdict(self.enrolment)}
+        doc = {"silo": silo, "enrolment": clean(asdict(self.enrolment))}
         doc["enrolment"]["fingerprints"] = self.enrolment.fingerprints()
         for name in _SECTIONS:
             doc[name] = clean(asdict(getattr(self, name)))
+        if self.helper is not None:
+            doc["helper"] = {**asdict(self.helper), "fingerprints": self.helper.fingerprints()}
         return doc
 
     def save(self) -> Path:
@@ -465,6 +482,28 @@ class SiloConfig:
         path = self.data_dir / CONFIG_FILE
         write_private(path, text.encode("utf-8"))
         return path
+
+
+def _helper_pin(doc: dict, path: Path) -> HelperPin | None:
+    """``[helper]``: the pinned helper aggregator (absent: not enrolled with one)."""
+    if "helper" not in doc:
+        return None
+    pinned = dict(doc["helper"])
+    written = pinned.pop("fingerprints", None)
+    try:
+        pin = HelperPin(**pinned)
+    except SecaggError as exc:
+        raise ConfigError(ConfigReason.INVALID, f"{path} [helper]: {exc.message}") from None
+    if written != pin.fingerprints():
+        raise ConfigError(ConfigReason.INVALID,
+                          f"{path}: the pinned helper keys do not match the fingerprints beside them")
+    return pin
+
+
+def read_helper_pin(data_dir: Path | str) -> HelperPin | None:
+    """The ``[helper]`` pin as silo.toml holds it now: the daemon reads it again before each
+    masked round, so `fedsilo-silo helper-enrol` takes effect without a restart."""
+    return SiloConfig.load(data_dir, environ={}).helper
 
 
 def prepare_data_dir(data_dir: Path) -> Path:

@@ -16,7 +16,10 @@ One iteration, in this order (docs/silo.md):
    the coordinator's signed hint (bound to this pull) says "come back in N seconds",
    wait that long (at most ``max_pacing_wait_seconds``) and go back to 3; a hint that
    does not verify is refused like a bad release.
-5. **Train** one DP-SGD round from that model; the update is the difference.
+5. **Train** one DP-SGD round from that model; the update is the difference. When the
+   signed release says the federation uses secure aggregation, the silo checks first
+   that it can mask (enrolled with the helper, the same helper keys, no compression:
+   :meth:`Daemon._masking`) and then sends the update in shares (:meth:`Daemon._payload`).
 6. **Seal** (HPKE to the pinned coordinator key, signed with the silo's key) and
    **write to the ledger** -- fsynced -- *before* the first byte is sent.
 7. **Push**, and store the verified receipt (or the rejection and its reason).
@@ -51,7 +54,8 @@ import httpx
 
 from privacy import codec, merkle
 from privacy import witness as tlog
-from privacy.envelope import UpdateHeader, parse_update, seal_update, utc_timestamp
+from privacy.envelope import MASKED_DELTA, UpdateHeader, parse_update, seal_update, utc_timestamp
+from privacy.masked_update import mask_for_helper
 from privacy.keys import Identity
 from privacy.pacing_hint import PacingHint
 from privacy.reasons import Reason, known
@@ -59,9 +63,10 @@ from privacy.reasons import Reason, known
 from .client import Release, SiloClient
 from .client_errors import BadResponse, Cancelled, ClientError, Rejected, Unreachable, Untrusted
 from .compression import ErrorFeedback
-from .config import COMPRESSION_KINDS, SiloConfig
+from .config import COMPRESSION_KINDS, ConfigError, SiloConfig, read_helper_pin
 from .ledger import DPRun, Ledger
 from .receipt import Receipt
+from .secagg import MaskPlan, SecaggError, SecaggReason, masking_for
 from .tasks import Task
 from .trainer import BudgetExhausted, LocalData, plan_round, run_round
 from .witness import LogError, inclusion_proof, witness_once
@@ -141,6 +146,8 @@ def on_rejection(code: str) -> OnRejection:
 
 
 MIN_RETRY_PAUSE = 10.0  # seconds between loop iterations after a network failure
+#: The federation masks and this silo is not enrolled with the helper yet: wait, ask again.
+_NOT_READY = object()
 
 
 class Outcome(StrEnum):
@@ -268,6 +275,9 @@ class Daemon:
         release = self._paced_fetch()
         if release is None:
             return False
+        masking = self._masking(release)
+        if masking is _NOT_READY:
+            return False
         self._check_stop()
         self._phase("training", version=release.version, sigma=plan.noise_multiplier)
         log.info(
@@ -282,24 +292,7 @@ class Daemon:
         )
         # Seal, then make it durable, and only then let it leave.
         self._phase("sealing")
-        # Compressed after DP noise (post-processing); error feedback keeps what it dropped.
-        kind = COMPRESSION_KINDS[cfg.training.compression]
-        payload = ErrorFeedback(cfg.data_dir).compress(kind, result.delta, cfg.training.topk_fraction)
-        header = UpdateHeader(
-            silo_id=enrol.silo_id,
-            update_id=self.new_update_id(),
-            base_version=release.version,
-            created_at=utc_timestamp(self.clock().astimezone(UTC)),
-            num_samples=result.num_samples,
-            dp=result.dp,
-            epsilon_claim=result.epsilon_after,
-            payload_digest=codec.digest(payload),
-            payload_size=len(payload),
-            schema_digest=enrol.schema_digest,
-            accountant=enrol.accountant,
-            payload_kind=kind,
-            metrics=result.metrics,
-        )
+        header, payload = self._payload(result, release.version, masking)
         envelope = seal_update(header, payload, recipient=self._coordinator.hpke_key, signer=self.identity.signing)
         envelope_digest = parse_update(envelope).envelope_digest
         self.ledger.record_sealed(
@@ -315,10 +308,83 @@ class Daemon:
             epsilon_after=result.epsilon_after,
             epsilon_cap=plan.epsilon_cap,
             metrics=result.metrics,
+            payload_kind=header.payload_kind,
+            helper_key=None if masking is None else masking.helper_fingerprint,
         )
         self._round_index += 1
         self._crash_point("sealed")
         return self._deliver(header.update_id, envelope, envelope_digest) is not None
+
+    # -- the update's payload: plain (maybe compressed) or in shares (secure aggregation) --
+
+    def _masking(self, release: Release) -> MaskPlan | object | None:
+        """What this round's signed release says about secure aggregation, checked before
+        training so that no budget is spent on an update that could not leave.
+
+        None: plain. A MaskPlan: mask. ``_NOT_READY``: the federation masks but this silo
+        is not enrolled with its helper -- it waits and asks again next time (it never
+        falls back to a plain update). A mismatch of helper keys (exit 3), compression
+        with masking or a setting this silo cannot use (exit 1) stop the daemon.
+        """
+        setting = release.statement.get("secure_aggregation")
+        if setting is None:
+            return None
+        try:
+            # Read again each round: `fedsilo-silo helper-enrol` may have run meanwhile.
+            pin = read_helper_pin(self.config.data_dir)
+            return masking_for(setting, pin, compression=self.config.training.compression)
+        except ConfigError as exc:
+            raise _Stop(RunResult(Outcome.FATAL, self._receipts, exc.message)) from None
+        except SecaggError as exc:
+            if exc.reason is SecaggReason.NOT_ENROLLED:
+                self._phase("waiting for the helper enrolment")
+                log.error("%s", exc.message)
+                return _NOT_READY
+            self.ledger.record_stop(exc.reason.value, exc.message)
+            log.error("%s", exc.message)
+            outcome = Outcome.REFUSED if exc.reason is SecaggReason.KEY_MISMATCH else Outcome.FATAL
+            raise _Stop(RunResult(outcome, self._receipts, exc.message)) from None
+
+    def _payload(self, result: Any, base_version: int, masking: MaskPlan | None) -> tuple[UpdateHeader, bytes]:
+        """The header and payload of a trained round: the delta as the silo's compression
+        setting says, or, under secure aggregation, the coordinator's share of it with the
+        seed sealed to the helper (privacy.masked_update; docs/protocol.md §4.5)."""
+        cfg, enrol = self.config, self.config.enrolment
+        if masking is None:
+            # Compressed after DP noise (post-processing); error feedback keeps what it dropped.
+            kind = COMPRESSION_KINDS[cfg.training.compression]
+            payload = ErrorFeedback(cfg.data_dir).compress(kind, result.delta, cfg.training.topk_fraction)
+        else:
+            kind, payload = MASKED_DELTA, b""  # digest and size filled in by the masking step
+        header = UpdateHeader(
+            silo_id=enrol.silo_id,
+            update_id=self.new_update_id(),
+            base_version=base_version,
+            created_at=utc_timestamp(self.clock().astimezone(UTC)),
+            num_samples=result.num_samples,
+            dp=result.dp,
+            epsilon_claim=result.epsilon_after,
+            payload_digest=codec.digest(payload),
+            payload_size=len(payload),
+            schema_digest=enrol.schema_digest,
+            accountant=enrol.accountant,
+            payload_kind=kind,
+            metrics=result.metrics,
+        )
+        if masking is None:
+            return header, payload
+        return mask_for_helper(result.delta, header, federation=enrol.federation, settings=masking.settings,
+                               helper=masking.helper_key, signer=self.identity.signing)
+
+    def _course(self, update_id: str, code: str) -> OnRejection:
+        """:func:`on_rejection`, except that a masked update refused as ``unsupported_version``
+        met a federation that turned secure aggregation off meanwhile: a fresh round sends
+        a plain delta, as the new release says."""
+        if code == Reason.UNSUPPORTED_VERSION:
+            entry = self.ledger.get(update_id)
+            if entry is not None and entry.payload_kind == MASKED_DELTA:
+                return OnRejection.NEXT_ROUND
+        return on_rejection(code)
 
     # -- steps --
 
@@ -377,7 +443,7 @@ class Daemon:
             )
             self._receipts += exc.receipt is not None
             log.warning("update %s rejected by the coordinator: %s", update_id, exc.message)
-            course = on_rejection(exc.reason)
+            course = self._course(update_id, exc.reason)
             if course is OnRejection.FATAL:
                 raise _Stop(RunResult(Outcome.FATAL, self._receipts, f"the coordinator refuses this silo: {exc.message}"))
             if course is OnRejection.BUDGET:

@@ -55,7 +55,7 @@ __all__ = [
     "Status",
 ]
 
-SCHEMA_VERSION = 2  # 2: the ``charged`` column
+SCHEMA_VERSION = 3  # 2: the ``charged`` column; 3: ``payload_kind`` and ``helper_key`` (secure aggregation)
 
 
 class Status(StrEnum):
@@ -146,6 +146,8 @@ class LedgerEntry:
     receipt_signature: bytes | None = None
     attempts: int = 0
     charged: int | None = None  # a rejection: 1 counts against the budget, 0 is free (signed)
+    payload_kind: str | None = None  # delta | delta_int8 | delta_topk | masked_delta (None: before schema 3)
+    helper_key: str | None = None  # masked_delta: fingerprint of the helper key its seed is sealed to
 
     @property
     def dp_run(self) -> DPRun | None:
@@ -203,7 +205,9 @@ CREATE TABLE IF NOT EXISTS entries (
     receipt_signature BLOB,
     attempts          INTEGER NOT NULL DEFAULT 0,
     envelope          BLOB,
-    charged           INTEGER
+    charged           INTEGER,
+    payload_kind      TEXT,
+    helper_key        TEXT
 );
 CREATE INDEX IF NOT EXISTS entries_status ON entries (status);
 """
@@ -251,6 +255,8 @@ class LedgerSummary:
     last_update_at: str | None
     last_stop: LedgerEntry | None
     pending: int
+    in_shares: int = 0  # updates sent masked (secure aggregation)
+    last_helper_key: str | None = None  # the helper key the newest masked update's seed is sealed to
 
 
 @dataclass(frozen=True)
@@ -295,6 +301,12 @@ class Ledger:
                         # Version 1 counted every rejection as free; its rows keep that verdict.
                         self._db.execute("ALTER TABLE entries ADD COLUMN charged INTEGER")
                         self._db.execute("UPDATE entries SET charged = 0 WHERE status = 'rejected'")
+                    if version in (1, 2):
+                        # Rows from before schema 3 keep NULL: the ledger did not record their kind.
+                        have = {r[1] for r in self._db.execute("PRAGMA table_info(entries)")}
+                        for column in ("payload_kind", "helper_key"):
+                            if column not in have:
+                                self._db.execute(f"ALTER TABLE entries ADD COLUMN {column} TEXT")
                     for statement in _DDL.split(";"):
                         if statement.strip():
                             self._db.execute(statement)
@@ -340,7 +352,8 @@ class Ledger:
 
     @staticmethod
     def _entry(row: sqlite3.Row) -> LedgerEntry:
-        return LedgerEntry(**{c: row[c] for c in _COLUMNS})
+        present = row.keys()  # a read-only open of an older schema lacks the newer columns
+        return LedgerEntry(**{c: row[c] for c in _COLUMNS if c in present})
 
     # -- writes --
 
@@ -359,8 +372,14 @@ class Ledger:
         epsilon_after: float,
         epsilon_cap: float,
         metrics: dict | None = None,
+        payload_kind: str = "delta",
+        helper_key: str | None = None,
     ) -> LedgerEntry:
-        """Record a sealed update with its envelope; durable (fsynced) when this returns."""
+        """Record a sealed update with its envelope; durable (fsynced) when this returns.
+
+        ``payload_kind`` ``masked_delta`` with ``helper_key`` (the fingerprint its seed is
+        sealed to) records that the update left in shares (secure aggregation).
+        """
         stamp = self._stamp()
         try:
             with self._transaction() as db:
@@ -368,8 +387,8 @@ class Ledger:
                     """INSERT INTO entries (kind, created_at, updated_at, status, update_id, base_version,
                            num_samples, payload_digest, envelope_digest, envelope_size, noise_multiplier,
                            sample_rate, steps, max_grad_norm, delta, accountant, epsilon_before,
-                           epsilon_after, epsilon_cap, metrics, envelope)
-                       VALUES ('update', ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)""",
+                           epsilon_after, epsilon_cap, metrics, envelope, payload_kind, helper_key)
+                       VALUES ('update', ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)""",
                     (
                         stamp, stamp, Status.SEALED.value, update_id, base_version, num_samples,
                         payload_digest, envelope_digest, len(envelope),
@@ -377,6 +396,7 @@ class Ledger:
                         float(dp["max_grad_norm"]), float(dp["delta"]), accountant,
                         float(epsilon_before), float(epsilon_after), float(epsilon_cap),
                         json.dumps(metrics or {}, sort_keys=True), sqlite3.Binary(envelope),
+                        payload_kind, helper_key,
                     ),
                 )
         except sqlite3.IntegrityError:
@@ -515,6 +535,12 @@ class Ledger:
             "SELECT base_version, created_at FROM entries WHERE kind = 'update' ORDER BY seq DESC LIMIT 1"
         ).fetchone()
         stop = self._db.execute("SELECT * FROM entries WHERE kind = 'stop' ORDER BY seq DESC LIMIT 1").fetchone()
+        try:
+            masked = self._db.execute(
+                "SELECT COUNT(*), (SELECT helper_key FROM entries WHERE payload_kind = 'masked_delta' ORDER BY seq "
+                "DESC LIMIT 1) FROM entries WHERE payload_kind = 'masked_delta'").fetchone()
+        except sqlite3.OperationalError:  # read-only, schema < 3: nothing was ever masked
+            masked = (0, None)
         return LedgerSummary(
             counts=counts,
             epsilon_spent=float(last_counted[0]) if last_counted else 0.0,
@@ -523,6 +549,8 @@ class Ledger:
             last_update_at=last_update["created_at"] if last_update else None,
             last_stop=self._entry(stop) if stop else None,
             pending=counts[Status.SEALED.value] + counts[Status.SENT.value],
+            in_shares=masked[0],
+            last_helper_key=masked[1],
         )
 
     # -- the transparency log: checkpoints this silo cosigned, receipts proven, evidence --

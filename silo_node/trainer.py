@@ -6,7 +6,8 @@ that left (accepted, buffered, or still in flight; ``ledger.counted_history``): 
 accountant (``privacy.accounting``, RDP by default) turns that history plus the
 candidate round into one (epsilon, delta). The round's target is the spend so far
 plus ``min(round_epsilon, remaining)``; sigma is the smallest noise multiplier that
-keeps the composed epsilon within it (``plan_noise_multiplier``). Nothing trains when
+keeps the composed epsilon within it (``plan_noise_multiplier``) -- unless the silo is
+configured with a fixed ``noise_multiplier``, which every round then uses. Nothing trains when
 the remaining budget is below ``min_round_epsilon`` or no sigma fits: the silo stops.
 
 Training: the task loads the silo's data, splits it (seeded once per silo, so the
@@ -157,9 +158,13 @@ def plan_round(
     target = spent + min(options.round_epsilon, remaining)
     sample_rate, steps = schedule(num_samples, options.batch_size, options.epochs)
     try:
-        sigma = accounting.plan_noise_multiplier(
-            list(history), sample_rate, steps, delta, target, accountant=accountant
-        )
+        if options.noise_multiplier:  # a fixed sigma: the round costs what it costs, within the cap
+            sigma = options.noise_multiplier
+            target = spent_epsilon([*history, DPRun(float(sigma), sample_rate, steps)], delta, accountant)
+        else:
+            sigma = accounting.plan_noise_multiplier(
+                list(history), sample_rate, steps, delta, target, accountant=accountant
+            )
     except AccountingError as exc:
         if exc.reason != Reason.BUDGET_EXHAUSTED:
             raise

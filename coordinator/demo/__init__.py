@@ -3,7 +3,7 @@
 A real coordinator (``fedsilo-coordinator serve``, SQLite in a fresh directory, HTTP
 on a free loopback port) and N real silos (``fedsilo-silo run``, DP-SGD with Opacus)
 on non-IID partitions of a bundled data set. Each silo has its own privacy cap; one
-is slow on purpose (it rests longer between rounds, and the display says so). The
+is slow on purpose while it trains (:mod:`.slow_task`, and the display says so). The
 demo watches through the admin API, scores every version of the global model on a
 held-out split no silo has, and ends on its own; then it verifies the audit chain
 and leaves in ``--out``: ``summary.json``, ``accuracy.png``, ``audit.jsonl`` and each

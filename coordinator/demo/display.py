@@ -67,7 +67,9 @@ def _state(s: SiloRun) -> Text:
 def _header(run: DemoRun) -> Text:
     o = run.options
     strategy = {"fedasync": "FedAsync", "fedbuff": "FedBuff"}[o.strategy]
-    return Text.assemble(("fedsilo demo", "bold"), f" {_clock(run.elapsed())} · {o.task} · {strategy} · {o.silos} silos")
+    secure = " · secure aggregation" if o.secure_aggregation else ""
+    return Text.assemble(("fedsilo demo", "bold"),
+                         f" {_clock(run.elapsed())} · {o.task} · {strategy}{secure} · {o.silos} silos")
 
 
 def _clock(seconds: float) -> str:
@@ -96,6 +98,11 @@ def _global(run: DemoRun) -> Table:
     grid.add_row("now", Text(run.phase, style="italic"))
     if run.base_url:
         grid.add_row("coordinator", Text.assemble((run.base_url, "cyan"), " (loopback; logs in ", str(run.out / "logs"), ")"))
+    if run.helper is not None:
+        grid.add_row("secure agg.", Text.assemble(
+            "helper aggregator at ", (run.helper.url, "cyan"), f" ({run.helper.fingerprints['hpke'][:23]}...): "
+            f"every update leaves in shares; the coordinator opens only sums of buffers of >= {run.helper.k_min} "
+            "silos"))
     return grid
 
 
@@ -122,7 +129,7 @@ def _silos(run: DemoRun, width: int) -> Table:
         style = "magenta" if s.plan.slow else ""
         row = [
             Text(s.plan.name + (" slow" if s.plan.slow else ""), style="bold " + style),
-            Text(s.plan.rest, style=style),
+            Text(s.plan.rest + (f", trains +{s.plan.extra_training_seconds:g} s" if s.plan.slow else ""), style=style),
             Text("-" if pace is None else f"{pace:.1f} s", style=style),
         ]
         if wide:
@@ -138,8 +145,9 @@ def _notes(run: DemoRun) -> Text:
     lines = ["ε: the coordinator's own figure (RDP), recomputed from every update it accepted from the silo. "
              "Each silo stops by itself before its cap."]
     if slow is not None and fast is not None:
-        lines.append(f"{slow.plan.name} is slow on purpose: the demo makes it rest {slow.plan.rest} between rounds "
-                     f"(the others {fast.plan.rest}). Nobody waits for it.")
+        lines.append(f"{slow.plan.name} is slow on purpose: each of its rounds trains "
+                     f"{slow.plan.extra_training_seconds:g} s longer (the others train at full speed; all rest "
+                     f"{fast.plan.rest}), so its updates arrive against newer versions. Nobody waits for it.")
     lines.append(f"Ctrl-C stops the demo and every process it started. Output: {run.out}")
     return Text("\n".join(lines), style="dim")
 
@@ -191,6 +199,8 @@ class PlainView:
         self._line(run, text)
         if text.startswith("starting the silos") and run.base_url:
             self._line(run, f"coordinator {run.base_url}; output and logs in {run.out}")
+            if run.helper is not None:
+                self._line(run, f"helper aggregator {run.helper.url}: updates leave in shares, buffers open as sums")
 
     def refresh(self, run: DemoRun) -> None:
         now = time.monotonic()
@@ -251,6 +261,13 @@ def print_summary(summary: dict, out_dir: str, console: Console | None = None) -
     grid.add_row(mark(checks["ledgers_reconciled"]),
                  f"every silo's ledger matches the audit log ({reconciled} updates: digests, outcome, "
                  "inside a checkpoint the silo cosigned)")
+    secure = summary.get("secure_aggregation")
+    if secure:
+        opened = "?" if secure["openings"] is None else secure["openings"]
+        grid.add_row(mark(checks["updates_in_shares"]),
+                     f"secure aggregation: {secure['updates_in_shares']} of {secure['updates_sent']} updates left "
+                     f"their silo in shares; the helper at {secure['url']} opened {opened} buffer sum(s) of >= "
+                     f"{secure['k_min']} silos")
 
     table = Table(box=box.SIMPLE, pad_edge=False)
     for col, just in (("silo", "left"), ("ε spent", "right"), ("cap", "right"), ("accepted", "right"),

@@ -55,6 +55,14 @@ class AdminClient:
         return self._request("POST", "/api/admin/silos", expect=201,
                              json={"name": name, "epsilon_cap": epsilon_cap, "delta": delta}).json()
 
+    def change_settings(self, settings: dict) -> dict:
+        """``PATCH /api/admin/federation``: a settings change (validated as a whole, audited)."""
+        return self._request("PATCH", "/api/admin/federation", json={"settings": settings}).json()
+
+    def federation(self) -> dict:
+        """``GET /api/admin/federation``: settings, current version, ``buffered_updates``."""
+        return self._get("/api/admin/federation").json()
+
     def silos(self) -> list[dict]:
         return self._get("/api/admin/silos").json()["silos"]
 

@@ -2,7 +2,9 @@
 
 Every number the demo chooses for its silos lives here, in :func:`silo_plans`, so the
 display and the summary can say exactly how the silos differ: each has its own privacy
-cap, and one of them is made slow on purpose by resting longer between rounds.
+cap, and one of them is made slow on purpose *while training* (the demo's task wrapper,
+:mod:`.slow_task`, adds a pause to each of its DP-SGD steps), so its updates arrive
+against versions that moved on meanwhile, as a real straggler's do.
 """
 
 from __future__ import annotations
@@ -28,10 +30,11 @@ TASKS = ("breast_cancer", "digits")
 STRATEGIES = ("fedasync", "fedbuff")
 #: A cap per silo: the first silo may spend epsilon 2, the next 3, and so on.
 FIRST_CAP, CAP_STEP = 2.0, 1.0
-#: Fast silos rest about this long between rounds (pause + uniform jitter) ...
-FAST_PAUSE, FAST_JITTER = 2.0, 2.0
-#: ... the slow one this long, which makes its rounds about four times as long here.
-SLOW_PAUSE, SLOW_JITTER = 16.0, 2.0
+#: Every silo rests about this long between rounds (pause + uniform jitter) ...
+PAUSE, JITTER = 2.0, 2.0
+#: ... and the slow one also trains this many seconds longer per round (spread over its
+#: DP-SGD steps), which makes its rounds about four times as long here.
+SLOW_TRAINING_SECONDS = 12.0
 #: Which silo is the slow one: silo-2, whose cap (3) lets it train about as long as the
 #: fast silos with larger caps take to spend theirs.
 SLOW_INDEX = 2
@@ -66,6 +69,7 @@ class SiloPlan:
     pause_seconds: float
     jitter_seconds: float
     slow: bool
+    extra_training_seconds: float = 0.0  # added to each round's training (slow_task's pause)
 
     @property
     def rest(self) -> str:
@@ -76,7 +80,10 @@ class SiloPlan:
     def pace(self) -> str:
         """How this silo's speed was chosen, in words (shown as it is)."""
         rest = f"rests {self.rest} between rounds (fedsilo-silo run --pause/--jitter)"
-        return f"slow on purpose: {rest}" if self.slow else rest
+        if not self.slow:
+            return rest
+        return (f"slow on purpose: each round's training takes {self.extra_training_seconds:g} s longer "
+                f"(the demo's slow_task wrapper), then it {rest}")
 
 
 @dataclass(frozen=True)
@@ -95,6 +102,7 @@ class DemoOptions:
     alpha: float = 0.5  # Dirichlet concentration of the label skew
     holdout_fraction: float = 0.2
     training: TrainingPlan = TrainingPlan()
+    secure_aggregation: bool = False  # a helper aggregator too; FedBuff buffers opened as sums only
 
     def out_dir(self, now: datetime | None = None) -> Path:
         if self.out is not None:
@@ -114,6 +122,11 @@ class DemoOptions:
             return {"buffer_k": max(2, min(3, self.silos))}
         return {}
 
+    @property
+    def k_min(self) -> int:
+        """Secure aggregation: the fewest distinct silos in an opened buffer -- all of the buffer's K."""
+        return int(self.strategy_settings.get("buffer_k", 2))
+
 
 def silo_plans(count: int) -> list[SiloPlan]:
     """The line-up: caps 2, 3, 4 ... and silo-2 slow."""
@@ -124,9 +137,10 @@ def silo_plans(count: int) -> list[SiloPlan]:
             index=i,
             name=f"silo-{i}",
             epsilon_cap=FIRST_CAP + CAP_STEP * (i - 1),
-            pause_seconds=SLOW_PAUSE if slow else FAST_PAUSE,
-            jitter_seconds=SLOW_JITTER if slow else FAST_JITTER,
+            pause_seconds=PAUSE,
+            jitter_seconds=JITTER,
             slow=slow,
+            extra_training_seconds=SLOW_TRAINING_SECONDS if slow else 0.0,
         ))
     return plans
 
@@ -163,7 +177,11 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--silos", type=_int_range(2, 20), default=5, metavar="N", help="number of silos (default: 5)")
     p.add_argument("--task", choices=TASKS, default="breast_cancer", help="bundled data set (default: breast_cancer)")
-    p.add_argument("--strategy", choices=STRATEGIES, default="fedasync", help="aggregation (default: fedasync)")
+    p.add_argument("--strategy", choices=STRATEGIES,
+                   help="aggregation (default: fedasync; fedbuff with --secure-aggregation)")
+    p.add_argument("--secure-aggregation", action="store_true",
+                   help="start a helper aggregator too: silos send their updates in shares and the coordinator "
+                        "only ever opens FedBuff buffers as sums (docs/secure-aggregation.md)")
     p.add_argument("--out", type=Path, metavar="DIR",
                    help=f"output directory, new or empty (default: {DEFAULT_OUT_ROOT}/run-<time>)")
     p.add_argument("--json", action="store_true", help="print only summary.json on standard output")
@@ -182,6 +200,11 @@ def parse_options(argv: Sequence[str]) -> DemoOptions:
     args = list(argv)
     if args[:1] == ["--"]:  # `fedsilo-coordinator demo -- --quiet` passes the separator through
         args = args[1:]
-    ns = build_parser().parse_args(args)
-    return DemoOptions(silos=ns.silos, task=ns.task, strategy=ns.strategy, out=ns.out, json=ns.json,
-                       quiet=ns.quiet, updates=ns.updates, seed=ns.seed, time_limit=ns.time_limit)
+    parser = build_parser()
+    ns = parser.parse_args(args)
+    strategy = ns.strategy or ("fedbuff" if ns.secure_aggregation else "fedasync")
+    if ns.secure_aggregation and strategy != "fedbuff":
+        parser.error("--secure-aggregation opens FedBuff buffers: use --strategy fedbuff (or leave it out)")
+    return DemoOptions(silos=ns.silos, task=ns.task, strategy=strategy, out=ns.out, json=ns.json,
+                       quiet=ns.quiet, updates=ns.updates, seed=ns.seed, time_limit=ns.time_limit,
+                       secure_aggregation=ns.secure_aggregation)

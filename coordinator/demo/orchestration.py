@@ -28,8 +28,11 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Protocol
 
 from .observer import AdminClient, Holdout, Observer, Snapshot
-from .options import DemoOptions, SiloPlan, silo_plans
+from .options import DemoOptions, SiloPlan, TrainingPlan, silo_plans
 from .processes import Child, Children, DemoError, child_env, command, free_port, loopback_without_proxy, wait_healthy
+from .secagg import HelperRun, enrol_with_helper, openings, setting, start_helper, wait_for_openings, wait_helper
+from .slow_task import ENV as SLOW_STEP_ENV
+from .slow_task import TASK_NAME as SLOW_TASK
 
 if TYPE_CHECKING:
     from coordinator.bootstrap import InitResult
@@ -98,6 +101,7 @@ class DemoRun:
     training_ended: float | None = None  # monotonic, when the demo stopped watching
     ended_because: EndReason | None = None
     holdout_samples: int = 0
+    helper: HelperRun | None = None  # --secure-aggregation: the helper aggregator
 
     def elapsed(self) -> float:
         return time.monotonic() - self.started
@@ -124,6 +128,7 @@ class Finale:
     export_lines: int
     export_verify: dict
     ledgers: dict[str, dict]  # silo id -> {"path": relative path, "entries": exported rows, "reconciled": report}
+    helper_openings: int | None = None  # --secure-aggregation: buffers the helper opened (its /metrics)
 
 
 class View(Protocol):
@@ -164,7 +169,9 @@ def _start_coordinator(run: DemoRun, kids: Children) -> tuple[InitResult, Child]
     data_dir = run.out / "coordinator"
     port = free_port()
     try:
-        init = initialize(data_dir, task=o.task, name="fedsilo-demo", strategy=o.strategy,
+        # The bundled task wrapped so one silo can be slow while training (slow_task.py).
+        init = initialize(data_dir, task=SLOW_TASK, task_options={"base": o.task}, name="fedsilo-demo",
+                          strategy=o.strategy,
                           settings=o.strategy_settings, host="127.0.0.1", port=port)
     except InitError as exc:
         raise DemoError(f"coordinator init: {exc}") from None
@@ -191,7 +198,8 @@ def _enrol_silos(run: DemoRun, admin: AdminClient, init: InitResult, parts) -> N
         data_dir = run.out / "silos" / plan.name
         try:
             result = init_silo(data_dir=data_dir, coordinator_url=run.base_url, token=token, data_path=str(path),
-                               expected_fingerprint=init.fingerprints["signing"], environ={})
+                               expected_fingerprint=init.fingerprints["signing"], allowed_tasks=[SLOW_TASK],
+                               environ={})
         except (ConfigError, ClientError, TaskError, PrivacyError, OSError) as exc:
             raise DemoError(f"enrolling {plan.name}: {getattr(exc, 'message', None) or exc}") from None
         if result.data_error is not None:
@@ -200,12 +208,21 @@ def _enrol_silos(run: DemoRun, admin: AdminClient, init: InitResult, parts) -> N
                                  result.num_samples, dict(counts)))
 
 
+def step_seconds(plan: SiloPlan, training: TrainingPlan, train_samples: int) -> float:
+    """The pause per DP-SGD step that adds ``plan.extra_training_seconds`` to each round."""
+    from silo_node.trainer import schedule
+
+    _, steps = schedule(train_samples, training.batch_for(train_samples), training.epochs)
+    return plan.extra_training_seconds / max(1, steps)
+
+
 def _start_silos(run: DemoRun, kids: Children) -> None:
     o = run.options
     for s in run.silos:
         env = child_env({
             "FEDSILO_SILO_THREADS": "1",  # N silos and a coordinator share this machine's cores
             "FEDSILO_SILO_SEED": str(o.seed * 1000 + s.plan.index),  # comparable runs; production leaves it unset
+            SLOW_STEP_ENV: f"{step_seconds(s.plan, o.training, s.train_samples):.6f}",
         })
         args = [*SILO, "run", "--data-dir", str(s.data_dir), *o.training.run_args(s.train_samples),
                 "--pause", str(s.plan.pause_seconds), "--jitter", str(s.plan.jitter_seconds)]
@@ -270,7 +287,23 @@ def _finale(run: DemoRun, admin: AdminClient) -> Finale:
         export_verify={"ok": offline.ok, "checked": offline.checked, "first_bad_seq": offline.first_bad_seq,
                        "head_hash": offline.head_hash},
         ledgers=ledgers,
+        helper_openings=None if run.helper is None else openings(run.helper),
     )
+
+
+def _start_helper(run: DemoRun, kids: Children, init: InitResult) -> None:
+    """--secure-aggregation: ``fedsilo-helper init`` pinning the coordinator's signing key, then serve."""
+    from privacy.keys import Identity
+
+    coordinator_key = Identity.load(init.config.keys_dir).public().to_json()["signing_key"]
+    run.helper = start_helper(run.out, kids, federation=init.config.federation_name, coordinator_key=coordinator_key,
+                              k_min=run.options.k_min)
+
+
+def _turn_on_secure_aggregation(helper: HelperRun, admin: AdminClient) -> None:
+    """The admin settings change (audited), before any silo enrols: every signed enrolment
+    answer and model release then carries the helper's URL and keys."""
+    admin.change_settings({"secure_aggregation": setting(helper)})
 
 
 def run_demo(options: DemoOptions, view: View) -> tuple[DemoRun, Finale]:
@@ -281,18 +314,32 @@ def run_demo(options: DemoOptions, view: View) -> tuple[DemoRun, Finale]:
     with Children() as kids:
         view.phase(run, "initialising the coordinator (fresh SQLite, new keys, model version 0) and serving it")
         init, coordinator = _start_coordinator(run, kids)
+        if options.secure_aggregation:
+            view.phase(run, "initialising the helper aggregator (its own keys, database and audit log) and serving it")
+            _start_helper(run, kids, init)
         # While the coordinator process starts up:
         view.phase(run, f"partitioning {options.task} for {options.silos} silos (Dirichlet alpha {options.alpha:g}) "
                         "and keeping a held-out split")
         parts = _partition(run)
-        holdout = Holdout(options.task, init.task["options"], parts.holdout_path)
+        holdout = Holdout(init.task["name"], init.task["options"], parts.holdout_path)
         run.holdout_samples = len(holdout)
         wait_healthy(coordinator, run.base_url)
+        if run.helper is not None:
+            wait_helper(run.helper)
         admin = AdminClient(run.base_url, init.admin_token)
         try:
             observer = Observer(admin, holdout)
+            if run.helper is not None:
+                view.phase(run, "turning on secure aggregation (admin settings change: helper URL and keys, K_min "
+                                f"{options.k_min})")
+                _turn_on_secure_aggregation(run.helper, admin)
             view.phase(run, f"enrolling {options.silos} silos (admin API: silo and cap -> one-time token -> enrolment)")
             _enrol_silos(run, admin, init, parts)
+            if run.helper is not None:
+                view.phase(run, "enrolling each silo with the helper too (the helper's roster -> one-time token -> "
+                                "fedsilo-silo helper-enrol)")
+                for s in run.silos:
+                    enrol_with_helper(run.helper, s.silo_id, s.data_dir)
             run.snapshot = observer.poll()
             view.phase(run, "starting the silos (each loads torch and Opacus, then trains)")
             try:
@@ -305,6 +352,9 @@ def run_demo(options: DemoOptions, view: View) -> tuple[DemoRun, Finale]:
             for s in run.silos:
                 s.asked_to_stop = s.child is not None and s.child.exit_code is None
             kids.stop([s.child for s in run.silos if s.child is not None], grace=SILO_STOP_GRACE)
+            if run.helper is not None:
+                view.phase(run, "letting the coordinator open a full buffer with the helper")
+                wait_for_openings(admin, options.k_min)
             run.snapshot = observer.poll()
             view.phase(run, "verifying the audit log and exporting the audit log and ledgers")
             finale = _finale(run, admin)
@@ -312,4 +362,6 @@ def run_demo(options: DemoOptions, view: View) -> tuple[DemoRun, Finale]:
         finally:
             admin.close()
         kids.stop([coordinator], grace=15.0)
+        if run.helper is not None:
+            kids.stop([run.helper.child], grace=15.0)
     return run, finale

@@ -6,6 +6,8 @@ version), the audit chain verifies (online and from its export), and no silo wen
 its privacy cap (the coordinator's own epsilon, recomputed from each silo's accepted
 history, against the cap the operator set). It also carries each silo's reconciliation of its
 ledger with the audit export (``fedsilo-silo reconcile``), as a compliance officer would.
+With ``--secure-aggregation`` it adds a fourth claim: every update left its silo in
+shares (each ledger's ``payload_kind``), with the buffers the helper opened.
 """
 
 from __future__ import annotations
@@ -45,6 +47,16 @@ def _last_stop(ledger: list[dict]) -> dict | None:
     return {"reason": stops[-1]["reason"], "detail": stops[-1]["detail"]} if stops else None
 
 
+def _secure_aggregation(run: DemoRun, finale: Finale) -> dict[str, Any] | None:
+    """--secure-aggregation: the helper, the buffers it opened, and the ledgers' word that
+    every update left its silo in shares (``payload_kind`` ``masked_delta``)."""
+    if run.helper is None:
+        return None
+    rows = [e for ledger in finale.ledgers.values() for e in ledger["entries"] if e.get("kind") == "update"]
+    return {**run.helper.summary(), "openings": finale.helper_openings, "updates_sent": len(rows),
+            "updates_in_shares": sum(e.get("payload_kind") == "masked_delta" for e in rows)}
+
+
 def build_summary(run: DemoRun, finale: Finale) -> dict[str, Any]:
     """The JSON summary of a finished demo (see the module docstring)."""
     o = run.options
@@ -75,6 +87,7 @@ def build_summary(run: DemoRun, finale: Finale) -> dict[str, Any]:
             "pace": s.plan.pace,
             "pause_seconds": s.plan.pause_seconds,
             "jitter_seconds": s.plan.jitter_seconds,
+            "extra_training_seconds": s.plan.extra_training_seconds,
             "partition_rows": sum(s.label_counts.values()),
             "label_counts": {str(k): v for k, v in sorted(s.label_counts.items())},
             "train_samples": s.train_samples,  # after the silo's own validation split
@@ -104,6 +117,9 @@ def build_summary(run: DemoRun, finale: Finale) -> dict[str, Any]:
         "within_caps": all(s["within_cap"] for s in silos),
         "ledgers_reconciled": all(s["ledger_reconciled"]["ok"] for s in silos),
     }
+    secure = _secure_aggregation(run, finale)
+    if secure is not None:
+        checks["updates_in_shares"] = secure["updates_in_shares"] == secure["updates_sent"]
     all_reasons = sum(reasons_by_silo.values(), Counter())
     return {
         "format": SUMMARY_FORMAT,
@@ -136,6 +152,7 @@ def build_summary(run: DemoRun, finale: Finale) -> dict[str, Any]:
             "rejections": dict(sorted(all_reasons.items())),
         },
         "silos": silos,
+        "secure_aggregation": secure,
         "audit": {
             "verify": finale.verify,
             "export": {
@@ -181,7 +198,8 @@ def plot_accuracy(run: DemoRun, finale: Finale, path: Path) -> Path:
     colours = plt.get_cmap("tab10" if len(run.silos) <= 10 else "tab20")
     colour = {s.silo_id: colours(i % colours.N) for i, s in enumerate(run.silos)}
     label = {s.silo_id: f"{s.plan.name}: cap ε={s.plan.epsilon_cap:g}, rests {s.plan.rest} between rounds"
-                        + (" (slow on purpose)" if s.plan.slow else "") for s in run.silos}
+                        + (f", trains {s.plan.extra_training_seconds:g} s longer (slow on purpose)" if s.plan.slow else "")
+             for s in run.silos}
 
     fig, (ax, bx) = plt.subplots(2, 1, figsize=(10, 7.5), sharex=True, height_ratios=(3, 2),
                                  layout="constrained")
@@ -190,9 +208,13 @@ def plot_accuracy(run: DemoRun, finale: Finale, path: Path) -> Path:
     ax.step(xs, [p.accuracy for p in points], where="post", color="0.75", linewidth=1.2, zorder=1)
     handles = []
     for x, p in zip(xs, points):
-        if p.silo_id is None:
+        if p.silo_id is None and p.version == 0:
             handles.insert(0, ax.scatter([x], [p.accuracy], marker="*", s=160, color="black", zorder=3,
                                          label=f"version {p.version}: the initial model"))
+    opened = [(x, p.accuracy) for x, p in zip(xs, points) if p.silo_id is None and p.version > 0]
+    if opened:  # secure aggregation: a version is an opened buffer sum, no one silo's update
+        handles.append(ax.scatter([x for x, _ in opened], [a for _, a in opened], marker="D", s=34, color="0.2",
+                                  zorder=2, label="a buffer sum the helper helped open (secure aggregation)"))
     for s in run.silos:
         mine = [(x, p.accuracy) for x, p in zip(xs, points) if p.silo_id == s.silo_id]
         handles.append(ax.scatter([x for x, _ in mine], [a for _, a in mine], s=38, color=colour[s.silo_id],
@@ -211,7 +233,9 @@ def plot_accuracy(run: DemoRun, finale: Finale, path: Path) -> Path:
                     xytext=(-8, 10), textcoords="offset points", ha="right", fontsize=9)
     strategy = {"fedasync": "FedAsync", "fedbuff": "FedBuff"}[o.strategy]
     made_by = "the silo whose update completed the buffer" if o.strategy == "fedbuff" else "the silo whose update it folded"
-    ax.set_title(f"fedsilo demo: {o.task}, {strategy}, {o.silos} silos with DP-SGD, non-IID (Dirichlet α={o.alpha:g})",
+    secure = " + secure aggregation" if o.secure_aggregation else ""
+    ax.set_title(f"fedsilo demo: {o.task}, {strategy}{secure}, {o.silos} silos with DP-SGD, non-IID "
+                 f"(Dirichlet α={o.alpha:g})",
                  fontsize=12)
     ax.set_ylabel(f"held-out accuracy ({run.holdout_samples} samples no silo has)")
     ax.set_ylim(0, 1.02)

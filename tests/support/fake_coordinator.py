@@ -15,7 +15,7 @@ from collections.abc import Callable
 
 import httpx
 
-from privacy import accounting, codec, compression
+from privacy import accounting, codec, compression, masked_update, secagg
 from privacy.envelope import (
     enrolment_statement,
     open_update,
@@ -61,6 +61,10 @@ class FakeCoordinator:
         self.faults: list[Callable[[httpx.Request], httpx.Response | None]] = []
         self.sign_releases_with = self.identity.signing  # swap to forge releases
         self.audit_seq = 0
+        #: The federation's secure_aggregation setting, signed into every release (None: off).
+        #: While it is set, masked updates are buffered (kept in ``masked``), never folded.
+        self.secure_aggregation: dict | None = None
+        self.masked: list[tuple[object, masked_update.MaskedStatement, dict]] = []  # (header, statement, shares)
 
     # -- operator side --
 
@@ -135,7 +139,7 @@ class FakeCoordinator:
         statement, signature = enrolment_statement(
             {"silo_id": silo_id, "name": name, "federation": self.federation, "task": task,
              "schema_digest": self.schema.digest, "budget": budget, "silo_keys": self.silos[silo_id].to_json(),
-             "secure_aggregation": None},
+             "secure_aggregation": self.secure_aggregation},
             self.identity.signing,
         )
         return httpx.Response(200, json={
@@ -143,7 +147,7 @@ class FakeCoordinator:
             "federation": {"name": self.federation, "task": task,
                            "schema": self.schema.to_json(), "schema_digest": self.schema.digest,
                            "current_version": self.version, "settings": {"max_staleness": 8},
-                           "secure_aggregation": None},
+                           "secure_aggregation": self.secure_aggregation},
             "budget": budget,
             "coordinator": {**pub.to_json(), "fingerprints": pub.fingerprints()},
             "statement": b64e(statement), "signature": b64e(signature),
@@ -155,6 +159,7 @@ class FakeCoordinator:
             federation=self.federation, version=version, digest=codec.digest(blob), size=len(blob),
             schema_digest=self.schema.digest,
             created_at=utc_timestamp(NOW), signer=self.sign_releases_with,
+            secure_aggregation=self.secure_aggregation,
         )
         return blob, {"Fedsilo-Version": str(version), "Fedsilo-Release": b64e(statement),
                       "Fedsilo-Release-Signature": b64e(sig)}
@@ -197,6 +202,19 @@ class FakeCoordinator:
             body = {"reason": "budget_exceeded", "detail": "over the cap", **body}
             self.decided[header.update_id] = (digest, 403, body)
             return httpx.Response(403, json=body)
+        if header.payload_kind == "masked_delta":
+            if self.secure_aggregation is None:
+                return self._error(400, "unsupported_version", "this federation does not use secure aggregation")
+            statement = masked_update.verify_masked(header.masked, keys.signing_key)
+            self.masked.append((header, statement, secagg.from_wire(codec.decode(payload))))
+            self.history.setdefault(header.silo_id, []).append((header.update_id, run))
+            body = self._receipt({**base, "status": "buffered", "resulting_version": None,
+                                  "staleness": self.version - header.base_version, "weight": 1.0,
+                                  "epsilon_computed": epsilon})
+            self.decided[header.update_id] = (digest, 200, body)
+            return httpx.Response(200, json=body)
+        if self.secure_aggregation is not None:
+            return self._error(400, "masking_required", "this federation takes masked updates only")
         delta = compression.decode(header.payload_kind, codec.decode(payload), self.schema)
         self.schema.check(delta)
         x_base = self.versions[header.base_version]

@@ -50,8 +50,9 @@ class RunningHelper:
 def running_helper(data_dir: Path, *, federation: str, coordinator_key: str, k_min: int = 3,
                    extra: tuple[str, ...] = ()) -> Iterator[RunningHelper]:
     data_dir = Path(data_dir)
+    # "--option=value": a base64url key may begin with "-", which argparse would read as an option.
     init = helper_cli("init", "--dir", str(data_dir), "--federation", federation,
-                      "--coordinator-key", coordinator_key, "--k-min", str(k_min), *extra)
+                      f"--coordinator-key={coordinator_key}", "--k-min", str(k_min), *extra)
     port = free_port()
     log_path = data_dir / "serve.log"
     with log_path.open("wb") as log:
