@@ -190,7 +190,12 @@ class Silo:
     schema_digest: str
 
     def seal(self, payload: bytes, base_version: int) -> bytes:
-        header = UpdateHeader(
+        header = self.header(payload, base_version)
+        return seal_update(header, payload, recipient=self.coordinator.hpke_key, signer=self.identity.signing)
+
+    def header(self, payload: bytes, base_version: int) -> UpdateHeader:
+        """A fresh update's header for ``payload`` (a new update id, now)."""
+        return UpdateHeader(
             silo_id=self.silo_id,
             update_id=secrets.token_hex(16),
             base_version=base_version,
@@ -202,7 +207,6 @@ class Silo:
             payload_size=len(payload),
             schema_digest=self.schema_digest,
         )
-        return seal_update(header, payload, recipient=self.coordinator.hpke_key, signer=self.identity.signing)
 
 
 #: The staleness bound: far above what ``--clients`` in flight produce, so nothing is refused.

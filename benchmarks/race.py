@@ -18,6 +18,13 @@ relay's barrier (``race_relay.py``): FedBuff with K = N and server_lr 1, every s
 next pull held until the round's N updates are folded -- one new version per round,
 ``x + mean(deltas)``, each round as long as its slowest silo.
 
+Secure aggregation (issue 12): the candidate ``fedbuff_k3_secagg`` is FedBuff K=3 with a
+real ``fedsilo-helper serve`` beside the coordinator (started, turned on and enrolled
+with as the demo does it: coordinator/demo/secagg.py, K_min 3), so every silo daemon
+masks its updates and the coordinator only opens buffer sums; the verdict's
+``secure_aggregation`` entry is its time to target over plain ``fedbuff_k3``'s (goal
+<= 1.15). ``--tiny`` runs it too.
+
 Modes: ``dp`` -- every silo (both sides) at noise multiplier 1.0 (``[training]
 noise_multiplier``); ``min_noise`` -- the async silos at fedsilo's smallest noise
 multiplier, 0.1, against FedAvg at the same 0.1 (the nearest real fedsilo silos get to
@@ -61,6 +68,8 @@ from race_relay import Relay  # noqa: E402
 
 from coordinator.demo.observer import AdminClient, Holdout, Observer  # noqa: E402
 from coordinator.demo.processes import Children, child_env, command, free_port, wait_healthy  # noqa: E402
+from coordinator.demo.secagg import enrol_with_helper, start_helper, wait_helper  # noqa: E402
+from coordinator.demo.secagg import setting as helper_setting  # noqa: E402
 from coordinator.demo.slow_task import ENV as STEP_ENV  # noqa: E402
 from coordinator.demo.slow_task import TASK_NAME  # noqa: E402
 from privacy import accounting  # noqa: E402
@@ -80,6 +89,7 @@ class Strategy:
     label: str
     strategy: str
     settings: dict[str, Any] = field(default_factory=dict)
+    secure_aggregation: bool = False  # a real helper too; every update leaves its silo in shares
 
 
 #: FedAsync's and FedBuff's settings are fedsilo's defaults unless named here.
@@ -95,7 +105,13 @@ CANDIDATES = (
     Strategy("fedbuff_k10", "FedBuff K=10", "fedbuff", {"buffer_k": 10}),
     Strategy("fedbuff_k10_fedadam", "FedBuff K=10 + FedAdam (server_lr 0.01)", "fedbuff",
              {"buffer_k": 10, "server_optimizer": "fedadam", "server_lr": 0.01}),
+    # Issue 12's goal: <= 1.15x plain FedBuff K=3's wall time to target (same silos, speeds, data).
+    Strategy("fedbuff_k3_secagg", "FedBuff K=3 + secure aggregation", "fedbuff", {"buffer_k": 3},
+             secure_aggregation=True),
 )
+#: K_min of the secure-aggregation runs (the helper's and the federation's): FedBuff K=3's K.
+SECAGG_K_MIN = 3
+SECAGG_GOAL = 1.15
 MODES = {"dp": (1.0, 1.0), "min_noise": (MIN_NOISE_MULTIPLIER, MIN_NOISE_MULTIPLIER)}  # (async, fedavg) sigma
 
 
@@ -150,8 +166,12 @@ def round_seconds(cfg: RaceConfig) -> list[float]:
 
 def run_one(cfg: RaceConfig, work: Path, silos: Sequence[SiloSetup], holdout_path: Path, *,
             strategy: str, settings: dict[str, Any], sigma: float, sync: bool, limit: float,
-            log: Any = print) -> dict[str, Any]:
-    """One federation from scratch (fresh database, keys, enrolments); the race's figures."""
+            log: Any = print, secure_aggregation: bool = False) -> dict[str, Any]:
+    """One federation from scratch (fresh database, keys, enrolments); the race's figures.
+
+    With ``secure_aggregation`` a real ``fedsilo-helper`` is started as the demo starts it
+    (coordinator/demo/secagg.py), the setting is turned on before any silo enrols, and
+    each silo enrols with the helper too: its daemon then masks every update."""
     from coordinator.bootstrap import initialize
     from silo_node.commands import init_silo
     from silo_node.trainer import schedule
@@ -166,9 +186,13 @@ def run_one(cfg: RaceConfig, work: Path, silos: Sequence[SiloSetup], holdout_pat
         coordinator = kids.start("coordinator", [*COORDINATOR, "serve", "--data-dir", str(work / "coordinator"),
                                                  "--host", "127.0.0.1", "--port", str(port), "--log-level",
                                                  "warning"], work / "logs" / "coordinator.log", child_env())
+        helper = _start_helper(work, kids, init) if secure_aggregation else None
         wait_healthy(coordinator, base)
         admin = AdminClient(base, init.admin_token)
         version_admin = AdminClient(base, init.admin_token)  # the relay's thread has its own client
+        if helper is not None:
+            wait_helper(helper)
+            admin.change_settings({"secure_aggregation": helper_setting(helper)})
 
         def current_version() -> int:
             return int(version_admin._get("/api/admin/federation").json()["current_version"])
@@ -183,6 +207,8 @@ def run_one(cfg: RaceConfig, work: Path, silos: Sequence[SiloSetup], holdout_pat
                                        allowed_tasks=[TASK_NAME], environ={})
                     q, steps = schedule(result.num_samples, cfg.batch_size, cfg.epochs)
                     plans.append((s, result.config.enrolment.silo_id, q, steps))
+                    if helper is not None:
+                        enrol_with_helper(helper, result.config.enrolment.silo_id, work / "silos" / s.name)
                 children = []
                 for s, _, q, steps in plans:
                     env = child_env({"FEDSILO_SILO_THREADS": "1", "FEDSILO_SILO_SEED": str(cfg.seed * 1000 + s.index),
@@ -221,7 +247,18 @@ def run_one(cfg: RaceConfig, work: Path, silos: Sequence[SiloSetup], holdout_pat
         finally:
             admin.close()
             version_admin.close()
-    return _figures(cfg, snap, plans, opened, reached, wall, held, sigma, sync)
+    out = _figures(cfg, snap, plans, opened, reached, wall, held, sigma, sync)
+    out["secure_aggregation"] = secure_aggregation
+    return out
+
+
+def _start_helper(work: Path, kids: Any, init: Any) -> Any:
+    """``fedsilo-helper init`` (pinning the coordinator's signing key) and ``serve``."""
+    from privacy.keys import Identity
+
+    key = Identity.load(init.config.keys_dir).public().to_json()["signing_key"]
+    return start_helper(work, kids, federation=init.config.federation_name, coordinator_key=key,
+                        k_min=SECAGG_K_MIN)
 
 
 def _figures(cfg: RaceConfig, snap: Any, plans: Sequence[Any], opened: float, reached: Any, wall: float,
@@ -299,7 +336,8 @@ def race(cfg: RaceConfig, work: Path, log: Any = print) -> dict[str, Any]:
         for s in strategies:
             log(f"[{mode}] {s.key} (sigma {sigma_async}, limit {limit:.0f} s) ...")
             runs[s.key] = run_one(cfg, work / "run", silos, parts.holdout_path, strategy=s.strategy,
-                                  settings=s.settings, sigma=sigma_async, sync=False, limit=limit, log=log)
+                                  settings=s.settings, sigma=sigma_async, sync=False, limit=limit, log=log,
+                                  secure_aggregation=s.secure_aggregation)
             runs[s.key]["label"] = s.label
             runs[s.key]["settings"] = {"strategy": s.strategy, **s.settings}
             log(f"  -> {_line(runs[s.key])}")
@@ -330,6 +368,15 @@ def _verdict(runs: dict[str, Any], limit: float) -> dict[str, Any]:
             r["throughput_bound"] = round(base["updates_to_target"] / r["updates_per_second"] / b, 3)
         r["epsilon_within_fedavg"] = r["max_epsilon_at_target"] <= base["max_epsilon_at_target"] + 1e-9 \
             if t is not None else None
+    # Secure aggregation against the same strategy without it (issue 12: <= 1.15x).
+    secure = {key: key.removesuffix("_secagg") for key, r in runs.items() if r.get("secure_aggregation")}
+    out["secure_aggregation"] = {
+        key: {"against": plain, "goal": SECAGG_GOAL,
+              "ratio": (None if plain not in runs or None in (runs[key]["time_to_target"], runs[plain]["time_to_target"])
+                        else round(runs[key]["time_to_target"] / runs[plain]["time_to_target"], 3))}
+        for key, plain in secure.items()}
+    for v in out["secure_aggregation"].values():
+        v["met"] = None if v["ratio"] is None else v["ratio"] <= SECAGG_GOAL
     return out
 
 
@@ -372,6 +419,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--strategies", nargs="+", choices=[s.key for s in STRATEGIES + CANDIDATES], default=None)
     p.add_argument("--target", type=float, default=None, help="held-out accuracy to reach (default 0.85)")
     p.add_argument("--fastest-round", type=float, default=None, help="seconds per round, fastest silo")
+    p.add_argument("--limit-factor", type=float, default=None,
+                   help="async runs stop after this x FedAvg's time to target (default 0.5)")
     p.add_argument("--keep", type=Path, default=None, help="keep the runs' directories (logs) here")
     p.add_argument("--quiet", action="store_true")
     a = p.parse_args(argv)
@@ -379,10 +428,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     if a.tiny:
         cfg = dataclasses.replace(cfg, silos=a.silos or 3, target_accuracy=0.3, fastest_round=0.2, spread=3.0,
                                   fedavg_limit=60.0, min_async_limit=10.0, limit_factor=1.0, tiny=True,
-                                  modes=("dp",), strategies=("fedasync_default", "fedbuff_k3"))
+                                  modes=("dp",), strategies=("fedasync_default", "fedbuff_k3", "fedbuff_k3_secagg"))
     cfg = dataclasses.replace(cfg, **{k: v for k, v in {
         "modes": tuple(a.modes) if a.modes else None, "strategies": tuple(a.strategies) if a.strategies else None,
-        "target_accuracy": a.target, "fastest_round": a.fastest_round}.items() if v is not None})
+        "target_accuracy": a.target, "fastest_round": a.fastest_round,
+        "limit_factor": a.limit_factor}.items() if v is not None})
     log = (lambda *_: None) if a.quiet else (lambda m: print(m, file=sys.stderr, flush=True))
     started = time.perf_counter()
     work = Path(tempfile.mkdtemp(prefix="fedsilo-race-")) if a.keep is None else a.keep

@@ -20,6 +20,10 @@ What only a process can know is kept *per process* by :class:`Metrics`:
   federation lock to its commit (waiting for the lock included: under load this is
   where queueing shows), observed by ``coordinator.ingest`` via
   :meth:`Metrics.observe_update`;
+* ``fedsilo_secagg_opening_seconds{phase}`` -- histogram of each masked buffer's
+  opening by the process that opened it (coordinator.opening): ``helper`` is the
+  helper's round trip (request signed, sent, answer verified and decoded), ``fold``
+  the opened sum checked and folded, to commit;
 * ``fedsilo_ingest_decisions_total{outcome, reason}`` -- decisions this process
   made, including rejections that leave no ``updates`` row: those made before the
   envelope's signature verified (``too_large`` ... ``bad_signature``). Alert on this
@@ -151,6 +155,14 @@ class Metrics:
             buckets=FOLD_BUCKETS,
             registry=self.registry,
         )
+        self._opening = Histogram(
+            "fedsilo_secagg_opening_seconds",
+            "Seconds per secure-aggregation buffer opening, by phase: 'helper' (asking the "
+            "helper, its answer checked) and 'fold' (the opened sum folded, to commit) (this process)",
+            ["phase"],
+            buckets=FOLD_BUCKETS,
+            registry=self.registry,
+        )
         self._decisions = Counter(
             "fedsilo_ingest_decisions",
             "Ingest decisions made by this process, by outcome and rejection reason",
@@ -166,6 +178,12 @@ class Metrics:
         self._decisions.labels(outcome, reason or "").inc()
         if fold_seconds is not None:
             self._fold.observe(fold_seconds)
+
+    def observe_opening(self, helper_seconds: float, fold_seconds: float) -> None:
+        """Record one opening of a masked buffer (coordinator.opening): the helper's round
+        trip and the fold of the opened sum."""
+        self._opening.labels("helper").observe(helper_seconds)
+        self._opening.labels("fold").observe(fold_seconds)
 
     def render(self) -> bytes:
         """The exposition text (queries the database)."""

@@ -42,6 +42,7 @@ from __future__ import annotations
 import hashlib
 import logging
 import threading
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -204,6 +205,7 @@ class Opener:
         if p is None:
             self._set(None)
             return POLL_SECONDS
+        started = time.perf_counter()
         try:
             mask_sum = ask_helper(p.settings.helper_url, p.request, p.schema, signer=self.ctx.identity.signing,
                                   helper_key=signing_public_from_raw(b64d(p.settings.helper_signing_key)),
@@ -216,7 +218,9 @@ class Opener:
             log.warning("secure aggregation: cannot open buffer %s (%s: %s); retrying in %.0f s",
                         p.request.buffer_id, exc.reason.value, exc.detail, delay)
             return delay
+        asked = time.perf_counter()
         version = fold_opened(self.ctx, p, mask_sum)
+        self.ctx.metrics.observe_opening(asked - started, time.perf_counter() - asked)
         log.info("secure aggregation: opened buffer %s -> version %s", p.request.buffer_id, version)
         self._attempt = 0
         self._set(None)

@@ -39,7 +39,7 @@ def test_the_baseline_is_synchronous_fedavg(results: tuple[dict, Path]) -> None:
 def test_every_run_reports_finite_figures(results: tuple[dict, Path]) -> None:
     data, _ = results
     runs = data["dp"]["runs"]
-    assert set(runs) == {"fedavg", "fedasync_default", "fedbuff_k3"}
+    assert set(runs) == {"fedavg", "fedasync_default", "fedbuff_k3", "fedbuff_k3_secagg"}
     for key, r in runs.items():
         assert r["sigma"] == 1.0, key
         curve = r["curve"]
@@ -49,7 +49,20 @@ def test_every_run_reports_finite_figures(results: tuple[dict, Path]) -> None:
         assert t is None or (finite(t) and 0 <= t <= r["run_seconds"] + 1), key
         assert all(finite(e) and e >= 0 for e in r["epsilon_at_target"].values()), key
         assert r["updates"] >= 1, key
-    assert set(data["dp"]["verdict"]["ratios"]) == {"fedasync_default", "fedbuff_k3"}
+    assert set(data["dp"]["verdict"]["ratios"]) == {"fedasync_default", "fedbuff_k3", "fedbuff_k3_secagg"}
+
+
+def test_the_secure_aggregation_run_masked_every_update_and_is_compared_with_plain_fedbuff(
+        results: tuple[dict, Path]) -> None:
+    data, _ = results
+    runs = data["dp"]["runs"]
+    assert runs["fedbuff_k3_secagg"]["secure_aggregation"] is True
+    assert runs["fedbuff_k3"]["secure_aggregation"] is False
+    # versions were made: the helper opened buffers (a masked update is only ever buffered)
+    assert runs["fedbuff_k3_secagg"]["statuses"].get("accepted", 0) >= 3
+    verdict = data["dp"]["verdict"]["secure_aggregation"]["fedbuff_k3_secagg"]
+    assert verdict["against"] == "fedbuff_k3" and verdict["goal"] == 1.15
+    assert verdict["ratio"] is None or finite(verdict["ratio"])
 
 
 def test_silos_differ_in_speed_and_the_plot_exists(results: tuple[dict, Path]) -> None:

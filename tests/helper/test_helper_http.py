@@ -193,4 +193,5 @@ def test_health_and_metrics(helper, silos) -> None:
         metrics = c.get("/metrics").text
     assert health["status"] == "ok" and health["federation"] == FEDERATION
     assert "fedsilo_helper_openings_total 2.0" in metrics  # buf-1 and buf-w-ok; the retry is not counted
+    assert "fedsilo_helper_open_seconds_count 2.0" in metrics  # timed like the openings: retries not counted
     assert 'fedsilo_helper_refusals_total{reason="seed_reused"} 1.0' in metrics

@@ -164,6 +164,10 @@ def test_an_opened_buffer_folds_the_plain_quantized_sum_and_plain_deltas_are_ref
     [opened] = audit.json()["events"]
     assert opened["actor"] == "system" and opened["details"]["resulting_version"] == 1
     assert opened["details"]["weights"] == [256] * K and len(opened["details"]["updates"]) == K
+    # the opening's two phases are timed in the opener's /metrics (recorded just after its commit)
+    with server.client() as c:
+        _wait(lambda: all(f'fedsilo_secagg_opening_seconds_count{{phase="{phase}"}} 1.0' in c.get("/metrics").text
+                          for phase in ("helper", "fold")), "the opening's timings in /metrics")
 
     # the coordinator's database holds no silo's unmasked update, in any table
     # (the raw bytes of each delta's tensors, in every dtype it could have been stored in)
