@@ -497,28 +497,27 @@ def export_ledger(data_dir: Path, fmt: str, out: TextIO, *, environ: Mapping[str
         return ledger.export(fmt, out)
 
 
-def export_log_evidence(data_dir: Path, out: TextIO, *, environ: Mapping[str, str] | None = None) -> int:
-    """Write the evidence of an altered coordinator log (JSON lines); return how many."""
+def _export_json_lines(data_dir: Path, out: TextIO, environ: Mapping[str, str] | None,
+                       read: Callable[[Ledger], list]) -> int:
+    """Write ``read(ledger)`` as JSON lines (nothing when there is no ledger); return how many."""
     config = SiloConfig.load(data_dir, environ)
     if not config.ledger_path.exists():
         return 0
     with Ledger(config.ledger_path, readonly=True) as ledger:
-        evidence = ledger.log_evidence()
-    for item in evidence:
+        items = read(ledger)
+    for item in items:
         out.write(json.dumps(item, sort_keys=True) + "\n")
-    return len(evidence)
+    return len(items)
+
+
+def export_log_evidence(data_dir: Path, out: TextIO, *, environ: Mapping[str, str] | None = None) -> int:
+    """Write the evidence of an altered coordinator log (JSON lines); return how many."""
+    return _export_json_lines(data_dir, out, environ, Ledger.log_evidence)
 
 
 def export_witnessed(data_dir: Path, out: TextIO, *, environ: Mapping[str, str] | None = None) -> int:
     """Write what this silo witnessed (Ledger.witness_evidence, JSON lines); return how many."""
-    config = SiloConfig.load(data_dir, environ)
-    if not config.ledger_path.exists():
-        return 0
-    with Ledger(config.ledger_path, readonly=True) as ledger:
-        items = ledger.witness_evidence()
-    for item in items:
-        out.write(json.dumps(item, sort_keys=True) + "\n")
-    return len(items)
+    return _export_json_lines(data_dir, out, environ, Ledger.witness_evidence)
 
 
 # --------------------------------------------------------------------------- reconcile
