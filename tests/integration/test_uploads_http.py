@@ -155,7 +155,7 @@ def test_a_body_that_is_not_the_signed_digest_is_refused(server, db, silo):
     envelope = silo.seal(base_version=state(db).version)
     headers = upload_headers(envelope, silo_id=silo.silo_id, signer=silo.identity.signing)
     before = state(db)
-    r = httpx.post(server.base_url + TARGET, content=envelope[:-1] + b"\1", headers=headers)
+    r = httpx.post(server.base_url + TARGET, content=envelope[:-1] + bytes([envelope[-1] ^ 1]), headers=headers)
     refused(db, before, 401, "bad_signature", r.status_code, r.json())
 
 

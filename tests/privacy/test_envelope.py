@@ -310,7 +310,7 @@ def test_release_round_trip_and_tamper(coordinator):
                            blob, coordinator.signing.public_key())
     assert info.value.reason is Reason.BAD_SIGNATURE
     with pytest.raises(EnvelopeError) as info:
-        env.verify_release(data, sig, blob[:-1] + b"\x01", coordinator.signing.public_key())
+        env.verify_release(data, sig, blob[:-1] + bytes([blob[-1] ^ 1]), coordinator.signing.public_key())
     assert info.value.reason is Reason.DIGEST_MISMATCH
     with pytest.raises(EnvelopeError) as info:
         env.verify_release(data.replace(b'"version":7', b'"version":8'), sig, blob, coordinator.signing.public_key())
