@@ -1,16 +1,24 @@
 """FedBuff's buffer: the running sum of weighted deltas, stored apart from the federation.
 
-Two tables (migration 0004):
+Two tables (migrations 0004, 0008):
 
-``fedbuff_buffers``  one row per federation: ``kind``, ``modulus_bits``, ``count`` and
-                     ``updates`` (the ids summed so far, in arrival order).
+``fedbuff_buffers``  up to two rows per federation, ``slot`` 0 and 1: ``kind``,
+                     ``modulus_bits``, ``count``, ``updates`` (the ids summed so far, in
+                     arrival order) and ``sealed``.
 ``fedbuff_slices``   the sum itself, one row per slice of a tensor: ``(federation_id,
-                     tensor, start)`` -> ``data``, the raw little-endian elements
+                     slot, tensor, start)`` -> ``data``, the raw little-endian elements
                      ``[start, start + n)`` of tensor number ``tensor`` (schema order).
 
 The sum is read and written only by the fold, under the federation lock; nothing
 else ever loads it (its count is public: admin and metrics show it). An empty
 buffer has no slice rows.
+
+Why two slots: a masked buffer that is being opened (secure aggregation: the helper
+is asked for the mask sum of exactly its updates) is *sealed* -- it takes no more
+updates -- and the next buffer fills in the other slot meanwhile, so no silo is
+turned away while the helper answers (:func:`seal`, :func:`sealed`). At most one
+slot is sealed; the *filling* buffer (:func:`state`) is the other one. A plain
+FedBuff buffer is never sealed and stays in slot 0.
 
 Why slices: accumulating one update touches every element of the sum, but never
 needs the whole sum in memory nor re-encoded. Each slice is read, added to in
@@ -47,7 +55,7 @@ from .models import FedBuffBuffer, FedBuffSlice, Update
 from .strategies import fedbuff_accumulate, modular_accumulate
 
 __all__ = ["KIND_FLOAT", "KIND_INT", "SLICE", "BufferState", "accumulate", "accumulate_masked", "clear", "count",
-           "distinct_silos", "slices", "state", "stored_sum", "summed"]
+           "distinct_silos", "seal", "sealed", "silos_of", "slices", "state", "stored_sum", "summed"]
 
 KIND_FLOAT, KIND_INT = "float", "int"
 #: Elements per stored slice (4 MiB of float32).
@@ -56,28 +64,70 @@ SLICE = 1 << 20
 
 @dataclass(frozen=True)
 class BufferState:
-    """A buffer's bookkeeping without its sum."""
+    """A buffer's bookkeeping without its sum: which slot, how many updates, their ids."""
 
     count: int
     updates: tuple[str, ...]
+    slot: int = 0
 
 
 def count(session: Session, federation_id: int) -> int:
-    """How many updates the buffer holds (0 for none); safe outside the fold lock."""
-    return int(session.scalar(select(FedBuffBuffer.count).where(FedBuffBuffer.federation_id == federation_id)) or 0)
+    """How many updates the buffers hold, both slots (0 for none); safe outside the fold lock."""
+    return int(session.scalar(select(func.sum(FedBuffBuffer.count))
+                              .where(FedBuffBuffer.federation_id == federation_id)) or 0)
+
+
+def _rows(session: Session, federation_id: int) -> list[FedBuffBuffer]:
+    return list(session.scalars(select(FedBuffBuffer).where(FedBuffBuffer.federation_id == federation_id)
+                                .order_by(FedBuffBuffer.slot).execution_options(populate_existing=True)))
+
+
+def _state(row: FedBuffBuffer) -> BufferState:
+    return BufferState(row.count, tuple(row.updates or ()), row.slot)
 
 
 def state(session: Session, federation_id: int) -> BufferState:
-    """The buffer's count and update ids (call under the fold lock)."""
-    row = session.get(FedBuffBuffer, federation_id, populate_existing=True)
-    return BufferState(0, ()) if row is None else BufferState(row.count, tuple(row.updates or ()))
+    """The filling buffer: the unsealed slot that holds updates, else the first unsealed
+    slot (call under the fold lock)."""
+    rows = _rows(session, federation_id)
+    open_rows = [r for r in rows if not r.sealed]
+    if len(open_rows) < len(rows) - 1 or sum(1 for r in open_rows if r.count) > 1:
+        raise StorageCorrupted("the FedBuff buffers of one federation are in an impossible state "
+                               f"({[(r.slot, r.count, r.sealed) for r in rows]})")
+    filling = next((r for r in open_rows if r.count), None)
+    if filling is not None:
+        return _state(filling)
+    taken = {r.slot for r in rows if r.sealed}
+    return BufferState(0, (), min({0, 1} - taken))
+
+
+def sealed(session: Session, federation_id: int) -> BufferState | None:
+    """The buffer being opened, or None (call under the fold lock, or to read a snapshot)."""
+    row = next((r for r in _rows(session, federation_id) if r.sealed), None)
+    return None if row is None else _state(row)
+
+
+def seal(session: Session, federation_id: int, st: BufferState) -> None:
+    """Seal the filling buffer ``st``: it takes no more updates until it is cleared, and
+    the next updates fill the other slot. At most one buffer is sealed at a time."""
+    if sealed(session, federation_id) is not None:
+        raise StorageCorrupted("a FedBuff buffer is already sealed; a second cannot be")
+    row = session.get(FedBuffBuffer, (federation_id, st.slot))
+    if row is None or not row.count:
+        raise StorageCorrupted(f"FedBuff buffer slot {st.slot} holds nothing to seal")
+    row.sealed = True
 
 
 def distinct_silos(session: Session, updates: tuple[str, ...]) -> int:
     """How many distinct silos sent the buffered ``updates`` (secure aggregation's K_min)."""
+    return len(silos_of(session, updates))
+
+
+def silos_of(session: Session, updates: tuple[str, ...]) -> set[str]:
+    """The silos that sent the recorded ``updates``."""
     if not updates:
-        return 0
-    return int(session.scalar(select(func.count(distinct(Update.silo_id))).where(Update.id.in_(updates))) or 0)
+        return set()
+    return set(session.scalars(select(distinct(Update.silo_id)).where(Update.id.in_(updates))))
 
 
 def stored_sum(session: Session, federation_id: int, schema: codec.Schema, st: BufferState,
@@ -86,7 +136,7 @@ def stored_sum(session: Session, federation_id: int, schema: codec.Schema, st: B
     buffer's opening reads it once; call under the fold lock)."""
     out = {spec.name: torch.empty(spec.numel(), dtype=dtype) for spec in schema.tensors}
     for batch in _batches(schema):
-        stored = _read(session, federation_id, [(i, start) for i, _, start, _ in batch])
+        stored = _read(session, federation_id, st.slot, [(i, start) for i, _, start, _ in batch])
         for index, name, start, stop in batch:
             data = stored.get((index, start))
             if data is None or len(data) != (stop - start) * out[name].element_size():
@@ -120,10 +170,12 @@ def _batches(schema: codec.Schema) -> Iterator[list[tuple[int, str, int, int]]]:
         yield batch
 
 
-def _read(session: Session, federation_id: int, keys: list[tuple[int, int]]) -> dict[tuple[int, int], bytes]:
+def _read(session: Session, federation_id: int, slot: int,
+          keys: list[tuple[int, int]]) -> dict[tuple[int, int], bytes]:
     rows = session.execute(
         select(FedBuffSlice.tensor, FedBuffSlice.start, FedBuffSlice.data).where(
-            FedBuffSlice.federation_id == federation_id, tuple_(FedBuffSlice.tensor, FedBuffSlice.start).in_(keys))
+            FedBuffSlice.federation_id == federation_id, FedBuffSlice.slot == slot,
+            tuple_(FedBuffSlice.tensor, FedBuffSlice.start).in_(keys))
     )
     return {(int(t), int(start)): data for t, start, data in rows}
 
@@ -150,7 +202,8 @@ def _summed(
     st: BufferState,
 ) -> Iterator[list[tuple[int, str, int, torch.Tensor]]]:
     for batch in _batches(schema):
-        stored = {} if st.count == 0 else _read(session, federation_id, [(i, start) for i, _, start, _ in batch])
+        stored = {} if st.count == 0 else _read(session, federation_id, st.slot,
+                                                [(i, start) for i, _, start, _ in batch])
         out = []
         for index, name, start, stop in batch:
             part = {name: delta[name].reshape(-1)[start:stop]}
@@ -195,15 +248,17 @@ def _accumulate(
     session: Session, federation_id: int, schema: codec.Schema, delta: Mapping[str, torch.Tensor], add: Add,
     st: BufferState, update_id: str, kind: str, bits: int | None,
 ) -> BufferState:
-    row = session.get(FedBuffBuffer, federation_id)
+    row = session.get(FedBuffBuffer, (federation_id, st.slot))
+    if row is not None and row.sealed:
+        raise StorageCorrupted(f"FedBuff buffer slot {st.slot} is sealed; it takes no more updates")
     if row is not None and st.count and (row.kind, row.modulus_bits) != (kind, bits):
         raise StorageCorrupted(f"the FedBuff buffer holds a {row.kind} sum; a {kind} sum cannot join it")
-    after = BufferState(st.count + 1, (*st.updates, update_id))
+    after = BufferState(st.count + 1, (*st.updates, update_id), st.slot)
     _set(session, federation_id, after, kind, bits)
     session.flush()  # the buffer row first: the slices refer to it
     for batch in _summed(session, federation_id, schema, delta, add, st):
-        rows = [{"federation_id": federation_id, "tensor": index, "start": start, "data": value.numpy().tobytes()}
-                for index, _, start, value in batch]
+        rows = [{"federation_id": federation_id, "slot": st.slot, "tensor": index, "start": start,
+                 "data": value.numpy().tobytes()} for index, _, start, value in batch]
         # ORM bulk statements: an executemany, by primary key for the UPDATE.
         session.execute(update(FedBuffSlice) if st.count else insert(FedBuffSlice), rows)
     return after
@@ -212,16 +267,20 @@ def _accumulate(
 def _set(session: Session, federation_id: int, st: BufferState, kind: str | None = None,
          bits: int | None = None) -> None:
     """Write the bookkeeping; ``kind`` (with ``bits``) is (re)set when given, kept otherwise."""
-    row = session.get(FedBuffBuffer, federation_id)
+    row = session.get(FedBuffBuffer, (federation_id, st.slot))
     if row is None:
-        row = FedBuffBuffer(federation_id=federation_id, kind=kind or KIND_FLOAT, modulus_bits=bits)
+        row = FedBuffBuffer(federation_id=federation_id, slot=st.slot, kind=kind or KIND_FLOAT, modulus_bits=bits,
+                            sealed=False)
         session.add(row)
     elif kind is not None:
         row.kind, row.modulus_bits = kind, bits
     row.count, row.updates = st.count, list(st.updates)
 
 
-def clear(session: Session, federation_id: int) -> None:
-    """Empty the buffer (its sum was applied)."""
-    session.execute(delete(FedBuffSlice).where(FedBuffSlice.federation_id == federation_id))
-    _set(session, federation_id, BufferState(0, ()))
+def clear(session: Session, federation_id: int, slot: int = 0) -> None:
+    """Empty the buffer in ``slot`` (its sum was applied, or discarded) and unseal it."""
+    session.execute(delete(FedBuffSlice).where(FedBuffSlice.federation_id == federation_id,
+                                               FedBuffSlice.slot == slot))
+    _set(session, federation_id, BufferState(0, (), slot))
+    row = session.get(FedBuffBuffer, (federation_id, slot))
+    row.sealed = False

@@ -6,6 +6,7 @@ Routes receive a :class:`Coordinator` through closures (``routes(ctx)``), never 
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -42,6 +43,8 @@ class Coordinator:
     releases: ReleaseCache = field(default_factory=ReleaseCache)
     #: Rounds this process let silos start and has not yet seen arrive (pacing).
     grants: Grants = field(default_factory=Grants)
+    #: Set when a masked buffer is sealed: the opener (coordinator.opening) looks at once.
+    opener_wake: threading.Event = field(default_factory=threading.Event)
     metrics: Metrics = field(init=False, repr=False)
     #: Whether writes are failing for want of the database (``/healthz`` reports it).
     health: WriteHealth = field(init=False, repr=False)

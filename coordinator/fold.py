@@ -267,11 +267,12 @@ def _compute(ctx: Coordinator, s: Session, fed: Federation, p: Prepared, d: _Dec
             raise Refusal(Reason.MASKING_REQUIRED if masking else Reason.UNSUPPORTED_VERSION,
                           f"secure aggregation was turned {'on' if masking else 'off'} meanwhile")
         if masking is not None:  # shares wait in the int buffer; the opener folds them (coordinator.opening)
-            secagg.check_room(st.count, buffers.distinct_silos(s, st.updates), buffer_k=settings.buffer_k,
-                              settings=masking)
+            secagg.check_room(st.count, settings=masking)
             weight = secagg.integer_weight(d.staleness, masking.mask.max_weight)
             buffers.accumulate_masked(s, fed.id, schema, p.delta, weight, MODULUS_BITS, st, h.update_id)
             p.delta.clear()
+            secagg.seal_if_ready(s, fed.id, buffer_k=settings.buffer_k, settings=masking, arriving=h.silo_id,
+                                 wake=ctx.opener_wake)
             return _Computed(float(weight), members)
         weight = fedbuff_weight(d.staleness)
         if len(members) < settings.buffer_k:
@@ -281,7 +282,7 @@ def _compute(ctx: Coordinator, s: Session, fed: Federation, p: Prepared, d: _Dec
         new, blob, moments = fedbuff_step(ctx, s, fed, settings, v, len(members),
                                           buffers.summed(s, fed.id, schema, p.delta, d.staleness, st))
         p.delta.clear()
-        buffers.clear(s, fed.id)
+        buffers.clear(s, fed.id, st.slot)
         return _Computed(weight, members, new, blob, moments)
     except StrategyError as exc:
         raise translate(exc) from None

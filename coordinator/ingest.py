@@ -200,8 +200,7 @@ def _check(ctx: Coordinator, body: bytes | bytearray, ev: Evidence, uploader: st
         schema, schema_digest, federation = codec.Schema.from_json(fed.schema), fed.schema_digest, fed.name
         masking = secagg.settings_of(snap.settings)  # None: secure aggregation is off
         if masking is not None:  # only a masked buffer can be full and waiting (check_room below)
-            st = buffers.state(s, fed.id)
-            buffered = st.count, buffers.distinct_silos(s, st.updates)
+            filling = buffers.state(s, fed.id).count
     _check_kind(header.payload_kind, snap.settings.compression, masking is not None)
 
     # 5. replay ------------------------------------------------------------------------
@@ -213,8 +212,8 @@ def _check(ctx: Coordinator, body: bytes | bytearray, ev: Evidence, uploader: st
     # 6. base version known, staleness within the bound --------------------------------
     ev.staleness = decisions.check_base(snap)
 
-    if masking is not None:  # the masked buffer waits for the helper: refuse before decrypting
-        secagg.check_room(*buffered, buffer_k=snap.settings.buffer_k, settings=masking)
+    if masking is not None:  # the masked buffers are full, one waits for the helper: refuse before decrypting
+        secagg.check_room(filling, settings=masking)
 
     # 7. budget, from the signed header, before anything is decrypted ------------------
     if header.accountant not in ACCOUNTANTS:

@@ -38,6 +38,7 @@ from sqlalchemy import (
     String,
     Text,
     TypeDecorator,
+    false,
 )
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship
 
@@ -170,18 +171,26 @@ class FedBuffBuffer(Base):
     __table_args__ = (CheckConstraint("kind IN ('float', 'int')", name="kind"),)
 
     federation_id: Mapped[int] = mapped_column(ForeignKey("federations.id"), primary_key=True)
+    slot: Mapped[int] = mapped_column(primary_key=True, autoincrement=False, default=0, server_default="0")  # 0 or 1
     kind: Mapped[str] = mapped_column(String(8), default="float")  # float sum | int sum mod 2**modulus_bits
     modulus_bits: Mapped[int | None]
     count: Mapped[int] = mapped_column(default=0)
     updates: Mapped[list[Any]] = mapped_column(default=list)  # ids summed so far, in arrival order
+    #: Being opened (secure aggregation): it takes no more updates; the other slot fills.
+    sealed: Mapped[bool] = mapped_column(default=False, server_default=false())
 
 
 class FedBuffSlice(Base):
     """One slice of a FedBuff sum: raw elements ``[start, start + n)`` of one tensor."""
 
     __tablename__ = "fedbuff_slices"
+    __table_args__ = (
+        ForeignKeyConstraint(["federation_id", "slot"], ["fedbuff_buffers.federation_id", "fedbuff_buffers.slot"],
+                             name="fk_fedbuff_slices_federation_id_fedbuff_buffers"),
+    )
 
-    federation_id: Mapped[int] = mapped_column(ForeignKey("fedbuff_buffers.federation_id"), primary_key=True)
+    federation_id: Mapped[int] = mapped_column(primary_key=True)
+    slot: Mapped[int] = mapped_column(primary_key=True, autoincrement=False, default=0, server_default="0")
     tensor: Mapped[int] = mapped_column(primary_key=True, autoincrement=False)  # index in the schema's order
     start: Mapped[int] = mapped_column(BigInt, primary_key=True, autoincrement=False)  # first element
     data: Mapped[bytes] = mapped_column(LargeBinary)

@@ -1,27 +1,36 @@
 """Opening a masked FedBuff buffer: ask the helper, then fold the opened sum once.
 
 With secure aggregation on, ingest only ever adds masked shares to the int buffer
-(coordinator.fold); nothing folds them there. A background task of every coordinator
-process (:class:`Opener`, started by the app's lifespan) watches for a *ready* buffer
-(:func:`coordinator.secagg.ready`: K updates from at least K_min silos) and then:
+(coordinator.fold); nothing folds them there. The fold *seals* a buffer the moment it
+is ready (:func:`coordinator.secagg.ready`: K updates from at least K_min silos): it
+takes no more updates, and the next masked updates fill the other buffer slot
+(coordinator.buffers), so silos are not turned away while the helper answers. A
+background task of every coordinator process (:class:`Opener`, started by the app's
+lifespan, woken by the seal's commit, else looking every :data:`POLL_SECONDS`) then:
 
-1. **reads** the helper request from the database: the buffered update ids in order,
+1. **reads** the helper request from the database: the sealed buffer's update ids in order,
    each update's stored signed header (its ``masked`` member: the silo's statement and
    the sealed seed) and its integer weight (``updates.weight``). The request is
    deterministic in these (coordinator.helper_client), so asking again after any crash
    sends the same bytes and the helper answers the same sum;
 2. **asks** the helper, outside any lock (it may take seconds, or the helper may be
-   down: then the buffer waits, further masked updates are answered ``503 unavailable``
-   with Retry-After by ingest, the task retries with
+   down: then the sealed buffer waits, the other slot fills up to the mask's
+   ``max_updates``, further masked updates are answered ``503 unavailable`` with
+   Retry-After by ingest, the task retries with
    :func:`coordinator.helper_client.backoff`, and ``/healthz`` says why);
 3. **folds** under the fold's locks (the process lock, then the federation row lock):
-   if the buffer still holds exactly the asked-for updates, the opened sum is checked
-   (:func:`coordinator.secagg.opened_delta`: finite, norm) and folded as ONE FedBuff
-   step by :func:`coordinator.fold.fedbuff_step` -- the same fold and server optimizers
-   as a plain buffer -- the buffered updates become ``accepted`` with the new version,
-   the buffer is cleared and a ``buffer_opened`` audit entry is written, all in one
-   transaction. Exactly once: a kill -9 before the commit leaves the buffer as it was
-   (step 1 again, same request, same answer); after it, the buffer is empty.
+   if the sealed buffer still holds exactly the asked-for updates, the opened sum is
+   checked (:func:`coordinator.secagg.opened_delta`: finite, norm) and folded as ONE
+   FedBuff step by :func:`coordinator.fold.fedbuff_step` -- the same fold and server
+   optimizers as a plain buffer -- the buffered updates become ``accepted`` with the new
+   version, the buffer is cleared, a ``buffer_opened`` audit entry is written and the
+   other buffer is sealed if it is ready by now, all in one transaction. Exactly once: a
+   kill -9 before the commit leaves the buffers as they were (step 1 again, same
+   request, same answer); after it, the opened buffer is empty.
+
+A ready buffer that was not sealed when it became ready (its K or K_min was lowered by
+the operator since, or it was left by a coordinator before migration 0008) is sealed by
+the opener's look.
 
 Several processes (PostgreSQL): one opener at a time, the one holding a session
 advisory lock (:func:`_claim`; the server frees it when that process dies, and another
@@ -87,22 +96,43 @@ class Pending:
 
 
 def pending(ctx: Coordinator) -> Pending | None:
-    """The ready masked buffer's request, or None (secure aggregation off, buffer not ready)."""
+    """The sealed masked buffer's request, or None (secure aggregation off, nothing sealed)."""
     with ctx.read() as s:
         fed = s.get(Federation, ctx.federation_id)
-        strategy = settings_of(fed)
-        masking = secagg.settings_of(strategy)
-        if masking is None:
-            return None
-        st = buffers.state(s, fed.id)
-        if not secagg.ready(st.count, buffers.distinct_silos(s, st.updates), buffer_k=strategy.buffer_k,
-                            settings=masking):
+        masking = secagg.settings_of(settings_of(fed))
+        st = None if masking is None else buffers.sealed(s, fed.id)
+        if st is None:
             return None
         rows = {u.id: u for u in s.scalars(select(Update).where(Update.id.in_(st.updates)))}
         updates = [(uid, rows[uid].header["masked"], int(rows[uid].weight)) for uid in st.updates]
         schema = codec.Schema.from_json(fed.schema)
         return Pending(open_request(fed.name, schema, updates), st.updates, tuple(w for _, _, w in updates),
                        masking, schema)
+
+
+def unsealed_ready(ctx: Coordinator) -> bool:
+    """Whether a ready masked buffer waits unsealed while no buffer is sealed (rare: see
+    the module docstring); a look without locks."""
+    with ctx.read() as s:
+        fed = s.get(Federation, ctx.federation_id)
+        strategy = settings_of(fed)
+        masking = secagg.settings_of(strategy)
+        if masking is None or buffers.sealed(s, fed.id) is not None:
+            return False
+        st = buffers.state(s, fed.id)
+        return secagg.ready(st.count, buffers.distinct_silos(s, st.updates), buffer_k=strategy.buffer_k,
+                            settings=masking)
+
+
+def seal_ready(ctx: Coordinator) -> bool:
+    """Seal the filling buffer if it is ready and nothing is sealed, under the fold's locks."""
+    with fold.process_lock(ctx.engine):
+        with ctx.transaction() as s:
+            fed = db.lock_federation(s, ctx.federation_id)
+            strategy = settings_of(fed)
+            masking = secagg.settings_of(strategy)
+            return masking is not None and secagg.seal_if_ready(s, fed.id, buffer_k=strategy.buffer_k,
+                                                                settings=masking)
 
 
 def fold_opened(ctx: Coordinator, p: Pending, mask_sum: dict[str, torch.Tensor]) -> int | None:
@@ -113,8 +143,8 @@ def fold_opened(ctx: Coordinator, p: Pending, mask_sum: dict[str, torch.Tensor])
         with ctx.transaction() as s:
             fed = db.lock_federation(s, ctx.federation_id)
             now = ctx.clock()
-            st = buffers.state(s, fed.id)
-            if st.updates != p.members:  # folded by another process (or discarded) meanwhile
+            st = buffers.sealed(s, fed.id)
+            if st is None or st.updates != p.members:  # folded by another process (or discarded) meanwhile
                 return None
             strategy = settings_of(fed)
             v = fed.current_version
@@ -141,9 +171,12 @@ def fold_opened(ctx: Coordinator, p: Pending, mask_sum: dict[str, torch.Tensor])
             s.execute(sql_update(Update).where(Update.id.in_(p.members))
                       .values(status=status.value, resulting_version=resulting,
                               reason=None if resulting else details["reason"]))
-            buffers.clear(s, fed.id)
+            buffers.clear(s, fed.id, st.slot)
             audit.append(s, actor="system", action=action, subject=f"buffer:{p.request.buffer_id}", details=details,
                          now=now)
+            masking = secagg.settings_of(strategy)
+            if masking is not None:  # the next buffer filled meanwhile: the opener's next look asks for it
+                secagg.seal_if_ready(s, fed.id, buffer_k=strategy.buffer_k, settings=masking)
             fold._crash_point("open")
         if new_version is not None:
             ctx.cache.put(*new_version)
@@ -192,8 +225,9 @@ class Opener:
     def step(self) -> float:
         """One look at the buffer (blocking): open it if ready; return the seconds to wait."""
         if pending(self.ctx) is None:  # the common case, without taking the opener's lock
-            self._set(None)
-            return POLL_SECONDS
+            if not (unsealed_ready(self.ctx) and seal_ready(self.ctx)):
+                self._set(None)
+                return POLL_SECONDS
         with _claim(self.ctx.engine) as mine:
             if not mine:  # another process is the opener now
                 self._set(None)
@@ -230,6 +264,11 @@ class Opener:
         with self._lock:
             self.state = state
 
+    def _wait(self, seconds: float) -> None:
+        """Sleep ``seconds`` or until a fold seals a buffer (ctx.opener_wake)."""
+        if seconds > 0 and self.ctx.opener_wake.wait(seconds):
+            self.ctx.opener_wake.clear()
+
     async def run(self) -> None:
         """Forever: step in a worker thread, then wait (cancelled at shutdown)."""
         while True:
@@ -240,4 +279,7 @@ class Opener:
                 delay = backoff(self._attempt)
                 self._attempt += 1
                 self._set({"reason": "opener_failed", "detail": type(exc).__name__, "attempts": self._attempt})
-            await anyio.sleep(delay)
+            if delay >= POLL_SECONDS:  # nothing to do, or the helper backing off: a seal wakes us
+                await to_thread.run_sync(self._wait, delay, abandon_on_cancel=True)
+            else:
+                await anyio.sleep(delay)

@@ -10,7 +10,10 @@ path uses them:
                            silo's statement says what its header says, for this
                            federation and helper; the payload is the schema's names and
                            shapes as int32 shares (no norm check is possible)
-- :func:`check_room`       a ready buffer (:func:`ready`) waits for the helper: 503
+- :func:`check_room`       a buffer at the mask's ``max_updates`` while the other waits
+                           for the helper: 503
+- :func:`seal_if_ready`    a ready buffer (:func:`ready`) is sealed for the opener while
+                           the next fills in the other slot
 - :func:`integer_weight`   the public integer staleness weight ``w_i``
 - :func:`opened_delta`     the opened buffer as FedBuff's float sum, checked (finite, norm)
 
@@ -23,21 +26,25 @@ from __future__ import annotations
 
 import math
 import re
+import threading
 from collections.abc import Mapping
 from dataclasses import dataclass
 
 import torch
+from sqlalchemy import event
+from sqlalchemy.orm import Session
 
 from privacy import codec, masked_update, secagg
 from privacy.envelope import UpdateHeader
 from privacy.errors import CodecError, Reason
 from privacy.keys import b64d, fingerprint, hpke_public_from_raw, signing_public_from_raw
 
+from . import buffers
 from .errors import IngestRejected, Reason as WireReason
 from .strategies import StrategySettings, fedbuff_weight
 
-__all__ = ["SecaggSettings", "parse_settings", "settings_of", "ready", "check_room", "check_masked", "integer_weight",
-           "opened_delta"]
+__all__ = ["SecaggSettings", "parse_settings", "settings_of", "ready", "check_room", "seal_if_ready", "check_masked",
+           "integer_weight", "opened_delta"]
 
 MODE_HELPER = "helper"
 _URL = re.compile(r"https?://[\x21-\x7e]{1,2000}")
@@ -107,25 +114,40 @@ def ready(count: int, silos: int, *, buffer_k: int, settings: SecaggSettings) ->
     return count >= buffer_k and silos >= settings.k_min
 
 
-def check_room(count: int, silos: int, *, buffer_k: int, settings: SecaggSettings) -> None:
-    """Refuse a masked update the buffer cannot take now with ``503 unavailable``
-    (Retry-After), deciding nothing: the buffer is ready and waits for the helper, or
-    holds the most updates the mask arithmetic allows (``max_updates``).
+def check_room(count: int, *, settings: SecaggSettings) -> None:
+    """Refuse a masked update the filling buffer cannot take with ``503 unavailable``
+    (Retry-After), deciding nothing: it holds the most updates the mask arithmetic
+    allows (``max_updates``), which happens only while the other buffer waits for the
+    helper (a ready buffer is sealed at once when the other slot is free).
 
-    Why a ready buffer does not grow: the helper's request names exactly the buffered
-    updates, and a sum that grew while the helper was being asked would no longer
-    match its mask sum; the same seeds can never be asked for again under another
-    buffer. The silo keeps the sealed update and resends it byte for byte
-    (docs/protocol.md §5): nothing acknowledged is lost, and nothing is charged.
+    A sealed buffer never grows: the helper's request names exactly its updates, and a
+    sum that grew while the helper was being asked would no longer match its mask sum.
+    The silo keeps the sealed update and resends it byte for byte (docs/protocol.md §5):
+    nothing acknowledged is lost, and nothing is charged.
     """
-    if ready(count, silos, buffer_k=buffer_k, settings=settings) or count >= settings.mask.max_updates:
-        raise IngestRejected(WireReason.UNAVAILABLE, f"the secure-aggregation buffer holds {count} update(s) "
-                             f"from {silo_word(silos)} and waits for the helper to open it; retry after the "
-                             f"Retry-After delay")
+    if count >= settings.mask.max_updates:
+        raise IngestRejected(WireReason.UNAVAILABLE, f"the secure-aggregation buffer holds {count} update(s), "
+                             f"the most its masks allow, while the previous buffer waits for the helper; retry "
+                             f"after the Retry-After delay")
 
 
-def silo_word(n: int) -> str:
-    return f"{n} silo" if n == 1 else f"{n} silos"
+def seal_if_ready(session: Session, federation_id: int, *, buffer_k: int, settings: SecaggSettings,
+                  arriving: str | None = None, wake: threading.Event | None = None) -> bool:
+    """Seal the filling masked buffer for the opener if it is ready and no other buffer
+    is sealed; return whether one was (call under the fold lock). ``arriving`` is the
+    silo of an update just summed whose row is not written yet. The opener
+    (coordinator.opening) asks the helper for exactly the sealed buffer's updates; it is
+    woken through ``wake`` once ``session`` commits, rather than at its next look."""
+    if buffers.sealed(session, federation_id) is not None:
+        return False
+    st = buffers.state(session, federation_id)
+    silos = buffers.silos_of(session, st.updates) | ({arriving} if arriving else set())
+    if not ready(st.count, len(silos), buffer_k=buffer_k, settings=settings):
+        return False
+    buffers.seal(session, federation_id, st)
+    if wake is not None:
+        event.listen(session, "after_commit", lambda _session: wake.set(), once=True)
+    return True
 
 
 def check_masked(

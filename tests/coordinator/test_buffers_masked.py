@@ -55,7 +55,7 @@ def test_masked_shares_accumulate_and_open_exactly(tmp_path: Path, db_url: str) 
                 buffers.accumulate_masked(s, ctx.federation_id, schema, shares, w, secagg.MODULUS_BITS, st, _uid(i))
             plain = {n: plain[n] + w * q[n] for n in plain}
         with ctx.read() as s:
-            row = s.get(FedBuffBuffer, ctx.federation_id)
+            row = s.get(FedBuffBuffer, (ctx.federation_id, 0))
             assert (row.kind, row.modulus_bits, row.count) == ("int", 32, 3)
             stored = _read_sum(s, ctx.federation_id, schema)
         helper = secagg.mask_sum([(_seed(i), _uid(i), w) for i, w in enumerate(weights)], shapes)
@@ -70,5 +70,63 @@ def test_masked_shares_accumulate_and_open_exactly(tmp_path: Path, db_url: str) 
         with ctx.transaction() as s:
             buffers.clear(s, ctx.federation_id)
             assert buffers.state(s, ctx.federation_id) == buffers.BufferState(0, ())
+    finally:
+        ctx.close()
+
+
+def test_a_sealed_buffer_keeps_its_sum_while_the_next_one_fills(tmp_path: Path, db_url: str) -> None:
+    # Double buffering: the sealed buffer (being opened) takes nothing more, the next
+    # updates fill the other slot, and each slot opens to exactly its own updates' sum.
+    ctx = make(tmp_path / "coord", db_url, strategy="fedbuff", buffer_k=2)
+    fid = ctx.federation_id
+    try:
+        with ctx.read() as s:
+            schema = codec.Schema.from_json(s.get(Federation, fid).schema)
+        shapes = {spec.name: spec.shape for spec in schema.tensors}
+
+        def add(i: int, w: int) -> dict[str, torch.Tensor]:
+            x = {n: torch.linspace(-1.0, 1.0, math.prod(shape)).reshape(shape) * (i + 1) / 7 for n, shape in shapes.items()}
+            q = secagg.quantize(x, MASK)
+            with ctx.transaction() as s:
+                st = buffers.state(s, fid)
+                buffers.accumulate_masked(s, fid, schema, secagg.mask_update(q, _seed(i), _uid(i)), w,
+                                          secagg.MODULUS_BITS, st, _uid(i))
+            return {n: w * q[n] for n in q}
+
+        def opened(st: buffers.BufferState, members: list[tuple[int, int]]) -> dict[str, torch.Tensor]:
+            with ctx.read() as s:
+                stored = buffers.stored_sum(s, fid, schema, st)
+            return secagg.open_sum(stored, secagg.mask_sum([(_seed(i), _uid(i), w) for i, w in members], shapes),
+                                   MASK.scale)
+
+        first = [add(0, 3), add(1, 1)]
+        with ctx.transaction() as s:
+            buffers.seal(s, fid, buffers.state(s, fid))
+        with ctx.read() as s:
+            sealed = buffers.sealed(s, fid)
+            assert sealed == buffers.BufferState(2, (_uid(0), _uid(1)), 0)
+            assert buffers.state(s, fid) == buffers.BufferState(0, (), 1)  # the next buffer fills slot 1
+        second = [add(2, 2), add(3, 5), add(4, 1)]
+        with ctx.read() as s:
+            assert buffers.sealed(s, fid) == sealed  # untouched by the three updates since
+            filling = buffers.state(s, fid)
+            assert filling == buffers.BufferState(3, (_uid(2), _uid(3), _uid(4)), 1)
+            assert buffers.count(s, fid) == 5
+        for got, parts in ((opened(sealed, [(0, 3), (1, 1)]), first),
+                           (opened(filling, [(2, 2), (3, 5), (4, 1)]), second)):
+            for n in shapes:
+                assert torch.equal(got[n] * MASK.scale, sum(p[n] for p in parts).to(torch.float64))
+        with ctx.transaction() as s, pytest.raises(StorageCorrupted):  # one sealed buffer at a time
+            buffers.seal(s, fid, filling)
+        with ctx.transaction() as s:
+            buffers.clear(s, fid, sealed.slot)
+            assert buffers.sealed(s, fid) is None
+            assert buffers.state(s, fid) == filling  # slot 1 keeps filling
+            buffers.seal(s, fid, filling)
+            assert buffers.state(s, fid) == buffers.BufferState(0, (), 0)  # and slot 0 is next
+        with ctx.transaction() as s, pytest.raises(StorageCorrupted):  # a sealed buffer takes nothing more
+            buffers.accumulate_masked(s, fid, schema, secagg.mask_update(secagg.quantize(
+                {n: torch.zeros(shape) for n, shape in shapes.items()}, MASK), _seed(9), _uid(9)), 1,
+                secagg.MODULUS_BITS, filling, _uid(9))
     finally:
         ctx.close()

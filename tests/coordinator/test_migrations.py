@@ -47,7 +47,7 @@ def test_upgrade_downgrade_upgrade(db_url: str) -> None:
     try:
         assert current_revision(engine) is None
         upgrade(db_url)
-        assert current_revision(engine) == head_revision() == "0007"
+        assert current_revision(engine) == head_revision() == "0008"
         assert APP_TABLES <= _tables(engine)
         with transaction(engine) as s:
             assert audit.get_head(s) == (0, audit.GENESIS_HASH)
@@ -64,7 +64,7 @@ def test_upgrade_downgrade_upgrade(db_url: str) -> None:
 
         upgrade(db_url)
         upgrade(db_url)  # at head: nothing to do
-        assert current_revision(engine) == "0007"
+        assert current_revision(engine) == "0008"
         with transaction(engine) as s:
             assert audit.get_head(s) == (0, audit.GENESIS_HASH)
     finally:
@@ -122,7 +122,7 @@ def test_concurrent_upgrades_from_several_processes(db_url: str) -> None:
     assert [p.returncode for p in procs] == [0, 0, 0], errors
     engine = make_engine(db_url)
     try:
-        assert current_revision(engine) == "0007"
+        assert current_revision(engine) == "0008"
         with transaction(engine) as s:
             assert audit.get_head(s) == (0, audit.GENESIS_HASH)
     finally:
@@ -141,7 +141,7 @@ def test_packaged_alembic_ini_works_from_any_directory(sqlite_url: str, tmp_path
     )
     engine = make_engine(sqlite_url)
     try:
-        assert current_revision(engine) == "0007"
+        assert current_revision(engine) == "0008"
     finally:
         engine.dispose()
 

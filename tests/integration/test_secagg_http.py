@@ -4,8 +4,9 @@ their updates with :func:`privacy.masked_update.mask_for_helper`.
 
 - an opened buffer folds to exactly what FedBuff makes of the plain quantized weighted
   sum (bit for bit), and a plain delta is refused ``masking_required``;
-- the helper down: the buffer waits, ``/healthz`` says why, a further masked update is
-  ``503 unavailable`` (nothing decided), and the buffer opens once the helper is back;
+- the helper down: the sealed buffer waits, ``/healthz`` says why, the next buffer fills
+  meanwhile, a masked update beyond it is ``503 unavailable`` (nothing decided), and both
+  buffers open, in order, once the helper is back;
 - the coordinator's database never holds one silo's unmasked update (every stored value
   of every table is searched for the bytes of each plain delta).
 
@@ -35,7 +36,8 @@ from tests.support.helper import CLI as HELPER_CLI
 from tests.support.helper import running_helper
 
 NAME = "secagg-federation"
-MASK = {"clip": 1.0, "scale": 65536, "max_updates": 64, "max_weight": 256}
+# max_updates = K: a buffer holds K updates at most, so the second slot is full at K too
+MASK = {"clip": 1.0, "scale": 65536, "max_updates": 3, "max_weight": 256}
 K = 3
 
 pytestmark = pytest.mark.slow
@@ -186,15 +188,19 @@ def _serve_helper(helper, port: int) -> subprocess.Popen:
                                 stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
 
 
-def test_with_the_helper_down_the_buffer_waits_and_opens_when_it_is_back(federation):
+def test_with_the_helper_down_the_buffers_wait_and_open_when_it_is_back(federation):
     server, helper, silos, data_dir = federation
     helper_hpke = hpke_public_from_raw(b64d(helper.init["helper_keys"]["hpke_key"]))
     port = int(helper.base_url.rsplit(":", 1)[1])
     _stop(helper.process)  # the helper goes down
 
     deltas = [_exact_delta(silo, 10 + i) for i, silo in enumerate(silos)]
-    for silo, delta in zip(silos, deltas):
+    for silo, delta in zip(silos, deltas):  # the first buffer: ready, sealed, waits for the helper
         assert silo.push(_masked_envelope(silo, delta, helper_hpke)).status_code == 200
+    following = [_exact_delta(silo, 20 + i) for i, silo in enumerate(silos)]
+    for silo, delta in zip(silos, following):  # the next buffer fills meanwhile: no silo is turned away
+        r = silo.push(_masked_envelope(silo, delta, helper_hpke))
+        assert r.status_code == 200 and r.json()["status"] == "buffered", r.text
 
     def degraded():
         with server.client() as c:
@@ -207,18 +213,21 @@ def test_with_the_helper_down_the_buffer_waits_and_opens_when_it_is_back(federat
     late = silos[0].push(_masked_envelope(silos[0], deltas[0], helper_hpke))
     assert late.status_code == 503 and late.json()["reason"] == "unavailable", late.text
     assert "Retry-After" in late.headers
-    assert _version(server) == 0 and server.admin("GET", "/federation").json()["buffered_updates"] == K
+    assert _version(server) == 0 and server.admin("GET", "/federation").json()["buffered_updates"] == 2 * K
 
     again = _serve_helper(helper, port)  # back, same keys, same database, same address
     try:
-        _wait(lambda: _version(server) == 1, "the opening after the helper came back", timeout=300)
+        _wait(lambda: _version(server) == 2, "both openings after the helper came back", timeout=300)
         with server.client() as c:
             _wait(lambda: c.get("/healthz").status_code == 200, "/healthz to recover")
         _, w0, _ = silos[0].fetch_model(0)
         _, w1, _ = silos[0].fetch_model(1)
-        expected = _expected(w0, deltas, [256] * K)
+        _, w2, _ = silos[0].fetch_model(2)
+        expected = _expected(w0, deltas, [256] * K)  # version 1: exactly the first buffer
+        then = _expected(w1, following, [256] * K)  # version 2: the second (staleness 0 when sent)
         for name in w0:
             assert torch.equal(w1[name], expected[name]), name
+            assert torch.equal(w2[name], then[name]), name
     finally:
         _stop(again)
 
