@@ -140,7 +140,7 @@ def serving_helper(data_dir: Path, coordinator_key: str, k_min: int) -> Iterator
     cli = [sys.executable, "-m", "helper.cli"]
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(HERE.parent), os.environ.get("PYTHONPATH")]))}
     done = subprocess.run([*cli, "init", "--dir", str(data_dir), "--federation", FEDERATION,
-                           "--coordinator-key", coordinator_key, "--k-min", str(k_min),
+                           f"--coordinator-key={coordinator_key}", "--k-min", str(k_min),
                            "--clip", str(MASK.clip), "--scale", str(MASK.scale),
                            "--max-updates", str(MASK.max_updates), "--max-weight", str(MASK.max_weight)],
                           capture_output=True, text=True, timeout=120, env=env, check=True)

@@ -53,7 +53,7 @@ def test_serve_refuses_a_database_not_at_head(tmp_path) -> None:
     from tests.support.helper import helper_cli
 
     helper_cli("init", "--dir", str(tmp_path), "--federation", "f",
-               "--coordinator-key", b64e(Identity.generate().public().signing))
+               f"--coordinator-key={b64e(Identity.generate().public().signing)}")
     downgrade(f"sqlite:///{tmp_path / 'helper.db'}")
     done = subprocess.run([sys.executable, "-m", "helper.cli", "serve", "--dir", str(tmp_path), "--port", "1"],
                           capture_output=True, text=True, timeout=120)

@@ -100,7 +100,7 @@ def test_the_operators_flow_in_json(admin, server, tmp_path):
     key = b64e(Identity.load(server.data_dir / "keys").public().signing)
     fp = server.init["fingerprints"]["signing"]
     out2 = tmp_path / "pinned.safetensors"
-    code, got, _ = admin("versions", "download", "1", "-o", str(out2), "--coordinator-key", key, "--fingerprint", fp)
+    code, got, _ = admin("versions", "download", "1", "-o", str(out2), f"--coordinator-key={key}", "--fingerprint", fp)
     assert code == 0 and out2.read_bytes() == out.read_bytes()
 
     code, updates, _ = admin("updates", "list", "--silo", silo["silo_id"])
@@ -177,7 +177,7 @@ def test_loading_and_verifying_the_final_model_as_the_docs_say(admin, server, tm
     assert code == 0 and version >= 1
     key = b64e(Identity.load(server.data_dir / "keys").public().signing)
     path = tmp_path / "model.safetensors"
-    code, _, _ = admin("versions", "download", str(version), "-o", str(path), "--coordinator-key", key,
+    code, _, _ = admin("versions", "download", str(version), "-o", str(path), f"--coordinator-key={key}",
                        "--fingerprint", server.init["fingerprints"]["signing"])
     assert code == 0
     code, events, _ = admin("audit", "events", "--action", "version_created", "--subject", f"version:{version}")
@@ -230,7 +230,7 @@ def test_the_token_file_must_be_private(admin, server, monkeypatch, tmp_path):
 def test_a_download_under_another_key_is_refused(admin, tmp_path):
     other = b64e(Identity.generate().public().signing)
     out = tmp_path / "model.safetensors"
-    code, _, err = admin("versions", "download", "0", "-o", str(out), "--coordinator-key", other)
+    code, _, err = admin("versions", "download", "0", "-o", str(out), f"--coordinator-key={other}")
     assert code == 3 and "does not verify" in err and not out.exists()
     code, _, err = admin("versions", "download", "0", "-o", str(out))
     assert code == 2 and "--coordinator-key" in err and not out.exists()
