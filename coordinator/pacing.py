@@ -65,17 +65,20 @@ __all__ = [
 class PacingPolicy:
     """The pacing constants (named defaults; the federation setting only turns it on/off).
 
-    ``low``/``high``: the fraction of ``max_staleness`` the expected staleness may reach
-    at priority 0 / 1 (below 1: round times vary, a margin keeps most arrivals inside
-    the bound). ``max_in_flight``: rounds one silo may have in flight. Waits are clamped
+    ``margin``: the fraction of ``max_staleness`` the expected staleness may reach (below
+    1: round times vary, a margin keeps most arrivals inside the bound); the same for
+    every silo, so the fast silos that make the versions are never held while their
+    updates would be folded. ``probe_budget``: a silo with no round time on record (its
+    first round is a probe) may start only while at most this fraction of the recent
+    arrivals was refused as stale. ``max_in_flight``: rounds one silo may have in flight. Waits are clamped
     to ``[min_wait, max_wait]`` seconds. ``rate_window``: how many recent versions the
     version rate is measured over. ``unknown_round``: how long a silo with a round in
     flight and no known round time is told to wait (a silo that pulls again mid-round
     most likely restarted; every pull carries the model, so it should not poll).
     """
 
-    low: float = 0.5
-    high: float = 0.8
+    margin: float = 0.9
+    probe_budget: float = 0.05
     max_in_flight: int = 1
     min_wait: float = 1.0
     max_wait: float = 600.0
@@ -108,7 +111,8 @@ class Snapshot:
     ``in_flight``: ``(started, due)`` of each round in flight in the whole federation
     (``due`` None: unknown), the pulling silo's included. ``round_time``: the federation's
     median round time (None: unknown).
-    ``active``: silos that contributed recently (at least 1).
+    ``active``: silos that contributed recently (at least 1). ``recent_stale``: the
+    fraction of the recent arrivals refused as stale.
     """
 
     now: float
@@ -119,6 +123,7 @@ class Snapshot:
     round_time: float | None
     active: int
     silo: SiloView
+    recent_stale: float = 0.0
 
 
 @dataclass(frozen=True)
@@ -171,17 +176,17 @@ def expected_staleness(snap: Snapshot, window: int) -> float:
     if r is None:
         return len(snap.in_flight) / u
     end = snap.now + r
-    due = sum(_arrivals_before(end, s, d) for s, d in snap.in_flight)
+    due = sum(_arrivals_before(snap.now, end, s, d) for s, d in snap.in_flight)
     return max(version_rate(snap.version_times, snap.now, window) * r, due / u)
 
 
-def _arrivals_before(end: float, started: float, due: float | None) -> int:
+def _arrivals_before(now: float, end: float, started: float, due: float | None) -> int:
     """Updates a round in flight (and its silo's next rounds) should deliver by ``end``."""
     if due is None:
         return 1
-    if due > end:
-        return 0
-    return 1 + int((end - due) // max(due - started, 1e-9))
+    if due <= now:  # overdue: expected as much later again as it is already late
+        return int(now + (now - due) <= end)
+    return int(due <= end)
 
 
 def _clamp(x: float, policy: PacingPolicy) -> float:
@@ -196,9 +201,14 @@ def decide(snap: Snapshot, policy: PacingPolicy = PacingPolicy(), *, enabled: bo
     own = silo.round_time if silo.round_time is not None else snap.round_time
     if silo.in_flight >= policy.max_in_flight:
         return Hint(False, snap.now + _clamp(own or policy.unknown_round, policy), math.inf, "in_flight")
-    e = expected_staleness(snap, policy.rate_window)
     p = priority(silo, snap.active, snap.max_staleness)
-    threshold = snap.max_staleness * (policy.low + (policy.high - policy.low) * p)
+    if silo.round_time is None and snap.recent_stale > policy.probe_budget:
+        # A first round is a probe of the silo's speed; most slow silos' probes arrive
+        # stale, so probes wait while recent refusals are over the budget.
+        return Hint(False, snap.now + _clamp((snap.round_time or policy.min_wait) * (1.5 - p), policy), math.inf,
+                    "probe")
+    e = expected_staleness(snap, policy.rate_window)
+    threshold = snap.max_staleness * policy.margin
     if e <= threshold:
         return Hint(True, snap.now, e, "paced")
     excess = 1.0 - threshold / e  # e > threshold >= 0, so e > 0
@@ -240,13 +250,14 @@ def snapshot(
     arrivals: Sequence[Arrival],
     in_flight: Sequence[tuple[float, float | None]],
     silo_in_flight: int,
+    own_arrivals: Sequence[Arrival] | None = None,
     history: int = 8,
 ) -> Snapshot:
     """Build the :class:`Snapshot` for ``silo`` from plain records (the coordinator's
     database rows, or the simulation's events): ``in_flight`` each round in flight as
     ``(started, due)`` (due None: unknown); ``arrivals`` are the federation's recent
     updates, oldest first; each silo's round time is the median of its last ``history``."""
-    own = [a for a in arrivals if a.silo == silo]
+    own = list(own_arrivals) if own_arrivals is not None else [a for a in arrivals if a.silo == silo]
     accepted = [a for a in arrivals if a.accepted]
     mine = [a for a in accepted if a.silo == silo]
     view = SiloView(
@@ -263,5 +274,6 @@ def snapshot(
         in_flight=in_flight,
         round_time=median([round_time(a) for a in arrivals]),
         active=max(1, len({a.silo for a in accepted})),
+        recent_stale=1.0 - len(accepted) / len(arrivals) if arrivals else 0.0,
         silo=view,
     )
