@@ -8,45 +8,47 @@ Why. An update is folded only if at most ``max_staleness`` versions were made wh
 trained. When many silos train at once, each round overlaps the others' arrivals, so
 its staleness is about ``rate x round_time`` versions (rate: versions per second).
 With 200 silos and a bound of 16 most rounds are refused as stale: compute and privacy
-budget spent for nothing. Pacing admits a round only when its *expected* staleness
-fits under a fraction of the bound.
+budget spent for nothing. Pacing holds back exactly the rounds whose update is expected
+to arrive stale, and nothing else: the fast silos that make the versions train as they
+would unpaced, so the version rate -- what time to an accuracy depends on -- is kept.
+(A first design also held fast silos that dominated recent versions, to make room for
+the others; that cut the version rate 3x and lost more time than it bought.)
 
-The estimate (docs/operations.md, "Pacing"). With ``R`` the silo's own recent round
-time (median of its last rounds; the federation's median when it has none), ``u`` the
-updates per version (1 for FedAsync, ``buffer_k`` for FedBuff), ``rate`` the recent
-version rate and ``D`` the updates expected from the rounds in flight before
-``now + R``::
+The estimate (docs/operations.md, "Pacing"). With ``R`` the silo's own round time
+(median of its own last 8 updates, however old -- the federation's recent updates are
+the fast silos' only; the federation's median when it has none), ``u`` the updates per
+version (1 for FedAsync, ``buffer_k`` for FedBuff), ``rate`` the recent version rate and
+``D`` the rounds in flight due before ``now + R``::
 
     E = max(rate * R, D / u)                    (all in-flight rounds / u when R is unknown)
 
-A round in flight started at ``s`` is due at ``d = s + `` its silo's round time; it
-counts ``0`` if ``d > now + R``, else ``1 + floor((now + R - d) / (d - s))`` -- its silo
-is expected to start again and arrive again within the window, as fast silos do -- and
-``1`` when its due time is unknown. This term anticipates rounds already started (the
-version rate lags a burst of starts: at the first pull of 200 silos it is still 0)
-and the fast silos that will lap a slow one; a slow silo's round in flight does not
-make a fast silo's update stale. So fast silos keep the version rate up while a slow
-silo, whose round would span more than the bound, is held back instead of training
-for nothing.
+A round in flight started at ``s`` is due at ``d = s + `` its silo's round time and
+counts 1 if ``d <= now + R``; one already overdue is expected as late again as it
+already is (its round time was wrong: most likely a slow silo's first round), and one
+whose due time is unknown counts 1. ``D`` anticipates a burst of starts the rate has not
+seen yet (at the first pull of 200 silos the rate is still 0); ``rate * R`` is the
+steady state.
 
-Preference (who gets the scarce rounds). Each silo has a priority ``p`` in [0, 1]::
+Admission: ``E <= margin * max_staleness`` (0.9), the same for every silo. A silo with
+no round time on record starts a *probe* round (its speed is unknown, so ``R`` is the
+federation's median; most slow silos' probes arrive stale), but only while at most
+``probe_budget`` (5%) of the recent arrivals were refused as stale: exploration spends
+the stale budget, it does not exceed it.
+
+Preference (who comes back first). Each silo has a priority ``p`` in [0, 1]::
 
     rep   = clip(1 - share * active / 2, 0, 1)   1: absent from recent versions,
                                                  0.5: its fair share, 0: twice it
     fresh = min(1, behind / max_staleness)       how stale its own latest contribution is
     p     = (2 * rep + fresh) / 3                representation first, then staleness
 
-and is admitted when ``E <= max_staleness * (low + (high - low) * p)``: a silo
-under-represented among recent versions' contributions accepts a riskier round than
-one that dominates them, and among equals the one whose model is most stale is
-preferred. A refused silo is told to come back after the excess fraction of the
-flight has landed, ``(1 - threshold / E) * R_fed``, longer at low priority (times
-``1.5 - p``), within ``[min_wait, max_wait]``. A silo with ``max_in_flight`` rounds
-already in flight comes back after its own round time (60 s when unknown).
+A refused silo is told to come back after the excess fraction of the flight has
+landed, ``(1 - threshold / E) * R_fed``, times ``1.5 - p``, within ``[min_wait,
+max_wait]``: under-represented silos, then those whose model is most stale, ask again
+sooner and so take an opening first. A silo with ``max_in_flight`` rounds already in
+flight comes back after its own round time (60 s when unknown).
 
-Measured (docs/benchmarks.md section 8): at 200 simulated silos this keeps refusals
-under 10% (from 84% FedAsync, 52% FedBuff), at the cost of a lower version rate and
-a slower time to target; operations.md says when to turn pacing off.
+Measured: docs/benchmarks.md section 8.
 """
 
 from __future__ import annotations
