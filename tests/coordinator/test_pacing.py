@@ -44,10 +44,11 @@ def test_priority_puts_under_represented_first_then_stale():
 
 
 def test_no_history_counts_rounds_in_flight():
-    # E = in_flight / u = 5; threshold 16 * 0.9 = 14.4.
+    # E = in_flight / u = 5; threshold 16 - 0.5 * sqrt(5) = 14.88.
     h = decide(snap(in_flight=unknown(5)))
     assert (h.start, h.not_before, h.expected, h.reason) == (True, 110.0, 5.0, "paced")
-    # 15 in flight: E 15 > 14.4; wait (1 - 14.4/15) * min_wait * (1.5 - 1), clamped up to min_wait 1 s.
+    # 15 in flight: E 15 > 16 - 0.5 * sqrt(15) = 14.06; wait (1 - 14.06/15) * min_wait * (1.5 - 1),
+    # clamped up to min_wait 1 s.
     h = decide(snap(in_flight=unknown(15)))
     assert (h.start, h.not_before, h.expected, h.reason) == (False, 111.0, 15.0, "staleness")
     # FedBuff K=5: 40 in flight make E = 8 versions.
@@ -75,16 +76,27 @@ def test_rate_and_flight_with_round_times():
     times = (100, 102, 104, 106, 108)
     s = snap(silo=silo, in_flight=[(105.0, 115.0)] * 4, times=times, round_time=5.0, active=5)
     assert expected_staleness(s, 64) == pytest.approx(5.0)
-    h = decide(s)  # threshold 16 * 0.9 = 14.4
+    h = decide(s)  # threshold 16 - 0.5 * sqrt(5) = 14.88
     assert h.start and h.expected == pytest.approx(5.0)
-    # 15 due: E 15 > 14.4; wait (1 - 14.4/15) * 5 * (1.5 - 2/3) = 0.1667 -> 1 s
+    # 15 due: E 15 > 14.06; wait (1 - 14.06/15) * 5 * (1.5 - 2/3) = 0.26 -> 1 s
     h = decide(snap(silo=silo, in_flight=[(105.0, 115.0)] * 15, times=times, round_time=5.0, active=5))
     assert not h.start and h.expected == 15.0 and h.not_before == 111.0
     # The rate term rules when it is larger: 10 versions in the last 2 s -> 5/s * R 10 = 50;
-    # wait (1 - 14.4/50) * 5 * (5/6) = 2.9667 s.
+    # threshold 16 - 0.5 * sqrt(50) = 12.4645; wait (1 - 12.4645/50) * 5 * (5/6) = 3.1280 s.
     h = decide(snap(silo=silo, times=tuple(108 + 0.2 * k for k in range(10)), round_time=5.0, active=5))
     assert h.expected == pytest.approx(10 / 2 * 10) and not h.start
-    assert h.not_before == pytest.approx(110.0 + (1 - 14.4 / 50) * 5 * (1.5 - 2 / 3))
+    assert h.not_before == pytest.approx(110.0 + (1 - (16 - 0.5 * math.sqrt(50)) / 50) * 5 * (1.5 - 2 / 3))
+    assert h.not_before == pytest.approx(113.1280, abs=1e-4)
+
+
+def test_fedbuff_runs_closer_to_the_bound_than_fedasync():
+    # E 15 either way (15 rounds due; R 10). FedAsync: 15 > 16 - 0.5 * sqrt(15) = 14.06: wait.
+    # FedBuff K=5 (75 rounds due): 15 <= 16 - 0.5 * sqrt(15 / 5) = 15.13: its staleness
+    # averages 5 arrivals per version, so it scatters less around E.
+    silo = SiloView(round_time=10.0)
+    assert not decide(snap(silo=silo, in_flight=[(105.0, 115.0)] * 15)).start
+    h = decide(snap(silo=silo, in_flight=[(105.0, 115.0)] * 75, u=5))
+    assert h.start and h.expected == 15.0
 
 
 def test_a_dominant_fast_silo_is_not_held_while_its_update_would_be_folded():
