@@ -538,11 +538,13 @@ class _Pacer:
     same :func:`coordinator.pacing.snapshot` and :func:`coordinator.pacing.decide`."""
 
     RECENT = 64  # arrivals kept, as coordinator.pacing_service reads them
+    HISTORY = 8  # each silo's own last arrivals, whatever their age (its round time)
 
     def __init__(self, settings: StrategySettings, n: int) -> None:
         self.settings = settings
         self.version_times: list[float] = [0.0]
         self.arrivals: list[pacing.Arrival] = []
+        self.own: list[list[pacing.Arrival]] = [[] for _ in range(n)]  # per silo: its last arrivals
         self.in_flight: list[list[tuple[float, float | None]]] = [[] for _ in range(n)]  # per silo: (start, due)
         self.policy = pacing.PacingPolicy()
         self._due: tuple[float, float | None] = (0.0, None)
@@ -553,6 +555,7 @@ class _Pacer:
             updates_per_version=self.settings.buffer_k if self.settings.strategy == "fedbuff" else 1,
             version_times=self.version_times[-self.policy.rate_window:], arrivals=self.arrivals,
             in_flight=[d for due in self.in_flight for d in due], silo_in_flight=len(self.in_flight[i]),
+            own_arrivals=self.own[i],
         )
         r = snap.silo.round_time if snap.silo.round_time is not None else snap.round_time
         self._due = (t, None if r is None else t + r)
@@ -563,8 +566,11 @@ class _Pacer:
 
     def arrived(self, i: int, base_version: int, t: float, accepted: bool) -> None:
         self.in_flight[i].pop(0)
-        self.arrivals.append(pacing.Arrival(str(i), base_version, self.version_times[base_version], t, accepted))
+        arrival = pacing.Arrival(str(i), base_version, self.version_times[base_version], t, accepted)
+        self.arrivals.append(arrival)
         del self.arrivals[:-self.RECENT]
+        self.own[i].append(arrival)
+        del self.own[i][:-self.HISTORY]
 
     def version_made(self, t: float) -> None:
         self.version_times.append(t)

@@ -8,45 +8,48 @@ Why. An update is folded only if at most ``max_staleness`` versions were made wh
 trained. When many silos train at once, each round overlaps the others' arrivals, so
 its staleness is about ``rate x round_time`` versions (rate: versions per second).
 With 200 silos and a bound of 16 most rounds are refused as stale: compute and privacy
-budget spent for nothing. Pacing admits a round only when its *expected* staleness
-fits under a fraction of the bound.
+budget spent for nothing. Pacing holds back exactly the rounds whose update is expected
+to arrive stale, and nothing else: the fast silos that make the versions train as they
+would unpaced, so the version rate -- what time to an accuracy depends on -- is kept.
+(A first design also held fast silos that dominated recent versions, to make room for
+the others; that cut the version rate 3x and lost more time than it bought.)
 
-The estimate (docs/operations.md, "Pacing"). With ``R`` the silo's own recent round
-time (median of its last rounds; the federation's median when it has none), ``u`` the
-updates per version (1 for FedAsync, ``buffer_k`` for FedBuff), ``rate`` the recent
-version rate and ``D`` the updates expected from the rounds in flight before
-``now + R``::
+The estimate (docs/operations.md, "Pacing"). With ``R`` the silo's own round time
+(median of its own last 8 updates, however old -- the federation's recent updates are
+the fast silos' only; the federation's median when it has none), ``u`` the updates per
+version (1 for FedAsync, ``buffer_k`` for FedBuff), ``rate`` the recent version rate and
+``D`` the rounds in flight due before ``now + R``::
 
     E = max(rate * R, D / u)                    (all in-flight rounds / u when R is unknown)
 
-A round in flight started at ``s`` is due at ``d = s + `` its silo's round time; it
-counts ``0`` if ``d > now + R``, else ``1 + floor((now + R - d) / (d - s))`` -- its silo
-is expected to start again and arrive again within the window, as fast silos do -- and
-``1`` when its due time is unknown. This term anticipates rounds already started (the
-version rate lags a burst of starts: at the first pull of 200 silos it is still 0)
-and the fast silos that will lap a slow one; a slow silo's round in flight does not
-make a fast silo's update stale. So fast silos keep the version rate up while a slow
-silo, whose round would span more than the bound, is held back instead of training
-for nothing.
+A round in flight started at ``s`` is due at ``d = s + `` its silo's round time and
+counts 1 if ``d <= now + R``; one already overdue is expected as late again as it
+already is (its round time was wrong: most likely a slow silo's first round), and one
+whose due time is unknown counts 1. ``D`` anticipates a burst of starts the rate has not
+seen yet (at the first pull of 200 silos the rate is still 0); ``rate * R`` is the
+steady state.
 
-Preference (who gets the scarce rounds). Each silo has a priority ``p`` in [0, 1]::
+Admission: ``E + spread * sqrt(E / u) <= max_staleness`` (spread 0.5: about 0.89 of
+the bound for FedAsync, 0.95 for FedBuff K=5), the same for every silo. A silo with
+no round time on record starts a *probe* round (its speed is unknown, so ``R`` is the
+federation's median; most slow silos' probes arrive stale), but only while at most
+``probe_budget`` (5%) of the recent arrivals were refused as stale: exploration spends
+the stale budget, it does not exceed it.
+
+Preference (who comes back first). Each silo has a priority ``p`` in [0, 1]::
 
     rep   = clip(1 - share * active / 2, 0, 1)   1: absent from recent versions,
                                                  0.5: its fair share, 0: twice it
     fresh = min(1, behind / max_staleness)       how stale its own latest contribution is
     p     = (2 * rep + fresh) / 3                representation first, then staleness
 
-and is admitted when ``E <= max_staleness * (low + (high - low) * p)``: a silo
-under-represented among recent versions' contributions accepts a riskier round than
-one that dominates them, and among equals the one whose model is most stale is
-preferred. A refused silo is told to come back after the excess fraction of the
-flight has landed, ``(1 - threshold / E) * R_fed``, longer at low priority (times
-``1.5 - p``), within ``[min_wait, max_wait]``. A silo with ``max_in_flight`` rounds
-already in flight comes back after its own round time (60 s when unknown).
+A refused silo is told to come back after the excess fraction of the flight has
+landed, ``(1 - threshold / E) * R_fed``, times ``1.5 - p``, within ``[min_wait,
+max_wait]``: under-represented silos, then those whose model is most stale, ask again
+sooner and so take an opening first. A silo with ``max_in_flight`` rounds already in
+flight comes back after its own round time (60 s when unknown).
 
-Measured (docs/benchmarks.md section 8): at 200 simulated silos this keeps refusals
-under 10% (from 84% FedAsync, 52% FedBuff), at the cost of a lower version rate and
-a slower time to target; operations.md says when to turn pacing off.
+Measured: docs/benchmarks.md section 8.
 """
 
 from __future__ import annotations
@@ -65,17 +68,21 @@ __all__ = [
 class PacingPolicy:
     """The pacing constants (named defaults; the federation setting only turns it on/off).
 
-    ``low``/``high``: the fraction of ``max_staleness`` the expected staleness may reach
-    at priority 0 / 1 (below 1: round times vary, a margin keeps most arrivals inside
-    the bound). ``max_in_flight``: rounds one silo may have in flight. Waits are clamped
+    ``spread``: a round is admitted when ``E + spread * sqrt(E / u) <= max_staleness``
+    (round times vary; the margin keeps most arrivals inside the bound, and is narrower
+    for FedBuff, whose staleness averages ``u`` arrivals); the same for every silo, so
+    the fast silos that make the versions are never held while their updates would
+    be folded. ``probe_budget``: a silo with no round time on record (its
+    first round is a probe) may start only while at most this fraction of the recent
+    arrivals was refused as stale. ``max_in_flight``: rounds one silo may have in flight. Waits are clamped
     to ``[min_wait, max_wait]`` seconds. ``rate_window``: how many recent versions the
     version rate is measured over. ``unknown_round``: how long a silo with a round in
     flight and no known round time is told to wait (a silo that pulls again mid-round
     most likely restarted; every pull carries the model, so it should not poll).
     """
 
-    low: float = 0.5
-    high: float = 0.8
+    spread: float = 0.5
+    probe_budget: float = 0.05
     max_in_flight: int = 1
     min_wait: float = 1.0
     max_wait: float = 600.0
@@ -108,7 +115,8 @@ class Snapshot:
     ``in_flight``: ``(started, due)`` of each round in flight in the whole federation
     (``due`` None: unknown), the pulling silo's included. ``round_time``: the federation's
     median round time (None: unknown).
-    ``active``: silos that contributed recently (at least 1).
+    ``active``: silos that contributed recently (at least 1). ``recent_stale``: the
+    fraction of the recent arrivals refused as stale.
     """
 
     now: float
@@ -119,6 +127,7 @@ class Snapshot:
     round_time: float | None
     active: int
     silo: SiloView
+    recent_stale: float = 0.0
 
 
 @dataclass(frozen=True)
@@ -171,17 +180,22 @@ def expected_staleness(snap: Snapshot, window: int) -> float:
     if r is None:
         return len(snap.in_flight) / u
     end = snap.now + r
-    due = sum(_arrivals_before(end, s, d) for s, d in snap.in_flight)
+    due = sum(_arrivals_before(snap.now, end, s, d) for s, d in snap.in_flight)
     return max(version_rate(snap.version_times, snap.now, window) * r, due / u)
 
 
-def _arrivals_before(end: float, started: float, due: float | None) -> int:
+def _arrivals_before(now: float, end: float, started: float, due: float | None) -> int:
     """Updates a round in flight (and its silo's next rounds) should deliver by ``end``."""
     if due is None:
         return 1
-    if due > end:
-        return 0
-    return 1 + int((end - due) // max(due - started, 1e-9))
+    if due <= now:  # overdue: expected as much later again as it is already late
+        return int(now + (now - due) <= end)
+    return int(due <= end)
+
+
+def u_of(snap: Snapshot) -> int:
+    """Updates per version (at least 1)."""
+    return max(snap.updates_per_version, 1)
 
 
 def _clamp(x: float, policy: PacingPolicy) -> float:
@@ -196,9 +210,17 @@ def decide(snap: Snapshot, policy: PacingPolicy = PacingPolicy(), *, enabled: bo
     own = silo.round_time if silo.round_time is not None else snap.round_time
     if silo.in_flight >= policy.max_in_flight:
         return Hint(False, snap.now + _clamp(own or policy.unknown_round, policy), math.inf, "in_flight")
-    e = expected_staleness(snap, policy.rate_window)
     p = priority(silo, snap.active, snap.max_staleness)
-    threshold = snap.max_staleness * (policy.low + (policy.high - policy.low) * p)
+    if silo.round_time is None and snap.recent_stale > policy.probe_budget:
+        # A first round is a probe of the silo's speed; most slow silos' probes arrive
+        # stale, so probes wait while recent refusals are over the budget.
+        return Hint(False, snap.now + _clamp((snap.round_time or policy.min_wait) * (1.5 - p), policy), math.inf,
+                    "probe")
+    e = expected_staleness(snap, policy.rate_window)
+    # The staleness an admitted round arrives with scatters around E by about
+    # sqrt(E / u) versions (its count of arrivals, sqrt-spread, over u per version):
+    # FedBuff's buffers average it out, so it may run closer to the bound.
+    threshold = snap.max_staleness - policy.spread * math.sqrt(max(e, 0.0) / u_of(snap))
     if e <= threshold:
         return Hint(True, snap.now, e, "paced")
     excess = 1.0 - threshold / e  # e > threshold >= 0, so e > 0
@@ -240,13 +262,14 @@ def snapshot(
     arrivals: Sequence[Arrival],
     in_flight: Sequence[tuple[float, float | None]],
     silo_in_flight: int,
+    own_arrivals: Sequence[Arrival] | None = None,
     history: int = 8,
 ) -> Snapshot:
     """Build the :class:`Snapshot` for ``silo`` from plain records (the coordinator's
     database rows, or the simulation's events): ``in_flight`` each round in flight as
     ``(started, due)`` (due None: unknown); ``arrivals`` are the federation's recent
     updates, oldest first; each silo's round time is the median of its last ``history``."""
-    own = [a for a in arrivals if a.silo == silo]
+    own = list(own_arrivals) if own_arrivals is not None else [a for a in arrivals if a.silo == silo]
     accepted = [a for a in arrivals if a.accepted]
     mine = [a for a in accepted if a.silo == silo]
     view = SiloView(
@@ -263,5 +286,6 @@ def snapshot(
         in_flight=in_flight,
         round_time=median([round_time(a) for a in arrivals]),
         active=max(1, len({a.silo for a in accepted})),
+        recent_stale=1.0 - len(accepted) / len(arrivals) if arrivals else 0.0,
         silo=view,
     )

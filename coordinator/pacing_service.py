@@ -33,6 +33,8 @@ __all__ = ["Grants", "SignedHint", "hint"]
 
 #: Recent updates read for round times and shares (the simulation keeps as many).
 RECENT_UPDATES = 64
+#: The silo's own last updates its round time is the median of (as pacing.snapshot's history).
+OWN_HISTORY = 8
 #: A round let start and never seen to arrive stops counting as in flight after
 #: max(GRANT_TTL_ROUNDS x the silo's round time, GRANT_TTL_SECONDS).
 GRANT_TTL_ROUNDS = 2.0
@@ -104,6 +106,22 @@ def _recent(session: Session, federation_id: int, window: int) -> tuple[list[flo
     return sorted(_ts(t) for t in times), arrivals, last
 
 
+def _own(session: Session, federation_id: int, silo_id: str, history: int) -> list[pacing.Arrival]:
+    """The silo's own last ``history`` updates, oldest first, however long ago: with
+    many silos the federation's recent updates are the fast silos' only, and a slow
+    silo missing from them must not look like a silo never seen (whose first round is
+    admitted as a probe)."""
+    base = aliased(ModelVersion)
+    rows = session.execute(
+        select(Update.base_version, base.created_at, Update.received_at, Update.status)
+        .join(base, (base.federation_id == Update.federation_id) & (base.version == Update.base_version))
+        .where(Update.federation_id == federation_id, Update.silo_id == silo_id)
+        .order_by(Update.received_at.desc()).limit(history)
+    ).all()
+    accepted = (UpdateStatus.ACCEPTED.value, UpdateStatus.BUFFERED.value)
+    return [pacing.Arrival(silo_id, r[0], _ts(r[1]), _ts(r[2]), r[3] in accepted) for r in reversed(rows)]
+
+
 def _ts(t: datetime) -> float:
     return t.timestamp()
 
@@ -124,6 +142,7 @@ def hint(session: Session, *, identity: Identity, grants: Grants, federation_id:
         updates_per_version=settings.buffer_k if settings.strategy == "fedbuff" else 1,
         version_times=times, arrivals=arrivals, in_flight=[d for due in flying.values() for d in due],
         silo_in_flight=len(flying.get(silo_id, ())),
+        own_arrivals=_own(session, federation_id, silo_id, OWN_HISTORY),
     )
     decided = pacing.decide(snap, policy, enabled=settings.pacing)
     if decided.start and settings.pacing:

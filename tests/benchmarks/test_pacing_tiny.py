@@ -25,4 +25,7 @@ def test_pacing_benchmark_reports_both_modes_at_each_size(tmp_path) -> None:
             assert s["accepted"] + s["rejected_stale"] == s["trained"] >= 1, key
             assert 0.0 <= s["stale_fraction"] <= 1.0 and finite(s["final_accuracy"]), key
             assert s["paced_waits"] == 0 or s["pacing"], key  # only paced silos are told to wait
-    assert set(data["verdict"]) == {"stale_fraction_paced_at_largest", "time_ratio_to_unpaced_at_largest", "goal_met"}
+    verdict = data["verdict"]
+    assert set(verdict) == {"stale_fraction_paced_at_largest", "time_ratio_to_unpaced_at_largest", "time_ratios",
+                            "goal_met"}
+    assert set(verdict["time_ratios"]) == {f"{n} {k}" for n in ("4", "12") for k in ("fedasync_paced", "fedbuff_k5_paced")}

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import math
 
 import pytest
@@ -43,12 +44,13 @@ def test_priority_puts_under_represented_first_then_stale():
 
 
 def test_no_history_counts_rounds_in_flight():
-    # E = in_flight / u = 5; new silo: p = 1, threshold 16 * 0.8 = 12.8.
+    # E = in_flight / u = 5; threshold 16 - 0.5 * sqrt(5) = 14.88.
     h = decide(snap(in_flight=unknown(5)))
     assert (h.start, h.not_before, h.expected, h.reason) == (True, 110.0, 5.0, "paced")
-    # 13 in flight: E 13 > 12.8; wait (1 - 12.8/13) * min_wait * 0.5, clamped up to min_wait 1 s.
-    h = decide(snap(in_flight=unknown(13)))
-    assert (h.start, h.not_before, h.expected, h.reason) == (False, 111.0, 13.0, "staleness")
+    # 15 in flight: E 15 > 16 - 0.5 * sqrt(15) = 14.06; wait (1 - 14.06/15) * min_wait * (1.5 - 1),
+    # clamped up to min_wait 1 s.
+    h = decide(snap(in_flight=unknown(15)))
+    assert (h.start, h.not_before, h.expected, h.reason) == (False, 111.0, 15.0, "staleness")
     # FedBuff K=5: 40 in flight make E = 8 versions.
     assert decide(snap(in_flight=unknown(40), u=5)).expected == 8.0
 
@@ -58,31 +60,67 @@ def test_rounds_in_flight_count_when_due_before_this_round_ends():
     silo = SiloView(round_time=10.0)
     flight = [
         (105.0, 125.0),  # due after 120: 0
-        (108.0, 118.0),  # due at 118, a 10 s round: 1 + floor(2 / 10) = 1
-        (109.0, 111.0),  # due at 111, a 2 s round: laps again at 113 ... 119: 1 + floor(9 / 2) = 5
+        (108.0, 118.0),  # due at 118: 1
+        (109.0, 111.0),  # due at 111: 1 (its silo's next round is the rate term's business)
         (100.0, None),   # unknown: 1
+        (106.0, 107.0),  # overdue by 3 s: expected at 113, inside the window: 1
+        (90.0, 95.0),    # overdue by 15 s (a slow silo taken for a fast one): expected at 125: 0
     ]
-    assert expected_staleness(snap(silo=silo, in_flight=flight), 64) == 7.0
-    assert expected_staleness(snap(silo=silo, in_flight=flight, u=5), 64) == pytest.approx(7 / 5)
+    assert expected_staleness(snap(silo=silo, in_flight=flight), 64) == 4.0
+    assert expected_staleness(snap(silo=silo, in_flight=flight, u=5), 64) == pytest.approx(4 / 5)
 
 
 def test_rate_and_flight_with_round_times():
-    # rate 5 versions / 10 s = 0.5; own R 10: by_rate 5; 8 rounds due by 120: by_flight 8.
+    # rate 5 versions / 10 s = 0.5; own R 10: by_rate 5; 4 rounds due by 120: by_flight 4.
     silo = SiloView(round_time=10.0, share=0.2, behind=16)  # rep 0.5, fresh 1: p = 2/3
-    eight = [(105.0, 115.0)] * 8
     times = (100, 102, 104, 106, 108)
-    s = snap(silo=silo, in_flight=eight[:4], times=times, round_time=5.0, active=5)
+    s = snap(silo=silo, in_flight=[(105.0, 115.0)] * 4, times=times, round_time=5.0, active=5)
     assert expected_staleness(s, 64) == pytest.approx(5.0)
-    h = decide(s)  # threshold 16 * (0.5 + 0.3 * 2/3) = 11.2
+    h = decide(s)  # threshold 16 - 0.5 * sqrt(5) = 14.88
     assert h.start and h.expected == pytest.approx(5.0)
-    eleven = [(105.0, 115.0)] * 12  # 12 due: E 12 > 11.2; wait (1 - 11.2/12) * 5 * (1.5 - 2/3) = 0.2778 -> 1 s
-    h = decide(snap(silo=silo, in_flight=eleven, times=times, round_time=5.0, active=5))
-    assert not h.start and h.expected == 12.0 and h.not_before == 111.0
+    # 15 due: E 15 > 14.06; wait (1 - 14.06/15) * 5 * (1.5 - 2/3) = 0.26 -> 1 s
+    h = decide(snap(silo=silo, in_flight=[(105.0, 115.0)] * 15, times=times, round_time=5.0, active=5))
+    assert not h.start and h.expected == 15.0 and h.not_before == 111.0
     # The rate term rules when it is larger: 10 versions in the last 2 s -> 5/s * R 10 = 50;
-    # wait (1 - 11.2/50) * 5 * (5/6) = 3.2333 s.
+    # threshold 16 - 0.5 * sqrt(50) = 12.4645; wait (1 - 12.4645/50) * 5 * (5/6) = 3.1280 s.
     h = decide(snap(silo=silo, times=tuple(108 + 0.2 * k for k in range(10)), round_time=5.0, active=5))
     assert h.expected == pytest.approx(10 / 2 * 10) and not h.start
-    assert h.not_before == pytest.approx(110.0 + (1 - 11.2 / 50) * 5 * (1.5 - 2 / 3))
+    assert h.not_before == pytest.approx(110.0 + (1 - (16 - 0.5 * math.sqrt(50)) / 50) * 5 * (1.5 - 2 / 3))
+    assert h.not_before == pytest.approx(113.1280, abs=1e-4)
+
+
+def test_fedbuff_runs_closer_to_the_bound_than_fedasync():
+    # E 15 either way (15 rounds due; R 10). FedAsync: 15 > 16 - 0.5 * sqrt(15) = 14.06: wait.
+    # FedBuff K=5 (75 rounds due): 15 <= 16 - 0.5 * sqrt(15 / 5) = 15.13: its staleness
+    # averages 5 arrivals per version, so it scatters less around E.
+    silo = SiloView(round_time=10.0)
+    assert not decide(snap(silo=silo, in_flight=[(105.0, 115.0)] * 15)).start
+    h = decide(snap(silo=silo, in_flight=[(105.0, 115.0)] * 75, u=5))
+    assert h.start and h.expected == 15.0
+
+
+def test_a_dominant_fast_silo_is_not_held_while_its_update_would_be_folded():
+    # The fast silo made half of the recent versions (p 0) and its update is expected
+    # 12 versions late, inside the bound: it starts (the old policy held it at 0.5 x 16 = 8).
+    times = tuple(108 + 0.5 * k for k in range(4))  # 4 versions over the last 2 s: 2/s
+    fast = SiloView(round_time=6.0, share=0.5, behind=0)
+    assert priority(fast, active=10, max_staleness=16) == 0.0
+    h = decide(snap(silo=fast, times=times, active=10))
+    assert h.start and h.expected == pytest.approx(12.0)
+    # A slow silo at the same rate (R 20: 40 versions) is held, however under-represented.
+    h = decide(snap(silo=SiloView(round_time=20.0), times=times, active=10))
+    assert not h.start and h.expected == pytest.approx(40.0) and h.reason == "staleness"
+
+
+def test_a_probe_waits_while_recent_refusals_exceed_the_budget():
+    within = snap(round_time=4.0)
+    assert decide(dataclasses.replace(within, recent_stale=0.05)).start  # at the budget: probe
+    h = decide(dataclasses.replace(within, recent_stale=0.06))
+    # Over it: come back after the federation's round time, times 1.5 - p (p 1 for a new silo).
+    assert (h.start, h.reason, h.not_before) == (False, "probe", 110.0 + 4.0 * 0.5)
+    # A silo with a round time on record is not a probe: the budget does not apply.
+    known = dataclasses.replace(within, recent_stale=0.5, silo=SiloView(round_time=4.0))
+    assert decide(known).start
 
 
 def test_per_silo_bound_and_waits_are_clamped():
@@ -115,6 +153,12 @@ def test_snapshot_from_records():
     assert s.silo == SiloView(round_time=5.0, in_flight=0, share=2 / 3, behind=1)
     assert s.round_time == 7.5  # median of 4, 9, 6, 30
     assert s.active == 2 and len(s.in_flight) == 3
+    assert s.recent_stale == 0.25  # 1 of the 4 arrivals refused as stale
+    # The silo's own updates, however old, give its round time when the recent ones lack it.
+    slow = snapshot(now=31.0, silo="s", current_version=2, max_staleness=16, updates_per_version=1,
+                    version_times=[0.0, 4.0, 10.0], arrivals=arrivals, in_flight=[], silo_in_flight=0,
+                    own_arrivals=[Arrival("s", 0, 0.0, 20.0, False), Arrival("s", 0, 0.0, 24.0, False)])
+    assert slow.silo.round_time == 22.0 and slow.silo.share == 0.0
     fresh = snapshot(now=31.0, silo="z", current_version=2, max_staleness=16, updates_per_version=1,
                      version_times=[0.0], arrivals=[], in_flight=[], silo_in_flight=0)
     assert fresh.silo == SiloView() and fresh.round_time is None and fresh.active == 1
