@@ -11,6 +11,8 @@ worker threads), every *direct callee* of a frame of those two files:
 - a callee in a worker thread whose stack holds no project frame was handed over by
   the file the main thread last ran (``ingest``, which awaits it);
 - a generator resumed from an orchestrator counts as called by it (each resumption);
+- a listener that SQLAlchemy's event dispatch calls (an after-commit hook, say) is
+  SQLAlchemy's callee, not the frame that happened to end the transaction;
 - not counted: code outside the repository (the standard library, SQLAlchemy, torch),
   the orchestrator's own file, the plumbing every stage uses (:data:`PLUMBING`), and
   ``privacy/``, the primitives tier (parse, verify, decrypt, decode: the protocol
@@ -64,6 +66,7 @@ PLUMBING = frozenset({
     "coordinator/metrics.py", "coordinator/errors.py", "coordinator/models.py",
 })
 LIBRARY = "privacy/"  # the primitives tier: listed, not counted
+_DISPATCH = "/sqlalchemy/event/"  # SQLAlchemy calling its listeners
 #: Two tensors of ~0.6M elements (a FedBuff slice is 1M): two batches of the sum.
 PARAMS = 1_200_000
 BUFFER_K = 3
@@ -97,7 +100,10 @@ class Recorder:
         return rel
 
     def caller(self, frame: FrameType | None) -> str | None:
+        """The project file of the nearest project frame ("" past an event dispatch)."""
         while frame is not None:
+            if _DISPATCH in frame.f_code.co_filename:
+                return ""
             f = self.project_file(frame.f_code.co_filename)
             if f is not None:
                 return f
