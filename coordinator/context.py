@@ -20,9 +20,10 @@ from privacy.keys import Identity
 
 from .config import CoordinatorConfig
 from .db import WriteHealth
-from .model_store import ModelCache, ReleaseCache
+from .model_store import ReleaseCache
 from .pacing_service import Grants
 from .slots import ByteBudget, UploadSlots
+from .weights_cache import ModelCache
 from .metrics import Metrics
 
 
@@ -37,7 +38,7 @@ class Coordinator:
     identity: Identity  # the coordinator's signing and HPKE private keys
     clock: Callable[[], datetime] = utc_now
     federation_id: int = 1
-    #: Decoded weights of recent versions, keyed by (version, digest); see model_store.py.
+    #: Decoded weights of recent versions, keyed by (version, digest); see weights_cache.py.
     cache: ModelCache = field(default_factory=ModelCache)
     #: Signed release statements of recent versions, keyed by (version, digest).
     releases: ReleaseCache = field(default_factory=ReleaseCache)

@@ -23,7 +23,7 @@ from typing import Any
 
 from sqlalchemy.orm import Session
 
-from privacy.envelope import parse_timestamp
+from privacy.envelope import UpdateHeader, parse_timestamp
 from privacy.errors import PrivacyError
 
 from . import budget
@@ -31,7 +31,7 @@ from .errors import Reason
 from .federation import settings_of
 from .model_store import version_state
 from .models import Federation, Silo, SiloStatus, Update, UpdateStatus
-from .rejections import Refusal, translate
+from .rejections import MAX_STORED_INT, STORED_HEADER_INTS, Refusal, translate
 from .strategies import StrategyError, StrategySettings, check_staleness
 
 __all__ = [
@@ -42,6 +42,7 @@ __all__ = [
     "check_fresh",
     "check_norm",
     "check_silo",
+    "check_storable",
     "composed_epsilon",
     "is_resend",
     "is_stored_rejection",
@@ -123,6 +124,14 @@ def check_silo(silo_status: str | None) -> None:
         raise Refusal(Reason.UNKNOWN_SILO, "no enrolled silo has the envelope's signer id")
     if silo_status != SiloStatus.ACTIVE:
         raise Refusal(Reason.REVOKED)
+
+
+def check_storable(h: UpdateHeader) -> None:
+    """Refuse (``malformed``) a header whose integers the update tables cannot hold."""
+    for name in STORED_HEADER_INTS:
+        if getattr(h, name) > MAX_STORED_INT:
+            raise Refusal(Reason.MALFORMED, f"{name} {getattr(h, name)} is beyond what this coordinator stores "
+                                            f"({MAX_STORED_INT})")
 
 
 def is_resend(snap: Snapshot, *, silo_id: str, envelope_digest: str) -> bool:

@@ -33,9 +33,14 @@ wait as long as it takes, and only one connection per process waits on the datab
 Memory and passes over the data, per fold: the strategy's result is written slice by
 slice straight into a safetensors buffer (:meth:`privacy.codec.Layout.allocate`) that
 is then stored as is -- no separate encoding -- and the update's delta is released
-tensor by tensor as soon as it has been folded in. Each slice is checked finite as it
-is written (:func:`_write`): a result holding NaN or Inf is refused (``non_finite``),
-and the savepoint around the fold undoes anything written before it.
+tensor by tensor as soon as it has been folded in (:func:`coordinator.strategies.fold_into`,
+:func:`~coordinator.strategies.fedbuff_server_step`). Each slice is checked finite as
+it is written: a result holding NaN or Inf is refused (``non_finite``), and the
+savepoint around the fold undoes anything written before it.
+
+The weights cache learns of a new version from the store itself, once the version is
+committed (:func:`coordinator.model_store.write_version`): the fold reads the cache
+before the lock and never comes back to it.
 """
 
 from __future__ import annotations
@@ -45,10 +50,11 @@ import signal
 import threading
 import time
 import weakref
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
 from datetime import datetime
+from functools import partial
 from typing import TYPE_CHECKING
 
 import torch
@@ -68,13 +74,12 @@ from .models import Federation, Silo, Update, UpdateStatus
 from .rejections import Evidence, Refusal, translate
 from .strategies import (
     StrategyError,
-    StrategyReason,
+    StrategySettings,
     fedasync_fold,
     fedasync_weight,
-    StrategySettings,
-    fedbuff_apply,
+    fedbuff_server_step,
     fedbuff_weight,
-    fedopt_step,
+    fold_into,
 )
 
 if TYPE_CHECKING:
@@ -120,7 +125,6 @@ Checkout = tuple[Tensors, memoryview | None]
 @dataclass
 class _Folded:
     outcome: Outcome
-    new_version: tuple[int, str, Tensors] | None = None  # for the cache, after commit
 
 
 @dataclass
@@ -173,10 +177,6 @@ def commit(ctx: Coordinator, p: Prepared) -> Outcome:
             except Refusal as refusal:
                 error = rejections.record(s, ctx.identity, ctx.federation_id, p.evidence, refusal, now)
             _crash_point("fold")
-        # Committed: cache the new version before the next fold of this process looks
-        # for it (else it would read back from the database what is in memory here).
-        if error is None and folded.new_version is not None:
-            ctx.cache.put(*folded.new_version)
     if error is not None:
         raise error
     outcome = folded.outcome
@@ -219,7 +219,7 @@ def _fold_locked(ctx: Coordinator, s: Session, fed: Federation, p: Prepared, bas
         return _Folded(resent(snap.existing))
     d = _decide(ctx, p, snap)
     c = _compute(ctx, s, fed, p, d, base)
-    event, new_version = _persist(ctx, s, fed, p, d, c, now)
+    event = _persist(ctx, s, fed, p, d, c, now)
     status = UpdateStatus.ACCEPTED if c.new is not None else UpdateStatus.BUFFERED
     resulting = d.snap.current_version + 1 if c.new is not None else None
     receipt, signature = receipts.sign(ctx.identity, _receipt(fed, p, d, c, status, resulting, event, now))
@@ -227,7 +227,7 @@ def _fold_locked(ctx: Coordinator, s: Session, fed: Federation, p: Prepared, bas
     row.receipt, row.receipt_signature = receipt, signature
     s.flush()
     outcome = Outcome(status.value, receipts.render(receipt, signature), version=resulting or snap.current_version)
-    return _Folded(outcome, new_version)
+    return _Folded(outcome)
 
 
 def _decide(ctx: Coordinator, p: Prepared, snap: Snapshot) -> _Decided:
@@ -302,29 +302,14 @@ def fedbuff_step(
     moments = None
     if settings.server_optimizer != "none":  # the moments of version v, stepped in place
         moments = optimizer_state.load(s, fed.id, v, current, settings.tau)
-    for batch in batches:
-        for _, name, start, part in batch:
-            stop = start + part.numel()
-            _write(new[name].view(-1)[start:stop], name,
-                   _server_step(settings, current, name, start, part, count, moments))
+    try:
+        # The loop stays here: the sum's batches are computed by buffers (with strategies'
+        # accumulate), so a strategies function that pulled them would be called back.
+        for batch in batches:
+            fedbuff_server_step(settings, current, new, batch, count, moments)
+    except StrategyError as exc:
+        raise translate(exc) from None
     return new, blob, moments
-
-
-def _server_step(settings: StrategySettings, current: Tensors, name: str, start: int, part: torch.Tensor,
-                 count: int, moments: optimizer_state.Moments | None) -> torch.Tensor:
-    """FedBuff's server step on elements ``[start, start + len(part))`` of tensor ``name``.
-
-    ``part`` is that slice of the buffer's sum. Both steps are elementwise, so slice by
-    slice is the same arithmetic as on the whole tensor; FedOpt's moments are stepped in
-    place through views of the same slice.
-    """
-    stop = start + part.numel()
-    cur = {name: current[name].reshape(-1)[start:stop]}
-    if moments is None:
-        return fedbuff_apply(cur, {name: part}, count, settings.server_lr)[name]
-    m, v = ({name: t[name].view(-1)[start:stop]} for t in moments)
-    return fedopt_step(settings.server_optimizer, cur, {name: part}, count, m, v, server_lr=settings.server_lr,
-                       beta1=settings.beta1, beta2=settings.beta2, tau=settings.tau)[name]
 
 
 def _fedasync(ctx: Coordinator, s: Session, fed: Federation, p: Prepared, d: _Decided,
@@ -337,7 +322,7 @@ def _fedasync(ctx: Coordinator, s: Session, fed: Federation, p: Prepared, d: _De
     current, owned = _current(ctx, s, fed, v, base if h.base_version == v else None)
     weight = fedasync_weight(d.snap.settings, d.staleness)
     blob, new = _output(codec.Schema.from_json(fed.schema), current, owned)
-    _fold_into(new, lambda c, b, x: fedasync_fold(c, b, x, weight), current, base[0], p.delta, consume=p.delta)
+    fold_into(new, partial(fedasync_fold, weight=weight), current, base[0], p.delta, consume=p.delta)
     return _Computed(weight, [h.update_id], new, blob)
 
 
@@ -358,53 +343,11 @@ def _output(schema: codec.Schema, current: Tensors, owned: memoryview | None) ->
     return fresh, layout.views(fresh)
 
 
-# Elements per slice when a strategy's result is written into the stored buffer: the
-# scratch memory of a fold is one slice, whatever the model's size. A multiple of any
-# SIMD width, so each element is computed exactly as on the whole tensor.
-_SLICE = 1 << 18
-
-
-def _fold_into(
-    out: Mapping[str, torch.Tensor],
-    strategy: Callable[..., Mapping[str, torch.Tensor]],
-    *inputs: Mapping[str, torch.Tensor],
-    consume: dict[str, torch.Tensor] | None = None,
-) -> None:
-    """Write ``strategy(*inputs)`` into ``out``, one slice of each tensor at a time.
-
-    For elementwise strategies (FedAsync) this is the same arithmetic on the same
-    elements; inputs that are one tensor (staleness 0: base *is* current) stay one
-    tensor slice by slice, so the strategy still recognizes them. Entries of
-    ``consume`` are dropped as soon as their tensor is done, to free them early.
-    """
-    for inp in inputs:
-        if inp.keys() != out.keys() or any(
-            inp[n].shape != t.shape or inp[n].dtype != t.dtype for n, t in out.items()
-        ):
-            raise StrategyError(StrategyReason.MISMATCHED_TENSORS, "the tensors do not match the model's schema")
-    for name, target in out.items():
-        flat_out = target.view(-1)
-        flats = [inp[name].reshape(-1) for inp in inputs]
-        for start in range(0, flat_out.numel(), _SLICE):
-            parts = [{name: f[start : start + _SLICE]} for f in flats]
-            _write(flat_out[start : start + _SLICE], name, strategy(*parts)[name])
-        if consume is not None:
-            consume.pop(name, None)
-
-
-def _write(target: torch.Tensor, name: str, result: torch.Tensor) -> None:
-    """Write one slice of the new model, refusing it unless every value is finite: the
-    global model never holds NaN or Inf (the fold's savepoint undoes what was written)."""
-    if not bool(torch.isfinite(result).all()):
-        raise Refusal(Reason.NON_FINITE, f"folding this update would make {name!r} non-finite; nothing was folded")
-    target.copy_(result)
-
-
 # --------------------------------------------------------------------------- persist
 
 
 def _persist(ctx: Coordinator, s: Session, fed: Federation, p: Prepared, d: _Decided, c: _Computed,
-             now: datetime) -> tuple[audit.AuditEvent, tuple[int, str, Tensors] | None]:
+             now: datetime) -> audit.AuditEvent:
     """Rows in foreign-key order, then the version blob, then the audit entries: the
     update's own entry last (its receipt names it)."""
     h, v, settings = p.header, d.snap.current_version, d.snap.settings
@@ -421,7 +364,6 @@ def _persist(ctx: Coordinator, s: Session, fed: Federation, p: Prepared, d: _Dec
     record_metrics(s, fed.id, h.base_version, h.silo_id, h.metrics)
     s.get(Silo, h.silo_id).last_seen_at = now
     s.flush()
-    new_version = None
     if accepted:
         if len(c.members) > 1:  # FedBuff: the buffered updates are now folded too
             s.execute(
@@ -429,8 +371,8 @@ def _persist(ctx: Coordinator, s: Session, fed: Federation, p: Prepared, d: _Dec
                 .where(Update.id.in_(c.members[:-1]))
                 .values(status=UpdateStatus.ACCEPTED.value, resulting_version=resulting)
             )
-        new_version = store_version(ctx, s, fed, settings, v, c.new, c.blob, c.moments, produced_by=h.update_id,
-                                    members=c.members, now=now)
+        store_version(ctx, s, fed, settings, v, c.new, c.blob, c.moments, produced_by=h.update_id,
+                      members=c.members, now=now)
     event = audit.append(
         s,
         actor=h.silo_id,
@@ -451,7 +393,7 @@ def _persist(ctx: Coordinator, s: Session, fed: Federation, p: Prepared, d: _Dec
         },
         now=now,
     )
-    return event, new_version
+    return event
 
 
 def store_version(
@@ -459,10 +401,12 @@ def store_version(
     blob: memoryview | None, moments: optimizer_state.Moments | None, *, produced_by: str | None,
     members: list[str], now: datetime, details: Mapping | None = None,
 ) -> tuple[int, str, Tensors]:
-    """Version ``v + 1`` with its optimizer moments, then retention; returns what the cache needs."""
+    """Version ``v + 1`` with its optimizer moments, then retention; returns what the cache
+    holds of it (the store hands it to the cache once the transaction commits)."""
     version_row, _ = write_version(
         s, fed, tensors=new, parent=v, produced_by=produced_by, now=now,
         details={"strategy": settings.strategy, "updates": members, **(details or {})}, blob=blob,
+        cached=ctx.cache.put,
     )
     if moments is not None:  # with its version, in the same transaction
         optimizer_state.store(s, fed.id, version_row.version, settings.server_optimizer, moments)

@@ -190,7 +190,7 @@ def _check(ctx: Coordinator, body: bytes | bytearray, ev: Evidence, uploader: st
         ev.signed = exc.reason != PrivacyReason.BAD_SIGNATURE  # a malformed header was still signed
         raise translate(exc) from None
     ev.signed, ev.header = True, header
-    rejections.check_storable(header)
+    decisions.check_storable(header)
 
     # The shared state the later checks read, at one instant (the fold reads it again).
     with ctx.read() as s:

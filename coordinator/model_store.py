@@ -1,5 +1,5 @@
-"""The model store: version blobs on SQLite and PostgreSQL, their digests, the weights
-cache, signed releases and retention.
+"""The model store: version blobs on SQLite and PostgreSQL, their digests, signed
+releases and retention.
 
 Model weights are stored as safetensors blobs with their SHA-256 digest
 (``model_versions``); a pruned version keeps its metadata and loses its blob. The
@@ -17,12 +17,14 @@ SQLite would evaluate (``blob IS NOT NULL`` reads the whole blob there; ``length
 does not).
 
 A version is immutable once written, and its digest was computed from the bytes it was
-written from. :class:`ModelCache` keeps the decoded weights of a few recent versions,
-and :class:`ReleaseCache` their signed release statements, both keyed by ``(version,
-digest)``. Several processes may fold into one database, so a cached entry is reused
-only after the digest has been read back from the version's row. A fold decodes a blob
-only after re-checking its digest; a pull is served with the stored digest (the silo
-verifies the bytes against it before loading anything).
+written from. :class:`coordinator.weights_cache.ModelCache` keeps the decoded weights
+of a few recent versions (it reads them through :func:`read_blob`; :func:`write_version`
+hands it each new version once committed), and :class:`ReleaseCache` their signed
+release statements, both keyed by ``(version, digest)``. Several processes may fold
+into one database, so a cached entry is reused only after the digest has been read
+back from the version's row. A fold decodes a blob only after re-checking its digest;
+a pull is served with the stored digest (the silo verifies the bytes against it before
+loading anything).
 """
 
 from __future__ import annotations
@@ -36,8 +38,8 @@ from datetime import datetime
 from typing import Any
 
 import torch
-from sqlalchemy import delete, func, literal_column, select, update
-from sqlalchemy.orm import Session
+from sqlalchemy import delete, event, func, literal_column, select, update
+from sqlalchemy.orm import Session, SessionTransaction
 
 from privacy import codec
 from privacy.envelope import canonical_json, release_statement, utc_timestamp
@@ -50,7 +52,6 @@ from .models import Federation, ModelVersion, OptimizerState
 __all__ = [
     "ACTION_VERSION_CREATED",
     "ACTION_VERSIONS_PRUNED",
-    "ModelCache",
     "Release",
     "ReleaseCache",
     "ReleaseStream",
@@ -93,12 +94,16 @@ def write_version(
     actor: str = "system",
     details: Mapping[str, Any] | None = None,
     blob: bytes | memoryview | None = None,
+    cached: Callable[[int, str, Tensors], None] | None = None,
 ) -> tuple[ModelVersion, audit.AuditEvent]:
     """Store ``tensors`` as version ``fed.current_version + 1`` (0 for the first), make it
     current, and append the ``version_created`` entry. Call with the federation locked.
 
     ``blob``, when given, is ``tensors`` already encoded (e.g. a fold that wrote its
     result into a :class:`privacy.codec.Layout` buffer); it is stored as is.
+    ``cached`` (the weights cache's ``put``) is called with ``(version, digest,
+    tensors)`` once the transaction commits -- never if it, or a savepoint the version
+    was written in, rolls back -- so the next fold finds in memory what is stored.
     """
     version = 0 if parent is None else fed.current_version + 1
     if blob is None:
@@ -120,6 +125,9 @@ def write_version(
     session.flush()
     if streamed:
         _write_sqlite_blob(session, fed.id, version, blob)
+    if cached is not None:
+        digest, held = row.digest, dict(tensors)
+        after_commit(session, lambda: cached(version, digest, held))
     event = audit.append(
         session,
         actor=actor,
@@ -136,6 +144,35 @@ def write_version(
         now=now,
     )
     return row, event
+
+
+def after_commit(session: Session, action: Callable[[], None]) -> None:
+    """Run ``action`` once, when what ``session`` has written so far is committed.
+
+    Not when a savepoint is released (SQLAlchemy's ``after_commit`` fires then too:
+    nothing is durable yet), and never once a rollback undid the write: of the whole
+    transaction or of a savepoint that holds it. The caller holds whatever lock orders
+    the commits, so ``action`` runs before the next writer's transaction begins.
+    """
+    written_in: SessionTransaction | None = session.get_nested_transaction() or session.get_transaction()
+    enclosing = []
+    while written_in is not None:
+        enclosing.append(written_in)
+        written_in = written_in.parent
+    state = {"done": False}
+
+    def rolled_back(_session: Session, transaction: SessionTransaction) -> None:
+        if any(transaction is t for t in enclosing):
+            state["done"] = True
+
+    def committed(committing: Session) -> None:
+        if state["done"] or committing.in_nested_transaction():
+            return
+        state["done"] = True
+        action()
+
+    event.listen(session, "after_soft_rollback", rolled_back)
+    event.listen(session, "after_commit", committed)
 
 
 @dataclass(frozen=True)
@@ -433,107 +470,6 @@ def release(session: Session, identity: Identity, releases: ReleaseCache, federa
                              version=row.current_version, digest=row.digest, size=row.size,
                              created_at=row.created_at, secure_aggregation=row.secure_aggregation)
     return Release(signed.version, signed.digest, blob, signed.statement, signed.signature)
-
-
-# --------------------------------------------------------------------------- weights cache
-
-
-class ModelCache:
-    """Decoded weights of recent versions, shared by the threads of one process.
-
-    Entries are keyed by ``(version, digest)`` and are read-only by convention: folds
-    never modify their inputs in place, so a cached dict can be handed to several
-    threads at once. At most ``capacity`` versions and ``max_bytes`` of tensors are
-    kept, but always at least one. The *oldest version* goes first, not the least
-    recently used: a fold needs the current version and, for a stale update, a base a
-    few versions back, so the newest versions are the ones worth keeping (with LRU,
-    the bases of earlier folds push out the ones the next folds need). A miss costs a
-    blob read, a digest and a decode under the fold lock.
-    """
-
-    def __init__(self, capacity: int = 8, max_bytes: int = 1 << 30) -> None:
-        self.capacity = capacity
-        self.max_bytes = max_bytes
-        self._entries: dict[tuple[int, str], Tensors] = {}
-        self._sizes: dict[tuple[int, str], int] = {}
-        self._lock = threading.Lock()
-        self.hits = 0
-        self.misses = 0
-
-    def weights(self, session: Session, federation_id: int, version: int) -> Tensors | None:
-        """The weights of ``version``, or None if it does not exist or was pruned.
-
-        Reads the digest from the database first (another process may have folded
-        since), then reuses the cached tensors or loads, checks and decodes the blob.
-        """
-        state = version_state(session, federation_id, version)
-        if state is None or not state.retained:
-            return None
-        key = (version, state.digest)
-        with self._lock:
-            cached = self._entries.get(key)
-            if cached is not None:
-                self.hits += 1
-                return cached
-            self.misses += 1
-        loaded = self._load(session, federation_id, version, key[1])
-        if loaded is None:
-            return None
-        tensors, _ = loaded
-        self.put(version, key[1], tensors)
-        return tensors
-
-    def checkout(self, session: Session, federation_id: int, version: int) -> tuple[Tensors, memoryview | None] | None:
-        """Like :meth:`weights`, for a fold that will write a new version.
-
-        On a miss the version is loaded but *not* cached, and returned with the buffer
-        its tensors are views of: the caller owns both and may write the new version
-        over them (one model-sized buffer less at the peak). On a hit the buffer is
-        None and the tensors are shared, read-only.
-        """
-        state = version_state(session, federation_id, version)
-        if state is None or not state.retained:
-            return None
-        with self._lock:
-            cached = self._entries.get((version, state.digest))
-            if cached is not None:
-                self.hits += 1
-                return cached, None
-            self.misses += 1
-        return self._load(session, federation_id, version, state.digest)
-
-    def _load(self, session: Session, federation_id: int, version: int,
-              digest: str) -> tuple[Tensors, memoryview | None] | None:
-        blob = read_blob(session, federation_id, version)
-        if blob is None:
-            return None  # pruned between the two reads
-        if codec.digest(blob) != digest:
-            raise StorageCorrupted(f"stored weights of version {version} do not match their digest")
-        return _decode_stored(session, federation_id, blob)
-
-    def put(self, version: int, digest: str, tensors: Tensors) -> None:
-        key = (version, digest)
-        with self._lock:
-            self._entries[key] = tensors
-            self._sizes[key] = sum(t.numel() * t.element_size() for t in tensors.values())
-            while len(self._entries) > 1 and (
-                len(self._entries) > self.capacity or sum(self._sizes.values()) > self.max_bytes
-            ):
-                oldest = min(self._entries)  # (version, digest): the lowest version
-                del self._entries[oldest], self._sizes[oldest]
-
-
-def _decode_stored(session: Session, federation_id: int, blob: memoryview) -> tuple[Tensors, memoryview | None]:
-    """Tensors of a stored, digest-checked blob, and the buffer they are views of.
-
-    Views when the blob has the schema's layout (every blob ``safetensors.save`` or a
-    fold writes), else a regular decode (no buffer).
-    """
-    schema_json = session.scalar(select(Federation.schema).where(Federation.id == federation_id))
-    layout = codec.Schema.from_json(schema_json).layout()
-    if layout.matches(blob):
-        return layout.views(blob), blob
-    return codec.decode(bytes(blob)), None
 
 
 # --------------------------------------------------------------------------- retention

@@ -58,6 +58,7 @@ TRANSLATION: dict[PrivacyReason | StrategyReason, Reason] = {
     StrategyReason.INVALID_STALENESS: Reason.UNKNOWN_BASE_VERSION,
     StrategyReason.NORM_EXCEEDED: Reason.NORM_EXCEEDED,
     StrategyReason.MISMATCHED_TENSORS: Reason.SCHEMA_MISMATCH,
+    StrategyReason.NON_FINITE: Reason.NON_FINITE,
     # The federation's settings do not let this update fold (settings are validated when
     # written, so only a bug gets here): the state conflicts, not the silo's request. A
     # 4xx, not a 500: the refusal is recorded, and a stored 500 would be retried forever.
@@ -70,20 +71,15 @@ TRANSLATION: dict[PrivacyReason | StrategyReason, Reason] = {
 #: header admits up to 2^53-1; a header integer past this is refused (malformed) and its
 #: row is not kept, rather than meet a database error.
 MAX_STORED_INT = 2**31 - 1
-_STORED_HEADER_INTS = ("base_version", "num_samples")
+
+
+STORED_HEADER_INTS = ("base_version", "num_samples")
 
 
 def storable(h: UpdateHeader) -> bool:
-    """Whether the header's integers fit the columns its update row would hold them in."""
-    return all(getattr(h, name) <= MAX_STORED_INT for name in _STORED_HEADER_INTS)
-
-
-def check_storable(h: UpdateHeader) -> None:
-    """Refuse (``malformed``) a header whose integers the update tables cannot hold."""
-    for name in _STORED_HEADER_INTS:
-        if getattr(h, name) > MAX_STORED_INT:
-            raise Refusal(Reason.MALFORMED, f"{name} {getattr(h, name)} is beyond what this coordinator stores "
-                                            f"({MAX_STORED_INT})")
+    """Whether the header's integers fit the columns its update row would hold them in
+    (:func:`coordinator.decisions.check_storable` refuses those that do not)."""
+    return all(getattr(h, name) <= MAX_STORED_INT for name in STORED_HEADER_INTS)
 
 
 class Refusal(Exception):

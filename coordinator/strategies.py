@@ -26,7 +26,7 @@ writes ``delta = y_0 - y_Q`` and ``w <- w - eta_g * sum / K``; with our sign tha
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import asdict, dataclass, fields
 from enum import StrEnum
 from typing import Any, Literal
@@ -58,6 +58,9 @@ __all__ = [
     "COMPRESSIONS",
     "fedopt_initial_state",
     "fedopt_step",
+    "FOLD_SLICE",
+    "fold_into",
+    "fedbuff_server_step",
     "fedavg",
     "update_norm",
     "check_staleness",
@@ -74,6 +77,7 @@ class StrategyReason(StrEnum):
     NORM_EXCEEDED = "norm_exceeded"
     MISMATCHED_TENSORS = "mismatched_tensors"
     INVALID_ARGUMENT = "invalid_argument"
+    NON_FINITE = "non_finite"  # a fold's result holds NaN or Inf (:func:`fold_into`)
 
 
 class StrategyError(ReasonedError):
@@ -573,6 +577,86 @@ def fedopt_step(
                 vt.mul_(beta2).add_(g2, alpha=1.0 - beta2)
             out[name] = torch.sqrt(vt).add_(tau).reciprocal_().mul_(m[name]).mul_(server_lr).add_(x)
     return out
+
+
+# --- Writing a result slice by slice --------------------------------------------------
+# The fold writes the new model straight into the buffer that gets stored (its caller
+# provides ``out``): the scratch memory is one slice, whatever the model's size, and
+# each slice is checked finite as it is written -- the global model never holds NaN or
+# Inf (the caller undoes what was written before a refusal).
+
+#: Elements per slice when a result is written into ``out``. A multiple of any SIMD
+#: width, so each element is computed exactly as on the whole tensor.
+FOLD_SLICE = 1 << 18
+
+
+def fold_into(
+    out: Mapping[str, torch.Tensor],
+    strategy: Callable[..., Mapping[str, torch.Tensor]],
+    *inputs: Mapping[str, torch.Tensor],
+    consume: dict[str, torch.Tensor] | None = None,
+) -> None:
+    """Write ``strategy(*inputs)`` into ``out``, one slice of each tensor at a time.
+
+    For elementwise strategies (FedAsync) this is the same arithmetic on the same
+    elements; inputs that are one tensor (staleness 0: base *is* current) stay one
+    tensor slice by slice, so the strategy still recognizes them. Entries of
+    ``consume`` are dropped as soon as their tensor is done, to free them early.
+    """
+    for inp in inputs:
+        if inp.keys() != out.keys() or any(
+            inp[n].shape != t.shape or inp[n].dtype != t.dtype for n, t in out.items()
+        ):
+            raise StrategyError(StrategyReason.MISMATCHED_TENSORS, "the tensors do not match the model's schema")
+    for name, target in out.items():
+        flat_out = target.view(-1)
+        flats = [inp[name].reshape(-1) for inp in inputs]
+        for start in range(0, flat_out.numel(), FOLD_SLICE):
+            parts = [{name: f[start : start + FOLD_SLICE]} for f in flats]
+            _write_finite(flat_out[start : start + FOLD_SLICE], name, strategy(*parts)[name])
+        if consume is not None:
+            consume.pop(name, None)
+
+
+def fedbuff_server_step(
+    settings: StrategySettings, current: Mapping[str, torch.Tensor], out: Mapping[str, torch.Tensor],
+    batch: Iterable[tuple[int, str, int, torch.Tensor]], count: int, moments: tuple[Tensors, Tensors] | None,
+) -> None:
+    """FedBuff's server step (FedOpt's with ``moments``) on one batch of the buffer's sum
+    of ``count`` updates, written into ``out``.
+
+    ``batch`` holds (tensor index, name, start, flat slice of the sum); ``out`` may be
+    ``current`` itself (each slice is read before it is written). FedOpt's ``moments``
+    (m, v) are stepped in place.
+    """
+    for _, name, start, part in batch:
+        stop = start + part.numel()
+        _write_finite(out[name].view(-1)[start:stop], name,
+                      _server_slice(settings, current, name, start, part, count, moments))
+
+
+def _server_slice(settings: StrategySettings, current: Mapping[str, torch.Tensor], name: str, start: int,
+                  part: torch.Tensor, count: int, moments: tuple[Tensors, Tensors] | None) -> torch.Tensor:
+    """The server step on elements ``[start, start + len(part))`` of tensor ``name``.
+
+    ``part`` is that slice of the buffer's sum. Both steps are elementwise, so slice by
+    slice is the same arithmetic as on the whole tensor; FedOpt's moments are stepped in
+    place through views of the same slice.
+    """
+    stop = start + part.numel()
+    cur = {name: current[name].reshape(-1)[start:stop]}
+    if moments is None:
+        return fedbuff_apply(cur, {name: part}, count, settings.server_lr)[name]
+    m, v = ({name: t[name].view(-1)[start:stop]} for t in moments)
+    return fedopt_step(settings.server_optimizer, cur, {name: part}, count, m, v, server_lr=settings.server_lr,
+                       beta1=settings.beta1, beta2=settings.beta2, tau=settings.tau)[name]
+
+
+def _write_finite(target: torch.Tensor, name: str, result: torch.Tensor) -> None:
+    if not bool(torch.isfinite(result).all()):
+        raise StrategyError(StrategyReason.NON_FINITE,
+                            f"folding this update would make {name!r} non-finite; nothing was folded")
+    target.copy_(result)
 
 
 # --- FedAvg (benchmarks only) --------------------------------------------------------

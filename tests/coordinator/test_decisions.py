@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from dataclasses import replace
 from datetime import UTC, datetime, timedelta
+from types import SimpleNamespace
 
 import pytest
 
@@ -91,6 +92,12 @@ def test_norm_within_the_bound_and_finite() -> None:
     # No bound set: the default one is in force.
     decisions.check_norm(StrategySettings.from_dict({}), DEFAULT_MAX_UPDATE_NORM)
     refused(Reason.NORM_EXCEEDED, decisions.check_norm, StrategySettings.from_dict({}), 1e30)
+
+
+def test_header_integers_must_fit_the_update_tables() -> None:
+    header = SimpleNamespace(base_version=2**31 - 1, num_samples=1)
+    decisions.check_storable(header)
+    refused(Reason.MALFORMED, decisions.check_storable, SimpleNamespace(base_version=0, num_samples=2**31))
 
 
 def test_budget_composed_epsilon_within_the_cap() -> None:

@@ -18,7 +18,7 @@ import pytest
 import torch
 from sqlalchemy import select
 
-from coordinator import enrolment, federation, fold, ingest, model_store, silos
+from coordinator import enrolment, federation, fold, ingest, model_store, silos, strategies
 from coordinator.app import open_coordinator
 from coordinator.bootstrap import initialize
 from coordinator.models import ModelVersion
@@ -41,7 +41,7 @@ TASK_OPTIONS = {"classes": 3, "hidden": [40], "feature_names": [f"f{i}" for i in
 def small_thresholds(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(model_store, "_BLOB_SLICE", 100)  # bytes per database read
     monkeypatch.setattr(model_store, "_STREAM_MIN", 1000)  # SQLite: zeros + incremental writes
-    monkeypatch.setattr(fold, "_SLICE", 64)  # elements per fold slice (a SIMD multiple)
+    monkeypatch.setattr(strategies, "FOLD_SLICE", 64)  # elements per fold slice (a SIMD multiple)
 
 
 def make(root: Path, db_url: str, strategy: str = "fedasync", **settings):

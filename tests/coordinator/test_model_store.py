@@ -16,7 +16,7 @@ import pytest
 import torch
 from sqlalchemy import update
 
-from coordinator import federation, model_store, optimizer_state
+from coordinator import federation, model_store, optimizer_state, weights_cache
 from coordinator.db import transaction
 from coordinator.errors import ApiError, Reason
 from coordinator.models import Federation, ModelVersion, OptimizerState
@@ -193,7 +193,7 @@ def test_prune_keeps_the_staleness_window_and_is_audited_once(engine):
 
 
 def test_the_weights_cache_reuses_decoded_versions_by_digest(engine):
-    cache = model_store.ModelCache(capacity=2)
+    cache = weights_cache.ModelCache(capacity=2)
     with transaction(engine, read_only=True) as s:
         w1 = cache.weights(s, FED, 1)
         assert torch.equal(w1["a"], weights(1.0)["a"]) and (cache.hits, cache.misses) == (0, 1)
@@ -202,6 +202,30 @@ def test_the_weights_cache_reuses_decoded_versions_by_digest(engine):
         assert buffer is not None and torch.equal(tensors["b"], weights(3.0)["b"])
         assert cache.checkout(s, FED, 1) == (w1, None)
         assert cache.weights(s, FED, 9) is None
+
+
+def test_a_new_version_reaches_the_weights_cache_once_committed_never_when_undone(engine):
+    put: list[tuple[int, str]] = []
+
+    def write(s):
+        fed = s.get(Federation, FED)
+        row, _ = model_store.write_version(s, fed, tensors=weights(9.0), parent=fed.current_version, produced_by=None,
+                                           now=T0, cached=lambda v, digest, tensors: put.append((v, digest)))
+        return row.version, row.digest
+
+    with transaction(engine) as s:  # its savepoint rolls back; the transaction commits
+        with pytest.raises(RuntimeError), s.begin_nested():
+            write(s)
+            raise RuntimeError
+    with pytest.raises(RuntimeError), transaction(engine) as s:  # the whole transaction rolls back
+        write(s)
+        raise RuntimeError
+    assert put == []
+    with transaction(engine) as s:
+        with s.begin_nested():
+            written = write(s)
+        assert put == []  # a savepoint released: nothing is durable yet
+    assert put == [written] and written[0] == 4
 
 
 def test_optimizer_moments_round_trip_with_their_version_and_are_pruned_with_its_weights(engine):

@@ -5,8 +5,12 @@ from __future__ import annotations
 import json
 import math
 
+from functools import partial
+
 import pytest
 import torch
+
+from coordinator import strategies
 
 from coordinator.strategies import (
     DEFAULT_MAX_UPDATE_NORM,
@@ -19,8 +23,10 @@ from coordinator.strategies import (
     fedasync_fold,
     fedasync_weight,
     fedavg,
+    fold_into,
     fedbuff_accumulate,
     fedbuff_apply,
+    fedbuff_server_step,
     fedbuff_weight,
     fedopt_initial_state,
     fedopt_step,
@@ -548,3 +554,23 @@ def test_fedopt_step_rejects_unknown_optimizer_and_mismatched_moments() -> None:
     with pytest.raises(StrategyError) as exc:
         fedopt_step("fedadam", x, x, 1, {"w": t(0.0, 0.0)}, {"w": t(0.0)}, **HAND)
     assert exc.value.reason == "mismatched_tensors"
+
+
+def test_results_written_slice_by_slice_are_the_whole_tensor_arithmetic_and_finite(monkeypatch) -> None:
+    monkeypatch.setattr(strategies, "FOLD_SLICE", 4)
+    g = torch.Generator().manual_seed(3)
+    current, base, delta = ({"w": torch.randn(3, 5, generator=g)} for _ in range(3))
+    out = {"w": torch.empty(3, 5)}
+    fold_into(out, partial(fedasync_fold, weight=0.3), current, base, delta)
+    assert torch.equal(out["w"], fedasync_fold(current, base, delta, 0.3)["w"])
+
+    settings = StrategySettings.from_dict({"strategy": "fedbuff", "server_lr": 0.5})
+    total = torch.randn(15, generator=g)
+    batch = [(0, "w", 0, total[:9]), (0, "w", 9, total[9:])]
+    fedbuff_server_step(settings, current, out, batch, 3, None)
+    assert torch.equal(out["w"], fedbuff_apply(current, {"w": total.view(3, 5)}, 3, 0.5)["w"])
+
+    with pytest.raises(StrategyError) as info:
+        fold_into(out, partial(fedasync_fold, weight=1.0), current, {"w": torch.full((3, 5), 3e38)},
+                  {"w": torch.full((3, 5), 3e38)})
+    assert info.value.reason == "non_finite" and "'w'" in info.value.message
