@@ -177,9 +177,7 @@ def fold_opened(ctx: Coordinator, p: Pending, mask_sum: dict[str, torch.Tensor])
             masking = secagg.settings_of(strategy)
             if masking is not None:  # the next buffer filled meanwhile: the opener's next look asks for it
                 secagg.seal_if_ready(s, fed.id, buffer_k=strategy.buffer_k, settings=masking)
-            fold._crash_point("open")
-        if new_version is not None:
-            ctx.cache.put(*new_version)
+            fold._crash_point("open")  # the store caches the new version once this commits
     return None if new_version is None else new_version[0]
 
 
