@@ -127,8 +127,8 @@ def check_room(count: int, *, settings: SecaggSettings) -> None:
     """
     if count >= settings.mask.max_updates:
         raise IngestRejected(WireReason.UNAVAILABLE, f"the secure-aggregation buffer holds {count} update(s), "
-                             f"the most its masks allow, while the previous buffer waits for the helper; retry "
-                             f"after the Retry-After delay")
+                             f"the most its masks allow (the previous buffer still waits for the helper, or these "
+                             f"updates come from fewer than k_min silos); retry after the Retry-After delay")
 
 
 def seal_if_ready(session: Session, federation_id: int, *, buffer_k: int, settings: SecaggSettings,
