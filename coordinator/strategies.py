@@ -648,7 +648,7 @@ def fedbuff_server_steps(
     slice of the arriving delta or None): the arriving delta joins the sum here, with
     its weight at ``staleness`` (:func:`fedbuff_accumulate`, in place in the stored
     slice, which the stream gives away), then the slice is stepped. The stream is read
-    to its end, one slice in memory at a time (its producer may act at the end:
+    to its end, slice by slice (its producer may act at the end:
     ``coordinator.buffers.drain`` empties the buffer then).
     """
     for index, name, start, stored, delta in parts:
