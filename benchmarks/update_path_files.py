@@ -24,9 +24,11 @@ file the sequence has already left once (``A, B, A``): the reader has to go back
 file they had closed.
 
 Cases: FedAsync (one update at staleness 0), FedBuff with K = 3 (the first update,
-only buffered, and the third, which completes the buffer and writes a version). The
-model has two tensors of more than half a FedBuff slice each, so the buffer's sum is
-read in more than one batch (a per-slice loop shows as such).
+only buffered, and the third, which completes the buffer and writes a version), and
+FedBuff with secure aggregation on (one masked update, summed into the integer buffer;
+the helper is never asked: the buffer is not ready). The model has two tensors of
+more than half a FedBuff slice each, so the buffer's sum is read in more than one
+batch (a per-slice loop shows as such).
 
 Run: ``.venv/bin/python benchmarks/update_path_files.py`` (a few seconds); prints each
 case's sequence and writes ``benchmarks/results/update_path_files.json``.
@@ -54,9 +56,12 @@ for _path in (ROOT, ROOT / "benchmarks"):  # a script from a clean clone; ingest
     if str(_path) not in sys.path:
         sys.path.insert(0, str(_path))
 
-from ingest import enrol_silos, init_coordinator, random_payload  # noqa: E402  (benchmarks/ingest.py)
-from coordinator import ingest  # noqa: E402
+from ingest import MAX_STALENESS, enrol_silos, init_coordinator, random_payload, task_options  # noqa: E402
+from coordinator import bootstrap, ingest  # noqa: E402
 from coordinator.app import open_coordinator  # noqa: E402
+from privacy import codec, masked_update, secagg  # noqa: E402
+from privacy.envelope import seal_update  # noqa: E402
+from privacy.keys import Identity, b64e  # noqa: E402
 
 ORCHESTRATORS = ("coordinator/ingest.py", "coordinator/fold.py")
 #: What every stage uses and no reader follows an update into: sessions and the clock,
@@ -70,6 +75,8 @@ _DISPATCH = "/sqlalchemy/event/"  # SQLAlchemy calling its listeners
 #: Two tensors of ~0.6M elements (a FedBuff slice is 1M): two batches of the sum.
 PARAMS = 1_200_000
 BUFFER_K = 3
+#: Secure aggregation's mask; K_min = 2 with one silo: the masked buffer never opens here.
+MASK = {"clip": 1.0, "scale": 2**16, "max_updates": 2 * BUFFER_K, "max_weight": 256}
 DEFAULT_OUT = ROOT / "benchmarks" / "results" / "update_path_files.json"
 
 
@@ -231,9 +238,31 @@ def run_case(work: Path, strategy: str, params: int) -> list[Case]:
         ctx.close()
 
 
+def run_masked_case(work: Path, params: int) -> Case:
+    """One masked update into a FedBuff federation with secure aggregation on."""
+    data, helper, name = work / "fedbuff-masked", Identity.generate(), "update-path-masked"
+    secure = {"mode": "helper", "helper_url": "https://helper.invalid:8700", "k_min": 2, "mask": dict(MASK),
+              "helper_signing_key": b64e(helper.public().signing), "helper_hpke_key": b64e(helper.public().hpke)}
+    bootstrap.initialize(data, task="csv", task_options=task_options(params), database_url=f"sqlite:///{data / 'fedsilo.db'}",
+                         name=name, strategy="fedbuff", settings={"max_staleness": MAX_STALENESS, "buffer_k": BUFFER_K,
+                                                                  "secure_aggregation": secure})
+    silo = enrol_silos(data, 1)[0]
+    header, payload = masked_update.mask_for_helper(
+        codec.decode(random_payload(data, 0)), silo.header(b"", 0), federation=name,
+        settings=secagg.MaskSettings(**MASK), helper=helper.hpke.public_key(), signer=silo.identity.signing)
+    envelope = seal_update(header, payload, recipient=silo.coordinator.hpke_key, signer=silo.identity.signing)
+    ctx = open_coordinator(data)
+    try:
+        status, paths = trace_one(ctx, envelope)
+        return Case("fedbuff-masked", status, paths)
+    finally:
+        ctx.close()
+
+
 def measure(params: int = PARAMS) -> list[Case]:
     with tempfile.TemporaryDirectory(prefix="fedsilo-visits-") as tmp:
-        return [c for strategy in ("fedasync", "fedbuff") for c in run_case(Path(tmp), strategy, params)]
+        cases = [c for strategy in ("fedasync", "fedbuff") for c in run_case(Path(tmp), strategy, params)]
+        return [*cases, run_masked_case(Path(tmp), params)]
 
 
 def report(cases: Sequence[Case]) -> str:

@@ -28,6 +28,11 @@ databases: PostgreSQL can't overwrite part of a bytea in place (MVCC writes a ne
 row version anyway), and on SQLite rewriting a row of one slice costs the pages of
 that slice, as incremental blob I/O would.
 
+The update that completes a buffer is not written into it: :func:`drain` hands the
+stored slices and the arriving delta's, side by side, to the server step
+(:func:`coordinator.strategies.fedbuff_server_steps`), which sums and applies them one
+slice at a time, and empties the buffer once the last slice is taken.
+
 Kinds of sum:
 
 ``float``  the weighted deltas summed in the schema's dtypes (FedBuff, today).
@@ -43,9 +48,10 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import torch
-from sqlalchemy import delete, distinct, func, insert, select, tuple_, update
+from sqlalchemy import delete, func, insert, select, tuple_, update
 from sqlalchemy.orm import Session
 
 from privacy import codec
@@ -54,8 +60,8 @@ from .model_store import StorageCorrupted
 from .models import FedBuffBuffer, FedBuffSlice, Update
 from .strategies import fedbuff_accumulate, modular_accumulate
 
-__all__ = ["KIND_FLOAT", "KIND_INT", "SLICE", "BufferState", "accumulate", "accumulate_masked", "clear", "count",
-           "distinct_silos", "seal", "sealed", "silos_of", "slices", "state", "stored_sum", "summed"]
+__all__ = ["KIND_FLOAT", "KIND_INT", "SLICE", "BufferState", "SumSlice", "accumulate", "accumulate_masked", "clear",
+           "count", "distinct_silos", "drain", "seal", "sealed", "silos_of", "slices", "state", "stored_sum"]
 
 KIND_FLOAT, KIND_INT = "float", "int"
 #: Elements per stored slice (4 MiB of float32).
@@ -127,7 +133,7 @@ def silos_of(session: Session, updates: tuple[str, ...]) -> set[str]:
     """The silos that sent the recorded ``updates``."""
     if not updates:
         return set()
-    return set(session.scalars(select(distinct(Update.silo_id)).where(Update.id.in_(updates))))
+    return set(session.scalars(select(Update.silo_id).distinct().where(Update.id.in_(updates))))
 
 
 def stored_sum(session: Session, federation_id: int, schema: codec.Schema, st: BufferState,
@@ -145,10 +151,22 @@ def stored_sum(session: Session, federation_id: int, schema: codec.Schema, st: B
     return {spec.name: out[spec.name].reshape(spec.shape) for spec in schema.tensors}
 
 
-def slices(schema: codec.Schema, tensors: Mapping[str, torch.Tensor]) -> Iterator[list[tuple[int, str, int, torch.Tensor]]]:
-    """``tensors`` in the batches :func:`summed` yields (tensor index, name, start, flat slice)."""
+class SumSlice(NamedTuple):
+    """One slice of a buffer's sum, as the FedBuff server step reads it: elements
+    ``[start, start + n)`` of tensor number ``index`` (schema order), named ``name``."""
+
+    index: int
+    name: str
+    start: int
+    stored: torch.Tensor | None  # the stored sum's slice (a fresh tensor, the reader's); None: empty buffer
+    delta: torch.Tensor | None  # the same slice of an arriving delta not summed yet (a view); None: none
+
+
+def slices(schema: codec.Schema, tensors: Mapping[str, torch.Tensor]) -> Iterator[SumSlice]:
+    """A whole sum held in memory (an opened masked buffer) as the slices :func:`drain` yields."""
     for batch in _batches(schema):
-        yield [(index, name, start, tensors[name].reshape(-1)[start:stop]) for index, name, start, stop in batch]
+        for index, name, start, stop in batch:
+            yield SumSlice(index, name, start, tensors[name].reshape(-1)[start:stop], None)
 
 
 def _batches(schema: codec.Schema) -> Iterator[list[tuple[int, str, int, int]]]:
@@ -184,41 +202,46 @@ def _read(session: Session, federation_id: int, slot: int,
 Add = Callable[[dict[str, torch.Tensor] | None, dict[str, torch.Tensor]], dict[str, torch.Tensor]]
 
 
-def summed(
-    session: Session, federation_id: int, schema: codec.Schema, delta: Mapping[str, torch.Tensor],
-    staleness: int, st: BufferState,
-) -> Iterator[list[tuple[int, str, int, torch.Tensor]]]:
-    """``stored sum + fedbuff_weight(staleness) * delta``, batch by batch, in storage order.
+def drain(
+    session: Session, federation_id: int, schema: codec.Schema, st: BufferState, delta: Mapping[str, torch.Tensor],
+) -> Iterator[SumSlice]:
+    """The buffer's stored sum with the arriving ``delta`` beside it, slice by slice in
+    storage order; once the last slice has been taken, the buffer is emptied (:func:`clear`).
 
-    ``st`` is the buffer's state (:func:`state`), read under the same lock. Yields
-    lists of (tensor index, tensor name, start, flat slice of the new sum); nothing is
-    written. An empty buffer is the zero sum.
+    ``st`` is the buffer's state (:func:`state`), read under the same lock. Nothing is
+    weighted or added here: the reader (:func:`coordinator.strategies.fedbuff_server_steps`)
+    adds each weighted delta slice to its stored slice and steps the model. The clear is
+    written in the caller's transaction, so a fold refused after it undoes it; a reader
+    that stops before the end leaves the buffer as it was. Scratch memory: one batch of
+    :data:`SLICE` elements.
     """
-    return _summed(session, federation_id, schema, delta, lambda base, part: fedbuff_accumulate(base, part, staleness), st)
+    for batch in _summands(session, federation_id, schema, delta, st):
+        yield from batch
+    clear(session, federation_id, st.slot)
 
 
-def _summed(
-    session: Session, federation_id: int, schema: codec.Schema, delta: Mapping[str, torch.Tensor], add: Add,
-    st: BufferState,
-) -> Iterator[list[tuple[int, str, int, torch.Tensor]]]:
+def _summands(
+    session: Session, federation_id: int, schema: codec.Schema, delta: Mapping[str, torch.Tensor], st: BufferState,
+) -> Iterator[list[SumSlice]]:
+    """The stored slices of ``st``'s sum (None when it is empty) with ``delta``'s, batch
+    by batch, one query a batch; a missing or mis-sized stored slice is StorageCorrupted."""
     for batch in _batches(schema):
         stored = {} if st.count == 0 else _read(session, federation_id, st.slot,
                                                 [(i, start) for i, _, start, _ in batch])
         out = []
         for index, name, start, stop in batch:
-            part = {name: delta[name].reshape(-1)[start:stop]}
+            part = delta[name].reshape(-1)[start:stop]
             data = stored.pop((index, start), None)
             if data is None:
                 if st.count:
                     raise StorageCorrupted(f"the FedBuff sum has no slice ({index}, {start})")
-                total = add(None, part)
-            else:
-                base = torch.frombuffer(bytearray(data), dtype=part[name].dtype)
-                if base.numel() != stop - start:
-                    raise StorageCorrupted(f"FedBuff slice ({index}, {start}) has {base.numel()} elements, "
-                                           f"not {stop - start}")
-                total = add({name: base}, part)
-            out.append((index, name, start, total[name]))
+                out.append(SumSlice(index, name, start, None, part))
+                continue
+            base = torch.frombuffer(bytearray(data), dtype=part.dtype)
+            if base.numel() != stop - start:
+                raise StorageCorrupted(f"FedBuff slice ({index}, {start}) has {base.numel()} elements, "
+                                       f"not {stop - start}")
+            out.append(SumSlice(index, name, start, base, part))
         yield out
 
 
@@ -256,12 +279,18 @@ def _accumulate(
     after = BufferState(st.count + 1, (*st.updates, update_id), st.slot)
     _set(session, federation_id, after, kind, bits)
     session.flush()  # the buffer row first: the slices refer to it
-    for batch in _summed(session, federation_id, schema, delta, add, st):
-        rows = [{"federation_id": federation_id, "slot": st.slot, "tensor": index, "start": start,
-                 "data": value.numpy().tobytes()} for index, _, start, value in batch]
+    for batch in _summands(session, federation_id, schema, delta, st):
+        rows = [{"federation_id": federation_id, "slot": st.slot, "tensor": sl.index, "start": sl.start,
+                 "data": _added(add, sl).numpy().tobytes()} for sl in batch]
         # ORM bulk statements: an executemany, by primary key for the UPDATE.
         session.execute(update(FedBuffSlice) if st.count else insert(FedBuffSlice), rows)
     return after
+
+
+def _added(add: Add, sl: SumSlice) -> torch.Tensor:
+    """The slice of the new sum: ``sl.delta`` added to the stored slice (in place) or to nothing."""
+    stored = None if sl.stored is None else {sl.name: sl.stored}
+    return add(stored, {sl.name: sl.delta})[sl.name]
 
 
 def _set(session: Session, federation_id: int, st: BufferState, kind: str | None = None,

@@ -11,6 +11,12 @@ is tested with hand-made ones (``tests/coordinator/test_decisions.py``).
 
 A decision raises :class:`~coordinator.rejections.Refusal` (the caller audits it) or
 returns what the caller needs next.
+
+Secure aggregation's checks are reached through here too (:func:`check_masking`,
+:func:`check_room`, :func:`check_masked`): the snapshot carries the masking settings
+in force (:attr:`Snapshot.masking`) and, with them, the filling buffer's count, so a
+reader following one update never leaves this file for :mod:`coordinator.secagg` between
+two decisions.
 """
 
 from __future__ import annotations
@@ -21,18 +27,20 @@ from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any
 
+import torch
 from sqlalchemy.orm import Session
 
-from privacy.envelope import UpdateHeader, parse_timestamp
+from privacy import codec
+from privacy.envelope import MASKED_DELTA, UpdateHeader, parse_timestamp
 from privacy.errors import PrivacyError
 
-from . import budget
+from . import budget, buffers, secagg
 from .errors import Reason
 from .federation import settings_of
 from .model_store import version_state
 from .models import Federation, Silo, SiloStatus, Update, UpdateStatus
 from .rejections import MAX_STORED_INT, STORED_HEADER_INTS, Refusal, translate
-from .strategies import StrategyError, StrategySettings, check_staleness
+from .strategies import StrategyError, StrategySettings, check_staleness, fedasync_weight, fedbuff_weight
 
 __all__ = [
     "Existing",
@@ -40,7 +48,10 @@ __all__ = [
     "check_base",
     "check_budget",
     "check_fresh",
+    "check_masked",
+    "check_masking",
     "check_norm",
+    "check_room",
     "check_silo",
     "check_storable",
     "composed_epsilon",
@@ -48,6 +59,7 @@ __all__ = [
     "is_stored_rejection",
     "needs_budget_recompute",
     "snapshot",
+    "weight",
 ]
 
 
@@ -78,6 +90,8 @@ class Snapshot:
     epsilon_cap: float = math.inf
     silo_delta: float = 1e-5
     history: tuple[budget.BudgetEntry, ...] = ()  # the silo's privacy charges, in order
+    masking: secagg.SecaggSettings | None = None  # secure aggregation's settings; None: off
+    filling: int = 0  # updates in the filling masked buffer (read only when masking is on)
 
     @property
     def charges(self) -> int:
@@ -94,8 +108,10 @@ def enrolled_silo(session: Session, silo_id: str) -> Silo | None:
 def snapshot(session: Session, fed: Federation, *, silo_id: str, update_id: str, base_version: int) -> Snapshot:
     """Read what the decisions about one update depend on, in ``session``.
 
-    Metadata only: no weights, no buffer (a base version's existence and retention are
-    read from its row without loading the blob).
+    Metadata only: no weights, no buffer sum (a base version's existence and retention
+    are read from its row without loading the blob). With secure aggregation on, the
+    filling buffer's count is read too (:func:`check_room`); off, the buffer is not
+    touched -- the fold alone reads a plain buffer.
     """
     silo = enrolled_silo(session, silo_id)
     enrolled = silo is not None
@@ -105,16 +121,20 @@ def snapshot(session: Session, fed: Federation, *, silo_id: str, update_id: str,
         row.resulting_version,
     )
     base = version_state(session, fed.id, base_version) if 0 <= base_version <= fed.current_version else None
+    settings = settings_of(fed)
+    masking = secagg.settings_of(settings)
     return Snapshot(
         silo_status=silo.status if enrolled else None,
         existing=existing,
         current_version=fed.current_version,
         base_version=base_version,
         base_retained=base is not None and base.retained,
-        settings=settings_of(fed),
+        settings=settings,
         epsilon_cap=silo.epsilon_cap if enrolled else 0.0,
         silo_delta=silo.delta if enrolled else 0.0,
         history=tuple(budget.charges(session, silo_id)) if enrolled else (),
+        masking=masking,
+        filling=buffers.state(session, fed.id).count if masking is not None else 0,
     )
 
 
@@ -210,3 +230,49 @@ def needs_budget_recompute(before: Snapshot, now: Snapshot) -> bool:
     compared afresh either way (:func:`check_budget`).
     """
     return now.charges != before.charges
+
+
+# --------------------------------------------------------------------------- the fold's weight
+
+
+def weight(snap: Snapshot, staleness: int) -> float | int:
+    """The update's weight in the fold: FedAsync's ``a_t``, FedBuff's ``1 / sqrt(1 + s)``,
+    or, with secure aggregation on, the public integer weight of the masked shares."""
+    try:
+        if snap.settings.strategy == "fedasync":
+            return fedasync_weight(snap.settings, staleness)
+        if snap.masking is not None:
+            return secagg.integer_weight(staleness, snap.masking.mask.max_weight)
+        return fedbuff_weight(staleness)
+    except StrategyError as exc:
+        raise translate(exc) from None
+
+
+# --------------------------------------------------------------------------- secure aggregation
+
+
+def check_masking(snap: Snapshot, payload_kind: str) -> None:
+    """The fold's re-check: the payload is masked exactly when secure aggregation is on
+    (the setting may have changed since ingest checked the kind)."""
+    masking = snap.masking is not None
+    if (payload_kind == MASKED_DELTA) != masking:
+        raise Refusal(Reason.MASKING_REQUIRED if masking else Reason.UNSUPPORTED_VERSION,
+                      f"secure aggregation was turned {'on' if masking else 'off'} meanwhile")
+
+
+def check_room(snap: Snapshot) -> None:
+    """With secure aggregation on, the filling masked buffer can take one more update
+    (:func:`coordinator.secagg.check_room`: ``503 unavailable`` when it cannot)."""
+    if snap.masking is not None:
+        secagg.check_room(snap.filling, settings=snap.masking)
+
+
+def check_masked(snap: Snapshot, header: UpdateHeader, payload: bytes, *, silo_key, federation: str,
+                 schema: codec.Schema) -> dict[str, torch.Tensor]:
+    """A masked update's statement and shares against the snapshot's masking settings
+    (:func:`coordinator.secagg.check_masked`); returns the shares. Secure aggregation
+    must be on in ``snap``."""
+    if snap.masking is None:
+        raise Refusal(Reason.UNSUPPORTED_VERSION, "secure aggregation is off: a masked update is not accepted here")
+    return secagg.check_masked(header, payload, silo_key=silo_key, federation=federation, settings=snap.masking,
+                               schema=schema)

@@ -34,7 +34,7 @@ Memory and passes over the data, per fold: the strategy's result is written slic
 slice straight into a safetensors buffer (:meth:`privacy.codec.Layout.allocate`) that
 is then stored as is -- no separate encoding -- and the update's delta is released
 tensor by tensor as soon as it has been folded in (:func:`coordinator.strategies.fold_into`,
-:func:`~coordinator.strategies.fedbuff_server_step`). Each slice is checked finite as
+:func:`~coordinator.strategies.fedbuff_server_steps`). Each slice is checked finite as
 it is written: a result holding NaN or Inf is refused (``non_finite``), and the
 savepoint around the fold undoes anything written before it.
 
@@ -63,7 +63,7 @@ from sqlalchemy import update as sql_update
 from sqlalchemy.orm import Session
 
 from privacy import codec
-from privacy.envelope import MASKED_DELTA, SealedUpdate, UpdateHeader, utc_timestamp
+from privacy.envelope import SealedUpdate, UpdateHeader, utc_timestamp
 from privacy.secagg import MODULUS_BITS
 
 from . import audit, budget, buffers, db, decisions, optimizer_state, receipts, rejections, secagg
@@ -76,9 +76,7 @@ from .strategies import (
     StrategyError,
     StrategySettings,
     fedasync_fold,
-    fedasync_weight,
-    fedbuff_server_step,
-    fedbuff_weight,
+    fedbuff_server_steps,
     fold_into,
 )
 
@@ -134,6 +132,7 @@ class _Decided:
     snap: Snapshot
     staleness: int
     epsilon: float
+    weight: float | int  # the update's weight in the fold (decisions.weight; an int for masked shares)
 
 
 @dataclass
@@ -242,7 +241,9 @@ def _decide(ctx: Coordinator, p: Prepared, snap: Snapshot) -> _Decided:
     staleness = p.evidence.staleness = decisions.check_base(snap)
     decisions.check_norm(snap.settings, p.norm)  # the bound may have been changed meanwhile
     decisions.check_budget(snap, epsilon)
-    return _Decided(snap, staleness, epsilon)
+    decisions.check_masking(snap, p.header.payload_kind)  # secure aggregation may have been switched
+    decisions.check_room(snap)  # a masked buffer full while the other waits for the helper
+    return _Decided(snap, staleness, epsilon, decisions.weight(snap, staleness))
 
 
 # --------------------------------------------------------------------------- compute
@@ -262,38 +263,33 @@ def _compute(ctx: Coordinator, s: Session, fed: Federation, p: Prepared, d: _Dec
         st = buffers.state(s, fed.id)
         members = [*st.updates, h.update_id]
         schema = codec.Schema.from_json(fed.schema)
-        masking = secagg.settings_of(settings)
-        if (h.payload_kind == MASKED_DELTA) != (masking is not None):  # the setting changed since ingest
-            raise Refusal(Reason.MASKING_REQUIRED if masking else Reason.UNSUPPORTED_VERSION,
-                          f"secure aggregation was turned {'on' if masking else 'off'} meanwhile")
-        if masking is not None:  # shares wait in the int buffer; the opener folds them (coordinator.opening)
-            secagg.check_room(st.count, settings=masking)
-            weight = secagg.integer_weight(d.staleness, masking.mask.max_weight)
-            buffers.accumulate_masked(s, fed.id, schema, p.delta, weight, MODULUS_BITS, st, h.update_id)
+        if d.snap.masking is not None:  # shares wait in the int buffer; the opener folds them (coordinator.opening)
+            buffers.accumulate_masked(s, fed.id, schema, p.delta, d.weight, MODULUS_BITS, st, h.update_id)
             p.delta.clear()
-            secagg.seal_if_ready(s, fed.id, buffer_k=settings.buffer_k, settings=masking, arriving=h.silo_id,
+            secagg.seal_if_ready(s, fed.id, buffer_k=settings.buffer_k, settings=d.snap.masking, arriving=h.silo_id,
                                  wake=ctx.opener_wake)
-            return _Computed(float(weight), members)
-        weight = fedbuff_weight(d.staleness)
+            return _Computed(float(d.weight), members)
         if len(members) < settings.buffer_k:
             buffers.accumulate(s, fed.id, schema, p.delta, d.staleness, st, h.update_id)
             p.delta.clear()  # summed into the buffer
-            return _Computed(weight, members)
+            return _Computed(d.weight, members)
+        # The buffer's slices with this delta's beside them; the server step sums and
+        # applies them, and the buffer empties itself once read to the end (buffers.drain).
         new, blob, moments = fedbuff_step(ctx, s, fed, settings, v, len(members),
-                                          buffers.summed(s, fed.id, schema, p.delta, d.staleness, st))
+                                          buffers.drain(s, fed.id, schema, st, p.delta), staleness=d.staleness)
         p.delta.clear()
-        buffers.clear(s, fed.id, st.slot)
-        return _Computed(weight, members, new, blob, moments)
+        return _Computed(d.weight, members, new, blob, moments)
     except StrategyError as exc:
         raise translate(exc) from None
 
 
 def fedbuff_step(
     ctx: Coordinator, s: Session, fed: Federation, settings: StrategySettings, v: int, count: int,
-    batches: Iterator[list[tuple[int, str, int, torch.Tensor]]],
+    parts: Iterator[buffers.SumSlice], *, staleness: int = 0,
 ) -> tuple[Tensors, memoryview, optimizer_state.Moments | None]:
-    """FedBuff's server step from the buffer's sum of ``count`` updates, given batch by
-    batch as (tensor index, name, start, flat slice of the sum): the new model (written
+    """FedBuff's server step from the buffer's sum of ``count`` updates, given slice by
+    slice (:class:`coordinator.buffers.SumSlice`: the stored sum's slice, and the same
+    slice of an arriving delta at ``staleness`` not summed yet): the new model (written
     over version ``v``'s buffer when this fold owns it), its blob and FedOpt's moments.
     The one FedBuff fold: a plain buffer's last update and a masked buffer's opening
     (coordinator.opening) both call it."""
@@ -303,10 +299,7 @@ def fedbuff_step(
     if settings.server_optimizer != "none":  # the moments of version v, stepped in place
         moments = optimizer_state.load(s, fed.id, v, current, settings.tau)
     try:
-        # The loop stays here: the sum's batches are computed by buffers (with strategies'
-        # accumulate), so a strategies function that pulled them would be called back.
-        for batch in batches:
-            fedbuff_server_step(settings, current, new, batch, count, moments)
+        fedbuff_server_steps(settings, current, new, parts, count, moments, staleness=staleness)
     except StrategyError as exc:
         raise translate(exc) from None
     return new, blob, moments
@@ -320,10 +313,9 @@ def _fedasync(ctx: Coordinator, s: Session, fed: Federation, p: Prepared, d: _De
         if base is None:
             raise Refusal(Reason.UNKNOWN_BASE_VERSION, f"the weights of base version {h.base_version} were pruned")
     current, owned = _current(ctx, s, fed, v, base if h.base_version == v else None)
-    weight = fedasync_weight(d.snap.settings, d.staleness)
     blob, new = _output(codec.Schema.from_json(fed.schema), current, owned)
-    fold_into(new, partial(fedasync_fold, weight=weight), current, base[0], p.delta, consume=p.delta)
-    return _Computed(weight, [h.update_id], new, blob)
+    fold_into(new, partial(fedasync_fold, weight=d.weight), current, base[0], p.delta, consume=p.delta)
+    return _Computed(d.weight, [h.update_id], new, blob)
 
 
 def _current(ctx: Coordinator, s: Session, fed: Federation, v: int, same: Checkout | None) -> Checkout:
@@ -408,9 +400,9 @@ def store_version(
         details={"strategy": settings.strategy, "updates": members, **(details or {})}, blob=blob,
         cached=ctx.cache.put,
     )
-    if moments is not None:  # with its version, in the same transaction
-        optimizer_state.store(s, fed.id, version_row.version, settings.server_optimizer, moments)
     prune(s, fed, retain=ctx.config.retain_versions, max_staleness=settings.max_staleness, now=now)
+    if moments is not None:  # with its version, in the same transaction (retention keeps the newest)
+        optimizer_state.store(s, fed.id, version_row.version, settings.server_optimizer, moments)
     return version_row.version, version_row.digest, new
 
 

@@ -16,9 +16,9 @@
                          decrypted, so it costs the silo nothing)
      8  decrypt          HPKE; the payload must match the signed digest
      9  decode + schema  safetensors; names, shapes, dtypes, all finite, norm bound (a
-                         masked update: coordinator.secagg.check_masked -- the silo's
-                         statement and the shares' shapes; the buffer's room was checked
-                         after step 6: a full masked buffer waits for the helper, 503)
+                         masked update: decisions.check_masked -- the silo's statement
+                         and the shares' shapes; the buffer's room was checked after
+                         step 6: a full masked buffer waits for the helper, 503)
     10  fold             :func:`coordinator.fold.commit`: one transaction under the
                          federation lock, which re-checks 3, 5, 6, 7 and the norm bound;
                          every result it writes must be finite
@@ -26,9 +26,10 @@
 From step 8 on the coordinator has seen the payload, a DP release: a refusal from then
 on still charges the silo's budget (:mod:`coordinator.rejections`, docs/protocol.md).
 
-The checks that depend on shared state (3, 5, 6, 7, the norm bound) are the pure
-functions of :mod:`coordinator.decisions`, applied to one snapshot read here; the fold
-reads a fresh snapshot under the lock and applies the same functions.
+The checks that depend on shared state (3, 5, 6, 7, the norm bound, and with secure
+aggregation the buffer's room and the masked statement) are the functions of
+:mod:`coordinator.decisions`, applied to one snapshot read here; the fold reads a fresh
+snapshot under the lock and applies the same functions.
 
 An update is in memory (envelope, plaintext, tensors) from step 2 to the end of step
 10; ``ctx.memory`` bounds the bytes of envelopes held so at once (``ingest_memory_bytes``,
@@ -57,7 +58,7 @@ from privacy.errors import PrivacyError
 from privacy.errors import Reason as PrivacyReason
 from privacy.keys import signing_public_from_raw
 
-from . import buffers, decisions, fold, rejections, secagg
+from . import decisions, fold, rejections
 from .context import Coordinator
 from .errors import IngestRejected, Reason
 from .fold import Outcome, Prepared, resent
@@ -198,10 +199,8 @@ def _check(ctx: Coordinator, body: bytes | bytearray, ev: Evidence, uploader: st
         snap = decisions.snapshot(s, fed, silo_id=header.silo_id, update_id=header.update_id,
                                   base_version=header.base_version)
         schema, schema_digest, federation = codec.Schema.from_json(fed.schema), fed.schema_digest, fed.name
-        masking = secagg.settings_of(snap.settings)  # None: secure aggregation is off
-        if masking is not None:  # only a masked buffer can be full and waiting (check_room below)
-            filling = buffers.state(s, fed.id).count
-    _check_kind(header.payload_kind, snap.settings.compression, masking is not None)
+    masked = snap.masking is not None  # secure aggregation is on (the snapshot read its settings)
+    _check_kind(header.payload_kind, snap.settings.compression, masked)
 
     # 5. replay ------------------------------------------------------------------------
     if decisions.is_resend(snap, silo_id=header.silo_id, envelope_digest=sealed.envelope_digest):
@@ -212,8 +211,7 @@ def _check(ctx: Coordinator, body: bytes | bytearray, ev: Evidence, uploader: st
     # 6. base version known, staleness within the bound --------------------------------
     ev.staleness = decisions.check_base(snap)
 
-    if masking is not None:  # the masked buffers are full, one waits for the helper: refuse before decrypting
-        secagg.check_room(filling, settings=masking)
+    decisions.check_room(snap)  # masked buffers full, one waiting for the helper: refuse before decrypting
 
     # 7. budget, from the signed header, before anything is decrypted ------------------
     if header.accountant not in ACCOUNTANTS:
@@ -235,9 +233,9 @@ def _check(ctx: Coordinator, body: bytes | bytearray, ev: Evidence, uploader: st
     if header.schema_digest != schema_digest:
         raise Refusal(Reason.SCHEMA_MISMATCH, "the header's schema digest is not this federation's")
     try:
-        if masking is not None:  # shares: shape only; no norm can be measured on one (the sum's is)
-            delta = secagg.check_masked(header, payload, silo_key=signing_public_from_raw(signing_key),
-                                        federation=federation, settings=masking, schema=schema)
+        if masked:  # shares: shape only; no norm can be measured on one (the sum's is)
+            delta = decisions.check_masked(snap, header, payload, silo_key=signing_public_from_raw(signing_key),
+                                           federation=federation, schema=schema)
             norm = 0.0
         else:
             delta = compression.decode(header.payload_kind, codec.decode(payload), schema)

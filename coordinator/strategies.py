@@ -61,6 +61,7 @@ __all__ = [
     "FOLD_SLICE",
     "fold_into",
     "fedbuff_server_step",
+    "fedbuff_server_steps",
     "fedavg",
     "update_norm",
     "check_staleness",
@@ -633,6 +634,30 @@ def fedbuff_server_step(
         stop = start + part.numel()
         _write_finite(out[name].view(-1)[start:stop], name,
                       _server_slice(settings, current, name, start, part, count, moments))
+
+
+def fedbuff_server_steps(
+    settings: StrategySettings, current: Mapping[str, torch.Tensor], out: Mapping[str, torch.Tensor],
+    parts: Iterable[tuple[int, str, int, torch.Tensor | None, torch.Tensor | None]], count: int,
+    moments: tuple[Tensors, Tensors] | None, *, staleness: float = 0,
+) -> None:
+    """FedBuff's server step over a whole buffer of ``count`` updates, read as a stream
+    of slices of its sum, written into ``out`` (as :func:`fedbuff_server_step`).
+
+    Each part is (tensor index, name, start, stored slice of the sum or None, the same
+    slice of the arriving delta or None): the arriving delta joins the sum here, with
+    its weight at ``staleness`` (:func:`fedbuff_accumulate`, in place in the stored
+    slice, which the stream gives away), then the slice is stepped. The stream is read
+    to its end, slice by slice (its producer may act at the end:
+    ``coordinator.buffers.drain`` empties the buffer then).
+    """
+    for index, name, start, stored, delta in parts:
+        total = stored
+        if delta is not None:
+            total = fedbuff_accumulate(None if stored is None else {name: stored}, {name: delta}, staleness)[name]
+        if total is None:
+            raise StrategyError(StrategyReason.INVALID_ARGUMENT, f"slice ({name!r}, {start}) holds no sum")
+        fedbuff_server_step(settings, current, out, [(index, name, start, total)], count, moments)
 
 
 def _server_slice(settings: StrategySettings, current: Mapping[str, torch.Tensor], name: str, start: int,

@@ -12,12 +12,14 @@ from types import SimpleNamespace
 
 import pytest
 
-from coordinator import decisions
+from coordinator import decisions, secagg
 from coordinator.budget import BudgetEntry
 from coordinator.decisions import Existing, Snapshot
-from coordinator.errors import Reason
+from coordinator.errors import IngestRejected, Reason
 from coordinator.rejections import Refusal
-from coordinator.strategies import DEFAULT_MAX_UPDATE_NORM, StrategySettings
+from coordinator.strategies import DEFAULT_MAX_UPDATE_NORM, StrategySettings, fedasync_weight, fedbuff_weight
+from privacy.envelope import MASKED_DELTA
+from tests.coordinator.test_secagg import SETTINGS as SECAGG_SETTINGS
 
 NOW = datetime(2026, 11, 30, 12, 0, tzinfo=UTC)
 
@@ -120,3 +122,34 @@ def test_decisions_are_pure_the_snapshot_is_not_changed() -> None:
     assert SNAP == before
     with pytest.raises(AttributeError):
         SNAP.current_version = 11  # type: ignore[misc]  # frozen
+
+
+FEDBUFF = replace(SNAP, settings=StrategySettings.from_dict({"strategy": "fedbuff", "max_staleness": 4}))
+MASKED = replace(FEDBUFF, masking=secagg.parse_settings(SECAGG_SETTINGS, strategy="fedbuff", buffer_k=3), filling=5)
+
+
+def test_the_weight_is_the_strategys_and_an_integer_for_masked_shares() -> None:
+    assert decisions.weight(SNAP, 2) == fedasync_weight(SNAP.settings, 2)
+    assert decisions.weight(FEDBUFF, 3) == fedbuff_weight(3) == 0.5
+    assert decisions.weight(MASKED, 3) == 128  # round(256 / sqrt(4)): secagg.integer_weight
+
+
+def test_a_payload_is_masked_exactly_when_secure_aggregation_is_on() -> None:
+    decisions.check_masking(MASKED, MASKED_DELTA)
+    decisions.check_masking(FEDBUFF, "delta")
+    refused(Reason.MASKING_REQUIRED, decisions.check_masking, MASKED, "delta")  # turned on since ingest
+    refused(Reason.UNSUPPORTED_VERSION, decisions.check_masking, FEDBUFF, MASKED_DELTA)  # turned off
+
+
+def test_a_full_masked_buffer_is_refused_unavailable_and_room_is_not_checked_when_off() -> None:
+    decisions.check_room(MASKED)
+    full = replace(MASKED, filling=MASKED.masking.mask.max_updates)
+    with pytest.raises(IngestRejected) as info:
+        decisions.check_room(full)
+    assert info.value.reason == Reason.UNAVAILABLE
+    decisions.check_room(replace(FEDBUFF, filling=10**6))  # no masking: a plain buffer never waits
+
+
+def test_a_masked_update_is_refused_when_secure_aggregation_is_off() -> None:
+    refused(Reason.UNSUPPORTED_VERSION, decisions.check_masked, FEDBUFF, None, b"", silo_key=None, federation="fed",
+            schema=None)

@@ -1,15 +1,16 @@
 """A newcomer following one update reads ingest -> decisions -> fold -> store, each file once.
 
 ``benchmarks/update_path_files.py`` runs real updates through ``ingest.ingest`` (FedAsync;
-FedBuff K = 3, an update only buffered and the one that applies the buffer) and records
-the files the two orchestrators call, in order (its docstring says what is counted).
+FedBuff K = 3, an update only buffered and the one that applies the buffer; one masked
+update with secure aggregation on) and records the files the two orchestrators call, in
+order (its docstring says what is counted).
 
-Some cases still go back to a file, through lines that secure aggregation's double
-buffering is rewriting (``coordinator/ingest.py``'s and ``coordinator/fold.py``'s
-``masking = secagg.settings_of(...)`` between two visits to decisions or buffers) and
-through ``coordinator/buffers.py``, whose sum calls strategies' accumulate while the
-fold's loop calls strategies' server step. Those are ``xfail(strict=True)``: the day
-they pass, the marker must go.
+No case goes back to a file: secure aggregation's settings are read by the snapshot and
+its checks reached through decisions (no ``decisions -> secagg -> decisions``), and the
+update that completes a FedBuff buffer is summed and applied by one strategies function
+reading the buffer's slices from ``buffers.drain`` (no ``buffers <-> strategies`` per
+batch). An update only buffered -- masked or not -- is summed by buffers itself (with
+strategies' accumulate, one level down): its fold calls no strategies function directly.
 """
 
 from __future__ import annotations
@@ -19,10 +20,10 @@ import pytest
 from tests.support.benchmarks import benchmark_script
 
 DECISIONS, FOLD, STORE = "coordinator/decisions.py", "coordinator/fold.py", "coordinator/model_store.py"
-CASES = [("fedasync", "accepted"), ("fedbuff-buffered", "buffered"), ("fedbuff-applied", "accepted")]
-SECAGG_SETTINGS = pytest.mark.xfail(strict=True, reason="decisions -> secagg.settings_of (a masking line) -> decisions")
-BUFFER_LOOP = pytest.mark.xfail(strict=True, reason="buffers.state -> secagg.settings_of (a masking line) -> buffers; "
-                                                    "buffers' batches <-> strategies' server step")
+STRATEGIES, BUFFERS = "coordinator/strategies.py", "coordinator/buffers.py"
+#: (case, its status, the file the fold computes in: the strategy, or the buffer's sum)
+CASES = [("fedasync", "accepted", STRATEGIES), ("fedbuff-buffered", "buffered", BUFFERS),
+         ("fedbuff-applied", "accepted", STRATEGIES), ("fedbuff-masked", "buffered", BUFFERS)]
 
 
 @pytest.fixture(scope="module")
@@ -31,23 +32,22 @@ def cases():
         return {c.name.split(" ")[0]: c for c in tool.measure()}
 
 
-@pytest.mark.parametrize("name, status", CASES)
-def test_one_update_reads_ingest_decisions_fold_store(cases, name, status):
+@pytest.mark.parametrize("name, status, computes", CASES)
+def test_one_update_reads_ingest_decisions_fold_store(cases, name, status, computes):
     case = cases[name]
     assert case.status == status
     ingest, fold = case.paths
     assert ingest.visits[0] == DECISIONS and ingest.visits[-1] == FOLD, ingest.visits  # nothing after the fold
-    assert fold.visits.index(DECISIONS) < fold.visits.index("coordinator/strategies.py") < fold.visits.index(STORE)
+    assert fold.visits.index(DECISIONS) < fold.visits.index(computes) < fold.visits.index(STORE), fold.visits
     assert fold.visits[-2:] == [STORE, "coordinator/receipts.py"], fold.visits  # the store, then the receipt
 
 
-@pytest.mark.parametrize("name", [pytest.param(name, marks=SECAGG_SETTINGS) for name, _ in CASES])
+@pytest.mark.parametrize("name", [name for name, _, _ in CASES])
 def test_ingest_visits_each_file_once(cases, name):
     assert cases[name].paths[0].revisits == []
 
 
-@pytest.mark.parametrize("name", ["fedasync", pytest.param("fedbuff-buffered", marks=BUFFER_LOOP),
-                                  pytest.param("fedbuff-applied", marks=BUFFER_LOOP)])
+@pytest.mark.parametrize("name", [name for name, _, _ in CASES])
 def test_the_fold_visits_each_file_once(cases, name):
     assert cases[name].paths[1].revisits == []
 

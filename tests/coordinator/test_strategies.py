@@ -27,6 +27,7 @@ from coordinator.strategies import (
     fedbuff_accumulate,
     fedbuff_apply,
     fedbuff_server_step,
+    fedbuff_server_steps,
     fedbuff_weight,
     fedopt_initial_state,
     fedopt_step,
@@ -574,3 +575,26 @@ def test_results_written_slice_by_slice_are_the_whole_tensor_arithmetic_and_fini
         fold_into(out, partial(fedasync_fold, weight=1.0), current, {"w": torch.full((3, 5), 3e38)},
                   {"w": torch.full((3, 5), 3e38)})
     assert info.value.reason == "non_finite" and "'w'" in info.value.message
+
+
+def test_the_server_step_read_as_a_stream_adds_the_arriving_delta_on_the_way() -> None:
+    # A buffer of two stored updates and the third arriving at staleness 3, given as
+    # (index, name, start, stored slice, delta slice): the same model as summing first.
+    g = torch.Generator().manual_seed(5)
+    current, stored, delta = ({"w": torch.randn(3, 5, generator=g)} for _ in range(3))
+    settings = StrategySettings.from_dict({"strategy": "fedbuff", "server_lr": 0.5})
+    whole = fedbuff_apply(current, fedbuff_accumulate(clone(stored), delta, 3), 3, 0.5)
+    flat, d = stored["w"].clone().view(-1), delta["w"].view(-1)
+    parts = [(0, "w", 0, flat[:9].clone(), d[:9]), (0, "w", 9, flat[9:].clone(), d[9:])]
+    out = {"w": torch.empty(3, 5)}
+    fedbuff_server_steps(settings, current, out, iter(parts), 3, None, staleness=3)
+    assert torch.equal(out["w"], whole["w"])
+
+    # An empty buffer is the delta alone; an opened sum comes without a delta.
+    fedbuff_server_steps(settings, current, out, [(0, "w", 0, None, d)], 1, None, staleness=3)
+    assert torch.equal(out["w"], fedbuff_apply(current, fedbuff_accumulate(None, delta, 3), 1, 0.5)["w"])
+    fedbuff_server_steps(settings, current, out, [(0, "w", 0, stored["w"].view(-1), None)], 2, None)
+    assert torch.equal(out["w"], fedbuff_apply(current, stored, 2, 0.5)["w"])
+    with pytest.raises(StrategyError) as info:
+        fedbuff_server_steps(settings, current, out, [(0, "w", 0, None, None)], 1, None)
+    assert info.value.reason == "invalid_argument"
