@@ -66,7 +66,7 @@ from privacy import codec
 from privacy.envelope import MASKED_DELTA, SealedUpdate, UpdateHeader, utc_timestamp
 from privacy.secagg import MODULUS_BITS
 
-from . import audit, budget, buffers, db, decisions, optimizer_state, receipts, rejections, secagg
+from . import audit, budget, buffers, db, decisions, optimizer_state, receipts, rejections, secagg, update_cache
 from .decisions import Existing, Snapshot
 from .errors import Reason
 from .model_store import StorageCorrupted, prune, record_metrics, write_version
@@ -274,13 +274,19 @@ def _compute(ctx: Coordinator, s: Session, fed: Federation, p: Prepared, d: _Dec
             secagg.seal_if_ready(s, fed.id, buffer_k=settings.buffer_k, settings=masking, arriving=h.silo_id,
                                  wake=ctx.opener_wake)
             return _Computed(float(weight), members)
-        weight = fedbuff_weight(d.staleness)
+        staleness, ca2fl = d.staleness, settings.calibration == "ca2fl"
+        if ca2fl:  # the buffer sums unweighted corrections delta - h_i (coordinator/update_cache.py)
+            update_cache.calibrate(s, fed.id, h.silo_id, p.delta)
+            staleness = 0
+        weight = fedbuff_weight(staleness)
         if len(members) < settings.buffer_k:
-            buffers.accumulate(s, fed.id, schema, p.delta, d.staleness, st, h.update_id)
+            buffers.accumulate(s, fed.id, schema, p.delta, staleness, st, h.update_id)
             p.delta.clear()  # summed into the buffer
             return _Computed(weight, members)
-        new, blob, moments = fedbuff_step(ctx, s, fed, settings, v, len(members),
-                                          buffers.summed(s, fed.id, schema, p.delta, d.staleness, st))
+        batches = buffers.summed(s, fed.id, schema, p.delta, staleness, st)
+        if ca2fl:
+            batches = update_cache.calibrated(s, fed.id, schema, batches, len(members))
+        new, blob, moments = fedbuff_step(ctx, s, fed, settings, v, len(members), batches)
         p.delta.clear()
         buffers.clear(s, fed.id, st.slot)
         return _Computed(weight, members, new, blob, moments)
