@@ -50,9 +50,9 @@ MODES = {"dp": 1.0, "min_noise": 0.1}
 TARGET = 0.85
 
 
-def race_like(silos: int, seed: int, sigma: float) -> FederationConfig:
+def race_like(silos: int, seed: int, sigma: float, spread: float = 5.64 / 1.14) -> FederationConfig:
     """The race's federation in virtual time (its effective round times, 1.14-5.64 s)."""
-    return FederationConfig(silos=silos, seed=seed, spread=5.64 / 1.14, fastest_round=1.14, jitter=0.1,
+    return FederationConfig(silos=silos, seed=seed, spread=spread, fastest_round=1.14, jitter=0.1,
                             local=LocalTraining(epochs=1, batch_size=16, lr=0.2, max_grad_norm=1.0,
                                                 noise_multiplier=sigma))
 
@@ -72,6 +72,15 @@ def candidates(cap: int | None) -> list[StrategySpec]:
         fedbuff("ca2fl_k5", "CA2FL K=5", calibration="ca2fl"),
         fedbuff("ca2fl_k3", "CA2FL K=3", buffer_k=3, calibration="ca2fl"),
         fedbuff("ca2fl_k1", "CA2FL K=1", buffer_k=1, calibration="ca2fl"),
+        fedbuff("ca2fl_k3_lr05", "CA2FL K=3, server_lr 0.5", buffer_k=3, calibration="ca2fl", server_lr=0.5),
+        fedbuff("ca2fl_k10", "CA2FL K=10", buffer_k=10, calibration="ca2fl"),
+        fedbuff("ca2fl_k5_fedadam", "CA2FL K=5 + FedAdam 0.01", calibration="ca2fl", server_optimizer="fedadam",
+                server_lr=0.01),
+        # The race's silos follow the coordinator's pacing hints (on by default).
+        dataclasses.replace(fedbuff("ca2fl_k3_paced", "CA2FL K=3, paced", buffer_k=3, calibration="ca2fl"),
+                            pacing=True),
+        dataclasses.replace(fedbuff("ca2fl_k5_paced", "CA2FL K=5, paced", calibration="ca2fl"), pacing=True),
+        dataclasses.replace(fedbuff("fedbuff_k3_paced", "FedBuff K=3, paced", buffer_k=3), pacing=True),
     ]
     if cap is not None:
         out += [
@@ -99,19 +108,22 @@ def figures(run: Any, cfg: FederationConfig, plan: Sequence[tuple[float, int]], 
     }
 
 
-def run_mode(mode: str, silos: int, seed: int, jobs: int, limit: float, only: set[str] | None) -> dict[str, Any]:
-    cfg = race_like(silos, seed, MODES[mode])
+def run_mode(mode: str, silos: int, seed: int, jobs: int, limit: float, only: set[str] | None,
+             spread: float, sync_budget: float = 400.0) -> dict[str, Any]:
+    """FedAvg to the target (or ``sync_budget`` virtual seconds), then every candidate in
+    ``only`` (all when None) for ``limit`` x FedAvg's time to target."""
+    cfg = race_like(silos, seed, MODES[mode], spread)
     fed = build_federation(cfg)
     plan = dp_schedule(fed, cfg.local)
     sigmas = (MODES[mode],) * silos
     sync = StrategySpec("fedavg", "FedAvg (sync)", "fedavg")
     with Runner(cfg, jobs, None) as runner:
-        base = runner.map([Job("fedavg", sync, sigmas, 400.0)])["fedavg"]
+        base = runner.map([Job("fedavg", sync, sigmas, sync_budget)])["fedavg"]
         out = {"fedavg": figures(base, cfg, plan, sigmas, None)}
         sync_time = out["fedavg"]["time_to_target"]
         cap = max(out["fedavg"]["rounds_per_silo"]) if sync_time else None
         specs = [s for s in candidates(cap) if only is None or s.key in only]
-        budget = limit * sync_time if sync_time else 200.0
+        budget = limit * (sync_time or sync_budget)
         done = runner.map([Job(s.key, s, sigmas, budget) for s in specs])
     for s in specs:
         f = figures(done[s.key], cfg, plan, sigmas, sync_time)
@@ -131,13 +143,19 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--only", nargs="+", default=None, help="candidate keys to run (default: all)")
     parser.add_argument("--limit", type=float, default=0.6, help="async budget, a multiple of FedAvg's time")
     parser.add_argument("--jobs", type=int, default=2)
+    parser.add_argument("--spread", type=float, default=5.64 / 1.14, help="slowest / fastest round (race: 4.9)")
+    parser.add_argument("--tiny", action="store_true", help="a seconds-long smoke run (for the test)")
     parser.add_argument("--out", type=Path, default=HERE / "results" / "race_ca2fl" / "simulation.json")
     args = parser.parse_args(argv)
     warnings.filterwarnings("ignore", message=".*Secure RNG turned off.*", category=UserWarning)
     torch.set_num_threads(1)
     started = time.perf_counter()
     only = set(args.only) if args.only else None
-    results = {f"{mode}/seed{seed}": run_mode(mode, args.silos, seed, args.jobs, args.limit, only)
+    silos, sync_budget = args.silos, 400.0
+    if args.tiny:  # 3 silos, 20 virtual seconds of FedAvg, one plain and one calibrated FedBuff
+        silos, sync_budget, only = 3, 20.0, {"fedbuff_k3", "ca2fl_k3"}
+    results = {f"{mode}/seed{seed}": run_mode(mode, silos, seed, args.jobs, args.limit, only, args.spread,
+                                              sync_budget)
                for seed in args.seeds for mode in args.modes}
     write_json({"benchmark": "race_ca2fl_simulation", "target": TARGET, "results": results,
                 "machine": machine_info(), "runtime_seconds": round(time.perf_counter() - started, 1)}, args.out)

@@ -7,7 +7,8 @@ import pytest
 import torch
 from sqlalchemy import select
 
-from coordinator import enrolment, update_cache
+from coordinator import admin, enrolment, update_cache
+from coordinator.errors import ApiError, Reason
 from coordinator.models import CalibrationCache, CalibrationMean, Update
 from coordinator.strategies import (
     StrategyError,
@@ -146,5 +147,21 @@ def test_a_revoked_silos_cached_update_leaves_the_next_mean(tmp_path):
         assert b.silo_id in cached(ctx)  # kept, but no longer counted
         for n, value in cached(ctx)[a.silo_id].items():
             torch.testing.assert_close(mean[n], value)
+    finally:
+        ctx.close()
+
+
+def test_calibration_cannot_be_switched_while_the_buffer_holds_updates(tmp_path):
+    ctx = make_coordinator(tmp_path / "c", strategy="fedbuff", buffer_k=2)
+    try:
+        a = enrol(ctx, "a")
+        assert submit(ctx, a.seal(a.delta(seed=1), base_version=0)).status == "buffered"
+        with pytest.raises(ApiError) as err, ctx.transaction() as s:
+            admin.change_settings(s, {"calibration": "ca2fl"}, actor="token:test", now=ctx.clock())
+        assert err.value.reason == Reason.CONFLICT and "CA2FL's corrections" in str(err.value)
+        submit(ctx, a.seal(a.delta(seed=2), base_version=0))  # the buffer is applied: now it may
+        with ctx.transaction() as s:
+            info = admin.change_settings(s, {"calibration": "ca2fl"}, actor="token:test", now=ctx.clock())
+        assert info.settings["calibration"] == "ca2fl"
     finally:
         ctx.close()
