@@ -105,6 +105,11 @@ CANDIDATES = (
     Strategy("fedbuff_k10", "FedBuff K=10", "fedbuff", {"buffer_k": 10}),
     Strategy("fedbuff_k10_fedadam", "FedBuff K=10 + FedAdam (server_lr 0.01)", "fedbuff",
              {"buffer_k": 10, "server_optimizer": "fedadam", "server_lr": 0.01}),
+    # CA2FL's cached-update calibration (Wang et al., ICLR 2024; docs/benchmarks.md section 9).
+    Strategy("fedbuff_k3_ca2fl", "FedBuff K=3 + CA2FL", "fedbuff", {"buffer_k": 3, "calibration": "ca2fl"}),
+    Strategy("fedbuff_ca2fl", "FedBuff K=5 + CA2FL", "fedbuff", {"calibration": "ca2fl"}),
+    Strategy("fedbuff_k3_ca2fl_lr05", "FedBuff K=3 + CA2FL (server_lr 0.5)", "fedbuff",
+             {"buffer_k": 3, "calibration": "ca2fl", "server_lr": 0.5}),
     # Issue 12's goal: <= 1.15x plain FedBuff K=3's wall time to target (same silos, speeds, data).
     Strategy("fedbuff_k3_secagg", "FedBuff K=3 + secure aggregation", "fedbuff", {"buffer_k": 3},
              secure_aggregation=True),

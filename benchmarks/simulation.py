@@ -58,6 +58,11 @@ from coordinator.strategies import (
     fedavg,
     fedbuff_accumulate,
     fedbuff_apply,
+    fedopt_initial_state,
+    fedopt_step,
+    ca2fl_buffer_sum,
+    ca2fl_cache_mean,
+    ca2fl_correction,
 )
 from privacy import accounting
 from privacy.dp import sampling_plan, train_dp
@@ -95,6 +100,7 @@ class StrategySpec:
     cohort: int | None = None  # fedavg: silos per round; None = all
     lr: float | None = None  # the silos' local learning rate under this strategy; None = config's
     pacing: bool = False  # async: silos ask coordinator.pacing.decide before each round
+    round_cap: int | None = None  # async: each silo stops after this many rounds (a per-silo budget)
 
     def to_dict(self) -> dict[str, Any]:
         out: dict[str, Any] = {"key": self.key, "label": self.label, "kind": self.kind}
@@ -102,12 +108,13 @@ class StrategySpec:
             s = self.settings
             keep = ["max_staleness"]
             keep += ["alpha", "staleness", "poly_a", "hinge_a", "hinge_b"] if self.kind == "fedasync" else []
-            keep += ["buffer_k", "server_lr"] if self.kind == "fedbuff" else []
+            keep += ["buffer_k", "server_lr", "server_optimizer", "calibration"] if self.kind == "fedbuff" else []
             out["settings"] = {k: getattr(s, k) for k in keep}
         if self.kind == "fedavg":
             out["cohort"] = self.cohort
         out["local_lr"] = self.lr
         out["pacing"] = self.pacing
+        out["round_cap"] = self.round_cap
         return out
 
 
@@ -452,8 +459,6 @@ class Simulator:
         rounds = [0] * n
         version = 0
         state = self.fed.initial
-        buffer: Tensors | None = None
-        buffered = 0
         run = RunResult(starts=[[] for _ in range(n)])
         self._record(run, 0.0, state, spec.label, budget, max_rounds)
         # (arrival time, tie-break, silo, base version, base tensors, the silo's round
@@ -462,9 +467,12 @@ class Simulator:
         seq = 0
         pacer = _Pacer(settings, n) if spec.pacing else None
 
+        server = _FedBuffServer(settings, state) if spec.kind == "fedbuff" else None
+        cap = min(x for x in (max_rounds, spec.round_cap, math.inf) if x is not None)
+
         def start(i: int, t: float) -> None:
             nonlocal seq
-            if max_rounds is not None and rounds[i] >= max_rounds:
+            if rounds[i] >= cap:
                 return
             if pacer is not None:
                 hint = pacer.hint(i, t, version)
@@ -516,20 +524,54 @@ class Simulator:
                 if pacer is not None:
                     pacer.version_made(t)
                 self._record(run, t, state, spec.label, budget, max_rounds)
-            else:
-                buffer = fedbuff_accumulate(buffer, delta, staleness)
-                buffered += 1
-                if buffered == settings.buffer_k:
-                    state = fedbuff_apply(state, buffer, buffered, settings.server_lr)
-                    buffer, buffered = None, 0
-                    version += 1
-                    if pacer is not None:
-                        pacer.version_made(t)
-                    self._record(run, t, state, spec.label, budget, max_rounds)
+            elif server.add(i, delta, staleness):
+                state = server.step(state)
+                version += 1
+                if pacer is not None:
+                    pacer.version_made(t)
+                self._record(run, t, state, spec.label, budget, max_rounds)
             start(i, t)
             run.end = t
         run.versions = version
         return run
+
+
+class _FedBuffServer:
+    """FedBuff's buffer and server step as the coordinator folds them: the staleness
+    weighted sum (or CA2FL's corrections and cache), then FedBuff's or FedOpt's step."""
+
+    def __init__(self, settings: StrategySettings, initial: Tensors) -> None:
+        self.settings = settings
+        self.buffer: Tensors | None = None
+        self.count = 0
+        self.cache: dict[int, Tensors] = {}  # CA2FL: each silo's latest update
+        self.cache_mean = ca2fl_cache_mean([], initial)  # CA2FL: h when this buffer opened
+        self.moments = (fedopt_initial_state(initial, settings.tau)
+                        if settings.server_optimizer != "none" else None)
+
+    def add(self, silo: int, delta: Tensors, staleness: int) -> bool:
+        """Buffer one update; True when the buffer is full."""
+        if self.settings.calibration == "ca2fl":
+            correction = ca2fl_correction(delta, self.cache.get(silo))
+            self.cache[silo] = delta  # a fresh dict per round: kept, never modified
+            delta, staleness = correction, 0  # CA2FL's corrections are unweighted
+        self.buffer = fedbuff_accumulate(self.buffer, delta, staleness)
+        self.count += 1
+        return self.count == self.settings.buffer_k
+
+    def step(self, state: Tensors) -> Tensors:
+        s = self.settings
+        total = self.buffer
+        if s.calibration == "ca2fl":
+            total = ca2fl_buffer_sum(total, self.cache_mean, self.count)
+            self.cache_mean = ca2fl_cache_mean(list(self.cache.values()), state)
+        if self.moments is None:
+            new = fedbuff_apply(state, total, self.count, s.server_lr)
+        else:
+            new = fedopt_step(s.server_optimizer, state, total, self.count, *self.moments,
+                              server_lr=s.server_lr, beta1=s.beta1, beta2=s.beta2, tau=s.tau)
+        self.buffer, self.count = None, 0
+        return new
 
 
 class _Pacer:

@@ -219,6 +219,15 @@ def get_federation(session: Session, *, federation_id: int = 1) -> FederationInf
     return _federation_info(session, _load_federation(session, federation_id))
 
 
+_NEVER_BOTH = "a buffer holds either plain deltas or masked shares, never both"
+#: Settings a non-empty FedBuff buffer pins: (key, what the refusal calls it, why).
+_PINNED_BY_BUFFER = (
+    ("strategy", "the strategy", _NEVER_BOTH),
+    ("secure_aggregation", "secure aggregation", _NEVER_BOTH),
+    ("calibration", "calibration", "a buffer sums either weighted deltas or CA2FL's corrections, never both"),
+)
+
+
 def change_settings(
     session: Session, changes: Mapping[str, Any], *, actor: str, now: datetime, federation_id: int = 1
 ) -> FederationInfo:
@@ -231,7 +240,8 @@ def change_settings(
     refused (``conflict``): they would be stranded. So is turning secure aggregation
     on or off (or changing its mask arithmetic) while the buffer is not empty: a
     buffer holds float deltas or masked integer shares, never both, and masked shares
-    open only under the settings they were made for. A change that changes nothing
+    open only under the settings they were made for; and switching CA2FL's calibration
+    (its buffer sums corrections, not weighted deltas). A change that changes nothing
     writes no audit entry.
     """
     if not isinstance(changes, Mapping) or not changes:
@@ -251,12 +261,11 @@ def change_settings(
     if not changed:
         return _federation_info(session, fed)
     buffered = buffers.count(session, fed.id)
-    for key, what in (("strategy", "the strategy"), ("secure_aggregation", "secure aggregation")):
+    for key, what, why in _PINNED_BY_BUFFER:
         if key in changed and buffered > 0:
             raise ApiError(
                 Reason.CONFLICT,
-                f"{buffered} update(s) are buffered for FedBuff; change {what} once the buffer is applied "
-                f"(a buffer holds either plain deltas or masked shares, never both)",
+                f"{buffered} update(s) are buffered for FedBuff; change {what} once the buffer is applied ({why})",
             )
     fed.settings = after  # a new dict: JSON columns are not mutation-tracked
     session.flush()

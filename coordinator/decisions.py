@@ -236,13 +236,16 @@ def needs_budget_recompute(before: Snapshot, now: Snapshot) -> bool:
 
 
 def weight(snap: Snapshot, staleness: int) -> float | int:
-    """The update's weight in the fold: FedAsync's ``a_t``, FedBuff's ``1 / sqrt(1 + s)``,
-    or, with secure aggregation on, the public integer weight of the masked shares."""
+    """The update's weight in the fold: FedAsync's ``a_t``, FedBuff's ``1 / sqrt(1 + s)``
+    (1 with CA2FL's calibration), or, with secure aggregation on, the public integer
+    weight of the masked shares."""
     try:
         if snap.settings.strategy == "fedasync":
             return fedasync_weight(snap.settings, staleness)
         if snap.masking is not None:
             return secagg.integer_weight(staleness, snap.masking.mask.max_weight)
+        if snap.settings.calibration == "ca2fl":  # CA2FL's corrections carry no staleness weight
+            return fedbuff_weight(0)
         return fedbuff_weight(staleness)
     except StrategyError as exc:
         raise translate(exc) from None

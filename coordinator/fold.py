@@ -66,7 +66,7 @@ from privacy import codec
 from privacy.envelope import SealedUpdate, UpdateHeader, utc_timestamp
 from privacy.secagg import MODULUS_BITS
 
-from . import audit, budget, buffers, db, decisions, optimizer_state, receipts, rejections, secagg
+from . import audit, budget, buffers, db, decisions, optimizer_state, receipts, rejections, secagg, update_cache
 from .decisions import Existing, Snapshot
 from .errors import Reason
 from .model_store import StorageCorrupted, prune, record_metrics, write_version
@@ -269,14 +269,20 @@ def _compute(ctx: Coordinator, s: Session, fed: Federation, p: Prepared, d: _Dec
             secagg.seal_if_ready(s, fed.id, buffer_k=settings.buffer_k, settings=d.snap.masking, arriving=h.silo_id,
                                  wake=ctx.opener_wake)
             return _Computed(float(d.weight), members)
+        ca2fl = settings.calibration == "ca2fl"
+        staleness = 0 if ca2fl else d.staleness  # CA2FL's corrections carry no staleness weight (decisions.weight)
+        if ca2fl:  # the buffer sums corrections delta - h_i (coordinator/update_cache.py)
+            update_cache.calibrate(s, fed.id, h.silo_id, p.delta)
         if len(members) < settings.buffer_k:
-            buffers.accumulate(s, fed.id, schema, p.delta, d.staleness, st, h.update_id)
+            buffers.accumulate(s, fed.id, schema, p.delta, staleness, st, h.update_id)
             p.delta.clear()  # summed into the buffer
             return _Computed(d.weight, members)
         # The buffer's slices with this delta's beside them; the server step sums and
         # applies them, and the buffer empties itself once read to the end (buffers.drain).
-        new, blob, moments = fedbuff_step(ctx, s, fed, settings, v, len(members),
-                                          buffers.drain(s, fed.id, schema, st, p.delta), staleness=d.staleness)
+        parts = buffers.drain(s, fed.id, schema, st, p.delta)
+        if ca2fl:
+            parts = update_cache.calibrated(s, fed.id, schema, parts, len(members))
+        new, blob, moments = fedbuff_step(ctx, s, fed, settings, v, len(members), parts, staleness=staleness)
         p.delta.clear()
         return _Computed(d.weight, members, new, blob, moments)
     except StrategyError as exc:

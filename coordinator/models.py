@@ -235,6 +235,26 @@ class OptimizerState(Base):
     data: Mapped[bytes] = mapped_column(LargeBinary)  # safetensors: "m.<name>", "v.<name>"
 
 
+class CalibrationCache(Base):
+    """CA2FL's cache: a silo's latest update to a federation (``coordinator.update_cache``)."""
+
+    __tablename__ = "calibration_cache"
+
+    federation_id: Mapped[int] = mapped_column(ForeignKey("federations.id"), primary_key=True)
+    silo_id: Mapped[str] = mapped_column(String(64), ForeignKey("silos.id"), primary_key=True)
+    data: Mapped[bytes] = mapped_column(LargeBinary)  # safetensors: the update's delta
+
+
+class CalibrationMean(Base):
+    """CA2FL's ``h``: the mean of the cached updates when the filling buffer opened."""
+
+    __tablename__ = "calibration_means"
+
+    federation_id: Mapped[int] = mapped_column(ForeignKey("federations.id"), primary_key=True)
+    silos: Mapped[int]  # how many cached updates it is the mean of
+    data: Mapped[bytes] = mapped_column(LargeBinary)  # safetensors, the model's names
+
+
 class Silo(Base):
     """A participating institution; its enrolled key pair is its identity."""
 

@@ -118,6 +118,9 @@ SCHEMAS: dict[str, dict[str, Any]] = {
             "beta1": {"type": "number", "minimum": 0, "exclusiveMaximum": 1},
             "beta2": {"type": "number", "minimum": 0, "exclusiveMaximum": 1},
             "tau": _POSITIVE, "compression": {"enum": ["none", "int8", "topk"]},
+            "calibration": {"enum": ["none", "ca2fl"],
+                            "description": "FedBuff only, not with secure_aggregation: CA2FL's cached-update "
+                                           "calibration (docs/operations.md)"},
             "pacing": {"type": "boolean", "description": "signed start/wait hints on model pulls (default true)"},
             "secure_aggregation": _nullable({
                 "type": "object",

@@ -62,6 +62,10 @@ __all__ = [
     "fold_into",
     "fedbuff_server_step",
     "fedbuff_server_steps",
+    "CALIBRATIONS",
+    "ca2fl_correction",
+    "ca2fl_cache_mean",
+    "ca2fl_buffer_sum",
     "fedavg",
     "update_norm",
     "check_staleness",
@@ -97,6 +101,9 @@ SERVER_OPTIMIZERS = ("none", "fedadam", "fedyogi", "fedadagrad")
 #: Compressed payload kind accepted besides a plain ``delta`` (privacy/compression.py).
 COMPRESSIONS = {"none": None, "int8": "delta_int8", "topk": "delta_topk"}
 _STALENESS = ("constant", "polynomial", "hinge")
+#: FedBuff's buffer calibration: ``ca2fl`` is CA2FL's cached-update calibration
+#: (:func:`ca2fl_correction`, :func:`ca2fl_buffer_sum`).
+CALIBRATIONS = ("none", "ca2fl")
 
 
 #: The update-norm bound a federation gets unless its operator sets another (global L2
@@ -166,6 +173,9 @@ class StrategySettings:
     tau: float = 1e-3
     compression: str = "none"
     pacing: bool = True
+    #: FedBuff only: ``ca2fl`` keeps each silo's latest update and steps with their mean
+    #: plus the buffer's corrections (Wang et al., ICLR 2024); ``none`` is plain FedBuff.
+    calibration: str = "none"
     #: None (off) or the helper's settings object; its structure is checked here, its
     #: substance (keys, mask arithmetic, K_min) by coordinator.secagg.parse_settings,
     #: which needs the privacy library this module does not import.
@@ -188,6 +198,7 @@ class StrategySettings:
         if self.server_optimizer != "none" and self.strategy != "fedbuff":
             # FedAsync mixes models; it has no pseudo-gradient to adapt (docs/operations.md).
             raise _invalid(f"server_optimizer {self.server_optimizer!r} needs strategy fedbuff")
+        self._check_calibration()
         if not isinstance(self.compression, str) or self.compression not in COMPRESSIONS:
             raise _invalid(f"compression must be one of {', '.join(COMPRESSIONS)}, not {self.compression!r}")
         if self.compression != "none" and getattr(self, "secure_aggregation", None) not in (None, False, "none"):
@@ -223,6 +234,20 @@ class StrategySettings:
                 f"never removed), not {value!r}"
             )
         object.__setattr__(self, "max_update_norm", float(value))
+
+    def _check_calibration(self) -> None:
+        if not isinstance(self.calibration, str) or self.calibration not in CALIBRATIONS:
+            raise _invalid(f"calibration must be one of {', '.join(CALIBRATIONS)}, not {self.calibration!r}")
+        if self.calibration == "none":
+            return
+        if self.strategy != "fedbuff":
+            raise _invalid(f"calibration {self.calibration!r} needs strategy fedbuff (it corrects a buffer)")
+        if self.secure_aggregation is not None:
+            # The calibration subtracts each silo's own cached update from its new one:
+            # the coordinator must see individual updates, which masking exists to prevent.
+            raise _invalid(f"calibration {self.calibration!r} cannot be combined with secure_aggregation: it "
+                           "needs each silo's own update, which the coordinator never sees under masking; "
+                           "set calibration = none")
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-friendly form; :meth:`from_dict` reverses it."""
@@ -578,6 +603,54 @@ def fedopt_step(
                 vt.mul_(beta2).add_(g2, alpha=1.0 - beta2)
             out[name] = torch.sqrt(vt).add_(tau).reciprocal_().mul_(m[name]).mul_(server_lr).add_(x)
     return out
+
+
+# --- CA2FL: cached-update calibration ------------------------------------------------
+# Wang et al., "Tackling the data heterogeneity in asynchronous federated learning with
+# cached update calibration" (ICLR 2024). The server keeps h_i, silo i's latest update,
+# and h, the mean of the cached updates when the buffer opened. A buffer S steps with
+#     v = h + (1/|S|) sum_{i in S} (delta_i - h_i),    x <- x + eta * v,
+# and h_i := delta_i for every i in S. Every step thus carries every silo's latest
+# direction, so on non-IID data the fast silos' updates no longer pull the model
+# towards their own data alone. Re-using a silo's DP update is post-processing: it
+# costs the silo no privacy.
+
+
+def ca2fl_correction(delta: Mapping[str, torch.Tensor], cached: Mapping[str, torch.Tensor] | None) -> Tensors:
+    """``delta - cached``: what one update adds to a CA2FL buffer. ``cached`` is the
+    silo's previous update, or None when it has none yet (it counts as zero)."""
+    _check_floating(delta)
+    with torch.no_grad():
+        if cached is None:
+            return {name: t.clone() for name, t in delta.items()}
+        _check_like(delta, cached, "cached update")
+        return {name: torch.sub(t, cached[name]) for name, t in delta.items()}
+
+
+def ca2fl_cache_mean(cached: Sequence[Mapping[str, torch.Tensor]], like: Mapping[str, torch.Tensor]) -> Tensors:
+    """The mean ``h`` of the cached updates; zeros shaped like ``like`` when none is cached."""
+    _check_floating(like)
+    with torch.no_grad():
+        out = {name: torch.zeros_like(t) for name, t in like.items()}
+        for one in cached:
+            _check_like(like, one, "cached update")
+            for name, t in one.items():
+                out[name].add_(t)
+        for t in out.values():
+            t.div_(max(len(cached), 1))
+    return out
+
+
+def ca2fl_buffer_sum(correction_sum: Mapping[str, torch.Tensor], cache_mean: Mapping[str, torch.Tensor],
+                     count: int) -> Tensors:
+    """``count * h + sum of corrections``: the buffer sum whose mean (``/ count``, as
+    :func:`fedbuff_apply` and :func:`fedopt_step` take it) is CA2FL's ``v``."""
+    if not _is_int(count) or count < 1:
+        raise StrategyError(StrategyReason.INVALID_ARGUMENT, f"count must be an integer >= 1, not {count!r}")
+    _check_floating(correction_sum)
+    _check_like(correction_sum, cache_mean, "cache mean")
+    with torch.no_grad():
+        return {name: torch.add(t, cache_mean[name], alpha=float(count)) for name, t in correction_sum.items()}
 
 
 # --- Writing a result slice by slice --------------------------------------------------

@@ -32,6 +32,7 @@ from coordinator.models import Base
 APP_TABLES = {
     "federations", "model_versions", "silos", "enrolment_tokens", "updates",
     "privacy_charges", "audit_events", "audit_head", "api_tokens", "fedbuff_buffers", "fedbuff_slices", "optimizer_states",
+    "calibration_cache", "calibration_means",
     "merkle_nodes", "checkpoints", "cosignatures", "log_witnesses", "witness_cosignatures",
 }
 T0 = datetime(2026, 11, 21, 10, 0, tzinfo=UTC)
@@ -47,7 +48,7 @@ def test_upgrade_downgrade_upgrade(db_url: str) -> None:
     try:
         assert current_revision(engine) is None
         upgrade(db_url)
-        assert current_revision(engine) == head_revision() == "0008"
+        assert current_revision(engine) == head_revision() == "0009"
         assert APP_TABLES <= _tables(engine)
         with transaction(engine) as s:
             assert audit.get_head(s) == (0, audit.GENESIS_HASH)
@@ -64,7 +65,7 @@ def test_upgrade_downgrade_upgrade(db_url: str) -> None:
 
         upgrade(db_url)
         upgrade(db_url)  # at head: nothing to do
-        assert current_revision(engine) == "0008"
+        assert current_revision(engine) == "0009"
         with transaction(engine) as s:
             assert audit.get_head(s) == (0, audit.GENESIS_HASH)
     finally:
@@ -122,7 +123,7 @@ def test_concurrent_upgrades_from_several_processes(db_url: str) -> None:
     assert [p.returncode for p in procs] == [0, 0, 0], errors
     engine = make_engine(db_url)
     try:
-        assert current_revision(engine) == "0008"
+        assert current_revision(engine) == "0009"
         with transaction(engine) as s:
             assert audit.get_head(s) == (0, audit.GENESIS_HASH)
     finally:
@@ -141,7 +142,7 @@ def test_packaged_alembic_ini_works_from_any_directory(sqlite_url: str, tmp_path
     )
     engine = make_engine(sqlite_url)
     try:
-        assert current_revision(engine) == "0008"
+        assert current_revision(engine) == "0009"
     finally:
         engine.dispose()
 
