@@ -355,7 +355,12 @@ OPERATIONS: dict[tuple[str, str], dict[str, Any]] = {
     ),
     ("GET", "/api/v1/model"): _operation(
         "Download the current (or an older retained) global model, with its signed release",
-        tag="silo", parameters=[query("version", integer(0, MAX_VERSION), "an older version still retained")],
+        tag="silo", parameters=[
+            query("version", integer(0, MAX_VERSION), "an older version still retained"),
+            query("round_seconds", {"type": "string", "pattern": r"^[0-9]{1,15}(\.[0-9]{1,9})?$"},
+                  "the silo's expected round time in seconds, a decimal in (0, 86400], for pacing "
+                  "(protocol.md §6.1)"),
+        ],
         response=_BINARY, content_type="application/octet-stream",
         response_headers={
             "Fedsilo-Version": "the version served",

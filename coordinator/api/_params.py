@@ -19,8 +19,8 @@ from privacy import strict_json
 from privacy.errors import JsonError
 
 __all__ = [
-    "MAX_INT", "MAX_STR", "MAX_VERSION", "field", "json_object", "path_int", "path_str", "query_int", "query_str",
-    "read_body",
+    "MAX_INT", "MAX_STR", "MAX_VERSION", "field", "json_object", "path_int", "path_str", "query_decimal", "query_int",
+    "query_str", "read_body",
 ]
 
 #: The largest integer a path or query parameter may hold: I-JSON's exact range
@@ -34,6 +34,9 @@ MAX_STR = 256
 # An integer written plainly: optional minus, ASCII digits (int() would also take
 # "+1", " 1", "1_000" and non-ASCII digits), at most as many digits as MAX_INT has.
 _INT = re.compile(r"-?[0-9]{1,16}")
+# A non-negative decimal written plainly: digits, optionally a point and more digits
+# (no sign, exponent, inf or nan, which float() would all take).
+_DECIMAL = re.compile(r"[0-9]{1,15}(\.[0-9]{1,9})?")
 
 
 def _one(request: Request, name: str) -> str | None:
@@ -71,6 +74,18 @@ def query_int(request: Request, name: str, *, default: int | None = None, lo: in
     if raw is None or raw == "":
         return default
     return _int(raw, name, max(lo, -MAX_INT), min(hi, MAX_INT))
+
+
+def query_decimal(request: Request, name: str, *, hi: float) -> float | None:
+    """A positive decimal query parameter in (0, hi], written plainly (``12.5``), or
+    None when absent."""
+    raw = _one(request, name)
+    if raw is None or raw == "":
+        return None
+    value = float(raw) if _DECIMAL.fullmatch(raw) else 0.0
+    if not 0.0 < value <= hi:
+        raise ApiError(Reason.INVALID_REQUEST, f"{name} must be a decimal number in (0, {hi:g}], e.g. 12.5")
+    return value
 
 
 def query_str(request: Request, name: str, *, choices: tuple[str, ...] | None = None) -> str | None:
