@@ -21,7 +21,7 @@ from .. import ingest, silos, uploads
 from ..context import Coordinator
 from ..model_store import ReleaseStream
 from ..pacing import MAX_DECLARED_ROUND
-from ._params import MAX_VERSION, json_object, query_decimal, query_int, read_body
+from ._params import MAX_VERSION, json_object, query_positive, query_int, read_body
 
 __all__ = ["routes", "target_of"]
 
@@ -59,7 +59,7 @@ def routes(ctx: Coordinator) -> list[Route]:
 
     async def model(request: Request) -> Response:
         version = query_int(request, "version", lo=0, hi=MAX_VERSION)
-        declared = query_decimal(request, "round_seconds", hi=MAX_DECLARED_ROUND)
+        declared = query_positive(request, "round_seconds", hi=MAX_DECLARED_ROUND)
         req = await signed(request)
         stream, hint = await run_in_threadpool(silos.model, ctx, req, version, declared)
         release = stream.release
