@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import email.utils
 import json
+import math
 import random
 import ssl
 import threading
@@ -144,8 +145,12 @@ class Release:
 
 
 def declared_round(seconds: float) -> str:
-    """A round time as the pull declares it: a plain decimal in [0.001, 86400] seconds."""
-    return f"{min(max(float(seconds), 0.001), 86400.0):.3f}"
+    """A round time as the pull declares it: a plain decimal in [0.001, 86400] seconds
+    (protocol.md §6.1); ValueError for NaN, which has no place in that range."""
+    value = float(seconds)
+    if math.isnan(value):
+        raise ValueError("a declared round time must be a number of seconds, not NaN")
+    return f"{min(max(value, 0.001), 86400.0):.3f}"
 
 
 # --------------------------------------------------------------------------- the client

@@ -11,8 +11,9 @@ One iteration, in this order (docs/silo.md):
    silo never trains a round it could not send.
 3. **Window.** Wait until the training window is open (e.g. 22:00-06:00 local time).
 4. **Pull.** Fetch the newest model, declaring this silo's expected round time (its
-   recent rounds, or before the first a calibration: ``round_clock``); the client verifies the coordinator's signature
-   (pinned key) and the digest before anything is decoded. A refused release stops the
+   recent rounds, or before the first a calibration: ``round_clock``); the client
+   verifies the coordinator's signature (pinned key) and the digest before anything is
+   decoded. A refused release stops the
    daemon with exit code 3: it is a security event, not a hiccup. **Pacing**: when
    the coordinator's signed hint (bound to this pull) says "come back in N seconds",
    wait that long (at most ``max_pacing_wait_seconds``) and go back to 3; a hint that

@@ -19,8 +19,8 @@ from privacy import strict_json
 from privacy.errors import JsonError
 
 __all__ = [
-    "MAX_INT", "MAX_NUMBER", "MAX_STR", "MAX_VERSION", "field", "json_object", "path_int", "path_str", "query_positive", "query_int",
-    "query_str", "read_body",
+    "MAX_INT", "MAX_NUMBER", "MAX_STR", "MAX_VERSION", "field", "json_object", "path_int", "path_str", "query_int",
+    "query_positive", "query_str", "read_body",
 ]
 
 #: The largest integer a path or query parameter may hold: I-JSON's exact range

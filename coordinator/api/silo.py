@@ -21,7 +21,7 @@ from .. import ingest, silos, uploads
 from ..context import Coordinator
 from ..model_store import ReleaseStream
 from ..pacing import MAX_DECLARED_ROUND
-from ._params import MAX_VERSION, json_object, query_positive, query_int, read_body
+from ._params import MAX_VERSION, json_object, query_int, query_positive, read_body
 
 __all__ = ["routes", "target_of"]
 

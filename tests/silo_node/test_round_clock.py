@@ -74,3 +74,12 @@ def test_calibrate_times_real_dp_sgd_steps_on_random_rows_and_scales_to_the_roun
     assert seconds == pytest.approx(2.8)
     # Measured for real (Opacus on this machine): a positive time.
     assert calibrate(task, like, batch_size=8, steps=1) > 0.0
+
+
+def test_the_client_writes_the_declaration_as_the_protocol_reads_it():
+    from silo_node.client import declared_round
+
+    assert declared_round(2.5) == "2.500" and declared_round(0.0001) == "0.001"
+    assert declared_round(1e9) == declared_round(float("inf")) == "86400.000"
+    with pytest.raises(ValueError, match="not NaN"):
+        declared_round(float("nan"))
