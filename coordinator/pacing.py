@@ -47,10 +47,11 @@ pull, and its declaration stands in for ``R`` until the coordinator has timed
 ``measured_after`` of its rounds; then the coordinator's own measurement wins. A
 declaration is hostile input, and lying only costs the liar: declaring too short gets
 a round admitted that then arrives stale (refused: compute and privacy budget spent
-for nothing), after which the silo's timed round rules; declaring too long only holds
-the liar back (it is used only while below the recorded upper bound, and a round in
-flight counts against another silo only if it is due before that silo's own round
-ends, so a long due time counts against fewer).
+for nothing), after which the silo's timed round rules; meanwhile that one round in
+flight counts against the others as any admitted round does (the per-silo bound keeps
+it to one). Declaring too long only holds the liar back (it is used only while below
+the recorded upper bound, and a round in flight counts against another silo only if it
+is due before that silo's own round ends, so a long due time counts against fewer).
 
 Preference (who comes back first). Each silo has a priority ``p`` in [0, 1]::
 
