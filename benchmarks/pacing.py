@@ -53,11 +53,17 @@ class PacingConfig(FederationConfig):
     sizes: tuple[Size, ...] = (Size(20, 600.0), Size(200, 300.0, share_size=32))
     target_fraction: float = 0.9
     final_window: float = 0.05
+    # Paced silos declare their round time on each pull (docs/protocol.md §6.1); before
+    # their first round that is a calibration, modelled as the true typical round time
+    # times exp(declared_error * N(0, 1)): 0.25 puts two thirds of the silos within
+    # -22%..+28% and one in twenty off by more than -39%..+64% (docs/benchmarks.md §8).
+    declared_error: float | None = 0.25
     tiny: bool = False
 
 
-def strategies() -> tuple[StrategySpec, ...]:
-    """The coordinator's defaults (FedAsync) and FedBuff K=5, each unpaced and paced."""
+def strategies(declared_error: float | None = None) -> tuple[StrategySpec, ...]:
+    """The coordinator's defaults (FedAsync) and FedBuff K=5, each unpaced and paced
+    (paced silos declaring their round times with ``declared_error``)."""
     base = (
         ("fedasync", "FedAsync (default)", StrategySettings()),
         ("fedbuff_k5", "FedBuff K=5", StrategySettings("fedbuff", buffer_k=5)),
@@ -65,7 +71,8 @@ def strategies() -> tuple[StrategySpec, ...]:
     out = []
     for key, label, settings in base:
         out.append(StrategySpec(key, label, settings.strategy, settings))
-        out.append(StrategySpec(f"{key}_paced", f"{label}, paced", settings.strategy, settings, pacing=True))
+        out.append(StrategySpec(f"{key}_paced", f"{label}, paced", settings.strategy, settings, pacing=True,
+                                declared_error=declared_error))
     return tuple(out)
 
 
@@ -98,7 +105,7 @@ def summarize(runs: dict[str, RunResult], specs: Sequence[StrategySpec], budget:
 
 
 def run_benchmark(cfg: PacingConfig, *, jobs: int = 1, progress: Progress | None = None) -> dict[str, Any]:
-    specs = strategies()
+    specs = strategies(cfg.declared_error)
     results: dict[str, Any] = {"benchmark": "pacing", "config": dataclasses.asdict(cfg), "sizes": {}}
     for size in cfg.sizes:
         fcfg = dataclasses.replace(cfg, silos=size.silos, share_size=size.share_size)

@@ -101,6 +101,10 @@ class StrategySpec:
     lr: float | None = None  # the silos' local learning rate under this strategy; None = config's
     pacing: bool = False  # async: silos ask coordinator.pacing.decide before each round
     round_cap: int | None = None  # async: each silo stops after this many rounds (a per-silo budget)
+    # Paced silos declare their round time on each pull: before their first round a
+    # calibration, their true typical round time times a lognormal error of this sigma;
+    # then the median of their own measured rounds. None: they declare nothing.
+    declared_error: float | None = None
 
     def to_dict(self) -> dict[str, Any]:
         out: dict[str, Any] = {"key": self.key, "label": self.label, "kind": self.kind}
@@ -115,6 +119,8 @@ class StrategySpec:
         out["local_lr"] = self.lr
         out["pacing"] = self.pacing
         out["round_cap"] = self.round_cap
+        if self.pacing:
+            out["declared_error"] = self.declared_error
         return out
 
 
@@ -378,6 +384,15 @@ class Simulator:
         # takes as long whichever strategy it runs under.
         return [np.random.default_rng([self.cfg.seed, 7919, salt, i]) for i in range(len(self.fed.silos))]
 
+    def calibrations(self, sigma: float | None) -> list[float] | None:
+        """Each silo's calibrated round time (what it declares before its first round):
+        its typical round time times a lognormal error of ``sigma`` (None: no declarations).
+        Its own stream, so the error is the same under every strategy."""
+        if sigma is None:
+            return None
+        z = np.random.default_rng([self.cfg.seed, 6007]).standard_normal(len(self.fed.silos))
+        return [s.speed * float(np.exp(sigma * e)) for s, e in zip(self.fed.silos, z)]
+
     def _record(
         self, run: RunResult, t: float, state: Tensors, label: str, budget: float, max_rounds: int | None
     ) -> None:
@@ -465,7 +480,7 @@ class Simulator:
         # number); a pacing wake-up is an entry with round None: the silo pulls again then.
         queue: list[tuple[float, int, int, int, Tensors | None, int | None]] = []
         seq = 0
-        pacer = _Pacer(settings, n) if spec.pacing else None
+        pacer = _Pacer(settings, n, self.calibrations(spec.declared_error)) if spec.pacing else None
 
         server = _FedBuffServer(settings, state) if spec.kind == "fedbuff" else None
         cap = min(x for x in (max_rounds, spec.round_cap, math.inf) if x is not None)
@@ -582,7 +597,7 @@ class _Pacer:
     RECENT = 64  # arrivals kept, as coordinator.pacing_service reads them
     HISTORY = 8  # each silo's own last arrivals, whatever their age (its round time)
 
-    def __init__(self, settings: StrategySettings, n: int) -> None:
+    def __init__(self, settings: StrategySettings, n: int, calibrations: Sequence[float] | None = None) -> None:
         self.settings = settings
         self.version_times: list[float] = [0.0]
         self.arrivals: list[pacing.Arrival] = []
@@ -590,6 +605,17 @@ class _Pacer:
         self.in_flight: list[list[tuple[float, float | None]]] = [[] for _ in range(n)]  # per silo: (start, due)
         self.policy = pacing.PacingPolicy()
         self._due: tuple[float, float | None] = (0.0, None)
+        self.calibrations = calibrations
+        # Per silo: its rounds timed from start to arrival (what the coordinator's grants
+        # time, and what the silo measures of itself: the same span here).
+        self.durations: list[list[float]] = [[] for _ in range(n)]
+
+    def declared(self, i: int) -> float | None:
+        """What silo ``i`` declares on a pull (as the silo daemon does): the median of its
+        own last measured rounds, or before its first its calibration."""
+        if self.calibrations is None:
+            return None
+        return pacing.median(self.durations[i][-self.HISTORY:]) or self.calibrations[i]
 
     def hint(self, i: int, t: float, version: int) -> pacing.Hint:
         snap = pacing.snapshot(
@@ -597,7 +623,8 @@ class _Pacer:
             updates_per_version=self.settings.buffer_k if self.settings.strategy == "fedbuff" else 1,
             version_times=self.version_times[-self.policy.rate_window:], arrivals=self.arrivals,
             in_flight=[d for due in self.in_flight for d in due], silo_in_flight=len(self.in_flight[i]),
-            own_arrivals=self.own[i],
+            own_arrivals=self.own[i], declared=self.declared(i), timed=self.durations[i][-self.HISTORY:],
+            measured_after=self.policy.measured_after,
         )
         r = snap.silo.round_time if snap.silo.round_time is not None else snap.round_time
         self._due = (t, None if r is None else t + r)
@@ -607,7 +634,8 @@ class _Pacer:
         self.in_flight[i].append(self._due)
 
     def arrived(self, i: int, base_version: int, t: float, accepted: bool) -> None:
-        self.in_flight[i].pop(0)
+        started, _ = self.in_flight[i].pop(0)
+        self.durations[i].append(t - started)
         arrival = pacing.Arrival(str(i), base_version, self.version_times[base_version], t, accepted)
         self.arrivals.append(arrival)
         del self.arrivals[:-self.RECENT]

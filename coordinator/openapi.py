@@ -24,9 +24,10 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse
 from starlette.routing import BaseRoute, Mount, Route
 
-from coordinator.api._params import MAX_INT, MAX_STR, MAX_VERSION
+from coordinator.api._params import MAX_INT, MAX_NUMBER, MAX_STR, MAX_VERSION
 from coordinator.api._routing import BY_METHOD
 from coordinator.api.auth import roles_of
+from coordinator.pacing import MAX_DECLARED_ROUND
 from coordinator.strategies import DEFAULT_MAX_UPDATE_NORM, MAX_INT_SETTING, MAX_UPDATE_NORM_LIMIT
 from privacy.reasons import Reason
 
@@ -358,7 +359,12 @@ OPERATIONS: dict[tuple[str, str], dict[str, Any]] = {
     ),
     ("GET", "/api/v1/model"): _operation(
         "Download the current (or an older retained) global model, with its signed release",
-        tag="silo", parameters=[query("version", integer(0, MAX_VERSION), "an older version still retained")],
+        tag="silo", parameters=[
+            query("version", integer(0, MAX_VERSION), "an older version still retained"),
+            query("round_seconds", {"type": "number", "exclusiveMinimum": 0, "maximum": MAX_DECLARED_ROUND},
+                  "the silo's expected round time in seconds, for pacing (protocol.md §6.1); "
+                  f"written as a JSON number of at most {MAX_NUMBER} characters"),
+        ],
         response=_BINARY, content_type="application/octet-stream",
         response_headers={
             "Fedsilo-Version": "the version served",

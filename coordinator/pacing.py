@@ -15,8 +15,11 @@ would unpaced, so the version rate -- what time to an accuracy depends on -- is 
 the others; that cut the version rate 3x and lost more time than it bought.)
 
 The estimate (docs/operations.md, "Pacing"). With ``R`` the silo's own round time
-(median of its own last 8 updates, however old -- the federation's recent updates are
-the fast silos' only; the federation's median when it has none), ``u`` the updates per
+(:func:`silo_round_time`: its last 8 rounds as this coordinator timed them, from the
+pull it answered "start" to the update's arrival; before it has one, the lower of the
+round time the silo *declared* on its pull and the median of its own last 8 recorded
+updates, however old -- the federation's recent updates are the fast silos' only; the
+federation's median when it has none of these), ``u`` the updates per
 version (1 for FedAsync, ``buffer_k`` for FedBuff), ``rate`` the recent version rate and
 ``D`` the rounds in flight due before ``now + R``::
 
@@ -31,10 +34,24 @@ steady state.
 
 Admission: ``E + spread * sqrt(E / u) <= max_staleness`` (spread 0.5: about 0.89 of
 the bound for FedAsync, 0.95 for FedBuff K=5), the same for every silo. A silo with
-no round time on record starts a *probe* round (its speed is unknown, so ``R`` is the
-federation's median; most slow silos' probes arrive stale), but only while at most
-``probe_budget`` (5%) of the recent arrivals were refused as stale: exploration spends
-the stale budget, it does not exceed it.
+neither a round time on record nor a declared one starts a *probe* round (its speed is
+unknown, so ``R`` is the federation's median; most slow silos' probes arrive stale), but
+only while at most ``probe_budget`` (5%) of the recent arrivals were refused as stale:
+exploration spends the stale budget, it does not exceed it.
+
+Declared round times. Without them the coordinator learns each silo's speed only from
+its first update, so at the start of a large federation the fast silos -- the ones that
+make the versions -- are found over minutes of rationed probes. A silo knows its own
+speed (its recent rounds; before the first, a calibration), so it declares it on the
+pull, and its declaration stands in for ``R`` until the coordinator has timed
+``measured_after`` of its rounds; then the coordinator's own measurement wins. A
+declaration is hostile input, and lying only costs the liar: declaring too short gets
+a round admitted that then arrives stale (refused: compute and privacy budget spent
+for nothing), after which the silo's timed round rules; meanwhile that one round in
+flight counts against the others as any admitted round does (the per-silo bound keeps
+it to one). Declaring too long only holds the liar back (it is used only while below
+the recorded upper bound, and a round in flight counts against another silo only if it
+is due before that silo's own round ends, so a long due time counts against fewer).
 
 Preference (who comes back first). Each silo has a priority ``p`` in [0, 1]::
 
@@ -58,9 +75,12 @@ import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 
+#: The longest round time a silo may declare, in seconds (a day; docs/protocol.md §6.1).
+MAX_DECLARED_ROUND = 86400.0
+
 __all__ = [
-    "Arrival", "Hint", "PacingPolicy", "SiloView", "Snapshot", "decide", "expected_staleness", "median", "priority",
-    "round_time", "snapshot", "version_rate",
+    "MAX_DECLARED_ROUND", "Arrival", "Hint", "PacingPolicy", "SiloView", "Snapshot", "decide", "expected_staleness",
+    "median", "priority", "round_time", "silo_round_time", "snapshot", "valid_declared_round", "version_rate",
 ]
 
 
@@ -79,6 +99,9 @@ class PacingPolicy:
     version rate is measured over. ``unknown_round``: how long a silo with a round in
     flight and no known round time is told to wait (a silo that pulls again mid-round
     most likely restarted; every pull carries the model, so it should not poll).
+    ``measured_after``: rounds the coordinator has timed (start to arrival) after which
+    their median replaces the round time the silo declares (one timed round measures
+    the whole round to within the round's own jitter, which beats a calibration's error).
     """
 
     spread: float = 0.5
@@ -88,6 +111,7 @@ class PacingPolicy:
     max_wait: float = 600.0
     rate_window: int = 64
     unknown_round: float = 60.0
+    measured_after: int = 1
 
 
 @dataclass(frozen=True)
@@ -95,7 +119,8 @@ class SiloView:
     """What the coordinator knows of the pulling silo.
 
     ``round_time``: median seconds from pulling a base version to its update's arrival,
-    over its recent updates (None: no history). ``in_flight``: its rounds started and
+    over its recent updates, or before its first update the round time it declared
+    (None: neither, its speed is unknown). ``in_flight``: its rounds started and
     not yet arrived. ``share``: fraction of the recent versions' contributing updates
     that were its own. ``behind``: versions since the base of its latest contribution
     (None: it has none).
@@ -244,6 +269,32 @@ class Arrival:
     accepted: bool
 
 
+def valid_declared_round(seconds: float | None) -> bool:
+    """Whether a silo's declared round time may be used: finite, in (0, MAX_DECLARED_ROUND]."""
+    return seconds is not None and math.isfinite(seconds) and 0.0 < seconds <= MAX_DECLARED_ROUND
+
+
+def silo_round_time(own: Sequence[Arrival], declared: float | None, timed: Sequence[float] = (), *,
+                    history: int = 8, measured_after: int = 1) -> float | None:
+    """The silo's round time ``R`` (None: unknown), best evidence first:
+
+    1. ``timed``: its rounds timed from the pull this coordinator answered "start" to the
+       update's arrival -- exact -- once there are ``measured_after`` of them (median
+       of the last ``history``);
+    2. else the lower of its declared round time (when valid) and the median of its
+       recorded updates' :func:`round_time` -- an upper bound, inflated by however long
+       the silo was held before it pulled its base: taken alone it would hold a held
+       silo longer still;
+    3. else whichever of the two there is.
+    """
+    exact = list(timed)[-history:]
+    if len(exact) >= max(measured_after, 1):
+        return median(exact)
+    recorded = median([round_time(a) for a in list(own)[-history:]])
+    claims = [x for x in (recorded, declared if valid_declared_round(declared) else None) if x is not None]
+    return min(claims) if claims else None
+
+
 def round_time(a: Arrival) -> float:
     """A round's duration as the coordinator can see it: from the creation of its base
     version to its arrival. An upper bound (the silo may have pulled later); the excess
@@ -263,17 +314,22 @@ def snapshot(
     in_flight: Sequence[tuple[float, float | None]],
     silo_in_flight: int,
     own_arrivals: Sequence[Arrival] | None = None,
+    declared: float | None = None,
+    timed: Sequence[float] = (),
     history: int = 8,
+    measured_after: int = 1,
 ) -> Snapshot:
     """Build the :class:`Snapshot` for ``silo`` from plain records (the coordinator's
     database rows, or the simulation's events): ``in_flight`` each round in flight as
     ``(started, due)`` (due None: unknown); ``arrivals`` are the federation's recent
-    updates, oldest first; each silo's round time is the median of its last ``history``."""
+    updates, oldest first; ``declared`` the round time the silo declared on this pull
+    (None: none), ``timed`` its rounds timed from start to arrival, oldest first; its
+    round time is :func:`silo_round_time`."""
     own = list(own_arrivals) if own_arrivals is not None else [a for a in arrivals if a.silo == silo]
     accepted = [a for a in arrivals if a.accepted]
     mine = [a for a in accepted if a.silo == silo]
     view = SiloView(
-        round_time=median([round_time(a) for a in own[-history:]]),
+        round_time=silo_round_time(own, declared, timed, history=history, measured_after=measured_after),
         in_flight=silo_in_flight,
         share=len(mine) / len(accepted) if accepted else 0.0,
         behind=current_version - mine[-1].base_version if mine else None,

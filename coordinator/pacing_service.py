@@ -6,8 +6,10 @@ has let start and not yet seen arrive (:class:`Grants`), builds a
 :class:`coordinator.pacing.Snapshot` and signs what :func:`coordinator.pacing.decide`
 says, bound to the request (privacy/pacing_hint.py, docs/protocol.md §6.1).
 
-Rounds in flight are kept per process: with several coordinator processes behind one
-database each bounds the rounds it started (docs/operations.md, "Pacing"). Pacing is a
+Rounds in flight, and the rounds timed from a "start" to the update's arrival, are kept
+per process: with several coordinator processes behind one database each bounds the
+rounds it started, and a restarted one times each silo afresh (until then it reads the
+database's upper bound and the silo's declaration; docs/operations.md, "Pacing"). Pacing is a
 throttle for honest silos, not a defence: a silo that ignores it is still held by the
 staleness bound and its privacy budget.
 """
@@ -15,6 +17,7 @@ staleness bound and its privacy budget.
 from __future__ import annotations
 
 import threading
+from collections import deque
 from dataclasses import dataclass
 from datetime import datetime
 
@@ -49,26 +52,36 @@ class _Grant:
 
 
 class Grants:
-    """Rounds this process told a silo to start, until their update arrives or they expire."""
+    """Rounds this process told a silo to start, until their update arrives or they
+    expire; and each silo's last rounds timed from that start to the arrival."""
 
     def __init__(self) -> None:
         self._by_silo: dict[str, list[_Grant]] = {}
+        self._timed: dict[str, deque[float]] = {}
         self._lock = threading.Lock()
 
     def live(self, now: float, last_arrival: dict[str, float]) -> dict[str, list[tuple[float, float | None]]]:
         """Rounds in flight per silo, as ``(started, due)``: grants not expired and
-        later than the silo's latest arrival (an arrival closes every round started
-        before it)."""
+        later than the silo's latest arrival. An arrival closes every round started
+        before it, and times the latest of them (start to arrival)."""
         with self._lock:
             out = {}
             for silo, grants in list(self._by_silo.items()):
                 seen = last_arrival.get(silo, float("-inf"))
+                closed = [g.at for g in grants if g.at <= seen and g.expires > seen]
+                if closed:
+                    self._timed.setdefault(silo, deque(maxlen=OWN_HISTORY)).append(seen - max(closed))
                 grants[:] = [g for g in grants if g.expires > now and g.at > seen]
                 if grants:
                     out[silo] = [(g.at, g.due) for g in grants]
                 else:
                     del self._by_silo[silo]
             return out
+
+    def timed(self, silo: str) -> list[float]:
+        """The silo's last rounds as this process timed them, oldest first (seconds)."""
+        with self._lock:
+            return list(self._timed.get(silo, ()))
 
     def add(self, silo: str, now: float, round_time: float | None) -> None:
         ttl = max(GRANT_TTL_SECONDS, GRANT_TTL_ROUNDS * (round_time or 0.0))
@@ -127,22 +140,29 @@ def _ts(t: datetime) -> float:
 
 
 def hint(session: Session, *, identity: Identity, grants: Grants, federation_id: int, silo_id: str, nonce: str,
-         version: int, now: datetime, policy: pacing.PacingPolicy = pacing.PacingPolicy()) -> SignedHint:
+         version: int, now: datetime, declared_round: float | None = None,
+         policy: pacing.PacingPolicy = pacing.PacingPolicy()) -> SignedHint:
     """The signed hint for ``silo_id``'s pull of ``version`` (the current one) now;
-    a ``start`` is recorded as a round in flight."""
+    a ``start`` is recorded as a round in flight. ``declared_round``: the round time
+    the silo declared on the pull (seconds, already range-checked by the route; None:
+    none), used until this process has timed its rounds (pacing.silo_round_time)."""
     fed = session.execute(
         select(Federation.name, Federation.settings).where(Federation.id == federation_id)
     ).one()
     settings = StrategySettings.from_stored(fed.settings)
     t = now.timestamp()
     times, arrivals, last = _recent(session, federation_id, policy.rate_window)
+    own = _own(session, federation_id, silo_id, OWN_HISTORY)
+    if own:  # a slow silo's latest arrival may be older than the federation's recent ones
+        last[silo_id] = max(last.get(silo_id, own[-1].arrived), own[-1].arrived)
     flying = grants.live(t, last)
     snap = pacing.snapshot(
         now=t, silo=silo_id, current_version=version, max_staleness=settings.max_staleness,
         updates_per_version=settings.buffer_k if settings.strategy == "fedbuff" else 1,
         version_times=times, arrivals=arrivals, in_flight=[d for due in flying.values() for d in due],
         silo_in_flight=len(flying.get(silo_id, ())),
-        own_arrivals=_own(session, federation_id, silo_id, OWN_HISTORY),
+        own_arrivals=own, declared=declared_round, timed=grants.timed(silo_id), history=OWN_HISTORY,
+        measured_after=policy.measured_after,
     )
     decided = pacing.decide(snap, policy, enabled=settings.pacing)
     if decided.start and settings.pacing:

@@ -107,13 +107,14 @@ def _seen(ctx: Coordinator, silo: Silo) -> None:
             enrolment.touch(s, silo.id, now)
 
 
-def model(ctx: Coordinator, req: SignedRequest, version: int | None
+def model(ctx: Coordinator, req: SignedRequest, version: int | None, declared_round: float | None = None
           ) -> tuple[ReleaseStream, pacing_service.SignedHint | None]:
     """The current (or a retained older) model, signed, opened for streaming from one
     snapshot; for a signed silo request only. The caller closes the stream.
 
     A pull of the current version (no ``version``) starts a round: it also gets the
-    signed pacing hint (start now or come back later), bound to the request's nonce.
+    signed pacing hint (start now or come back later), bound to the request's nonce;
+    ``declared_round`` is the round time the silo declared on it (docs/protocol.md §6.1).
     """
     with ctx.read() as s:
         silo = _authenticate(ctx, s, req)
@@ -126,6 +127,7 @@ def model(ctx: Coordinator, req: SignedRequest, version: int | None
             signed = pacing_service.hint(
                 s, identity=ctx.identity, grants=ctx.grants, federation_id=ctx.federation_id, silo_id=silo.id,
                 nonce=req.headers["fedsilo-nonce"], version=stream.release.version, now=ctx.clock(),
+                declared_round=declared_round,
             )
     except BaseException:
         stream.close()

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import email.utils
 import json
+import math
 import random
 import ssl
 import threading
@@ -141,6 +142,15 @@ class Release:
     #: The coordinator's verified pacing hint (pulls of the current version); None when
     #: it sent none, which means start now.
     pacing: PacingHint | None = None
+
+
+def declared_round(seconds: float) -> str:
+    """A round time as the pull declares it: a plain decimal in [0.001, 86400] seconds
+    (protocol.md §6.1); ValueError for NaN, which has no place in that range."""
+    value = float(seconds)
+    if math.isnan(value):
+        raise ValueError("a declared round time must be a number of seconds, not NaN")
+    return f"{min(max(value, 0.001), 86400.0):.3f}"
 
 
 # --------------------------------------------------------------------------- the client
@@ -286,9 +296,11 @@ class SiloClient:
                               content_type="application/json", prefix="", bearer=token)
         return self._json(response)
 
-    def fetch_model(self, version: int | None = None) -> Release:
+    def fetch_model(self, version: int | None = None, *, round_seconds: float | None = None) -> Release:
         """Download a model version (default: the newest) and verify it before decoding.
 
+        ``round_seconds``: this silo's expected round time, declared on a pull of the
+        newest version for the coordinator's pacing (protocol.md §6.1; None: not declared).
         Order matters: signature over the release statement (pinned key), then the bytes'
         size and digest, the version, the federation and the schema digest -- only then
         are the bytes parsed as safetensors and checked against the schema.
@@ -296,6 +308,8 @@ class SiloClient:
         if self._coordinator_key is None:
             raise ValueError("fetch_model needs the pinned coordinator key")
         path = "/model" if version is None else f"/model?version={int(version)}"
+        if version is None and round_seconds is not None:
+            path += f"?round_seconds={declared_round(round_seconds)}"
         response = self._send("GET", path, b"", signed=True, idempotent=True)
         blob = response.content
         try:

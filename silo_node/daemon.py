@@ -10,8 +10,10 @@ One iteration, in this order (docs/silo.md):
    pay for it, write a ``stopped`` entry saying why and stop cleanly (exit 0): the
    silo never trains a round it could not send.
 3. **Window.** Wait until the training window is open (e.g. 22:00-06:00 local time).
-4. **Pull.** Fetch the newest model; the client verifies the coordinator's signature
-   (pinned key) and the digest before anything is decoded. A refused release stops the
+4. **Pull.** Fetch the newest model, declaring this silo's expected round time (its
+   recent rounds, or before the first a calibration: ``round_clock``); the client
+   verifies the coordinator's signature (pinned key) and the digest before anything is
+   decoded. A refused release stops the
    daemon with exit code 3: it is a security event, not a hiccup. **Pacing**: when
    the coordinator's signed hint (bound to this pull) says "come back in N seconds",
    wait that long (at most ``max_pacing_wait_seconds``) and go back to 3; a hint that
@@ -44,6 +46,7 @@ import random
 import secrets
 import signal
 import threading
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -66,6 +69,7 @@ from .compression import ErrorFeedback
 from .config import COMPRESSION_KINDS, ConfigError, SiloConfig, read_helper_pin
 from .ledger import DPRun, Ledger
 from .receipt import Receipt
+from .round_clock import RoundClock, calibrate
 from .secagg import MaskPlan, SecaggError, SecaggReason, masking_for
 from .tasks import Task
 from .trainer import BudgetExhausted, LocalData, plan_round, run_round
@@ -220,6 +224,7 @@ class Daemon:
     wait: Callable[[float], bool] | None = None  # returns True when asked to stop
     on_phase: Callable[[str, dict], None] | None = None
     crash_at: str | None = None
+    monotonic: Callable[[], float] = time.monotonic  # times rounds (silo_node.round_clock)
     _receipts: int = field(default=0, init=False)
     _external: list[DPRun] = field(default_factory=list, init=False)
     _unsigned: int = field(default=0, init=False)  # unsigned refusals in a row
@@ -231,6 +236,8 @@ class Daemon:
             raise ValueError(f"crash point must be one of {CRASH_POINTS}")
         self._coordinator = self.config.enrolment.coordinator_keys
         self._round_index = len(self.ledger.counted_history())
+        self._clock_steps = 0  # DP-SGD steps of the planned round (the calibration's scale)
+        self._clock_rounds = RoundClock(self._calibrate, monotonic=self.monotonic)
 
     # -- the loop --
 
@@ -272,9 +279,10 @@ class Daemon:
             self.ledger.record_stop("budget_exhausted", message, epsilon_spent=exc.spent, epsilon_cap=exc.cap)
             log.info("%s. Stopping; nothing was trained.", message)
             raise _Stop(RunResult(Outcome.BUDGET_EXHAUSTED, self._receipts, message)) from None
-        release = self._paced_fetch()
+        release = self._paced_fetch(self._round_seconds(plan))
         if release is None:
             return False
+        self._clock_rounds.started()
         masking = self._masking(release)
         if masking is _NOT_READY:
             return False
@@ -313,7 +321,21 @@ class Daemon:
         )
         self._round_index += 1
         self._crash_point("sealed")
-        return self._deliver(header.update_id, envelope, envelope_digest) is not None
+        delivered = self._deliver(header.update_id, envelope, envelope_digest) is not None
+        if delivered:
+            self._clock_rounds.finished()
+        return delivered
+
+    def _round_seconds(self, plan: Any) -> float | None:
+        """The round time to declare on the pull (silo_node.round_clock); None when no
+        estimate could be made."""
+        self._clock_steps = plan.steps
+        return self._clock_rounds.declared()
+
+    def _calibrate(self) -> float:
+        training = self.config.training
+        return calibrate(self.task, self.data.train, batch_size=training.batch_size, steps=self._clock_steps,
+                         max_grad_norm=training.max_grad_norm)
 
     # -- the update's payload: plain (maybe compressed) or in shares (secure aggregation) --
 
@@ -536,9 +558,9 @@ class Daemon:
         log.error("%s", message)
         raise _Stop(RunResult(Outcome.LOG_ALTERED, self._receipts, message))
 
-    def _fetch(self) -> Release | None:
+    def _fetch(self, round_seconds: float | None = None) -> Release | None:
         try:
-            release = self.client.fetch_model()
+            release = self.client.fetch_model(round_seconds=round_seconds)
         except Untrusted as exc:
             self.ledger.record_stop("bad_release", exc.message)
             log.error("%s", exc.message)
@@ -557,13 +579,14 @@ class Daemon:
         log.info("fetched model version %d (digest %s..., signature verified)", release.version, release.digest[:12])
         return release
 
-    def _paced_fetch(self) -> Release | None:
-        """Wait for the window, fetch; while the coordinator's signed pacing hint says
-        "come back later", wait as it asks (bounded) and fetch again (docs/silo.md)."""
+    def _paced_fetch(self, round_seconds: float | None = None) -> Release | None:
+        """Wait for the window, fetch (declaring ``round_seconds``, the expected round
+        time); while the coordinator's signed pacing hint says "come back later", wait
+        as it asks (bounded) and fetch again (docs/silo.md)."""
         while True:
             self._wait_for_window()
             self._phase("fetching")
-            release = self._fetch()
+            release = self._fetch(round_seconds)
             if release is None or release.pacing is None or release.pacing.start:
                 return release
             self._wait_for_pacing(release.version, release.pacing)

@@ -19,8 +19,8 @@ from privacy import strict_json
 from privacy.errors import JsonError
 
 __all__ = [
-    "MAX_INT", "MAX_STR", "MAX_VERSION", "field", "json_object", "path_int", "path_str", "query_int", "query_str",
-    "read_body",
+    "MAX_INT", "MAX_NUMBER", "MAX_STR", "MAX_VERSION", "field", "json_object", "path_int", "path_str", "query_int",
+    "query_positive", "query_str", "read_body",
 ]
 
 #: The largest integer a path or query parameter may hold: I-JSON's exact range
@@ -34,6 +34,11 @@ MAX_STR = 256
 # An integer written plainly: optional minus, ASCII digits (int() would also take
 # "+1", " 1", "1_000" and non-ASCII digits), at most as many digits as MAX_INT has.
 _INT = re.compile(r"-?[0-9]{1,16}")
+# A number as JSON writes one (RFC 8259 section 6): float() would also take "inf", "nan",
+# " 1", "1_0" and non-ASCII digits. At most MAX_NUMBER characters.
+_NUMBER = re.compile(r"-?(0|[1-9][0-9]*)(\.[0-9]+)?([eE][-+]?[0-9]+)?")
+#: The longest number a query parameter may be written with.
+MAX_NUMBER = 32
 
 
 def _one(request: Request, name: str) -> str | None:
@@ -71,6 +76,18 @@ def query_int(request: Request, name: str, *, default: int | None = None, lo: in
     if raw is None or raw == "":
         return default
     return _int(raw, name, max(lo, -MAX_INT), min(hi, MAX_INT))
+
+
+def query_positive(request: Request, name: str, *, hi: float) -> float | None:
+    """A number query parameter in (0, hi], written as JSON writes numbers (``12.5``,
+    ``1e3``; at most :data:`MAX_NUMBER` characters), or None when absent."""
+    raw = _one(request, name)
+    if raw is None or raw == "":
+        return None
+    value = float(raw) if len(raw) <= MAX_NUMBER and _NUMBER.fullmatch(raw) else 0.0
+    if not 0.0 < value <= hi:
+        raise ApiError(Reason.INVALID_REQUEST, f"{name} must be a number in (0, {hi:g}], e.g. 12.5")
+    return value
 
 
 def query_str(request: Request, name: str, *, choices: tuple[str, ...] | None = None) -> str | None:

@@ -20,7 +20,8 @@ from privacy.keys import b64e
 from .. import ingest, silos, uploads
 from ..context import Coordinator
 from ..model_store import ReleaseStream
-from ._params import MAX_VERSION, json_object, query_int, read_body
+from ..pacing import MAX_DECLARED_ROUND
+from ._params import MAX_VERSION, json_object, query_int, query_positive, read_body
 
 __all__ = ["routes", "target_of"]
 
@@ -58,8 +59,9 @@ def routes(ctx: Coordinator) -> list[Route]:
 
     async def model(request: Request) -> Response:
         version = query_int(request, "version", lo=0, hi=MAX_VERSION)
+        declared = query_positive(request, "round_seconds", hi=MAX_DECLARED_ROUND)
         req = await signed(request)
-        stream, hint = await run_in_threadpool(silos.model, ctx, req, version)
+        stream, hint = await run_in_threadpool(silos.model, ctx, req, version, declared)
         release = stream.release
         headers = {
             "Content-Length": str(release.size),

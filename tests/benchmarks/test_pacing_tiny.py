@@ -25,7 +25,32 @@ def test_pacing_benchmark_reports_both_modes_at_each_size(tmp_path) -> None:
             assert s["accepted"] + s["rejected_stale"] == s["trained"] >= 1, key
             assert 0.0 <= s["stale_fraction"] <= 1.0 and finite(s["final_accuracy"]), key
             assert s["paced_waits"] == 0 or s["pacing"], key  # only paced silos are told to wait
+            if s["pacing"]:  # paced silos declare their round times, with the modelled calibration error
+                assert s["declared_error"] == data["config"]["declared_error"] == 0.25, key
     verdict = data["verdict"]
     assert set(verdict) == {"stale_fraction_paced_at_largest", "time_ratio_to_unpaced_at_largest", "time_ratios",
                             "goal_met"}
     assert set(verdict["time_ratios"]) == {f"{n} {k}" for n in ("4", "12") for k in ("fedasync_paced", "fedbuff_k5_paced")}
+
+
+def test_a_simulated_silo_declares_its_calibration_then_its_own_rounds() -> None:
+    from coordinator import pacing
+    from coordinator.strategies import StrategySettings
+
+    with benchmark_script("pacing.py"):
+        import simulation  # beside the script, found through the path it added
+
+        pacer = simulation._Pacer(StrategySettings(), 2, calibrations=[2.5, 9.0])
+        assert pacer.declared(0) == 2.5 and pacer.declared(1) == 9.0  # before any round
+        # Silo 0 starts at 1.0 and arrives at 4.0: it then declares the 3 s it measured,
+        # and the coordinator's side has timed that round (it wins over any declaration).
+        assert pacer.hint(0, 1.0, 0).start
+        pacer.started(0)
+        pacer.arrived(0, 0, 4.0, True)
+        assert pacer.declared(0) == 3.0 and pacer.declared(1) == 9.0
+        snap = pacing.snapshot(now=4.0, silo="0", current_version=0, max_staleness=16, updates_per_version=1,
+                               version_times=[0.0], arrivals=pacer.arrivals, in_flight=[], silo_in_flight=0,
+                               own_arrivals=pacer.own[0], declared=1.0, timed=pacer.durations[0])
+        assert snap.silo.round_time == 3.0
+        # Without calibrations the silos declare nothing (the pacing of before: probes).
+        assert simulation._Pacer(StrategySettings(), 2).declared(0) is None

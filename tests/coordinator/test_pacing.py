@@ -8,7 +8,8 @@ import math
 import pytest
 
 from coordinator.pacing import (
-    Arrival, PacingPolicy, SiloView, Snapshot, decide, expected_staleness, median, priority, snapshot, version_rate,
+    MAX_DECLARED_ROUND, Arrival, PacingPolicy, SiloView, Snapshot, decide, expected_staleness, median, priority,
+    silo_round_time, snapshot, valid_declared_round, version_rate,
 )
 
 
@@ -162,6 +163,47 @@ def test_snapshot_from_records():
     fresh = snapshot(now=31.0, silo="z", current_version=2, max_staleness=16, updates_per_version=1,
                      version_times=[0.0], arrivals=[], in_flight=[], silo_in_flight=0)
     assert fresh.silo == SiloView() and fresh.round_time is None and fresh.active == 1
+
+
+def test_a_declared_round_time_is_used_until_the_coordinator_has_timed_a_round():
+    recorded = [Arrival("s", 0, 0.0, 9.0, True)]  # base made at 0, arrived at 9: at most 9 s
+    assert silo_round_time([], 3.0) == 3.0  # nothing on record: the declaration
+    assert silo_round_time([], None) is None  # nothing at all: unknown (a probe)
+    # A recorded update is an upper bound (the silo may have been held before it pulled):
+    # the declaration below it is taken, one above it is not.
+    assert silo_round_time(recorded, 3.0) == 3.0
+    assert silo_round_time(recorded, 20.0) == 9.0
+    assert silo_round_time(recorded, None) == 9.0
+    # A round the coordinator timed itself (start to arrival) wins over both.
+    assert silo_round_time(recorded, 3.0, [5.0]) == 5.0
+    assert silo_round_time(recorded, 3.0, [5.0, 7.0, 6.0]) == 6.0
+    assert silo_round_time([], 3.0, [5.0], measured_after=2) == 3.0  # not enough timed rounds yet
+    # Out of range or not finite: ignored, as if nothing were declared.
+    for bad in (0.0, -1.0, MAX_DECLARED_ROUND + 1, math.inf, math.nan):
+        assert not valid_declared_round(bad)
+        assert silo_round_time([], bad) is None
+    assert valid_declared_round(MAX_DECLARED_ROUND) and valid_declared_round(0.001)
+
+
+def test_a_declared_fast_silo_starts_where_an_unknown_one_would_probe_and_wait():
+    # 5 versions in the last 2 s (rate 2.5/s, measured to now 110): recent arrivals 30%
+    # stale, over the probe budget.
+    times = tuple(108.0 + 0.5 * k for k in range(5))
+    base = dict(now=110.0, silo="new", current_version=40, max_staleness=16, updates_per_version=1,
+                version_times=times, arrivals=[Arrival("x", 30, 100.0, 104.0, True)] * 7
+                + [Arrival("y", 0, 0.0, 104.0, False)] * 3, in_flight=[], silo_in_flight=0)
+    unknown_silo = decide(snapshot(**base))
+    assert (unknown_silo.start, unknown_silo.reason) == (False, "probe")
+    # It declares 2 s: E = 2.5 * 2 = 5 versions, inside the bound: it starts now.
+    fast = decide(snapshot(**base, declared=2.0))
+    assert (fast.start, fast.reason, fast.expected) == (True, "paced", pytest.approx(5.0))
+    # It declares 20 s: E = 50, held for staleness (not as a probe).
+    slow = decide(snapshot(**base, declared=20.0))
+    assert (slow.start, slow.reason, slow.expected) == (False, "staleness", pytest.approx(50.0))
+    # A silo that lied (declared 2 s) and whose round the coordinator then timed at 20 s
+    # is held by its timed round: the lie bought one round, refused as stale.
+    liar = decide(snapshot(**base, declared=2.0, timed=[20.0]))
+    assert (liar.start, liar.expected) == (False, pytest.approx(50.0))
 
 
 def test_the_federation_setting_is_on_by_default_and_validated():

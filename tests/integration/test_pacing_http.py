@@ -98,3 +98,25 @@ def test_pacing_off_always_starts_now(tmp_path):
         with client(silo, server) as c:
             hints = [c.fetch_model().pacing for _ in range(3)]
     assert all(h.start and h.reason == "off" and h.wait_seconds == 0 for h in hints)
+
+
+def test_a_declared_round_time_is_used_and_a_malformed_one_refused(server):
+    silo = FakeSilo.create(server, "declares")
+    with client(silo, server) as c:
+        first = c.fetch_model(round_seconds=2.5)
+        assert first.pacing.start and first.pacing.reason == "paced"
+        # Pulling again mid-round: told to come back after its declared round time, not
+        # after the 60 s it would be told with no round time known.
+        again = c.fetch_model(round_seconds=2.5)
+        assert (again.pacing.start, again.pacing.reason, again.pacing.wait_seconds) == (False, "in_flight", 2.5)
+    # Written as JSON writes numbers; a day is the longest declarable round.
+    for good in ("86400", "8.64e4", "0.001", "1E-3"):
+        assert silo.signed_get(f"/api/v1/model?round_seconds={good}").status_code == 200, good
+    for bad in ("0", "0.000", "-1", "86400.5", "1e6", "nan", "inf", "Infinity", "+2", "%202", "2,5", "2.", ".5",
+                "02", "abc", "0." + "0" * 30 + "1"):
+        r = silo.signed_get(f"/api/v1/model?round_seconds={bad}")
+        assert r.status_code == 422, bad
+        assert r.json() == {"reason": "invalid_request",
+                            "detail": "round_seconds must be a number in (0, 86400], e.g. 12.5"}, bad
+    r = silo.signed_get("/api/v1/model?round_seconds=2&round_seconds=3")
+    assert r.status_code == 422 and r.json()["detail"] == "round_seconds is given 2 times; give it once"

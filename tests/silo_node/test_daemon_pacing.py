@@ -5,6 +5,7 @@ tests/integration/test_pacing_http.py)."""
 from __future__ import annotations
 
 import datetime as dt
+import urllib.parse
 
 import httpx
 
@@ -48,7 +49,9 @@ def test_the_daemon_waits_as_the_hint_says_then_pulls_again_and_trains(tmp_path)
     assert [p for p, _ in phases if p in ("fetching", "paced", "training")] == ["fetching", "paced", "fetching", "training"]
     paced = next(info for p, info in phases if p == "paced")
     assert paced["reason"] == "staleness" and paced["seconds"] == 120.0
-    assert sum(1 for m, p in fake.requests if p == "/api/v1/model") == 2
+    assert sum(1 for m, p in fake.requests if p.split("?")[0] == "/api/v1/model") == 2
+    first, again = declared_rounds(fake)  # both pulls declare the calibration: no round was timed
+    assert first == again > 0
 
 
 def test_a_wait_is_capped_by_the_silos_own_bound(tmp_path):
@@ -73,3 +76,42 @@ def test_a_forged_hint_stops_the_daemon_and_nothing_is_trained(tmp_path):
         [stop] = ledger.entries()
     assert stop.reason == "bad_release" and "pacing hint refused" in stop.detail
     assert not any(p == "/api/v1/updates" for _, p in fake.requests)
+
+
+def declared_rounds(fake: FakeCoordinator) -> list[float]:
+    """The round times the silo declared on its pulls of the current model."""
+    out = []
+    for method, target in fake.requests:
+        if target.startswith("/api/v1/model"):
+            [query] = urllib.parse.parse_qs(urllib.parse.urlsplit(target).query)["round_seconds"]
+            out.append(float(query))
+    return out
+
+
+def test_the_daemon_declares_its_calibration_then_its_timed_rounds(tmp_path):
+    fake = FakeCoordinator(clock=real_now)
+    config = enrol(tmp_path, fake)
+    ticks = iter(float(k) for k in range(0, 10_000, 7))  # each look at the monotonic clock: 7 s later
+    t = FakeTime(dt.datetime(2026, 11, 21, 23, 0, tzinfo=dt.UTC))
+    result = run(config, fake, rounds=2, clock=t.clock, wait=t.wait, monotonic=lambda: next(ticks))
+    assert result.receipts == 2
+    first, second = declared_rounds(fake)
+    # Before any round: the calibration, a real measurement of DP-SGD steps on this
+    # machine (positive, sent as a plain decimal with millisecond precision).
+    assert 0.0 < first <= 86400.0 and round(first, 3) == first
+    # After one: that round, timed from its "start" pull to the update's receipt (7 s).
+    assert second == 7.0
+
+
+def test_a_calibration_that_fails_declares_nothing(tmp_path, monkeypatch):
+    import silo_node.daemon as daemon
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("no opacus here")
+
+    monkeypatch.setattr(daemon, "calibrate", broken)
+    fake = FakeCoordinator(clock=real_now)
+    config = enrol(tmp_path, fake)
+    t = FakeTime(dt.datetime(2026, 11, 21, 23, 0, tzinfo=dt.UTC))
+    assert run(config, fake, rounds=1, clock=t.clock, wait=t.wait).receipts == 1
+    assert [p for m, p in fake.requests if p.startswith("/api/v1/model")] == ["/api/v1/model"]
