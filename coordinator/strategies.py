@@ -627,17 +627,23 @@ def ca2fl_correction(delta: Mapping[str, torch.Tensor], cached: Mapping[str, tor
         return {name: torch.sub(t, cached[name]) for name, t in delta.items()}
 
 
-def ca2fl_cache_mean(cached: Sequence[Mapping[str, torch.Tensor]], like: Mapping[str, torch.Tensor]) -> Tensors:
-    """The mean ``h`` of the cached updates; zeros shaped like ``like`` when none is cached."""
+def ca2fl_cache_mean(cached: Iterable[Mapping[str, torch.Tensor]], like: Mapping[str, torch.Tensor]) -> Tensors:
+    """The mean ``h`` of the cached updates; zeros shaped like ``like`` when none is cached.
+
+    ``cached`` is read once, one update at a time (its producer may decode them one by
+    one: the scratch memory is the mean and one update, whatever the number of silos).
+    """
     _check_floating(like)
+    count = 0
     with torch.no_grad():
         out = {name: torch.zeros_like(t) for name, t in like.items()}
         for one in cached:
             _check_like(like, one, "cached update")
             for name, t in one.items():
                 out[name].add_(t)
+            count += 1
         for t in out.values():
-            t.div_(max(len(cached), 1))
+            t.div_(max(count, 1))
     return out
 
 

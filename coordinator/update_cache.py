@@ -78,19 +78,27 @@ def _added(parts: Iterator[SumSlice], opened: Mapping[str, torch.Tensor], count:
 
 
 def _store_mean(session: Session, federation_id: int, schema: codec.Schema) -> None:
+    """Store the mean of the active silos' cached updates, reading them one at a time
+    (memory: the mean and one update, however many silos there are)."""
     zeros = _zeros(schema)
-    rows = session.scalars(
-        select(CalibrationCache.data).join(Silo, Silo.id == CalibrationCache.silo_id)
+    silos = session.scalars(
+        select(CalibrationCache.silo_id).join(Silo, Silo.id == CalibrationCache.silo_id)
         .where(CalibrationCache.federation_id == federation_id, Silo.status == SiloStatus.ACTIVE.value)
         .order_by(CalibrationCache.silo_id)  # one summation order, on every database
     ).all()
-    cached = [_decode(data, zeros, "a cached update") for data in rows]
+    cached = (_decode(_cached_data(session, federation_id, silo_id), zeros, f"the cached update of silo {silo_id}")
+              for silo_id in silos)
     data = codec.encode(ca2fl_cache_mean(cached, zeros))
     row = session.get(CalibrationMean, federation_id)
     if row is None:
-        session.add(CalibrationMean(federation_id=federation_id, silos=len(cached), data=data))
+        session.add(CalibrationMean(federation_id=federation_id, silos=len(silos), data=data))
     else:
-        row.silos, row.data = len(cached), data
+        row.silos, row.data = len(silos), data
+
+
+def _cached_data(session: Session, federation_id: int, silo_id: str) -> bytes:
+    return session.scalars(select(CalibrationCache.data).where(
+        CalibrationCache.federation_id == federation_id, CalibrationCache.silo_id == silo_id)).one()
 
 
 def _zeros(schema: codec.Schema) -> Tensors:
