@@ -31,7 +31,7 @@ from .config import CONFIG_FILE, ConfigError, CoordinatorConfig
 from .models import Federation
 from .strategies import StrategyError, StrategySettings
 
-__all__ = ["ACTION_COORDINATOR_INITIALIZED", "InitError", "InitResult", "initialize"]
+__all__ = ["ACTION_COORDINATOR_INITIALIZED", "InitError", "InitResult", "default_configuration", "initialize"]
 
 ACTION_COORDINATOR_INITIALIZED = "coordinator_initialized"
 ADMIN_TOKEN_NAME = "admin"
@@ -88,6 +88,18 @@ def _model_weights(task: str, options: Mapping[str, Any]) -> tuple[dict[str, Any
         raise InitError(str(exc)) from None  # its message names the task
     weights = {name: tensor.detach().clone().contiguous() for name, tensor in model.state_dict().items()}
     return task_spec(t), weights
+
+
+def default_configuration(settings: Mapping[str, Any]) -> tuple[str, dict[str, Any]]:
+    """The strategy and settings ``fedsilo-coordinator init`` sets up when no strategy is
+    named: FedBuff with CA2FL's cached-update calibration, the fastest configuration in
+    the race of docs/benchmarks.md §9 (with DP and at the smallest noise, within
+    synchronous FedAvg's epsilon). The operator's own ``settings`` win; with secure
+    aggregation (which never shows the coordinator a silo's own update) plain FedBuff."""
+    out = dict(settings)
+    if "secure_aggregation" not in out:
+        out.setdefault("calibration", "ca2fl")
+    return "fedbuff", out
 
 
 def initialize(

@@ -68,7 +68,9 @@ def _parser() -> argparse.ArgumentParser:
     init.add_argument("--label-column", default="target", metavar="NAME",
                       help="with --features-from: the header's label column, left out of the features (default: target)")
     init.add_argument("--name", default="fedsilo", help="the federation's name (default: fedsilo)")
-    init.add_argument("--strategy", choices=("fedasync", "fedbuff"), default="fedasync", help="aggregation strategy (default: fedasync)")
+    init.add_argument("--strategy", choices=("fedasync", "fedbuff"), default=None,
+                      help="aggregation strategy; left out: fedbuff with calibration=ca2fl (buffer_k 5), the "
+                           "fastest configuration measured (docs/operations.md), or plain fedbuff with secure_aggregation")
     init.add_argument("--setting", action="append", type=_key_value, default=[], metavar="KEY=VALUE",
                       help="strategy setting, e.g. alpha=0.6, max_staleness=8, buffer_k=5; repeatable")
     init.add_argument("--host", default="127.0.0.1", help="address to serve on (default: 127.0.0.1)")
@@ -246,17 +248,20 @@ def _feature_names(path: Path, label: str) -> list[str]:
 
 
 def _init(args: argparse.Namespace) -> int:
-    from .bootstrap import InitError, initialize
+    from .bootstrap import InitError, default_configuration, initialize
 
     options = dict(args.task_option)
     if args.features_from is not None:
         if "feature_names" in options:
             raise CliError("give the feature names either with --features-from or as a task option, not both")
         options["feature_names"] = _feature_names(args.features_from, args.label_column)
+    strategy, settings = args.strategy, dict(args.setting)
+    if strategy is None:
+        strategy, settings = default_configuration(settings)
     try:
         result = initialize(
             args.data_dir, task=args.task, task_options=options, database_url=args.database_url,
-            name=args.name, strategy=args.strategy, settings=dict(args.setting), host=args.host, port=args.port,
+            name=args.name, strategy=strategy, settings=settings, host=args.host, port=args.port,
             public_url=args.public_url,
         )
     except InitError as exc:

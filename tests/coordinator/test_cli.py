@@ -7,13 +7,17 @@ from __future__ import annotations
 
 import json
 import stat
+from pathlib import Path
 
 import pytest
-from sqlalchemy import text
+from sqlalchemy import select, text
 
 from coordinator import audit, cli
 from coordinator.config import CoordinatorConfig
 from coordinator.db import make_engine, transaction
+from coordinator.federation import settings_of
+from coordinator.models import Federation
+from coordinator.strategies import StrategySettings
 from tests.support.coordinator import DEFAULT_TASK_OPTIONS
 
 INIT = ["init", "--task", "csv", *[a for k, v in DEFAULT_TASK_OPTIONS.items()
@@ -141,3 +145,25 @@ def test_demo_options_go_to_the_demo_itself(capsys):
     except SystemExit as exc:
         status = exc.code
     assert status == 0 and "usage: " in capsys.readouterr().out
+
+
+def _stored_settings(data_dir: Path) -> StrategySettings:
+    engine = make_engine(CoordinatorConfig.load(data_dir).database_url)
+    try:
+        with transaction(engine) as s:
+            return settings_of(s.scalars(select(Federation)).one())
+    finally:
+        engine.dispose()
+
+
+@pytest.mark.parametrize(("extra", "strategy", "calibration"), [
+    ([], "fedbuff", "ca2fl"),  # the default configuration: the race's fastest (docs/benchmarks.md §9)
+    (["--strategy", "fedbuff"], "fedbuff", "none"),  # a named strategy is taken as named
+    (["--strategy", "fedasync"], "fedasync", "none"),
+    (["--setting", "calibration=\"none\""], "fedbuff", "none"),  # the operator's setting wins
+])
+def test_init_without_a_strategy_sets_up_fedbuff_with_calibration(tmp_path, capsys, extra, strategy, calibration):
+    assert cli.main([*INIT, "--data-dir", str(tmp_path / "c"), "--json", *extra]) == 0
+    capsys.readouterr()
+    settings = _stored_settings(tmp_path / "c")
+    assert (settings.strategy, settings.calibration, settings.buffer_k) == (strategy, calibration, 5)
