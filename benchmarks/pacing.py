@@ -58,16 +58,23 @@ class PacingConfig(FederationConfig):
     # times exp(declared_error * N(0, 1)): 0.25 puts two thirds of the silos within
     # -22%..+28% and one in twenty off by more than -39%..+64% (docs/benchmarks.md §8).
     declared_error: float | None = 0.25
+    strategies: tuple[str, ...] | None = None  # keys of strategies() without "_paced"; None: all
     tiny: bool = False
 
 
-def strategies(declared_error: float | None = None) -> tuple[StrategySpec, ...]:
-    """The coordinator's defaults (FedAsync) and FedBuff K=5, each unpaced and paced
-    (paced silos declaring their round times with ``declared_error``)."""
-    base = (
-        ("fedasync", "FedAsync (default)", StrategySettings()),
+#: init's default configuration (coordinator.bootstrap.default_configuration)
+DEFAULT_KEY = "fedbuff_ca2fl"
+
+
+def strategies(declared_error: float | None = None, only: Sequence[str] | None = None) -> tuple[StrategySpec, ...]:
+    """FedAsync's defaults, FedBuff K=5 and ``init``'s default configuration (FedBuff K=5
+    with CA2FL's calibration), each unpaced and paced (paced silos declaring their round
+    times with ``declared_error``); ``only`` keeps some of them."""
+    base = tuple(b for b in (
+        ("fedasync", "FedAsync", StrategySettings()),
         ("fedbuff_k5", "FedBuff K=5", StrategySettings("fedbuff", buffer_k=5)),
-    )
+        ("fedbuff_ca2fl", "FedBuff K=5 + CA2FL (default)", StrategySettings("fedbuff", buffer_k=5, calibration="ca2fl")),
+    ) if only is None or b[0] in only)
     out = []
     for key, label, settings in base:
         out.append(StrategySpec(key, label, settings.strategy, settings))
@@ -105,7 +112,7 @@ def summarize(runs: dict[str, RunResult], specs: Sequence[StrategySpec], budget:
 
 
 def run_benchmark(cfg: PacingConfig, *, jobs: int = 1, progress: Progress | None = None) -> dict[str, Any]:
-    specs = strategies(cfg.declared_error)
+    specs = strategies(cfg.declared_error, cfg.strategies)
     results: dict[str, Any] = {"benchmark": "pacing", "config": dataclasses.asdict(cfg), "sizes": {}}
     for size in cfg.sizes:
         fcfg = dataclasses.replace(cfg, silos=size.silos, share_size=size.share_size)
@@ -119,7 +126,8 @@ def run_benchmark(cfg: PacingConfig, *, jobs: int = 1, progress: Progress | None
             "strategies": summarize(runs, specs, size.time_budget, cfg),
         }
     largest = results["sizes"][str(max(s.silos for s in cfg.sizes))]["strategies"]
-    big = largest["fedasync_paced"]
+    paced = {key: s for key, s in largest.items() if s["pacing"]}
+    big = paced.get(f"{DEFAULT_KEY}_paced") or next(iter(paced.values()))  # the default's, if it ran
     ratios = {f"{n} {key}": s["time_ratio_to_unpaced"] for n, size in results["sizes"].items()
               for key, s in size["strategies"].items() if s["pacing"]}
     results["verdict"] = {
@@ -141,7 +149,7 @@ def plot(results: dict[str, Any], path: Path) -> None:
 
     sizes = results["sizes"]
     fig, axes = plt.subplots(1, len(sizes), figsize=(6 * len(sizes), 4.8), dpi=110, squeeze=False)
-    colors = {"fedasync": "tab:blue", "fedbuff_k5": "tab:green"}
+    colors = {"fedasync": "tab:blue", "fedbuff_k5": "tab:green", "fedbuff_ca2fl": "tab:red"}
     for ax, size in zip(axes[0], sizes.values()):
         for key, s in size["strategies"].items():
             base = key.removesuffix("_paced")
@@ -171,16 +179,21 @@ def print_summary(results: dict[str, Any], quiet: bool) -> None:
 
 
 def config_from_args(args) -> PacingConfig:
+    only = tuple(args.strategies) if args.strategies else None
     if args.tiny:
         return PacingConfig(seed=args.seed, sizes=(Size(4, 30.0), Size(12, 20.0, share_size=24)),
-                            local=LocalTraining(epochs=1), tiny=True)
+                            local=LocalTraining(epochs=1), strategies=only, tiny=True)
     if args.silos:
-        return PacingConfig(seed=args.seed, sizes=(Size(args.silos, 300.0, share_size=32 if args.silos > 50 else None),))
-    return PacingConfig(seed=args.seed)
+        return PacingConfig(seed=args.seed, strategies=only,
+                            sizes=(Size(args.silos, 300.0, share_size=32 if args.silos > 50 else None),))
+    return PacingConfig(seed=args.seed, strategies=only)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    args = benchmark_parser(__doc__, "pacing", HERE / "results").parse_args(argv)
+    parser = benchmark_parser(__doc__, "pacing", HERE / "results")
+    parser.add_argument("--strategies", nargs="+", choices=[s.key for s in strategies() if not s.pacing],
+                        help="run only these strategies (each unpaced and paced)")
+    args = parser.parse_args(argv)
     return run_script(args, "pacing", config_from_args(args), run_benchmark, plot, print_summary)
 
 
