@@ -491,6 +491,8 @@ class Simulator:
                 return
             if pacer is not None:
                 hint = pacer.hint(i, t, version)
+                if not hint.start and hint.reason == "probe" and pacer.calibrate(i):
+                    hint = pacer.hint(i, t, version)  # held for want of its pace: it calibrates, asks again
                 if not hint.start:
                     run.paced_waits += 1
                     if hint.not_before <= budget:
@@ -606,16 +608,27 @@ class _Pacer:
         self.policy = pacing.PacingPolicy()
         self._due: tuple[float, float | None] = (0.0, None)
         self.calibrations = calibrations
+        self.calibrated = [False] * n  # per silo: it has calibrated (only when held as a probe)
         # Per silo: its rounds timed from start to arrival (what the coordinator's grants
         # time, and what the silo measures of itself: the same span here).
         self.durations: list[list[float]] = [[] for _ in range(n)]
 
     def declared(self, i: int) -> float | None:
         """What silo ``i`` declares on a pull (as the silo daemon does): the median of its
-        own last measured rounds, or before its first its calibration."""
+        own last measured rounds, or before its first its calibration once it made one."""
         if self.calibrations is None:
             return None
-        return pacing.median(self.durations[i][-self.HISTORY:]) or self.calibrations[i]
+        calibration = self.calibrations[i] if self.calibrated[i] else None
+        return pacing.median(self.durations[i][-self.HISTORY:]) or calibration
+
+    def calibrate(self, i: int) -> bool:
+        """Silo ``i`` was held for want of its pace (a ``probe`` hint): it calibrates, as
+        the daemon does, unless it already has (or models no calibration). The
+        calibration's own few DP-SGD steps are not charged to the virtual clock."""
+        if self.calibrations is None or self.calibrated[i]:
+            return False
+        self.calibrated[i] = True
+        return True
 
     def hint(self, i: int, t: float, version: int) -> pacing.Hint:
         snap = pacing.snapshot(

@@ -10,14 +10,16 @@ One iteration, in this order (docs/silo.md):
    pay for it, write a ``stopped`` entry saying why and stop cleanly (exit 0): the
    silo never trains a round it could not send.
 3. **Window.** Wait until the training window is open (e.g. 22:00-06:00 local time).
-4. **Pull.** Fetch the newest model, declaring this silo's expected round time (its
-   recent rounds, or before the first a calibration: ``round_clock``); the client
+4. **Pull.** Fetch the newest model, declaring this silo's expected round time once it
+   has timed a round (``round_clock``); the client
    verifies the coordinator's signature (pinned key) and the digest before anything is
    decoded. A refused release stops the
    daemon with exit code 3: it is a security event, not a hiccup. **Pacing**: when
    the coordinator's signed hint (bound to this pull) says "come back in N seconds",
-   wait that long (at most ``max_pacing_wait_seconds``) and go back to 3; a hint that
-   does not verify is refused like a bad release.
+   wait that long (at most ``max_pacing_wait_seconds``) and go back to 3 -- unless it
+   holds the silo only for want of its pace (``probe``): then calibrate and pull again
+   at once, declaring the result. A hint that does not verify is refused like a bad
+   release.
 5. **Train** one DP-SGD round from that model; the update is the difference. When the
    signed release says the federation uses secure aggregation, the silo checks first
    that it can mask (enrolled with the helper, the same helper keys, no compression:
@@ -279,7 +281,8 @@ class Daemon:
             self.ledger.record_stop("budget_exhausted", message, epsilon_spent=exc.spent, epsilon_cap=exc.cap)
             log.info("%s. Stopping; nothing was trained.", message)
             raise _Stop(RunResult(Outcome.BUDGET_EXHAUSTED, self._receipts, message)) from None
-        release = self._paced_fetch(self._round_seconds(plan))
+        self._clock_steps = plan.steps  # the calibration's scale, should the coordinator ask for one
+        release = self._paced_fetch()
         if release is None:
             return False
         self._clock_rounds.started()
@@ -325,12 +328,6 @@ class Daemon:
         if delivered:
             self._clock_rounds.finished()
         return delivered
-
-    def _round_seconds(self, plan: Any) -> float | None:
-        """The round time to declare on the pull (silo_node.round_clock); None when no
-        estimate could be made."""
-        self._clock_steps = plan.steps
-        return self._clock_rounds.declared()
 
     def _calibrate(self) -> float:
         training = self.config.training
@@ -579,16 +576,23 @@ class Daemon:
         log.info("fetched model version %d (digest %s..., signature verified)", release.version, release.digest[:12])
         return release
 
-    def _paced_fetch(self, round_seconds: float | None = None) -> Release | None:
-        """Wait for the window, fetch (declaring ``round_seconds``, the expected round
-        time); while the coordinator's signed pacing hint says "come back later", wait
-        as it asks (bounded) and fetch again (docs/silo.md)."""
+    def _paced_fetch(self) -> Release | None:
+        """Wait for the window, fetch (declaring this silo's round time once a round was
+        timed: silo_node.round_clock); while the coordinator's signed pacing hint says
+        "come back later", wait as it asks (bounded) and fetch again (docs/silo.md). Held
+        because the coordinator does not know this silo's pace yet (``probe``), it
+        calibrates instead of waiting, and asks again declaring the result."""
+        round_seconds = self._clock_rounds.declared()
         while True:
             self._wait_for_window()
             self._phase("fetching")
             release = self._fetch(round_seconds)
             if release is None or release.pacing is None or release.pacing.start:
                 return release
+            if release.pacing.reason == "probe" and round_seconds is None:
+                round_seconds = self._clock_rounds.declared(calibrate=True)
+                if round_seconds is not None:
+                    continue
             self._wait_for_pacing(release.version, release.pacing)
 
     def _wait_for_pacing(self, version: int, hint: PacingHint) -> None:

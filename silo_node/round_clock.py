@@ -8,10 +8,13 @@ it sooner, so it declares it on the model pull (``round_seconds``, docs/protocol
 - after a round, the median of its last :data:`HISTORY` rounds, each timed (monotonic
   clock) from the pull that said "start" to the coordinator's answer to the update --
   the span the coordinator paces by;
-- before its first round, a **calibration**: a few DP-SGD steps of the task's model on
-  *random* rows of its data's shape (never its data: nothing private is touched, and
-  the result is thrown away), scaled to the steps its round will run. It leaves out
-  sealing and sending, and this process's start-up, so it errs short by those.
+- before its first round, only when the coordinator holds it back because it does not
+  know its pace yet (a ``probe`` hint), a **calibration**: a few DP-SGD steps of the
+  task's model on *random* rows of its data's shape (never its data: nothing private is
+  touched, and the result is thrown away), scaled to the steps its round will run. It
+  leaves out sealing and sending, and this process's start-up, so it errs short by
+  those. A silo the coordinator lets start at once never spends these steps (on a small
+  data set they can cost half a round).
 
 A wrong declaration costs this silo only: too short and its first round may arrive
 stale (refused); too long and it is held back until the coordinator has timed a round.
@@ -86,15 +89,16 @@ class RoundClock:
             self._rounds.append(self._monotonic() - self._started)
             self._started = None
 
-    def declared(self) -> float | None:
+    def declared(self, *, calibrate: bool = False) -> float | None:
         """The round time to declare: median of the timed rounds, else the calibration
-        (made on first use); None when neither gives a usable number."""
+        (made once, the first time ``calibrate`` asks for it); None when neither gives a
+        usable number."""
         if self._rounds:
             value = statistics.median(self._rounds)
         else:
-            if self._calibrated is None:
+            if self._calibrated is None and calibrate:
                 self._calibrated = self._calibrate()
-            value = self._calibrated
+            value = self._calibrated or 0.0
         return min(value, MAX_DECLARED) if value > 0 else None
 
     def _calibrate(self) -> float:

@@ -67,6 +67,7 @@ def _state(s: SiloRun) -> Text:
 def _header(run: DemoRun) -> Text:
     o = run.options
     strategy = {"fedasync": "FedAsync", "fedbuff": "FedBuff"}[o.strategy]
+    strategy += " + CA2FL" if o.calibration == "ca2fl" else ""
     secure = " · secure aggregation" if o.secure_aggregation else ""
     return Text.assemble(("fedsilo demo", "bold"),
                          f" {_clock(run.elapsed())} · {o.task} · {strategy}{secure} · {o.silos} silos")

@@ -92,7 +92,8 @@ class DemoOptions:
 
     silos: int = 5
     task: str = "breast_cancer"
-    strategy: str = "fedasync"
+    strategy: str = "fedbuff"
+    calibration: str = "ca2fl"  # init's default configuration (FedBuff with CA2FL); "none" with a named strategy
     out: Path | None = None  # None: a new directory under demo-output/
     json: bool = False
     quiet: bool = False
@@ -119,7 +120,8 @@ class DemoOptions:
     def strategy_settings(self) -> dict[str, object]:
         """``init --setting`` values: FedBuff with 5 silos would fold only every 5 arrivals."""
         if self.strategy == "fedbuff":
-            return {"buffer_k": max(2, min(3, self.silos))}
+            calibrated = {} if self.calibration == "none" else {"calibration": self.calibration}
+            return {"buffer_k": max(2, min(3, self.silos)), **calibrated}
         return {}
 
     @property
@@ -178,7 +180,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--silos", type=_int_range(2, 20), default=5, metavar="N", help="number of silos (default: 5)")
     p.add_argument("--task", choices=TASKS, default="breast_cancer", help="bundled data set (default: breast_cancer)")
     p.add_argument("--strategy", choices=STRATEGIES,
-                   help="aggregation (default: fedasync; fedbuff with --secure-aggregation)")
+                   help="aggregation as published (default: fedbuff with CA2FL's calibration, as init sets up; "
+                        "plain fedbuff with --secure-aggregation)")
     p.add_argument("--secure-aggregation", action="store_true",
                    help="start a helper aggregator too: silos send their updates in shares and the coordinator "
                         "only ever opens FedBuff buffers as sums (docs/secure-aggregation.md)")
@@ -202,9 +205,11 @@ def parse_options(argv: Sequence[str]) -> DemoOptions:
         args = args[1:]
     parser = build_parser()
     ns = parser.parse_args(args)
-    strategy = ns.strategy or ("fedbuff" if ns.secure_aggregation else "fedasync")
+    strategy = ns.strategy or "fedbuff"
     if ns.secure_aggregation and strategy != "fedbuff":
         parser.error("--secure-aggregation opens FedBuff buffers: use --strategy fedbuff (or leave it out)")
-    return DemoOptions(silos=ns.silos, task=ns.task, strategy=strategy, out=ns.out, json=ns.json,
-                       quiet=ns.quiet, updates=ns.updates, seed=ns.seed, time_limit=ns.time_limit,
+    # init's default configuration unless a strategy is named; secure aggregation needs plain FedBuff
+    calibration = "ca2fl" if ns.strategy is None and not ns.secure_aggregation else "none"
+    return DemoOptions(silos=ns.silos, task=ns.task, strategy=strategy, calibration=calibration, out=ns.out,
+                       json=ns.json, quiet=ns.quiet, updates=ns.updates, seed=ns.seed, time_limit=ns.time_limit,
                        secure_aggregation=ns.secure_aggregation)

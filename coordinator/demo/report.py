@@ -232,6 +232,7 @@ def plot_accuracy(run: DemoRun, finale: Finale, path: Path) -> Path:
         ax.annotate(f"version {last.version}: {last.accuracy:.3f}", (xs[-1], last.accuracy),
                     xytext=(-8, 10), textcoords="offset points", ha="right", fontsize=9)
     strategy = {"fedasync": "FedAsync", "fedbuff": "FedBuff"}[o.strategy]
+    strategy += " + CA2FL" if o.calibration == "ca2fl" else ""
     made_by = "the silo whose update completed the buffer" if o.strategy == "fedbuff" else "the silo whose update it folded"
     secure = " + secure aggregation" if o.secure_aggregation else ""
     ax.set_title(f"fedsilo demo: {o.task}, {strategy}{secure}, {o.silos} silos with DP-SGD, non-IID "

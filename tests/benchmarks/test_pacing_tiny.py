@@ -36,7 +36,7 @@ def test_pacing_benchmark_reports_both_modes_at_each_size(tmp_path) -> None:
     assert set(verdict["time_ratios"]) == {f"{n} {k}_paced" for n in ("4", "12") for k in KEYS}
 
 
-def test_a_simulated_silo_declares_its_calibration_then_its_own_rounds() -> None:
+def test_a_simulated_silo_declares_its_calibration_once_held_as_a_probe_then_its_own_rounds() -> None:
     from coordinator import pacing
     from coordinator.strategies import StrategySettings
 
@@ -44,6 +44,8 @@ def test_a_simulated_silo_declares_its_calibration_then_its_own_rounds() -> None
         import simulation  # beside the script, found through the path it added
 
         pacer = simulation._Pacer(StrategySettings(), 2, calibrations=[2.5, 9.0])
+        assert pacer.declared(0) is None and pacer.declared(1) is None  # as the daemon: no calibration unasked
+        assert pacer.calibrate(0) and pacer.calibrate(1) and not pacer.calibrate(1)  # held as probes: once each
         assert pacer.declared(0) == 2.5 and pacer.declared(1) == 9.0  # before any round
         # Silo 0 starts at 1.0 and arrives at 4.0: it then declares the 3 s it measured,
         # and the coordinator's side has timed that round (it wins over any declaration).

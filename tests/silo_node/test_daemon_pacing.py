@@ -18,7 +18,7 @@ from tests.silo_node.test_daemon import FakeTime, enrol, real_now, run
 from tests.support.fake_coordinator import FakeCoordinator
 
 
-def wait_once(fake: FakeCoordinator, seconds: float, *, signer=None):
+def wait_once(fake: FakeCoordinator, seconds: float, *, signer=None, reason: str = "staleness"):
     """A fault for the next model pull: the model with a signed "wait ``seconds``" hint."""
 
     def fault(request: httpx.Request) -> httpx.Response | None:
@@ -29,7 +29,7 @@ def wait_once(fake: FakeCoordinator, seconds: float, *, signer=None):
         statement, sig = pacing_statement(
             federation=fake.federation, silo_id=request.headers["fedsilo-silo"],
             nonce=request.headers["fedsilo-nonce"], version=fake.version, action="wait", wait_seconds=seconds,
-            reason="staleness", expected_staleness=20.0, issued_at=utc_timestamp(), signer=signer or fake.identity.signing,
+            reason=reason, expected_staleness=20.0, issued_at=utc_timestamp(), signer=signer or fake.identity.signing,
         )
         headers |= {"Fedsilo-Pacing": b64e(statement), "Fedsilo-Pacing-Signature": b64e(sig)}
         return httpx.Response(200, content=blob, headers={**headers, "Content-Type": "application/octet-stream"})
@@ -50,8 +50,9 @@ def test_the_daemon_waits_as_the_hint_says_then_pulls_again_and_trains(tmp_path)
     paced = next(info for p, info in phases if p == "paced")
     assert paced["reason"] == "staleness" and paced["seconds"] == 120.0
     assert sum(1 for m, p in fake.requests if p.split("?")[0] == "/api/v1/model") == 2
-    first, again = declared_rounds(fake)  # both pulls declare the calibration: no round was timed
-    assert first == again > 0
+    # Neither pull declares a round time: none was timed, and a hold for staleness is
+    # not for want of this silo's pace, so it spends no DP-SGD steps on a calibration.
+    assert declared_rounds(fake) == [None, None]
 
 
 def test_a_wait_is_capped_by_the_silos_own_bound(tmp_path):
@@ -78,32 +79,34 @@ def test_a_forged_hint_stops_the_daemon_and_nothing_is_trained(tmp_path):
     assert not any(p == "/api/v1/updates" for _, p in fake.requests)
 
 
-def declared_rounds(fake: FakeCoordinator) -> list[float]:
-    """The round times the silo declared on its pulls of the current model."""
+def declared_rounds(fake: FakeCoordinator) -> list[float | None]:
+    """The round times the silo declared on its pulls of the current model (None: none)."""
     out = []
     for method, target in fake.requests:
         if target.startswith("/api/v1/model"):
-            [query] = urllib.parse.parse_qs(urllib.parse.urlsplit(target).query)["round_seconds"]
-            out.append(float(query))
+            query = urllib.parse.parse_qs(urllib.parse.urlsplit(target).query).get("round_seconds")
+            out.append(None if query is None else float(query[0]))
     return out
 
 
-def test_the_daemon_declares_its_calibration_then_its_timed_rounds(tmp_path):
+def test_held_for_want_of_its_pace_the_daemon_calibrates_and_asks_again_then_declares_its_timed_rounds(tmp_path):
     fake = FakeCoordinator(clock=real_now)
     config = enrol(tmp_path, fake)
+    wait_once(fake, 120.0, reason="probe")
     ticks = iter(float(k) for k in range(0, 10_000, 7))  # each look at the monotonic clock: 7 s later
     t = FakeTime(dt.datetime(2026, 11, 21, 23, 0, tzinfo=dt.UTC))
     result = run(config, fake, rounds=2, clock=t.clock, wait=t.wait, monotonic=lambda: next(ticks))
-    assert result.receipts == 2
-    first, second = declared_rounds(fake)
-    # Before any round: the calibration, a real measurement of DP-SGD steps on this
+    assert result.receipts == 2 and t.waits == []  # it did not wait the 120 s: it calibrated instead
+    unknown, calibrated, timed = declared_rounds(fake)
+    assert unknown is None  # the first pull: nothing timed, nothing spent on a calibration yet
+    # Held as a probe: the calibration, a real measurement of DP-SGD steps on this
     # machine (positive, sent as a plain decimal with millisecond precision).
-    assert 0.0 < first <= 86400.0 and round(first, 3) == first
-    # After one: that round, timed from its "start" pull to the update's receipt (7 s).
-    assert second == 7.0
+    assert 0.0 < calibrated <= 86400.0 and round(calibrated, 3) == calibrated
+    # After one round: that round, timed from its "start" pull to the update's receipt (7 s).
+    assert timed == 7.0
 
 
-def test_a_calibration_that_fails_declares_nothing(tmp_path, monkeypatch):
+def test_a_calibration_that_fails_declares_nothing_and_the_daemon_waits_as_told(tmp_path, monkeypatch):
     import silo_node.daemon as daemon
 
     def broken(*args, **kwargs):
@@ -112,6 +115,7 @@ def test_a_calibration_that_fails_declares_nothing(tmp_path, monkeypatch):
     monkeypatch.setattr(daemon, "calibrate", broken)
     fake = FakeCoordinator(clock=real_now)
     config = enrol(tmp_path, fake)
+    wait_once(fake, 30.0, reason="probe")
     t = FakeTime(dt.datetime(2026, 11, 21, 23, 0, tzinfo=dt.UTC))
     assert run(config, fake, rounds=1, clock=t.clock, wait=t.wait).receipts == 1
-    assert [p for m, p in fake.requests if p.startswith("/api/v1/model")] == ["/api/v1/model"]
+    assert t.waits == [30.0] and declared_rounds(fake) == [None, None]

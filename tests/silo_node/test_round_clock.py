@@ -26,7 +26,8 @@ class Ticks:
 def test_the_calibration_is_declared_until_a_round_is_timed_then_the_median_of_timed_rounds():
     calls = []
     clock = RoundClock(lambda: calls.append(1) or 4.5, monotonic=Ticks(10.0, 13.0, 20.0, 27.0, 30.0, 31.0))
-    assert clock.declared() == 4.5 and clock.declared() == 4.5
+    assert clock.declared() is None and calls == []  # nothing timed, and no calibration asked for
+    assert clock.declared(calibrate=True) == 4.5 and clock.declared() == 4.5
     assert len(calls) == 1  # calibrated once
     clock.finished()  # no round started: nothing timed
     assert clock.declared() == 4.5
@@ -51,7 +52,7 @@ def test_one_outlier_does_not_move_the_declaration_and_it_stays_in_range():
     clock.finished()  # a round of 11.6 days: the protocol's bound is a day
     assert clock.declared() == 100.0  # the median of 6 rounds is still 100
     long = RoundClock(lambda: 1e9)
-    assert long.declared() == MAX_DECLARED
+    assert long.declared(calibrate=True) == MAX_DECLARED
 
 
 def test_a_failed_or_empty_calibration_declares_nothing(caplog):
@@ -59,9 +60,9 @@ def test_a_failed_or_empty_calibration_declares_nothing(caplog):
         raise RuntimeError("no opacus here")
 
     with caplog.at_level(logging.WARNING, logger="fedsilo.silo"):
-        assert RoundClock(broken).declared() is None
+        assert RoundClock(broken).declared(calibrate=True) is None
     assert "could not calibrate the round time (no opacus here)" in caplog.text
-    assert RoundClock(lambda: 0.0).declared() is None
+    assert RoundClock(lambda: 0.0).declared(calibrate=True) is None
 
 
 def test_calibrate_times_real_dp_sgd_steps_on_random_rows_and_scales_to_the_round():
