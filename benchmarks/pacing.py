@@ -74,6 +74,8 @@ def strategies(declared_error: float | None = None, only: Sequence[str] | None =
         ("fedasync", "FedAsync", StrategySettings()),
         ("fedbuff_k5", "FedBuff K=5", StrategySettings("fedbuff", buffer_k=5)),
         ("fedbuff_ca2fl", "FedBuff K=5 + CA2FL (default)", StrategySettings("fedbuff", buffer_k=5, calibration="ca2fl")),
+        ("fedbuff_ca2fl_s64", "FedBuff K=5 + CA2FL, max_staleness 64",
+         StrategySettings("fedbuff", buffer_k=5, calibration="ca2fl", max_staleness=64)),
     ) if only is None or b[0] in only)
     out = []
     for key, label, settings in base:

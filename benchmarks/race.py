@@ -66,6 +66,7 @@ if str(HERE) not in sys.path:  # loaded by path (the tests): find race_relay.py 
 
 from race_relay import Relay  # noqa: E402
 
+from coordinator.bootstrap import default_configuration  # noqa: E402
 from coordinator.demo.observer import AdminClient, Holdout, Observer  # noqa: E402
 from coordinator.demo.processes import Children, child_env, command, free_port, wait_healthy  # noqa: E402
 from coordinator.demo.secagg import enrol_with_helper, start_helper, wait_helper  # noqa: E402
@@ -110,6 +111,8 @@ CANDIDATES = (
     Strategy("fedbuff_ca2fl", "FedBuff K=5 + CA2FL", "fedbuff", {"calibration": "ca2fl"}),
     Strategy("fedbuff_k3_ca2fl_lr05", "FedBuff K=3 + CA2FL (server_lr 0.5)", "fedbuff",
              {"buffer_k": 3, "calibration": "ca2fl", "server_lr": 0.5}),
+    # init's default configuration, exactly (coordinator.bootstrap.default_configuration).
+    Strategy("default", "the default (FedBuff K=5 + CA2FL, max_staleness 64)", *default_configuration({})),
     # Issue 12's goal: <= 1.15x plain FedBuff K=3's wall time to target (same silos, speeds, data).
     Strategy("fedbuff_k3_secagg", "FedBuff K=3 + secure aggregation", "fedbuff", {"buffer_k": 3},
              secure_aggregation=True),
