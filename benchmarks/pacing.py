@@ -2,8 +2,9 @@
 
 The async simulation of ``simulation.py`` (real Opacus DP-SGD rounds on non-IID shares of
 ``digits``, the coordinator's strategy code, a virtual clock with a 10x spread of silo
-speeds), run with the coordinator's defaults -- FedAsync, polynomial staleness, the
-staleness bound 16 -- and FedBuff K=5, each with pacing off (every silo starts a round
+speeds), run with FedAsync's defaults (polynomial staleness, the staleness bound 16),
+FedBuff K=5, FedBuff K=5 with CA2FL at bound 16, and ``init``'s default configuration
+(FedBuff K=5, CA2FL, bound 64), each with pacing off (every silo starts a round
 as soon as its previous one arrived) and on (before each round the silo asks
 ``coordinator.pacing.decide``, the function the coordinator answers a model pull with,
 and waits until the time it names).
@@ -11,10 +12,11 @@ and waits until the time it names).
 Reported per federation size and strategy: trained rounds, the fraction of them refused
 as stale, virtual time to the target accuracy (``target_fraction`` x the unpaced run's
 final accuracy), final accuracy and the versions made. Done when (``verdict.goal_met``):
-at 200 silos the paced stale fraction is below 10% for both strategies, and at every
-size, for both strategies, the paced time to target is no worse than the unpaced one.
+at 200 silos the paced stale fraction is below 10% for every strategy, and at every
+size, for every strategy, the paced time to target is no worse than the unpaced one.
+``--strategies`` runs some of them; ``--silos N`` one size.
 
-Run: ``.venv/bin/python benchmarks/pacing.py`` (2-4 minutes on 2 cores); results
+Run: ``.venv/bin/python benchmarks/pacing.py`` (20-30 minutes on 2 cores); results
 go to ``benchmarks/results/pacing.json`` and ``.png``. ``--tiny`` is for the test.
 """
 
@@ -36,6 +38,7 @@ from simulation import (  # noqa: E402
     benchmark_parser, final_accuracy, rounded, run_script, time_to_target,
 )
 
+from coordinator.bootstrap import default_configuration  # noqa: E402
 from coordinator.strategies import StrategySettings  # noqa: E402
 
 
@@ -63,7 +66,7 @@ class PacingConfig(FederationConfig):
 
 
 #: init's default configuration (coordinator.bootstrap.default_configuration)
-DEFAULT_KEY = "fedbuff_ca2fl"
+DEFAULT_KEY = "fedbuff_ca2fl_s64"
 
 
 def strategies(declared_error: float | None = None, only: Sequence[str] | None = None) -> tuple[StrategySpec, ...]:
@@ -73,9 +76,10 @@ def strategies(declared_error: float | None = None, only: Sequence[str] | None =
     base = tuple(b for b in (
         ("fedasync", "FedAsync", StrategySettings()),
         ("fedbuff_k5", "FedBuff K=5", StrategySettings("fedbuff", buffer_k=5)),
-        ("fedbuff_ca2fl", "FedBuff K=5 + CA2FL (default)", StrategySettings("fedbuff", buffer_k=5, calibration="ca2fl")),
-        ("fedbuff_ca2fl_s64", "FedBuff K=5 + CA2FL, max_staleness 64",
-         StrategySettings("fedbuff", buffer_k=5, calibration="ca2fl", max_staleness=64)),
+        ("fedbuff_ca2fl", "FedBuff K=5 + CA2FL, max_staleness 16",
+         StrategySettings("fedbuff", buffer_k=5, calibration="ca2fl")),
+        (DEFAULT_KEY, "FedBuff K=5 + CA2FL, max_staleness 64 (default)",
+         StrategySettings("fedbuff", **default_configuration({})[1])),
     ) if only is None or b[0] in only)
     out = []
     for key, label, settings in base:
@@ -151,7 +155,7 @@ def plot(results: dict[str, Any], path: Path) -> None:
 
     sizes = results["sizes"]
     fig, axes = plt.subplots(1, len(sizes), figsize=(6 * len(sizes), 4.8), dpi=110, squeeze=False)
-    colors = {"fedasync": "tab:blue", "fedbuff_k5": "tab:green", "fedbuff_ca2fl": "tab:red"}
+    colors = {"fedasync": "tab:blue", "fedbuff_k5": "tab:green", "fedbuff_ca2fl": "tab:orange", DEFAULT_KEY: "tab:red"}
     for ax, size in zip(axes[0], sizes.values()):
         for key, s in size["strategies"].items():
             base = key.removesuffix("_paced")
