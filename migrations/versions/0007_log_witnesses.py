@@ -42,11 +42,11 @@ def upgrade() -> None:
         sa.Column("timestamp", BIGINT, nullable=False),
         sa.Column("line", sa.Text(), nullable=False),
         sa.Column("received_at", TS, nullable=False),
-        sa.ForeignKeyConstraint(["checkpoint_size"], ["checkpoints.size"],
-                                name="fk_witness_cosignatures_checkpoint_size_checkpoints"),
+        sa.PrimaryKeyConstraint("checkpoint_size", "witness", name="pk_witness_cosignatures"),
         sa.ForeignKeyConstraint(["witness"], ["log_witnesses.name"],
                                 name="fk_witness_cosignatures_witness_log_witnesses"),
-        sa.PrimaryKeyConstraint("checkpoint_size", "witness", name="pk_witness_cosignatures"),
+        sa.ForeignKeyConstraint(["checkpoint_size"], ["checkpoints.size"],
+                                name="fk_witness_cosignatures_checkpoint_size_checkpoints"),
     )
 
 
