@@ -101,8 +101,7 @@ def default_configuration(settings: Mapping[str, Any]) -> tuple[str, dict[str, A
     """The strategy and settings ``fedsilo-coordinator init`` sets up when no strategy is
     named: FedBuff (K=5) with CA2FL's cached-update calibration and a staleness bound of
     :data:`DEFAULT_CA2FL_MAX_STALENESS`, the fastest configuration in the race of
-    docs/benchmarks.md §9 (with DP and at the smallest noise, within synchronous FedAvg's
-    epsilon). The operator's own ``settings`` win; with secure aggregation (which never
+    docs/benchmarks.md §9 (with DP and at the smallest noise). The operator's own ``settings`` win; with secure aggregation (which never
     shows the coordinator a silo's own update) plain FedBuff."""
     out = dict(settings)
     if "secure_aggregation" not in out and out.setdefault("calibration", "ca2fl") == "ca2fl":
