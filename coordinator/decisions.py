@@ -59,6 +59,7 @@ __all__ = [
     "is_stored_rejection",
     "needs_budget_recompute",
     "snapshot",
+    "weighed_staleness",
     "weight",
 ]
 
@@ -235,6 +236,12 @@ def needs_budget_recompute(before: Snapshot, now: Snapshot) -> bool:
 # --------------------------------------------------------------------------- the fold's weight
 
 
+def weighed_staleness(snap: Snapshot, staleness: int) -> int:
+    """The staleness a plain FedBuff weight is taken at: 0 under CA2FL's calibration,
+    whose corrections carry no staleness weight (Wang et al.), else the update's own."""
+    return 0 if snap.settings.calibration == "ca2fl" else staleness
+
+
 def weight(snap: Snapshot, staleness: int) -> float | int:
     """The update's weight in the fold: FedAsync's ``a_t``, FedBuff's ``1 / sqrt(1 + s)``
     (1 with CA2FL's calibration), or, with secure aggregation on, the public integer
@@ -244,9 +251,7 @@ def weight(snap: Snapshot, staleness: int) -> float | int:
             return fedasync_weight(snap.settings, staleness)
         if snap.masking is not None:
             return secagg.integer_weight(staleness, snap.masking.mask.max_weight)
-        if snap.settings.calibration == "ca2fl":  # CA2FL's corrections carry no staleness weight
-            return fedbuff_weight(0)
-        return fedbuff_weight(staleness)
+        return fedbuff_weight(weighed_staleness(snap, staleness))
     except StrategyError as exc:
         raise translate(exc) from None
 

@@ -133,6 +133,7 @@ class _Decided:
     staleness: int
     epsilon: float
     weight: float | int  # the update's weight in the fold (decisions.weight; an int for masked shares)
+    weighed_staleness: int  # the staleness FedBuff's weight is taken at (decisions.weighed_staleness)
 
 
 @dataclass
@@ -243,7 +244,8 @@ def _decide(ctx: Coordinator, p: Prepared, snap: Snapshot) -> _Decided:
     decisions.check_budget(snap, epsilon)
     decisions.check_masking(snap, p.header.payload_kind)  # secure aggregation may have been switched
     decisions.check_room(snap)  # a masked buffer full while the other waits for the helper
-    return _Decided(snap, staleness, epsilon, decisions.weight(snap, staleness))
+    return _Decided(snap, staleness, epsilon, decisions.weight(snap, staleness),
+                    decisions.weighed_staleness(snap, staleness))
 
 
 # --------------------------------------------------------------------------- compute
@@ -270,7 +272,7 @@ def _compute(ctx: Coordinator, s: Session, fed: Federation, p: Prepared, d: _Dec
                                  wake=ctx.opener_wake)
             return _Computed(float(d.weight), members)
         ca2fl = settings.calibration == "ca2fl"
-        staleness = 0 if ca2fl else d.staleness  # CA2FL's corrections carry no staleness weight (decisions.weight)
+        staleness = d.weighed_staleness
         if ca2fl:  # the buffer sums corrections delta - h_i (coordinator/update_cache.py)
             update_cache.calibrate(s, fed.id, h.silo_id, p.delta)
         if len(members) < settings.buffer_k:

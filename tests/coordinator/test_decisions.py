@@ -153,3 +153,12 @@ def test_a_full_masked_buffer_is_refused_unavailable_and_room_is_not_checked_whe
 def test_a_masked_update_is_refused_when_secure_aggregation_is_off() -> None:
     refused(Reason.UNSUPPORTED_VERSION, decisions.check_masked, FEDBUFF, None, b"", silo_key=None, federation="fed",
             schema=None)
+
+
+def test_ca2fl_weighs_every_correction_at_staleness_zero():
+    from coordinator.strategies import StrategySettings
+
+    plain = SimpleNamespace(settings=StrategySettings("fedbuff"), masking=None)
+    calibrated = SimpleNamespace(settings=StrategySettings("fedbuff", calibration="ca2fl"), masking=None)
+    assert decisions.weighed_staleness(plain, 3) == 3 and decisions.weighed_staleness(calibrated, 3) == 0
+    assert decisions.weight(calibrated, 3) == 1.0 and decisions.weight(plain, 3) == 0.5
