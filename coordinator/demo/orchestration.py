@@ -29,7 +29,8 @@ from typing import TYPE_CHECKING, Protocol
 
 from .observer import AdminClient, Holdout, Observer, Snapshot
 from .options import DemoOptions, SiloPlan, TrainingPlan, silo_plans
-from .processes import Child, Children, DemoError, child_env, command, free_port, loopback_without_proxy, wait_healthy
+from .processes import (Child, Children, DemoError, child_env, command, free_port, loopback_without_proxy,
+                        signals_deferred, wait_healthy)
 from .secagg import HelperRun, enrol_with_helper, openings, setting, start_helper, wait_for_openings, wait_helper
 from .slow_task import ENV as SLOW_STEP_ENV
 from .slow_task import TASK_NAME as SLOW_TASK
@@ -226,7 +227,8 @@ def _start_silos(run: DemoRun, kids: Children) -> None:
         })
         args = [*SILO, "run", "--data-dir", str(s.data_dir), *o.training.run_args(s.train_samples),
                 "--pause", str(s.plan.pause_seconds), "--jitter", str(s.plan.jitter_seconds)]
-        s.child = kids.start(s.plan.name, args, run.out / "logs" / f"{s.plan.name}.log", env)
+        with signals_deferred():  # a Ctrl-C now still finds s.child set, so the silo is stopped as one
+            s.child = kids.start(s.plan.name, args, run.out / "logs" / f"{s.plan.name}.log", env)
     run.training_started_at = datetime.now(UTC)
     run.training_started = time.monotonic()
 

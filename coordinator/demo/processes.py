@@ -10,6 +10,7 @@ nothing running (the coordinator then stops gracefully, and the silos stop retry
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import os
 import signal
@@ -17,14 +18,15 @@ import socket
 import subprocess
 import sys
 import time
-from collections.abc import Callable, Mapping, MutableMapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, MutableMapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, Any
 
 import httpx
 
-__all__ = ["Child", "Children", "DemoError", "child_env", "command", "free_port", "loopback_without_proxy", "wait_healthy"]
+__all__ = ["Child", "Children", "DemoError", "child_env", "command", "free_port", "loopback_without_proxy",
+           "signals_deferred", "wait_healthy"]
 
 
 class DemoError(Exception):
@@ -82,6 +84,32 @@ def _preexec() -> Callable[[], None] | None:
     return _die_with_parent if _PRCTL is not None else None
 
 
+@contextlib.contextmanager
+def signals_deferred() -> Iterator[None]:
+    """Hold Ctrl-C and SIGTERM until the block ends, then act on them as usual.
+
+    A child started inside is registered before the interrupt stops everything
+    registered: without this, a Ctrl-C landing between ``Popen`` returning and the child
+    being recorded left that child running after the demo had exited. Python-level (the
+    handlers, not the thread's signal mask), so it holds whichever thread the kernel
+    delivers to; it does nothing outside the main thread, where handlers cannot be set.
+    """
+    try:
+        held: list[int] = []
+        previous = {s: signal.signal(s, lambda signum, frame: held.append(signum))
+                    for s in (signal.SIGINT, signal.SIGTERM)}
+    except ValueError:  # not the main thread
+        yield
+        return
+    try:
+        yield
+    finally:
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
+        if held:
+            signal.raise_signal(held[0])  # now handled by the restored handler
+
+
 @dataclass
 class Child:
     """One child process with its log file."""
@@ -130,16 +158,17 @@ class Children:
     def start(self, name: str, args: Sequence[str], log_path: Path, env: Mapping[str, str]) -> Child:
         log_path.parent.mkdir(parents=True, exist_ok=True)
         log = log_path.open("ab")
-        try:
-            process = subprocess.Popen(
-                list(args), stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT, env=dict(env),
-                start_new_session=True, preexec_fn=_preexec(),
-            )
-        except BaseException:
-            log.close()
-            raise
-        child = Child(name, process, log_path, log)
-        self._all.append(child)
+        with signals_deferred():  # an interrupt now finds the child registered, and stops it
+            try:
+                process = subprocess.Popen(
+                    list(args), stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT, env=dict(env),
+                    start_new_session=True, preexec_fn=_preexec(),
+                )
+            except BaseException:
+                log.close()
+                raise
+            child = Child(name, process, log_path, log)
+            self._all.append(child)
         return child
 
     def stop(self, children: Sequence[Child], *, grace: float = 30.0) -> None:

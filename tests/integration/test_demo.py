@@ -20,6 +20,7 @@ import pytest
 
 from coordinator import audit
 from coordinator.demo.options import parse_options, silo_plans
+from coordinator.demo.processes import Children, signals_deferred
 
 _SCRIPT = Path(sys.executable).with_name("fedsilo-coordinator")
 DEMO = [str(_SCRIPT), "demo"] if _SCRIPT.exists() else [sys.executable, "-m", "coordinator.demo"]
@@ -173,6 +174,21 @@ def test_each_silo_gets_its_own_cap_and_exactly_one_is_slow():
         assert {(p.pause_seconds, p.jitter_seconds) for p in plans} == {(slow[0].pause_seconds, slow[0].jitter_seconds)}
         assert all(p.extra_training_seconds == 0 for p in plans if not p.slow)
         assert "slow on purpose" in slow[0].pace and "training" in slow[0].pace
+
+
+def test_a_ctrl_c_while_a_child_starts_finds_it_registered_and_stops_it(tmp_path):
+    # The race the interrupted-demo test once lost: SIGINT landing between Popen returning
+    # and the child being recorded left that child running after the demo exited.
+    kids = Children()
+    with pytest.raises(KeyboardInterrupt):
+        with kids, signals_deferred():
+            child = kids.start("sleeper", [sys.executable, "-c", "import time; time.sleep(60)", str(tmp_path)],
+                               tmp_path / "sleeper.log", os.environ)
+            signal.raise_signal(signal.SIGINT)  # held until the block ends
+            assert child.process.poll() is None
+            started = child
+    assert started.process.poll() is not None  # stopped by Children on the way out
+    assert processes_mentioning(str(tmp_path)) == []
 
 
 def test_demo_options_accept_the_separator_make_may_pass_and_refuse_nonsense(capsys):
