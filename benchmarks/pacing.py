@@ -3,8 +3,8 @@
 The async simulation of ``simulation.py`` (real Opacus DP-SGD rounds on non-IID shares of
 ``digits``, the coordinator's strategy code, a virtual clock with a 10x spread of silo
 speeds), run with FedAsync's defaults (polynomial staleness, the staleness bound 16),
-FedBuff K=5, FedBuff K=5 with CA2FL at bound 16, and ``init``'s default configuration
-(FedBuff K=5, CA2FL, bound 64), each with pacing off (every silo starts a round
+FedBuff K=5, FedBuff K=5 with CA2FL at bound 16 and at bound 64, and ``init``'s default
+configuration (FedBuff K=5, CA2FL, bound 64, server_lr 0.5), each with pacing off (every silo starts a round
 as soon as its previous one arrived) and on (before each round the silo asks
 ``coordinator.pacing.decide``, the function the coordinator answers a model pull with,
 and waits until the time it names).
@@ -66,19 +66,21 @@ class PacingConfig(FederationConfig):
 
 
 #: init's default configuration (coordinator.bootstrap.default_configuration)
-DEFAULT_KEY = "fedbuff_ca2fl_s64"
+DEFAULT_KEY = "default"
 
 
 def strategies(declared_error: float | None = None, only: Sequence[str] | None = None) -> tuple[StrategySpec, ...]:
-    """FedAsync's defaults, FedBuff K=5 and ``init``'s default configuration (FedBuff K=5
-    with CA2FL's calibration), each unpaced and paced (paced silos declaring their round
+    """FedAsync's defaults, FedBuff K=5, FedBuff K=5 with CA2FL (bounds 16 and 64) and
+    ``init``'s default configuration, each unpaced and paced (paced silos declaring their round
     times with ``declared_error``); ``only`` keeps some of them."""
     base = tuple(b for b in (
         ("fedasync", "FedAsync", StrategySettings()),
         ("fedbuff_k5", "FedBuff K=5", StrategySettings("fedbuff", buffer_k=5)),
         ("fedbuff_ca2fl", "FedBuff K=5 + CA2FL, max_staleness 16",
          StrategySettings("fedbuff", buffer_k=5, calibration="ca2fl")),
-        (DEFAULT_KEY, "FedBuff K=5 + CA2FL, max_staleness 64 (default)",
+        ("fedbuff_ca2fl_s64", "FedBuff K=5 + CA2FL, max_staleness 64",
+         StrategySettings("fedbuff", buffer_k=5, calibration="ca2fl", max_staleness=64)),
+        (DEFAULT_KEY, "the default: FedBuff K=5 + CA2FL, max_staleness 64, server_lr 0.5",
          StrategySettings("fedbuff", **default_configuration({})[1])),
     ) if only is None or b[0] in only)
     out = []
@@ -155,7 +157,8 @@ def plot(results: dict[str, Any], path: Path) -> None:
 
     sizes = results["sizes"]
     fig, axes = plt.subplots(1, len(sizes), figsize=(6 * len(sizes), 4.8), dpi=110, squeeze=False)
-    colors = {"fedasync": "tab:blue", "fedbuff_k5": "tab:green", "fedbuff_ca2fl": "tab:orange", DEFAULT_KEY: "tab:red"}
+    colors = {"fedasync": "tab:blue", "fedbuff_k5": "tab:green", "fedbuff_ca2fl": "tab:orange",
+              "fedbuff_ca2fl_s64": "tab:purple", DEFAULT_KEY: "tab:red"}
     for ax, size in zip(axes[0], sizes.values()):
         for key, s in size["strategies"].items():
             base = key.removesuffix("_paced")

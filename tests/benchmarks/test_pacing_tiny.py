@@ -11,7 +11,7 @@ from tests.support.benchmarks import PNG_MAGIC, benchmark_script, finite
 pytestmark = pytest.mark.slow
 
 
-KEYS = ("fedasync", "fedbuff_k5", "fedbuff_ca2fl", "fedbuff_ca2fl_s64")  # the last: init's default configuration
+KEYS = ("fedasync", "fedbuff_k5", "fedbuff_ca2fl", "fedbuff_ca2fl_s64", "default")  # the last: init's default
 
 
 def test_pacing_benchmark_reports_both_modes_at_each_size(tmp_path) -> None:
