@@ -69,8 +69,9 @@ def _parser() -> argparse.ArgumentParser:
                       help="with --features-from: the header's label column, left out of the features (default: target)")
     init.add_argument("--name", default="fedsilo", help="the federation's name (default: fedsilo)")
     init.add_argument("--strategy", choices=("fedasync", "fedbuff"), default=None,
-                      help="aggregation strategy; left out: fedbuff with calibration=ca2fl (buffer_k 5), the "
-                           "fastest configuration measured (docs/operations.md), or plain fedbuff with secure_aggregation")
+                      help="aggregation strategy; left out: fedbuff with calibration=ca2fl (buffer_k 5, "
+                           "max_staleness 64, server_lr 0.5), chosen by the race with DP (docs/operations.md), "
+                           "or plain fedbuff with secure_aggregation")
     init.add_argument("--setting", action="append", type=_key_value, default=[], metavar="KEY=VALUE",
                       help="strategy setting, e.g. alpha=0.6, max_staleness=8, buffer_k=5; repeatable")
     init.add_argument("--host", default="127.0.0.1", help="address to serve on (default: 127.0.0.1)")
