@@ -12,7 +12,10 @@ to silos in a seeded random order. Silos never rest between rounds (``--pause 0`
 slow silo's update arrives against an older version.
 
 Strategies: FedAsync (fedsilo's defaults), FedBuff (defaults, K = 5), FedBuff K = 3, and
-FedBuff + FedAdam (server_lr 0.01, docs/operations.md's starting point). Baseline:
+FedBuff + FedAdam (server_lr 0.01, docs/operations.md's starting point); on request
+(``--strategies``) the candidates, among them ``default`` (exactly ``init``'s default
+configuration: FedBuff K = 5, CA2FL, max_staleness 64, server_lr 0.5) and
+``default_lr1`` (the same at server_lr 1.0, the default before). Baseline:
 synchronous FedAvg on the same kind of processes and the same partitions, made by the
 relay's barrier (``race_relay.py``): FedBuff with K = N and server_lr 1, every silo's
 next pull held until the round's N updates are folded -- one new version per round,
