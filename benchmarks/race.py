@@ -120,6 +120,7 @@ CANDIDATES = (
     # The default before server_lr 0.5: under DP it levelled off at 0.836 (FedAvg: 0.869)
     # in a 300 s run (docs/benchmarks.md section 9).
     Strategy("default_lr1", "the default at server_lr 1.0", *default_configuration({"server_lr": 1.0})),
+    Strategy("default_lr03", "the default at server_lr 0.3", *default_configuration({"server_lr": 0.3})),
     # Issue 12's goal: <= 1.15x plain FedBuff K=3's wall time to target (same silos, speeds, data).
     Strategy("fedbuff_k3_secagg", "FedBuff K=3 + secure aggregation", "fedbuff", {"buffer_k": 3},
              secure_aggregation=True),

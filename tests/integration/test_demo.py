@@ -180,13 +180,19 @@ def test_a_ctrl_c_while_a_child_starts_finds_it_registered_and_stops_it(tmp_path
     # The race the interrupted-demo test once lost: SIGINT landing between Popen returning
     # and the child being recorded left that child running after the demo exited.
     kids = Children()
-    with pytest.raises(KeyboardInterrupt):
-        with kids, signals_deferred():
-            child = kids.start("sleeper", [sys.executable, "-c", "import time; time.sleep(60)", str(tmp_path)],
-                               tmp_path / "sleeper.log", os.environ)
-            signal.raise_signal(signal.SIGINT)  # held until the block ends
-            assert child.process.poll() is None
-            started = child
+    # Ctrl-C raises KeyboardInterrupt, as in a terminal (a test run started in the
+    # background by a shell inherits SIGINT ignored).
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            with kids, signals_deferred():
+                child = kids.start("sleeper", [sys.executable, "-c", "import time; time.sleep(60)", str(tmp_path)],
+                                   tmp_path / "sleeper.log", os.environ)
+                signal.raise_signal(signal.SIGINT)  # held until the block ends
+                assert child.process.poll() is None
+                started = child
+    finally:
+        signal.signal(signal.SIGINT, previous)
     assert started.process.poll() is not None  # stopped by Children on the way out
     assert processes_mentioning(str(tmp_path)) == []
 
