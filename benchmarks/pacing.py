@@ -4,8 +4,8 @@ The async simulation of ``simulation.py`` (real Opacus DP-SGD rounds on non-IID 
 ``digits``, the coordinator's strategy code, a virtual clock with a 10x spread of silo
 speeds), run with FedAsync's defaults (polynomial staleness, the staleness bound 16),
 FedBuff K=5, FedBuff K=5 with CA2FL at bound 16 and at bound 64, and ``init``'s default
-configuration (FedBuff K=5, CA2FL, bound 64, server_lr 0.5), each with pacing off (every silo starts a round
-as soon as its previous one arrived) and on (before each round the silo asks
+configuration (FedBuff K=5, CA2FL, bound 64, server_lr 0.5), each with pacing off (every
+silo starts a round as soon as its previous one arrived) and on (before each round the silo asks
 ``coordinator.pacing.decide``, the function the coordinator answers a model pull with,
 and waits until the time it names).
 
@@ -78,8 +78,8 @@ def strategies(declared_error: float | None = None, only: Sequence[str] | None =
         ("fedbuff_k5", "FedBuff K=5", StrategySettings("fedbuff", buffer_k=5)),
         ("fedbuff_ca2fl", "FedBuff K=5 + CA2FL, max_staleness 16",
          StrategySettings("fedbuff", buffer_k=5, calibration="ca2fl")),
-        ("fedbuff_ca2fl_s64", "FedBuff K=5 + CA2FL, max_staleness 64",
-         StrategySettings("fedbuff", buffer_k=5, calibration="ca2fl", max_staleness=64)),
+        ("fedbuff_ca2fl_s64", "FedBuff K=5 + CA2FL, max_staleness 64 (the default at server_lr 1.0)",
+         StrategySettings("fedbuff", **default_configuration({"server_lr": 1.0})[1])),
         (DEFAULT_KEY, "the default: FedBuff K=5 + CA2FL, max_staleness 64, server_lr 0.5",
          StrategySettings("fedbuff", **default_configuration({})[1])),
     ) if only is None or b[0] in only)
