@@ -78,9 +78,9 @@ def strategies(declared_error: float | None = None, only: Sequence[str] | None =
         ("fedbuff_k5", "FedBuff K=5", StrategySettings("fedbuff", buffer_k=5)),
         ("fedbuff_ca2fl", "FedBuff K=5 + CA2FL, max_staleness 16",
          StrategySettings("fedbuff", buffer_k=5, calibration="ca2fl")),
-        ("fedbuff_ca2fl_s64", "FedBuff K=5 + CA2FL, max_staleness 64 (the default at server_lr 1.0)",
-         StrategySettings("fedbuff", **default_configuration({"server_lr": 1.0})[1])),
-        (DEFAULT_KEY, "the default: FedBuff K=5 + CA2FL, max_staleness 64, server_lr 0.5",
+        ("fedbuff_ca2fl_s64", "FedBuff K=5 + CA2FL, max_staleness 64 (the default with an undamped step)",
+         StrategySettings("fedbuff", **default_configuration({"step_damping": "none"})[1])),
+        (DEFAULT_KEY, "the default: FedBuff K=5 + CA2FL, max_staleness 64, step damped by noise",
          StrategySettings("fedbuff", **default_configuration({})[1])),
     ) if only is None or b[0] in only)
     out = []

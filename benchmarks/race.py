@@ -14,8 +14,9 @@ slow silo's update arrives against an older version.
 Strategies: FedAsync (fedsilo's defaults), FedBuff (defaults, K = 5), FedBuff K = 3, and
 FedBuff + FedAdam (server_lr 0.01, docs/operations.md's starting point); on request
 (``--strategies``) the candidates, among them ``default`` (exactly ``init``'s default
-configuration: FedBuff K = 5, CA2FL, max_staleness 64, server_lr 0.5) and
-``default_lr1`` (the same at server_lr 1.0, the default before). Baseline:
+configuration: FedBuff K = 5, CA2FL, max_staleness 64, the server step damped by the
+updates' noise) and ``default_lr1`` / ``default_lr05`` (the same with an undamped step
+of 1.0 / 0.5, the defaults before). Baseline:
 synchronous FedAvg on the same kind of processes and the same partitions, made by the
 relay's barrier (``race_relay.py``): FedBuff with K = N and server_lr 1, every silo's
 next pull held until the round's N updates are folded -- one new version per round,
@@ -115,12 +116,16 @@ CANDIDATES = (
     Strategy("fedbuff_k3_ca2fl_lr05", "FedBuff K=3 + CA2FL (server_lr 0.5)", "fedbuff",
              {"buffer_k": 3, "calibration": "ca2fl", "server_lr": 0.5}),
     # init's default configuration, exactly (coordinator.bootstrap.default_configuration).
-    Strategy("default", "the default (FedBuff K=5 + CA2FL, max_staleness 64, server_lr 0.5)",
+    Strategy("default", "the default (FedBuff K=5 + CA2FL, max_staleness 64, step damped by noise)",
              *default_configuration({})),
-    # The default before server_lr 0.5: under DP it levelled off at 0.836 (FedAvg: 0.869)
-    # in a 300 s run (docs/benchmarks.md section 9).
-    Strategy("default_lr1", "the default at server_lr 1.0", *default_configuration({"server_lr": 1.0})),
-    Strategy("default_lr03", "the default at server_lr 0.3", *default_configuration({"server_lr": 0.3})),
+    # The default's undamped steps: 1.0 (the default before session 7) under DP levelled
+    # off at 0.836 (FedAvg: 0.869) in a 300 s run; 0.5 (session 7's default) was slower at
+    # the smallest noise (docs/benchmarks.md section 9).
+    Strategy("default_lr1", "the default, undamped step 1.0", *default_configuration({"step_damping": "none"})),
+    Strategy("default_lr05", "the default, undamped step 0.5",
+             *default_configuration({"step_damping": "none", "server_lr": 0.5})),
+    Strategy("default_lr03", "the default, undamped step 0.3",
+             *default_configuration({"step_damping": "none", "server_lr": 0.3})),
     # Issue 12's goal: <= 1.15x plain FedBuff K=3's wall time to target (same silos, speeds, data).
     Strategy("fedbuff_k3_secagg", "FedBuff K=3 + secure aggregation", "fedbuff", {"buffer_k": 3},
              secure_aggregation=True),

@@ -53,6 +53,7 @@ from coordinator.strategies import (
     StrategyReason,
     StrategySettings,
     check_staleness,
+    damped,
     fedasync_fold,
     fedasync_weight,
     fedavg,
@@ -541,7 +542,7 @@ class Simulator:
                 if pacer is not None:
                     pacer.version_made(t)
                 self._record(run, t, state, spec.label, budget, max_rounds)
-            elif server.add(i, delta, staleness):
+            elif server.add(i, delta, staleness, sigmas[i]):
                 state = server.step(state)
                 version += 1
                 if pacer is not None:
@@ -561,13 +562,15 @@ class _FedBuffServer:
         self.settings = settings
         self.buffer: Tensors | None = None
         self.count = 0
+        self.noise: list[float] = []  # the buffered updates' noise multipliers (step_damping)
         self.cache: dict[int, Tensors] = {}  # CA2FL: each silo's latest update
         self.cache_mean = ca2fl_cache_mean([], initial)  # CA2FL: h when this buffer opened
         self.moments = (fedopt_initial_state(initial, settings.tau)
                         if settings.server_optimizer != "none" else None)
 
-    def add(self, silo: int, delta: Tensors, staleness: int) -> bool:
-        """Buffer one update; True when the buffer is full."""
+    def add(self, silo: int, delta: Tensors, staleness: int, sigma: float = 1.0) -> bool:
+        """Buffer one update trained at noise multiplier ``sigma``; True when the buffer is full."""
+        self.noise.append(sigma)
         if self.settings.calibration == "ca2fl":
             correction = ca2fl_correction(delta, self.cache.get(silo))
             self.cache[silo] = delta  # a fresh dict per round: kept, never modified
@@ -577,7 +580,7 @@ class _FedBuffServer:
         return self.count == self.settings.buffer_k
 
     def step(self, state: Tensors) -> Tensors:
-        s = self.settings
+        s = damped(self.settings, self.noise)  # as coordinator.fold.fedbuff_step
         total = self.buffer
         if s.calibration == "ca2fl":
             total = ca2fl_buffer_sum(total, self.cache_mean, self.count)
@@ -587,7 +590,7 @@ class _FedBuffServer:
         else:
             new = fedopt_step(s.server_optimizer, state, total, self.count, *self.moments,
                               server_lr=s.server_lr, beta1=s.beta1, beta2=s.beta2, tau=s.tau)
-        self.buffer, self.count = None, 0
+        self.buffer, self.count, self.noise = None, 0, []
         return new
 
 

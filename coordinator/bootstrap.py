@@ -96,26 +96,28 @@ def _model_weights(task: str, options: Mapping[str, Any]) -> tuple[dict[str, Any
 #: and raised the final accuracy from 0.88-0.92 to 0.94-0.96 (docs/benchmarks.md §8).
 DEFAULT_CA2FL_MAX_STALENESS = 64
 
-#: The server step of the default configuration. CA2FL re-applies each silo's latest
-#: (DP-noised) update in every step until its next one, so a full step re-applies its
-#: noise too: under DP (noise 1.0) the default at 1.0 levelled off about three points
-#: below synchronous FedAvg (0.836 against 0.869, 300 s), while 0.5 reached the race's
-#: target in 0.18-0.25x FedAvg's time within FedAvg's epsilon. At the smallest noise
-#: 1.0 is faster (docs/benchmarks.md §9); silos train with DP, so the default is 0.5.
-DEFAULT_CA2FL_SERVER_LR = 0.5
+#: The server step's damping in the default configuration. CA2FL re-applies each silo's
+#: latest (DP-noised) update in every step until its next one, so a full step re-applies
+#: its noise too: under DP (noise 1.0) a full step levelled off about three points below
+#: synchronous FedAvg (0.836 against 0.869, 300 s) while half a step reached the race's
+#: target; at the smallest noise (0.1) the full step was the faster. ``noise`` scales
+#: ``server_lr`` (1.0) by ``1 / (1 + sigma ** 2)`` over the step's updates
+#: (strategies.noise_gain): half a step at noise 1.0, 0.99 of one at 0.1
+#: (docs/benchmarks.md §9).
+DEFAULT_CA2FL_STEP_DAMPING = "noise"
 
 
 def default_configuration(settings: Mapping[str, Any]) -> tuple[str, dict[str, Any]]:
     """The strategy and settings ``fedsilo-coordinator init`` sets up when no strategy is
     named: FedBuff (K=5) with CA2FL's cached-update calibration, a staleness bound of
-    :data:`DEFAULT_CA2FL_MAX_STALENESS` and a server step of
-    :data:`DEFAULT_CA2FL_SERVER_LR`, chosen by the race of docs/benchmarks.md §9. The
+    :data:`DEFAULT_CA2FL_MAX_STALENESS` and a server step damped by the updates' DP noise
+    (:data:`DEFAULT_CA2FL_STEP_DAMPING`), chosen by the race of docs/benchmarks.md §9. The
     operator's own ``settings`` win; with secure aggregation (which never shows the
     coordinator a silo's own update) plain FedBuff."""
     out = dict(settings)
     if "secure_aggregation" not in out and out.setdefault("calibration", "ca2fl") == "ca2fl":
         out.setdefault("max_staleness", DEFAULT_CA2FL_MAX_STALENESS)
-        out.setdefault("server_lr", DEFAULT_CA2FL_SERVER_LR)
+        out.setdefault("step_damping", DEFAULT_CA2FL_STEP_DAMPING)
     return "fedbuff", out
 
 

@@ -50,7 +50,7 @@ import signal
 import threading
 import time
 import weakref
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
 from datetime import datetime
@@ -58,7 +58,7 @@ from functools import partial
 from typing import TYPE_CHECKING
 
 import torch
-from sqlalchemy import Engine
+from sqlalchemy import Engine, select
 from sqlalchemy import update as sql_update
 from sqlalchemy.orm import Session
 
@@ -75,6 +75,7 @@ from .rejections import Evidence, Refusal, translate
 from .strategies import (
     StrategyError,
     StrategySettings,
+    damped,
     fedasync_fold,
     fedbuff_server_steps,
     fold_into,
@@ -83,7 +84,8 @@ from .strategies import (
 if TYPE_CHECKING:
     from .context import Coordinator
 
-__all__ = ["ACTION_UPDATE_ACCEPTED", "ACTION_UPDATE_BUFFERED", "Outcome", "Prepared", "commit", "fedbuff_step",
+__all__ = ["ACTION_UPDATE_ACCEPTED", "ACTION_UPDATE_BUFFERED", "Outcome", "Prepared", "commit", "declared_noise",
+           "fedbuff_step",
            "process_lock", "resent", "store_version"]
 
 ACTION_UPDATE_ACCEPTED = "update_accepted"
@@ -284,7 +286,11 @@ def _compute(ctx: Coordinator, s: Session, fed: Federation, p: Prepared, d: _Dec
         parts = buffers.drain(s, fed.id, schema, st, p.delta)
         if ca2fl:
             parts = update_cache.calibrated(s, fed.id, schema, parts, len(members))
-        new, blob, moments = fedbuff_step(ctx, s, fed, settings, v, len(members), parts, staleness=staleness)
+        noise = ()
+        if settings.step_damping != "none":  # what the step's updates declared (strategies.noise_gain)
+            noise = [*declared_noise(s, st.updates), float(h.dp["noise_multiplier"])]
+        new, blob, moments = fedbuff_step(ctx, s, fed, settings, v, len(members), parts, staleness=staleness,
+                                          noise=noise)
         p.delta.clear()
         return _Computed(d.weight, members, new, blob, moments)
     except StrategyError as exc:
@@ -293,24 +299,32 @@ def _compute(ctx: Coordinator, s: Session, fed: Federation, p: Prepared, d: _Dec
 
 def fedbuff_step(
     ctx: Coordinator, s: Session, fed: Federation, settings: StrategySettings, v: int, count: int,
-    parts: Iterator[buffers.SumSlice], *, staleness: int = 0,
+    parts: Iterator[buffers.SumSlice], *, staleness: int = 0, noise: Sequence[float] = (),
 ) -> tuple[Tensors, memoryview, optimizer_state.Moments | None]:
     """FedBuff's server step from the buffer's sum of ``count`` updates, given slice by
     slice (:class:`coordinator.buffers.SumSlice`: the stored sum's slice, and the same
     slice of an arriving delta at ``staleness`` not summed yet): the new model (written
     over version ``v``'s buffer when this fold owns it), its blob and FedOpt's moments.
-    The one FedBuff fold: a plain buffer's last update and a masked buffer's opening
-    (coordinator.opening) both call it."""
+    ``noise``: the noise multipliers the step's updates declared, for ``step_damping``
+    (:func:`coordinator.strategies.damped`). The one FedBuff fold: a plain buffer's last
+    update and a masked buffer's opening (coordinator.opening) both call it."""
     current, owned = _current(ctx, s, fed, v, None)
     blob, new = _output(codec.Schema.from_json(fed.schema), current, owned)
     moments = None
     if settings.server_optimizer != "none":  # the moments of version v, stepped in place
         moments = optimizer_state.load(s, fed.id, v, current, settings.tau)
     try:
-        fedbuff_server_steps(settings, current, new, parts, count, moments, staleness=staleness)
+        fedbuff_server_steps(damped(settings, noise), current, new, parts, count, moments, staleness=staleness)
     except StrategyError as exc:
         raise translate(exc) from None
     return new, blob, moments
+
+
+def declared_noise(s: Session, update_ids: Sequence[str]) -> list[float]:
+    """The noise multipliers the given stored updates declared in their signed headers
+    (verified against the silo's accounting at ingest)."""
+    headers = s.execute(select(Update.header).where(Update.id.in_(list(update_ids)))).scalars()
+    return [float(h["dp"]["noise_multiplier"]) for h in headers]
 
 
 def _fedasync(ctx: Coordinator, s: Session, fed: Federation, p: Prepared, d: _Decided,

@@ -122,6 +122,10 @@ SCHEMAS: dict[str, dict[str, Any]] = {
             "calibration": {"enum": ["none", "ca2fl"],
                             "description": "FedBuff only, not with secure_aggregation: CA2FL's cached-update "
                                            "calibration (docs/operations.md)"},
+            "step_damping": {"enum": ["none", "noise"],
+                             "description": "FedBuff only: noise scales server_lr by the mean of "
+                                            "1/(1+sigma^2) over the step's updates' declared noise "
+                                            "multipliers (docs/operations.md)"},
             "pacing": {"type": "boolean", "description": "signed start/wait hints on model pulls (default true)"},
             "secure_aggregation": _nullable({
                 "type": "object",

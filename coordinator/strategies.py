@@ -27,7 +27,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Iterable, Mapping, Sequence
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass, fields, replace
 from enum import StrEnum
 from typing import Any, Literal
 
@@ -53,6 +53,9 @@ __all__ = [
     "fedbuff_weight",
     "fedbuff_accumulate",
     "fedbuff_apply",
+    "STEP_DAMPINGS",
+    "noise_gain",
+    "damped",
     "modular_accumulate",
     "SERVER_OPTIMIZERS",
     "COMPRESSIONS",
@@ -104,6 +107,9 @@ _STALENESS = ("constant", "polynomial", "hinge")
 #: FedBuff's buffer calibration: ``ca2fl`` is CA2FL's cached-update calibration
 #: (:func:`ca2fl_correction`, :func:`ca2fl_buffer_sum`).
 CALIBRATIONS = ("none", "ca2fl")
+#: FedBuff's step damping: ``noise`` scales ``server_lr`` by the step's noise gain
+#: (:func:`noise_gain`); ``none`` steps by ``server_lr`` as set.
+STEP_DAMPINGS = ("none", "noise")
 
 
 #: The update-norm bound a federation gets unless its operator sets another (global L2
@@ -154,6 +160,8 @@ class StrategySettings:
     besides a plain delta; it is refused together with secure aggregation.
     ``pacing`` (default on) makes the coordinator answer model pulls with a signed
     start-now / come-back-later hint (coordinator/pacing.py, docs/operations.md).
+    ``step_damping`` (FedBuff only): ``noise`` multiplies ``server_lr`` by the step's
+    :func:`noise_gain`, from the noise multipliers its updates declared.
     Invalid values raise :class:`StrategyError` (``invalid_settings``).
     """
 
@@ -176,6 +184,9 @@ class StrategySettings:
     #: FedBuff only: ``ca2fl`` keeps each silo's latest update and steps with their mean
     #: plus the buffer's corrections (Wang et al., ICLR 2024); ``none`` is plain FedBuff.
     calibration: str = "none"
+    #: FedBuff only: ``noise`` damps each server step by its updates' DP noise
+    #: (:func:`noise_gain`); ``none`` steps by ``server_lr`` alone.
+    step_damping: str = "none"
     #: None (off) or the helper's settings object; its structure is checked here, its
     #: substance (keys, mask arithmetic, K_min) by coordinator.secagg.parse_settings,
     #: which needs the privacy library this module does not import.
@@ -199,6 +210,10 @@ class StrategySettings:
             # FedAsync mixes models; it has no pseudo-gradient to adapt (docs/operations.md).
             raise _invalid(f"server_optimizer {self.server_optimizer!r} needs strategy fedbuff")
         self._check_calibration()
+        if not isinstance(self.step_damping, str) or self.step_damping not in STEP_DAMPINGS:
+            raise _invalid(f"step_damping must be one of {', '.join(STEP_DAMPINGS)}, not {self.step_damping!r}")
+        if self.step_damping != "none" and self.strategy != "fedbuff":
+            raise _invalid(f"step_damping {self.step_damping!r} needs strategy fedbuff (it damps a buffered step)")
         if not isinstance(self.compression, str) or self.compression not in COMPRESSIONS:
             raise _invalid(f"compression must be one of {', '.join(COMPRESSIONS)}, not {self.compression!r}")
         if self.compression != "none" and getattr(self, "secure_aggregation", None) not in (None, False, "none"):
@@ -503,6 +518,39 @@ def fedbuff_apply(
         if inplace:
             return {name: cur.add_(buffer_sum[name], alpha=step) for name, cur in current.items()}
         return {name: torch.add(cur, buffer_sum[name], alpha=step) for name, cur in current.items()}
+
+
+def noise_gain(noise_multipliers: Iterable[float]) -> float:
+    """A server step's noise gain: the mean, over the step's updates, of
+    ``1 / (1 + sigma_i ** 2)``, ``sigma_i`` the DP noise multiplier update ``i``
+    declared; 1.0 for no updates.
+
+    Why. A DP update is its clipped signal plus Gaussian noise of standard deviation
+    ``sigma`` times the clipping norm, so ``1 / sigma ** 2`` stands for its
+    signal-to-noise ratio and ``snr / (1 + snr)`` is the Wiener-style shrinkage of a
+    step taken on it: a full step at small noise, half a step at ``sigma`` 1. It is a
+    model, not a derivation for any one task: CA2FL re-applies each silo's cached
+    (noised) update in every step until its next one, and in the race (docs/benchmarks.md
+    section 9) a full step was fastest at the smallest noise (0.1) while under noise 1.0
+    only half a step reached synchronous FedAvg's level; this gain gives both. The
+    mean bounds a liar: an update declaring an enormous noise multiplier removes at most
+    its own ``1/K`` of the step.
+    """
+    gains = []
+    for sigma in noise_multipliers:
+        if not _is_real(sigma) or not math.isfinite(sigma) or sigma < 0:
+            raise StrategyError(StrategyReason.INVALID_ARGUMENT,
+                                f"a noise multiplier must be a finite number >= 0, not {sigma!r}")
+        gains.append(1.0 / (1.0 + float(sigma) ** 2))
+    return math.fsum(gains) / len(gains) if gains else 1.0
+
+
+def damped(settings: StrategySettings, noise_multipliers: Iterable[float]) -> StrategySettings:
+    """The settings one server step is taken with: ``server_lr`` times the step's
+    :func:`noise_gain` when ``step_damping`` is ``noise``, else ``settings`` itself."""
+    if settings.step_damping == "none":
+        return settings
+    return replace(settings, server_lr=settings.server_lr * noise_gain(noise_multipliers))
 
 
 def modular_accumulate(

@@ -157,16 +157,16 @@ def _stored_settings(data_dir: Path) -> StrategySettings:
 
 
 @pytest.mark.parametrize(("extra", "expected"), [
-    ([], ("fedbuff", "ca2fl", 64, 0.5)),  # the default configuration, chosen by the race (docs/benchmarks.md §9)
-    (["--strategy", "fedbuff"], ("fedbuff", "none", 16, 1.0)),  # a named strategy is taken as named
-    (["--strategy", "fedasync"], ("fedasync", "none", 16, 1.0)),
-    (["--setting", "calibration=\"none\""], ("fedbuff", "none", 16, 1.0)),  # the operator's settings win
-    (["--setting", "max_staleness=8"], ("fedbuff", "ca2fl", 8, 0.5)),
-    (["--setting", "server_lr=1.0"], ("fedbuff", "ca2fl", 64, 1.0)),
+    ([], ("fedbuff", "ca2fl", 64, 1.0, "noise")),  # the default configuration, chosen by the race (docs/benchmarks.md §9)
+    (["--strategy", "fedbuff"], ("fedbuff", "none", 16, 1.0, "none")),  # a named strategy is taken as named
+    (["--strategy", "fedasync"], ("fedasync", "none", 16, 1.0, "none")),
+    (["--setting", "calibration=\"none\""], ("fedbuff", "none", 16, 1.0, "none")),  # the operator's settings win
+    (["--setting", "max_staleness=8"], ("fedbuff", "ca2fl", 8, 1.0, "noise")),
+    (["--setting", "step_damping=\"none\"", "--setting", "server_lr=0.5"], ("fedbuff", "ca2fl", 64, 0.5, "none")),
 ])
 def test_init_without_a_strategy_sets_up_fedbuff_with_calibration(tmp_path, capsys, extra, expected):
     assert cli.main([*INIT, "--data-dir", str(tmp_path / "c"), "--json", *extra]) == 0
     capsys.readouterr()
     settings = _stored_settings(tmp_path / "c")
     assert (settings.strategy, settings.calibration, settings.max_staleness, settings.server_lr,
-            settings.buffer_k) == (*expected, 5)
+            settings.step_damping, settings.buffer_k) == (*expected, 5)
