@@ -87,7 +87,7 @@ def _version(server) -> int:
     return server.admin("GET", "/federation").json()["current_version"]
 
 
-def _expected(w0, deltas, weights) -> dict[str, torch.Tensor]:
+def _expected(w0, deltas, weights, server_lr: float = 1.0) -> dict[str, torch.Tensor]:
     """FedBuff's step on the PLAIN quantized weighted sum (no masks anywhere)."""
     settings = csa.SecaggSettings("http://x", "", "", K, secagg.MaskSettings(**MASK))
     q = [secagg.quantize(d, settings.mask) for d in deltas]
@@ -97,7 +97,7 @@ def _expected(w0, deltas, weights) -> dict[str, torch.Tensor]:
     zero = {n: torch.zeros_like(t) for n, t in plain.items()}
     schema = codec.Schema.of(w0)
     opened = csa.opened_delta(plain, zero, settings, schema, count=len(deltas), max_update_norm=None)
-    return fedbuff_apply(w0, opened, len(deltas), 1.0)
+    return fedbuff_apply(w0, opened, len(deltas), server_lr)
 
 
 def _stored_values(data_dir: Path):
@@ -180,6 +180,22 @@ def test_an_opened_buffer_folds_the_plain_quantized_sum_and_plain_deltas_are_ref
     for value in _stored_values(data_dir):
         for needle in needles:
             assert needle not in value
+
+
+def test_a_damped_opening_steps_by_the_noise_its_members_declared(federation):
+    server, helper, silos, _ = federation
+    r = server.admin("PATCH", "/federation", json={"settings": {"step_damping": "noise"}})
+    assert r.status_code == 200, r.text
+    helper_hpke = hpke_public_from_raw(b64d(helper.init["helper_keys"]["hpke_key"]))
+    _, w0, _ = silos[0].fetch_model(0)
+    deltas = [_exact_delta(silo, 10 + i) for i, silo in enumerate(silos)]
+    for silo, delta in zip(silos, deltas):  # each declares noise 1.0 (FakeSilo's DP): half a step
+        assert silo.push(_masked_envelope(silo, delta, helper_hpke)).status_code == 200
+    _wait(lambda: _version(server) == 1, "the opening")
+    _, w1, _ = silos[0].fetch_model(1)
+    expected = _expected(w0, deltas, [256] * K, server_lr=0.5)
+    for name in w0:
+        torch.testing.assert_close(w1[name], expected[name])
 
 
 def _serve_helper(helper, port: int) -> subprocess.Popen:
