@@ -113,7 +113,8 @@ class StrategySpec:
             s = self.settings
             keep = ["max_staleness"]
             keep += ["alpha", "staleness", "poly_a", "hinge_a", "hinge_b"] if self.kind == "fedasync" else []
-            keep += ["buffer_k", "server_lr", "server_optimizer", "calibration"] if self.kind == "fedbuff" else []
+            keep += (["buffer_k", "server_lr", "server_optimizer", "calibration", "step_damping"]
+                     if self.kind == "fedbuff" else [])
             out["settings"] = {k: getattr(s, k) for k in keep}
         if self.kind == "fedavg":
             out["cohort"] = self.cohort
