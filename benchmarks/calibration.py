@@ -5,8 +5,10 @@ virtual-clock federation of ``simulation.py`` (real Opacus DP-SGD rounds on non-
 Dirichlet(0.5) shares of ``digits``, the coordinator's own strategy code) set up as the
 race is: 12 silos, one local epoch, batch 16, lr 0.2, clipping 1.0, whole rounds
 log-normally spread over the race's measured effective spread (1.14 s to 5.64 s), the
-race's absolute target (0.85 held-out accuracy). Modes: ``dp`` (noise 1.0 everywhere)
-and ``min_noise`` (0.1 everywhere).
+race's absolute target (0.85 held-out accuracy), and each silo training on its share
+less the 20% a real silo keeps for validation (``--val-fraction``; runs before
+2026-12-01 trained on the whole share, so more rows shared each round's noise). Modes:
+``dp`` (noise 1.0 everywhere) and ``min_noise`` (0.1 everywhere).
 
 Candidates: FedAsync's and FedBuff's defaults, FedBuff K = 3 / 10, FedBuff + FedAdam,
 FedBuff + CA2FL's cached-update calibration (``calibration = "ca2fl"``), and "capped"
@@ -44,15 +46,19 @@ from simulation import (  # noqa: E402
     machine_info, rounded, time_to_target, write_json,
 )
 
+from coordinator.bootstrap import default_configuration  # noqa: E402
 from coordinator.strategies import StrategySettings  # noqa: E402
 
 MODES = {"dp": 1.0, "min_noise": 0.1}
 TARGET = 0.85
 
 
-def race_like(silos: int, seed: int, sigma: float, spread: float = 5.64 / 1.14) -> FederationConfig:
-    """The race's federation in virtual time (its effective round times, 1.14-5.64 s)."""
+def race_like(silos: int, seed: int, sigma: float, spread: float = 5.64 / 1.14,
+              val_fraction: float = 0.2) -> FederationConfig:
+    """The race's federation in virtual time (its effective round times, 1.14-5.64 s;
+    each silo trains on its share less ``val_fraction``, as a real silo's default)."""
     return FederationConfig(silos=silos, seed=seed, spread=spread, fastest_round=1.14, jitter=0.1,
+                            val_fraction=val_fraction,
                             local=LocalTraining(epochs=1, batch_size=16, lr=0.2, max_grad_norm=1.0,
                                                 noise_multiplier=sigma))
 
@@ -74,6 +80,11 @@ def candidates(cap: int | None) -> list[StrategySpec]:
         fedbuff("ca2fl_k1", "CA2FL K=1", buffer_k=1, calibration="ca2fl"),
         fedbuff("ca2fl_k3_lr05", "CA2FL K=3, server_lr 0.5", buffer_k=3, calibration="ca2fl", server_lr=0.5),
         fedbuff("ca2fl_k10", "CA2FL K=10", buffer_k=10, calibration="ca2fl"),
+        # init's default configuration (paced, as the race's silos are), and its undamped step 1.0.
+        dataclasses.replace(fedbuff("default", "the default (step damped by noise), paced",
+                                    **default_configuration({})[1]), pacing=True),
+        dataclasses.replace(fedbuff("default_lr1", "the default, undamped step 1.0, paced",
+                                    **default_configuration({"step_damping": "none"})[1]), pacing=True),
         fedbuff("ca2fl_k5_fedadam", "CA2FL K=5 + FedAdam 0.01", calibration="ca2fl", server_optimizer="fedadam",
                 server_lr=0.01),
         # The race's silos follow the coordinator's pacing hints (on by default).
@@ -109,10 +120,11 @@ def figures(run: Any, cfg: FederationConfig, plan: Sequence[tuple[float, int]], 
 
 
 def run_mode(mode: str, silos: int, seed: int, jobs: int, limit: float, only: set[str] | None,
-             spread: float, sync_budget: float = 400.0, target: float = TARGET) -> dict[str, Any]:
+             spread: float, sync_budget: float = 400.0, target: float = TARGET,
+             val_fraction: float = 0.2) -> dict[str, Any]:
     """FedAvg to the target (or ``sync_budget`` virtual seconds), then every candidate in
     ``only`` (all when None) for ``limit`` x FedAvg's time to target."""
-    cfg = race_like(silos, seed, MODES[mode], spread)
+    cfg = race_like(silos, seed, MODES[mode], spread, val_fraction)
     fed = build_federation(cfg)
     plan = dp_schedule(fed, cfg.local)
     sigmas = (MODES[mode],) * silos
@@ -145,6 +157,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--jobs", type=int, default=2)
     parser.add_argument("--spread", type=float, default=5.64 / 1.14, help="slowest / fastest round (race: 4.9)")
     parser.add_argument("--target", type=float, default=TARGET, help="held-out accuracy to reach (race: 0.85)")
+    parser.add_argument("--val-fraction", type=float, default=0.2,
+                        help="share of each silo's rows kept for validation, not trained on (a real silo's "
+                             "default 0.2; results before 2026-12-01 used 0)")
     parser.add_argument("--tiny", action="store_true", help="a seconds-long smoke run (for the test)")
     parser.add_argument("--out", type=Path, default=HERE / "results" / "race_ca2fl" / "simulation.json")
     args = parser.parse_args(argv)
@@ -156,7 +171,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.tiny:  # 3 silos, 20 virtual seconds of FedAvg, one plain and one calibrated FedBuff
         silos, sync_budget, only = 3, 20.0, {"fedbuff_k3", "ca2fl_k3"}
     results = {f"{mode}/seed{seed}": run_mode(mode, silos, seed, args.jobs, args.limit, only, args.spread,
-                                              sync_budget, args.target)
+                                              sync_budget, args.target, args.val_fraction)
                for seed in args.seeds for mode in args.modes}
     write_json({"benchmark": "race_ca2fl_simulation", "target": args.target, "results": results,
                 "machine": machine_info(), "runtime_seconds": round(time.perf_counter() - started, 1)}, args.out)

@@ -148,7 +148,15 @@ class FederationConfig:
     # with its own Dirichlet class mixture (shares overlap), so that many more silos than
     # digits can fill (200 x 16 rows > 1,437) still get label-skewed data.
     share_size: int | None = None
+    # The fraction of each silo's share kept out of training, as a real silo keeps
+    # ``[training] val_fraction`` (0.2 by default) for local validation: it trains on the
+    # rest, so its DP-SGD adds its noise to fewer rows. 0: every row trains.
+    val_fraction: float = 0.0
     local: LocalTraining = field(default_factory=LocalTraining)
+
+    def __post_init__(self) -> None:
+        if not 0.0 <= self.val_fraction < 1.0:
+            raise ValueError(f"val_fraction must be in [0, 1), not {self.val_fraction!r}")
 
     def federation_key(self) -> FederationConfig:
         return FederationConfig(**{f.name: getattr(self, f.name) for f in dataclasses.fields(FederationConfig)})
@@ -259,8 +267,8 @@ def build_federation(cfg: FederationConfig) -> Federation:
         for k in np.unique(y)
     ]))
     pool = np.setdiff1d(np.arange(len(y)), held)
-    # Every silo can fill a batch (train_dp refuses batch_size > N).
-    min_size = max(DEFAULT_MIN_SIZE, cfg.local.batch_size)
+    # Every silo can fill a batch from its training part (train_dp refuses batch_size > N).
+    min_size = max(DEFAULT_MIN_SIZE, math.ceil(cfg.local.batch_size / (1.0 - cfg.val_fraction)))
     if cfg.share_size is None:
         parts = dirichlet_partition(
             y[pool], cfg.silos, cfg.dirichlet_alpha, int(part_seq.generate_state(1)[0]), min_size
@@ -275,10 +283,15 @@ def build_federation(cfg: FederationConfig) -> Federation:
             torch.tensor(x[rows], dtype=torch.float32), torch.tensor(y[rows], dtype=torch.int64), names
         )
 
-    silos = tuple(
-        Silo(Standardizer.fit(table(pool[p]).features).apply(table(pool[p])), float(s))
-        for p, s in zip(parts, speeds)
-    )
+    def training_rows(i: int, rows: np.ndarray) -> TabularData:
+        """What silo ``i`` trains on: its share, less a seeded validation part (as a real
+        silo's ``Task.split``), standardised with the training part's own statistics."""
+        if cfg.val_fraction > 0:
+            return task.split(table(rows), cfg.val_fraction, seed=cfg.seed * 10_007 + i)[0]
+        return Standardizer.fit(table(rows).features).apply(table(rows))
+
+    silos = tuple(Silo(training_rows(i, p_rows), float(s)) for i, (p_rows, s) in enumerate(zip(
+        (pool[p] for p in parts), speeds)))
     test_raw = table(held)
     test = Standardizer.fit(test_raw.features).apply(test_raw)
     initial = {k: v.detach().clone() for k, v in task.build_model(cfg.seed).state_dict().items()}

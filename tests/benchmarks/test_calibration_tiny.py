@@ -20,6 +20,7 @@ def test_fedavg_and_both_candidates_are_reported_with_their_epsilons(tmp_path) -
     with benchmark_script("calibration.py") as bench:
         assert bench.main(["--tiny", "--modes", "dp", "--jobs", "1", "--out", str(out)]) == 0
     run = json.loads(out.read_text())["results"]["dp/seed0"]
+    assert run["config"]["val_fraction"] == 0.2  # as a real silo: a fifth of each share validates
     assert set(run["runs"]) == {"fedavg", "fedbuff_k3", "ca2fl_k3"}
     assert run["runs"]["ca2fl_k3"]["settings"]["calibration"] == "ca2fl"
     for key, r in run["runs"].items():
@@ -28,3 +29,15 @@ def test_fedavg_and_both_candidates_are_reported_with_their_epsilons(tmp_path) -
         assert 0.0 <= r["best_accuracy"] <= 1.0, key
         if key != "fedavg" and r["ratio"] is not None:
             assert r["ratio"] > 0 and isinstance(r["within_fedavg_epsilon"], bool), key
+
+
+def test_each_simulated_silo_trains_on_its_share_less_a_real_silos_validation_part() -> None:
+    with benchmark_script("simulation.py") as sim:
+        whole = sim.build_federation(sim.FederationConfig(silos=4, seed=1))
+        trained = sim.build_federation(sim.FederationConfig(silos=4, seed=1, val_fraction=0.2))
+        with pytest.raises(ValueError, match="val_fraction"):
+            sim.FederationConfig(val_fraction=1.0)
+    for share, part in zip(whole.silos, trained.silos):
+        n = len(share.data)
+        assert len(part.data) == n - round(n * 0.2) >= 16  # a batch still fits
+        assert part.speed == share.speed
