@@ -126,7 +126,6 @@ CANDIDATES = (
              *default_configuration({"step_damping": "none", "server_lr": 0.5})),
     Strategy("default_lr03", "the default, undamped step 0.3",
              *default_configuration({"step_damping": "none", "server_lr": 0.3})),
-    Strategy("default_k10", "the default with K=10", *default_configuration({"buffer_k": 10})),
     # Issue 12's goal: <= 1.15x plain FedBuff K=3's wall time to target (same silos, speeds, data).
     Strategy("fedbuff_k3_secagg", "FedBuff K=3 + secure aggregation", "fedbuff", {"buffer_k": 3},
              secure_aggregation=True),
