@@ -541,7 +541,8 @@ def noise_gain(noise_multipliers: Iterable[float]) -> float:
         if not _is_real(sigma) or not math.isfinite(sigma) or sigma < 0:
             raise StrategyError(StrategyReason.INVALID_ARGUMENT,
                                 f"a noise multiplier must be a finite number >= 0, not {sigma!r}")
-        gains.append(1.0 / (1.0 + float(sigma) ** 2))
+        sigma = float(sigma)
+        gains.append(1.0 / (1.0 + sigma * sigma))  # a product overflows to inf (gain 0); ** would raise
     return math.fsum(gains) / len(gains) if gains else 1.0
 
 

@@ -30,6 +30,7 @@ def test_one_update_declaring_enormous_noise_removes_at_most_its_own_share_of_th
     honest = [1.0] * 4
     assert noise_gain([*honest, 1e9]) == pytest.approx(0.5 * 4 / 5)
     assert noise_gain([*honest, 1e9]) >= noise_gain(honest) * (1 - 1 / 5)
+    assert noise_gain([*honest, 1e200]) == pytest.approx(0.5 * 4 / 5)  # sigma^2 overflows: that share is 0
 
 
 @pytest.mark.parametrize("bad", [math.nan, math.inf, -0.5, "1.0", None, True])
