@@ -582,7 +582,7 @@ class _FedBuffServer:
         self.moments = (fedopt_initial_state(initial, settings.tau)
                         if settings.server_optimizer != "none" else None)
 
-    def add(self, silo: int, delta: Tensors, staleness: int, sigma: float = 1.0) -> bool:
+    def add(self, silo: int, delta: Tensors, staleness: int, sigma: float) -> bool:
         """Buffer one update trained at noise multiplier ``sigma``; True when the buffer is full."""
         self.noise.append(sigma)
         if self.settings.calibration == "ca2fl":

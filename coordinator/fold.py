@@ -286,9 +286,7 @@ def _compute(ctx: Coordinator, s: Session, fed: Federation, p: Prepared, d: _Dec
         parts = buffers.drain(s, fed.id, schema, st, p.delta)
         if ca2fl:
             parts = update_cache.calibrated(s, fed.id, schema, parts, len(members))
-        noise = ()
-        if settings.step_damping != "none":  # what the step's updates declared (strategies.noise_gain)
-            noise = [*declared_noise(s, st.updates), float(h.dp["noise_multiplier"])]
+        noise = [*declared_noise(s, settings, st.updates), float(h.dp["noise_multiplier"])]
         new, blob, moments = fedbuff_step(ctx, s, fed, settings, v, len(members), parts, staleness=staleness,
                                           noise=noise)
         p.delta.clear()
@@ -320,9 +318,12 @@ def fedbuff_step(
     return new, blob, moments
 
 
-def declared_noise(s: Session, update_ids: Sequence[str]) -> list[float]:
+def declared_noise(s: Session, settings: StrategySettings, update_ids: Sequence[str]) -> list[float]:
     """The noise multipliers the given stored updates declared in their signed headers
-    (verified against the silo's accounting at ingest)."""
+    (verified against the silo's accounting at ingest), for ``step_damping``; none read
+    when the federation does not damp its steps."""
+    if settings.step_damping == "none":
+        return []
     headers = s.execute(select(Update.header).where(Update.id.in_(list(update_ids)))).scalars()
     return [float(h["dp"]["noise_multiplier"]) for h in headers]
 

@@ -155,9 +155,9 @@ def fold_opened(ctx: Coordinator, p: Pending, mask_sum: dict[str, torch.Tensor])
                 with s.begin_nested():  # a refused sum undoes whatever was written of the new version
                     opened = secagg.opened_delta(buffers.stored_sum(s, fed.id, p.schema, st), mask_sum, p.settings,
                                                  p.schema, count=st.count, max_update_norm=strategy.max_update_norm)
-                    noise = fold.declared_noise(s, p.members) if strategy.step_damping != "none" else ()
-                    new, blob, moments = fold.fedbuff_step(ctx, s, fed, strategy, v, st.count,
-                                                           buffers.slices(p.schema, opened), noise=noise)
+                    new, blob, moments = fold.fedbuff_step(
+                        ctx, s, fed, strategy, v, st.count, buffers.slices(p.schema, opened),
+                        noise=fold.declared_noise(s, strategy, p.members))
                     del opened
                     new_version = fold.store_version(
                         ctx, s, fed, strategy, v, new, blob, moments, produced_by=p.members[-1],
