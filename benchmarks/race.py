@@ -126,6 +126,10 @@ CANDIDATES = (
              *default_configuration({"step_damping": "none", "server_lr": 0.5})),
     Strategy("default_lr03", "the default, undamped step 0.3",
              *default_configuration({"step_damping": "none", "server_lr": 0.3})),
+    # Budget-fair pacing: a silo whose spent epsilon is more than the lead times the
+    # median silo's waits (coordinator/pacing.py; docs/benchmarks.md section 9).
+    Strategy("default_lead15", "the default + epsilon_lead 1.5", *default_configuration({"epsilon_lead": 1.5})),
+    Strategy("default_lead125", "the default + epsilon_lead 1.25", *default_configuration({"epsilon_lead": 1.25})),
     # Issue 12's goal: <= 1.15x plain FedBuff K=3's wall time to target (same silos, speeds, data).
     Strategy("fedbuff_k3_secagg", "FedBuff K=3 + secure aggregation", "fedbuff", {"buffer_k": 3},
              secure_aggregation=True),

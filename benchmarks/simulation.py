@@ -113,6 +113,7 @@ class StrategySpec:
             s = self.settings
             keep = ["max_staleness"]
             keep += ["alpha", "staleness", "poly_a", "hinge_a", "hinge_b"] if self.kind == "fedasync" else []
+            keep += ["epsilon_lead"] if s.epsilon_lead is not None else []
             keep += (["buffer_k", "server_lr", "server_optimizer", "calibration", "step_damping"]
                      if self.kind == "fedbuff" else [])
             out["settings"] = {k: getattr(s, k) for k in keep}
@@ -399,6 +400,21 @@ class Simulator:
         # takes as long whichever strategy it runs under.
         return [np.random.default_rng([self.cfg.seed, 7919, salt, i]) for i in range(len(self.fed.silos))]
 
+    def _spend(self, sigmas: Sequence[float]) -> Callable[[int, int], float]:
+        """``spend(i, k)``: silo ``i``'s epsilon after ``k`` rounds (RDP, what the
+        coordinator's charges compose to; identical rounds compose as one run)."""
+        plan = dp_schedule(self.fed, self.cfg.local)
+        memo: dict[tuple[int, int], float] = {}
+
+        def spend(i: int, k: int) -> float:
+            if (i, k) not in memo:
+                q, steps = plan[i]
+                memo[i, k] = (math.inf if sigmas[i] <= 0 else
+                              float(accounting.epsilon_of([(sigmas[i], q, steps * k)], self.cfg.local.delta)))
+            return memo[i, k]
+
+        return spend
+
     def calibrations(self, sigma: float | None) -> list[float] | None:
         """Each silo's calibrated round time (what it declares before its first round):
         its typical round time times a lognormal error of ``sigma`` (None: no declarations).
@@ -495,7 +511,8 @@ class Simulator:
         # number); a pacing wake-up is an entry with round None: the silo pulls again then.
         queue: list[tuple[float, int, int, int, Tensors | None, int | None]] = []
         seq = 0
-        pacer = _Pacer(settings, n, self.calibrations(spec.declared_error)) if spec.pacing else None
+        pacer = _Pacer(settings, n, self.calibrations(spec.declared_error),
+                       spend=self._spend(sigmas) if settings.epsilon_lead is not None else None) if spec.pacing else None
 
         server = _FedBuffServer(settings, state) if spec.kind == "fedbuff" else None
         cap = min(x for x in (max_rounds, spec.round_cap, math.inf) if x is not None)
@@ -616,8 +633,13 @@ class _Pacer:
     RECENT = 64  # arrivals kept, as coordinator.pacing_service reads them
     HISTORY = 8  # each silo's own last arrivals, whatever their age (its round time)
 
-    def __init__(self, settings: StrategySettings, n: int, calibrations: Sequence[float] | None = None) -> None:
+    def __init__(self, settings: StrategySettings, n: int, calibrations: Sequence[float] | None = None, *,
+                 spend: Callable[[int, int], float] | None = None) -> None:
         self.settings = settings
+        # Budget fairness: spend(i, k) is silo i's epsilon after k charged rounds (None:
+        # off). Every arrival is charged, stale or not, as the coordinator charges it.
+        self.spend = spend
+        self.charged = [0] * n
         self.version_times: list[float] = [0.0]
         self.arrivals: list[pacing.Arrival] = []
         self.own: list[list[pacing.Arrival]] = [[] for _ in range(n)]  # per silo: its last arrivals
@@ -654,17 +676,24 @@ class _Pacer:
             version_times=self.version_times[-self.policy.rate_window:], arrivals=self.arrivals,
             in_flight=[d for due in self.in_flight for d in due], silo_in_flight=len(self.in_flight[i]),
             own_arrivals=self.own[i], declared=self.declared(i), timed=self.durations[i][-self.HISTORY:],
-            measured_after=self.policy.measured_after,
+            measured_after=self.policy.measured_after, epsilons=self.epsilons(),
         )
         r = snap.silo.round_time if snap.silo.round_time is not None else snap.round_time
         self._due = (t, None if r is None else t + r)
-        return pacing.decide(snap, self.policy)
+        return pacing.decide(snap, self.policy, epsilon_lead=self.settings.epsilon_lead)
+
+    def epsilons(self) -> dict[str, float] | None:
+        """Each charged silo's spent epsilon, as the coordinator reads its charges."""
+        if self.spend is None:
+            return None
+        return {str(i): self.spend(i, k) for i, k in enumerate(self.charged) if k > 0}
 
     def started(self, i: int) -> None:
         self.in_flight[i].append(self._due)
 
     def arrived(self, i: int, base_version: int, t: float, accepted: bool) -> None:
         started, _ = self.in_flight[i].pop(0)
+        self.charged[i] += 1
         self.durations[i].append(t - started)
         arrival = pacing.Arrival(str(i), base_version, self.version_times[base_version], t, accepted)
         self.arrivals.append(arrival)

@@ -28,7 +28,7 @@ from coordinator.api._params import MAX_INT, MAX_NUMBER, MAX_STR, MAX_VERSION
 from coordinator.api._routing import BY_METHOD
 from coordinator.api.auth import roles_of
 from coordinator.pacing import MAX_DECLARED_ROUND
-from coordinator.strategies import DEFAULT_MAX_UPDATE_NORM, MAX_INT_SETTING, MAX_UPDATE_NORM_LIMIT
+from coordinator.strategies import DEFAULT_MAX_UPDATE_NORM, MAX_EPSILON_LEAD, MAX_INT_SETTING, MAX_UPDATE_NORM_LIMIT
 from privacy.reasons import Reason
 
 __all__ = [
@@ -127,6 +127,10 @@ SCHEMAS: dict[str, dict[str, Any]] = {
                                             "1/(1+sigma^2) over the step's updates' declared noise "
                                             "multipliers (docs/operations.md)"},
             "pacing": {"type": "boolean", "description": "signed start/wait hints on model pulls (default true)"},
+            "epsilon_lead": _nullable({"type": "number", "minimum": 1, "maximum": MAX_EPSILON_LEAD,
+                                       "description": "null: off. Pacing holds a silo whose spent epsilon is "
+                                                      "more than this many times the median silo's "
+                                                      "(docs/operations.md, Pacing)"}),
             "secure_aggregation": _nullable({
                 "type": "object",
                 "description": "secure aggregation with a helper (docs/secure-aggregation.md); null: off. "

@@ -66,13 +66,28 @@ max_wait]``: under-represented silos, then those whose model is most stale, ask 
 sooner and so take an opening first. A silo with ``max_in_flight`` rounds already in
 flight comes back after its own round time (60 s when unknown).
 
-Measured: docs/benchmarks.md section 8.
+Budget fairness (``epsilon_lead``, off unless set). Everything above keeps rounds
+from being wasted; it does not ask whose privacy budget pays for the model. Unpaced, a
+silo's spent epsilon grows with its round count, so in an asynchronous federation the
+fastest silos spend fastest: at a fraction ``r`` of a synchronous run's time, a silo 5x
+faster than the slowest has run about ``5 r`` times the synchronous run's rounds, and
+its records are exposed the most for a model the slow silos' data shaped as much. With
+``epsilon_lead`` set, a silo whose spent epsilon is above ``epsilon_lead`` times the
+median of the spent epsilons of the federation's silos (each silo's latest, over the
+silos that have spent any) is held, reason ``budget``, for one of the federation's
+median rounds times ``1.5 - p`` (within ``[min_wait, max_wait]``): it waits while the
+others catch up. At least half of the silos are never held by it (those at or below the
+median), so it cannot stop the federation; a silo that leaves keeps its last epsilon in
+the median. Like all pacing it is a throttle for honest silos; the privacy budget
+(``epsilon_cap``) is what bounds a silo that ignores it.
+
+Measured: docs/benchmarks.md section 8 (staleness) and section 9 (budget fairness).
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
 #: The longest round time a silo may declare, in seconds (a day; docs/protocol.md §6.1).
@@ -80,7 +95,7 @@ MAX_DECLARED_ROUND = 86400.0
 
 __all__ = [
     "MAX_DECLARED_ROUND", "Arrival", "Hint", "PacingPolicy", "SiloView", "Snapshot", "decide", "expected_staleness",
-    "median", "priority", "round_time", "silo_round_time", "snapshot", "valid_declared_round", "version_rate",
+    "median", "over_budget", "priority", "round_time", "silo_round_time", "snapshot", "valid_declared_round", "version_rate",
 ]
 
 
@@ -123,13 +138,15 @@ class SiloView:
     (None: neither, its speed is unknown). ``in_flight``: its rounds started and
     not yet arrived. ``share``: fraction of the recent versions' contributing updates
     that were its own. ``behind``: versions since the base of its latest contribution
-    (None: it has none).
+    (None: it has none). ``epsilon``: the privacy budget it has spent (0: none, or
+    budget fairness is off and it was not read).
     """
 
     round_time: float | None = None
     in_flight: int = 0
     share: float = 0.0
     behind: int | None = None
+    epsilon: float = 0.0
 
 
 @dataclass(frozen=True)
@@ -141,7 +158,9 @@ class Snapshot:
     (``due`` None: unknown), the pulling silo's included. ``round_time``: the federation's
     median round time (None: unknown).
     ``active``: silos that contributed recently (at least 1). ``recent_stale``: the
-    fraction of the recent arrivals refused as stale.
+    fraction of the recent arrivals refused as stale. ``epsilon_median``: the median of
+    the spent epsilons of the federation's silos that have spent any (None: none has,
+    or budget fairness is off and it was not read).
     """
 
     now: float
@@ -153,6 +172,7 @@ class Snapshot:
     active: int
     silo: SiloView
     recent_stale: float = 0.0
+    epsilon_median: float | None = None
 
 
 @dataclass(frozen=True)
@@ -160,7 +180,9 @@ class Hint:
     """The decision: start now (``start``, ``not_before == now``) or come back at
     ``not_before``. ``expected`` is the expected staleness E in versions; ``reason``
     says why (``paced`` admitted by the estimate, ``off`` pacing disabled,
-    ``staleness`` refused by the estimate, ``in_flight`` the per-silo bound)."""
+    ``staleness`` refused by the estimate, ``in_flight`` the per-silo bound, ``probe`` a
+    first round held while stale refusals are over budget, ``budget`` its spent epsilon
+    runs ahead of the federation's median by more than ``epsilon_lead``)."""
 
     start: bool
     not_before: float
@@ -227,8 +249,17 @@ def _clamp(x: float, policy: PacingPolicy) -> float:
     return min(policy.max_wait, max(policy.min_wait, x))
 
 
-def decide(snap: Snapshot, policy: PacingPolicy = PacingPolicy(), *, enabled: bool = True) -> Hint:
-    """Start now, or come back at ``not_before`` (module docstring for the rule)."""
+def over_budget(silo: SiloView, epsilon_median: float | None, epsilon_lead: float | None) -> bool:
+    """Whether the silo's spent epsilon runs ahead of the median by more than the lead."""
+    if epsilon_lead is None or epsilon_median is None:
+        return False
+    return silo.epsilon > epsilon_lead * epsilon_median
+
+
+def decide(snap: Snapshot, policy: PacingPolicy = PacingPolicy(), *, enabled: bool = True,
+           epsilon_lead: float | None = None) -> Hint:
+    """Start now, or come back at ``not_before`` (module docstring for the rule).
+    ``epsilon_lead``: the federation's budget-fairness ratio (None: off)."""
     if not enabled:
         return Hint(True, snap.now, 0.0, "off")
     silo = snap.silo
@@ -236,6 +267,10 @@ def decide(snap: Snapshot, policy: PacingPolicy = PacingPolicy(), *, enabled: bo
     if silo.in_flight >= policy.max_in_flight:
         return Hint(False, snap.now + _clamp(own or policy.unknown_round, policy), math.inf, "in_flight")
     p = priority(silo, snap.active, snap.max_staleness)
+    if over_budget(silo, snap.epsilon_median, epsilon_lead):
+        # Held while the others' spending catches up: about one of their rounds.
+        base = snap.round_time or own or policy.min_wait
+        return Hint(False, snap.now + _clamp(base * (1.5 - p), policy), math.inf, "budget")
     if silo.round_time is None and snap.recent_stale > policy.probe_budget:
         # A first round is a probe of the silo's speed; most slow silos' probes arrive
         # stale, so probes wait while recent refusals are over the budget.
@@ -318,13 +353,15 @@ def snapshot(
     timed: Sequence[float] = (),
     history: int = 8,
     measured_after: int = 1,
+    epsilons: Mapping[str, float] | None = None,
 ) -> Snapshot:
     """Build the :class:`Snapshot` for ``silo`` from plain records (the coordinator's
     database rows, or the simulation's events): ``in_flight`` each round in flight as
     ``(started, due)`` (due None: unknown); ``arrivals`` are the federation's recent
     updates, oldest first; ``declared`` the round time the silo declared on this pull
     (None: none), ``timed`` its rounds timed from start to arrival, oldest first; its
-    round time is :func:`silo_round_time`."""
+    round time is :func:`silo_round_time`. ``epsilons``: each silo's spent epsilon, for
+    the silos that have spent any (None: not read; budget fairness is off)."""
     own = list(own_arrivals) if own_arrivals is not None else [a for a in arrivals if a.silo == silo]
     accepted = [a for a in arrivals if a.accepted]
     mine = [a for a in accepted if a.silo == silo]
@@ -333,6 +370,7 @@ def snapshot(
         in_flight=silo_in_flight,
         share=len(mine) / len(accepted) if accepted else 0.0,
         behind=current_version - mine[-1].base_version if mine else None,
+        epsilon=float((epsilons or {}).get(silo, 0.0)),
     )
     return Snapshot(
         now=now,
@@ -343,5 +381,6 @@ def snapshot(
         round_time=median([round_time(a) for a in arrivals]),
         active=max(1, len({a.silo for a in accepted})),
         recent_stale=1.0 - len(accepted) / len(arrivals) if arrivals else 0.0,
+        epsilon_median=median(list(epsilons.values())) if epsilons else None,
         silo=view,
     )

@@ -21,7 +21,7 @@ from collections import deque
 from dataclasses import dataclass
 from datetime import datetime
 
-from sqlalchemy import select
+from sqlalchemy import func, select
 from sqlalchemy.orm import Session, aliased
 
 from privacy.envelope import utc_timestamp
@@ -29,7 +29,7 @@ from privacy.keys import Identity
 from privacy.pacing_hint import pacing_statement
 
 from . import pacing
-from .models import Federation, ModelVersion, Update, UpdateStatus
+from .models import Federation, ModelVersion, PrivacyCharge, Silo, Update, UpdateStatus
 from .strategies import StrategySettings
 
 __all__ = ["Grants", "SignedHint", "hint"]
@@ -135,6 +135,19 @@ def _own(session: Session, federation_id: int, silo_id: str, history: int) -> li
     return [pacing.Arrival(silo_id, r[0], _ts(r[1]), _ts(r[2]), r[3] in accepted) for r in reversed(rows)]
 
 
+def _epsilons(session: Session, federation_id: int) -> dict[str, float]:
+    """Each silo's spent epsilon (its latest charge's; a silo's charges only grow, so the
+    largest), over the federation's silos that have spent any. One grouped read of the
+    charges, made only when budget fairness is on."""
+    rows = session.execute(
+        select(PrivacyCharge.silo_id, func.max(PrivacyCharge.epsilon_after))
+        .join(Silo, Silo.id == PrivacyCharge.silo_id)
+        .where(Silo.federation_id == federation_id)
+        .group_by(PrivacyCharge.silo_id)
+    ).all()
+    return {silo: float(eps) for silo, eps in rows}
+
+
 def _ts(t: datetime) -> float:
     return t.timestamp()
 
@@ -163,8 +176,9 @@ def hint(session: Session, *, identity: Identity, grants: Grants, federation_id:
         silo_in_flight=len(flying.get(silo_id, ())),
         own_arrivals=own, declared=declared_round, timed=grants.timed(silo_id), history=OWN_HISTORY,
         measured_after=policy.measured_after,
+        epsilons=_epsilons(session, federation_id) if settings.pacing and settings.epsilon_lead is not None else None,
     )
-    decided = pacing.decide(snap, policy, enabled=settings.pacing)
+    decided = pacing.decide(snap, policy, enabled=settings.pacing, epsilon_lead=settings.epsilon_lead)
     if decided.start and settings.pacing:
         grants.add(silo_id, t, snap.silo.round_time or snap.round_time)
     wait = 0.0 if decided.start else max(0.001, decided.not_before - t)

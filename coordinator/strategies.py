@@ -44,6 +44,7 @@ __all__ = [
     "DEFAULT_MAX_UPDATE_NORM",
     "MAX_INT_SETTING",
     "MAX_UPDATE_NORM_LIMIT",
+    "MAX_EPSILON_LEAD",
     "constant",
     "polynomial",
     "hinge",
@@ -132,6 +133,10 @@ MAX_INT_SETTING = 1_000_000
 MAX_UPDATE_NORM_LIMIT = 1e30
 
 
+#: The largest ``epsilon_lead`` (a ratio; beyond it the hold would never act).
+MAX_EPSILON_LEAD = 1e6
+
+
 def _is_real(value: object) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool)
 
@@ -162,6 +167,9 @@ class StrategySettings:
     start-now / come-back-later hint (coordinator/pacing.py, docs/operations.md).
     ``step_damping`` (FedBuff only): ``noise`` multiplies ``server_lr`` by the step's
     :func:`noise_gain`, from the noise multipliers its updates declared.
+    ``epsilon_lead`` (None: off; pacing must be on for it to act) holds a silo whose
+    spent epsilon exceeds this many times the median spent epsilon of the federation's
+    silos (coordinator/pacing.py, "Budget fairness").
     Invalid values raise :class:`StrategyError` (``invalid_settings``).
     """
 
@@ -187,6 +195,9 @@ class StrategySettings:
     #: FedBuff only: ``noise`` damps each server step by its updates' DP noise
     #: (:func:`noise_gain`); ``none`` steps by ``server_lr`` alone.
     step_damping: str = "none"
+    #: None (off) or a ratio >= 1: pacing holds a silo whose spent epsilon is more than
+    #: this many times the median of the federation's silos' (it waits for the others).
+    epsilon_lead: float | None = None
     #: None (off) or the helper's settings object; its structure is checked here, its
     #: substance (keys, mask arithmetic, K_min) by coordinator.secagg.parse_settings,
     #: which needs the privacy library this module does not import.
@@ -214,6 +225,7 @@ class StrategySettings:
             raise _invalid(f"step_damping must be one of {', '.join(STEP_DAMPINGS)}, not {self.step_damping!r}")
         if self.step_damping != "none" and self.strategy != "fedbuff":
             raise _invalid(f"step_damping {self.step_damping!r} needs strategy fedbuff (it damps a buffered step)")
+        self._check_epsilon_lead()
         if not isinstance(self.compression, str) or self.compression not in COMPRESSIONS:
             raise _invalid(f"compression must be one of {', '.join(COMPRESSIONS)}, not {self.compression!r}")
         if self.compression != "none" and getattr(self, "secure_aggregation", None) not in (None, False, "none"):
@@ -249,6 +261,15 @@ class StrategySettings:
                 f"never removed), not {value!r}"
             )
         object.__setattr__(self, "max_update_norm", float(value))
+
+    def _check_epsilon_lead(self) -> None:
+        value = self.epsilon_lead
+        if value is None:
+            return
+        if not _is_real(value) or not math.isfinite(value) or not 1.0 <= value <= MAX_EPSILON_LEAD:
+            raise _invalid(f"epsilon_lead must be null (off) or a number in [1, {MAX_EPSILON_LEAD:g}] (how many "
+                           f"times the median silo's spent epsilon a silo may reach), not {value!r}")
+        object.__setattr__(self, "epsilon_lead", float(value))
 
     def _check_calibration(self) -> None:
         if not isinstance(self.calibration, str) or self.calibration not in CALIBRATIONS:

@@ -8,8 +8,8 @@ import math
 import pytest
 
 from coordinator.pacing import (
-    MAX_DECLARED_ROUND, Arrival, PacingPolicy, SiloView, Snapshot, decide, expected_staleness, median, priority,
-    silo_round_time, snapshot, valid_declared_round, version_rate,
+    MAX_DECLARED_ROUND, Arrival, PacingPolicy, SiloView, Snapshot, decide, expected_staleness, median, over_budget,
+    priority, silo_round_time, snapshot, valid_declared_round, version_rate,
 )
 
 
@@ -215,3 +215,51 @@ def test_the_federation_setting_is_on_by_default_and_validated():
     for bad in ("yes", 1, None):
         with pytest.raises(StrategyError, match="pacing must be true or false"):
             StrategySettings.from_dict({"pacing": bad})
+
+
+def test_a_silo_whose_spending_runs_ahead_of_the_median_waits_for_the_others():
+    # Three silos have spent 1.0, 2.0 and 3.1: the median is 2.0, so with a lead of 1.5 the
+    # silo at 3.1 (> 3.0) is held, the one at exactly 3.0 is not.
+    spent = {"slow": 1.0, "mid": 2.0, "fast": 3.1}
+    base = dict(now=110.0, current_version=3, max_staleness=16, updates_per_version=1, version_times=[100.0],
+                arrivals=[Arrival("mid", 2, 100.0, 104.0, True)], in_flight=[], silo_in_flight=0, epsilons=spent)
+    fast = snapshot(silo="fast", **base)
+    assert (fast.silo.epsilon, fast.epsilon_median) == (3.1, 2.0)
+    h = decide(fast, epsilon_lead=1.5)
+    # Held for one of the federation's median rounds (4 s) times 1.5 - p (p 1: absent
+    # from the recent versions, its own contribution unknown): 2 s.
+    assert (h.start, h.reason, h.not_before) == (False, "budget", 110.0 + 2.0)
+    assert decide(fast, epsilon_lead=1.6).start  # 3.1 <= 1.6 x 2.0
+    assert decide(fast).start  # off (no lead): only staleness paces
+    for name in ("slow", "mid"):
+        assert decide(snapshot(silo=name, **base), epsilon_lead=1.0).start  # at or below the median: never held
+    at_lead = snapshot(silo="fast", **{**base, "epsilons": {**spent, "fast": 3.0}})
+    assert decide(at_lead, epsilon_lead=1.5).start
+    # A silo that has spent nothing yet, and a federation where none has: never held.
+    assert decide(snapshot(silo="new", **base), epsilon_lead=1.0).start
+    assert not over_budget(SiloView(epsilon=5.0), None, 1.0)
+    # Budget fairness is not read when it is off: no median, nothing held.
+    assert snapshot(silo="fast", **{**base, "epsilons": None}).epsilon_median is None
+    # Pacing off wins: every pull starts.
+    assert decide(fast, enabled=False, epsilon_lead=1.0).reason == "off"
+
+
+def test_a_budget_hold_comes_after_the_per_silo_bound_and_before_the_staleness_estimate():
+    over = SiloView(round_time=4.0, in_flight=1, epsilon=10.0)
+    assert decide(dataclasses.replace(snap(silo=over), epsilon_median=1.0), epsilon_lead=2.0).reason == "in_flight"
+    held = dataclasses.replace(snap(silo=dataclasses.replace(over, in_flight=0), in_flight=unknown(1000)),
+                               epsilon_median=1.0)
+    assert decide(held, epsilon_lead=2.0).reason == "budget"
+    assert decide(held, epsilon_lead=20.0).reason == "staleness"
+
+
+def test_the_epsilon_lead_setting_is_off_by_default_and_validated():
+    from coordinator.strategies import MAX_EPSILON_LEAD, StrategyError, StrategySettings
+
+    assert StrategySettings().epsilon_lead is None
+    assert StrategySettings.from_dict({"epsilon_lead": 2}).to_dict()["epsilon_lead"] == 2.0
+    assert StrategySettings(epsilon_lead=1).epsilon_lead == 1.0
+    assert StrategySettings(epsilon_lead=MAX_EPSILON_LEAD).epsilon_lead == MAX_EPSILON_LEAD
+    for bad in (0.99, 0, -1.0, math.inf, math.nan, MAX_EPSILON_LEAD * 2, True, "1.5"):
+        with pytest.raises(StrategyError, match="epsilon_lead must be null"):
+            StrategySettings.from_dict({"epsilon_lead": bad})

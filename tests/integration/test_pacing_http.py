@@ -13,7 +13,9 @@ from privacy.envelope import canonical_json
 from privacy.keys import b64d, b64e
 from silo_node.client import SiloClient
 from silo_node.client_errors import ClientReason, Untrusted
-from tests.support.coordinator import FakeSilo, running_coordinator
+from tests.support.coordinator import DEFAULT_DP, FakeSilo, running_coordinator
+
+ROUND = {**DEFAULT_DP, "steps": 500}
 
 
 class Tamper(httpx.HTTPTransport):
@@ -120,3 +122,27 @@ def test_a_declared_round_time_is_used_and_a_malformed_one_refused(server):
                             "detail": "round_seconds must be a number in (0, 86400], e.g. 12.5"}, bad
     r = silo.signed_get("/api/v1/model?round_seconds=2&round_seconds=3")
     assert r.status_code == 422 and r.json()["detail"] == "round_seconds is given 2 times; give it once"
+
+
+def test_a_silo_whose_spent_epsilon_runs_ahead_is_held_until_the_others_catch_up(tmp_path):
+    # Budget fairness over real HTTP: the coordinator reads each silo's charges (what its
+    # accepted updates cost, as it composed them) and holds the one whose spent epsilon
+    # is more than epsilon_lead x the median silo's. 500 steps at q 0.01, sigma 1 a round:
+    # 1.65 after one round, 2.50 after three (RDP, delta 1e-5).
+    with running_coordinator(tmp_path / "coordinator", settings={"epsilon_lead": 1.2}) as server:
+        greedy, a, b = (FakeSilo.create(server, name, epsilon_cap=100.0) for name in ("greedy", "a", "b"))
+        for silo, rounds in ((a, 1), (b, 1), (greedy, 3)):
+            for _ in range(rounds):
+                assert silo.push(silo.seal(base_version=0, dp=ROUND)).status_code == 200
+        spent = {s: server.admin("GET", f"/silos/{s.silo_id}").json()["epsilon_spent"] for s in (greedy, a, b)}
+        assert spent[greedy] > 1.2 * spent[a] and spent[a] == spent[b]
+        with client(greedy, server) as c:
+            held = c.fetch_model().pacing
+        assert (held.start, held.reason) == (False, "budget") and held.wait_seconds > 0
+        with client(a, server) as c:
+            assert c.fetch_model().pacing.start  # at the median: never held
+        for silo in (a, b):  # the others catch up: 3 rounds each
+            for _ in range(2):
+                assert silo.push(silo.seal(base_version=0, dp=ROUND)).status_code == 200
+        with client(greedy, server) as c:
+            assert c.fetch_model().pacing.reason == "paced"
