@@ -74,9 +74,9 @@ faster than the slowest has run about ``5 r`` times the synchronous run's rounds
 its records are exposed the most for a model the slow silos' data shaped as much. With
 ``epsilon_lead`` set, a silo whose spent epsilon is above ``epsilon_lead`` times the
 median of the spent epsilons of the federation's silos (each silo's latest, over the
-silos that have spent any) is held, reason ``budget``, for one of the federation's
-median rounds times ``1.5 - p`` (within ``[min_wait, max_wait]``): it waits while the
-others catch up. At least half of the silos are never held by it (those at or below the
+silos that have spent any) is held, reason ``budget``, for one of its own rounds times
+``1.5 - p`` (within ``[min_wait, max_wait]``; so it asks about as often as it would pull
+unpaced): it waits while the others catch up. At least half of the silos are never held by it (those at or below the
 median), so it cannot stop the federation; a silo that leaves keeps its last epsilon in
 the median. Like all pacing it is a throttle for honest silos; the privacy budget
 (``epsilon_cap``) is what bounds a silo that ignores it.
@@ -268,9 +268,11 @@ def decide(snap: Snapshot, policy: PacingPolicy = PacingPolicy(), *, enabled: bo
         return Hint(False, snap.now + _clamp(own or policy.unknown_round, policy), math.inf, "in_flight")
     p = priority(silo, snap.active, snap.max_staleness)
     if over_budget(silo, snap.epsilon_median, epsilon_lead):
-        # Held while the others' spending catches up: about one of their rounds.
-        base = snap.round_time or own or policy.min_wait
-        return Hint(False, snap.now + _clamp(base * (1.5 - p), policy), math.inf, "budget")
+        # Held while the others' spending catches up, asking again about once per round
+        # of its own (as often as it would pull unpaced). Its own round time, not the
+        # federation's: that is an upper bound (base version made to arrival), inflated
+        # early on by however long the federation waited before its first round.
+        return Hint(False, snap.now + _clamp((own or policy.min_wait) * (1.5 - p), policy), math.inf, "budget")
     if silo.round_time is None and snap.recent_stale > policy.probe_budget:
         # A first round is a probe of the silo's speed; most slow silos' probes arrive
         # stale, so probes wait while recent refusals are over the budget.

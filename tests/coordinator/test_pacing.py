@@ -226,9 +226,11 @@ def test_a_silo_whose_spending_runs_ahead_of_the_median_waits_for_the_others():
     fast = snapshot(silo="fast", **base)
     assert (fast.silo.epsilon, fast.epsilon_median) == (3.1, 2.0)
     h = decide(fast, epsilon_lead=1.5)
-    # Held for one of the federation's median rounds (4 s) times 1.5 - p (p 1: absent
-    # from the recent versions, its own contribution unknown): 2 s.
+    # Held for one of its own rounds (unknown here: the federation's median, 4 s) times
+    # 1.5 - p (p 1: absent from the recent versions, its own contribution unknown): 2 s.
     assert (h.start, h.reason, h.not_before) == (False, "budget", 110.0 + 2.0)
+    # With its round time known (declared 3 s), that one: 1.5 s.
+    assert decide(snapshot(silo="fast", declared=3.0, **base), epsilon_lead=1.5).not_before == 110.0 + 1.5
     assert decide(fast, epsilon_lead=1.6).start  # 3.1 <= 1.6 x 2.0
     assert decide(fast).start  # off (no lead): only staleness paces
     for name in ("slow", "mid"):
