@@ -71,8 +71,9 @@ DEFAULT_KEY = "default"
 
 def strategies(declared_error: float | None = None, only: Sequence[str] | None = None) -> tuple[StrategySpec, ...]:
     """FedAsync's defaults, FedBuff K=5, FedBuff K=5 with CA2FL (bounds 16 and 64) and
-    ``init``'s default configuration, each unpaced and paced (paced silos declaring their round
-    times with ``declared_error``); ``only`` keeps some of them."""
+    ``init``'s default configuration (with and without budget fairness), each unpaced and
+    paced (paced silos declaring their round times with ``declared_error``); ``only``
+    keeps some of them."""
     base = tuple(b for b in (
         ("fedasync", "FedAsync", StrategySettings()),
         ("fedbuff_k5", "FedBuff K=5", StrategySettings("fedbuff", buffer_k=5)),
@@ -80,7 +81,9 @@ def strategies(declared_error: float | None = None, only: Sequence[str] | None =
          StrategySettings("fedbuff", buffer_k=5, calibration="ca2fl")),
         ("fedbuff_ca2fl_s64", "FedBuff K=5 + CA2FL, max_staleness 64 (the default with an undamped step)",
          StrategySettings("fedbuff", **default_configuration({"step_damping": "none"})[1])),
-        (DEFAULT_KEY, "the default: FedBuff K=5 + CA2FL, max_staleness 64, step damped by noise",
+        ("default_no_lead", "the default without budget fairness (epsilon_lead off)",
+         StrategySettings("fedbuff", **default_configuration({"epsilon_lead": None})[1])),
+        (DEFAULT_KEY, "the default: FedBuff K=5 + CA2FL, max_staleness 64, step damped by noise, epsilon_lead 1.5",
          StrategySettings("fedbuff", **default_configuration({})[1])),
     ) if only is None or b[0] in only)
     out = []

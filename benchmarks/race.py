@@ -116,8 +116,10 @@ CANDIDATES = (
     Strategy("fedbuff_k3_ca2fl_lr05", "FedBuff K=3 + CA2FL (server_lr 0.5)", "fedbuff",
              {"buffer_k": 3, "calibration": "ca2fl", "server_lr": 0.5}),
     # init's default configuration, exactly (coordinator.bootstrap.default_configuration).
-    Strategy("default", "the default (FedBuff K=5 + CA2FL, max_staleness 64, step damped by noise)",
+    Strategy("default", "the default (FedBuff K=5 + CA2FL, max_staleness 64, step damped by noise, epsilon_lead 1.5)",
              *default_configuration({})),
+    # The default before budget fairness (session 8's; results/race_fair's "default").
+    Strategy("default_no_lead", "the default without budget fairness", *default_configuration({"epsilon_lead": None})),
     # The default's undamped steps: 1.0 (the default before session 7) under DP levelled
     # off at 0.836 (FedAvg: 0.869) in a 300 s run; 0.5 (session 7's default) was slower at
     # the smallest noise (docs/benchmarks.md section 9).
@@ -126,10 +128,10 @@ CANDIDATES = (
              *default_configuration({"step_damping": "none", "server_lr": 0.5})),
     Strategy("default_lr03", "the default, undamped step 0.3",
              *default_configuration({"step_damping": "none", "server_lr": 0.3})),
-    # Budget-fair pacing: a silo whose spent epsilon is more than the lead times the
-    # median silo's waits (coordinator/pacing.py; docs/benchmarks.md section 9).
-    Strategy("default_lead15", "the default + epsilon_lead 1.5", *default_configuration({"epsilon_lead": 1.5})),
-    Strategy("default_lead125", "the default + epsilon_lead 1.25", *default_configuration({"epsilon_lead": 1.25})),
+    # Budget-fair pacing with a tighter lead (results/race_fair; its "default_lead15" is
+    # the default now): a silo whose spent epsilon is more than the lead times the median
+    # silo's waits (coordinator/pacing.py; docs/benchmarks.md section 9).
+    Strategy("default_lead125", "the default, epsilon_lead 1.25", *default_configuration({"epsilon_lead": 1.25})),
     # Issue 12's goal: <= 1.15x plain FedBuff K=3's wall time to target (same silos, speeds, data).
     Strategy("fedbuff_k3_secagg", "FedBuff K=3 + secure aggregation", "fedbuff", {"buffer_k": 3},
              secure_aggregation=True),

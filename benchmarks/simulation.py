@@ -511,8 +511,10 @@ class Simulator:
         # number); a pacing wake-up is an entry with round None: the silo pulls again then.
         queue: list[tuple[float, int, int, int, Tensors | None, int | None]] = []
         seq = 0
-        pacer = _Pacer(settings, n, self.calibrations(spec.declared_error),
-                       spend=self._spend(sigmas) if settings.epsilon_lead is not None else None) if spec.pacing else None
+        pacer = None
+        if spec.pacing:
+            spend = self._spend(sigmas) if settings.epsilon_lead is not None else None
+            pacer = _Pacer(settings, n, self.calibrations(spec.declared_error), spend=spend)
 
         server = _FedBuffServer(settings, state) if spec.kind == "fedbuff" else None
         cap = min(x for x in (max_rounds, spec.round_cap, math.inf) if x is not None)

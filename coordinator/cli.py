@@ -70,7 +70,8 @@ def _parser() -> argparse.ArgumentParser:
     init.add_argument("--name", default="fedsilo", help="the federation's name (default: fedsilo)")
     init.add_argument("--strategy", choices=("fedasync", "fedbuff"), default=None,
                       help="aggregation strategy; left out: fedbuff with calibration=ca2fl (buffer_k 5, "
-                           "max_staleness 64, step_damping noise), chosen by the race (docs/operations.md), "
+                           "max_staleness 64, step_damping noise, epsilon_lead 1.5), chosen by the race "
+                           "(docs/operations.md), "
                            "or plain fedbuff with secure_aggregation")
     init.add_argument("--setting", action="append", type=_key_value, default=[], metavar="KEY=VALUE",
                       help="strategy setting, e.g. alpha=0.6, max_staleness=8, buffer_k=5; repeatable")

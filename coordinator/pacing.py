@@ -95,7 +95,8 @@ MAX_DECLARED_ROUND = 86400.0
 
 __all__ = [
     "MAX_DECLARED_ROUND", "Arrival", "Hint", "PacingPolicy", "SiloView", "Snapshot", "decide", "expected_staleness",
-    "median", "over_budget", "priority", "round_time", "silo_round_time", "snapshot", "valid_declared_round", "version_rate",
+    "median", "over_budget", "priority", "round_time", "silo_round_time", "snapshot", "valid_declared_round",
+    "version_rate",
 ]
 
 

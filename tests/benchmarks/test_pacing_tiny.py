@@ -11,7 +11,7 @@ from tests.support.benchmarks import PNG_MAGIC, benchmark_script, finite
 pytestmark = pytest.mark.slow
 
 
-KEYS = ("fedasync", "fedbuff_k5", "fedbuff_ca2fl", "fedbuff_ca2fl_s64", "default")  # the last: init's default
+KEYS = ("fedasync", "fedbuff_k5", "fedbuff_ca2fl", "fedbuff_ca2fl_s64", "default_no_lead", "default")  # last: init's
 
 
 def test_pacing_benchmark_reports_both_modes_at_each_size(tmp_path) -> None:
@@ -59,3 +59,26 @@ def test_a_simulated_silo_declares_its_calibration_once_held_as_a_probe_then_its
         assert snap.silo.round_time == 3.0
         # Without calibrations the silos declare nothing (the pacing of before: probes).
         assert simulation._Pacer(StrategySettings(), 2).declared(0) is None
+
+
+def test_a_simulated_silo_whose_spending_runs_ahead_is_held_as_the_coordinator_holds_it() -> None:
+    from coordinator.strategies import StrategySettings
+
+    with benchmark_script("pacing.py"):
+        import simulation
+
+        # spend(i, k): epsilon after k rounds; silo 0's rounds cost twice silo 1's and 2's.
+        pacer = simulation._Pacer(StrategySettings(epsilon_lead=1.5), 3,
+                                  spend=lambda i, k: k * (2.0 if i == 0 else 1.0))
+        assert pacer.epsilons() == {}  # nobody has spent: nobody is held
+        for t, i in ((1.0, 0), (2.0, 1), (3.0, 2)):
+            assert pacer.hint(i, t - 1.0, 0).start
+            pacer.started(i)
+            pacer.arrived(i, 0, t, True)
+        # Charged at arrival (as the coordinator charges): 2, 1, 1; the median 1, lead 1.5.
+        assert pacer.epsilons() == {"0": 2.0, "1": 1.0, "2": 1.0}
+        h = pacer.hint(0, 3.0, 0)
+        assert (h.start, h.reason) == (False, "budget")
+        assert pacer.hint(1, 3.0, 0).start
+        # Without a lead the simulation reads no epsilons, as the coordinator does not.
+        assert simulation._Pacer(StrategySettings(), 1).epsilons() is None

@@ -157,16 +157,19 @@ def _stored_settings(data_dir: Path) -> StrategySettings:
 
 
 @pytest.mark.parametrize(("extra", "expected"), [
-    ([], ("fedbuff", "ca2fl", 64, 1.0, "noise")),  # the default configuration, chosen by the race (docs/benchmarks.md §9)
-    (["--strategy", "fedbuff"], ("fedbuff", "none", 16, 1.0, "none")),  # a named strategy is taken as named
-    (["--strategy", "fedasync"], ("fedasync", "none", 16, 1.0, "none")),
-    (["--setting", "calibration=\"none\""], ("fedbuff", "none", 16, 1.0, "none")),  # the operator's settings win
-    (["--setting", "max_staleness=8"], ("fedbuff", "ca2fl", 8, 1.0, "noise")),
-    (["--setting", "step_damping=\"none\"", "--setting", "server_lr=0.5"], ("fedbuff", "ca2fl", 64, 0.5, "none")),
+    # the default configuration, chosen by the race (docs/benchmarks.md §9)
+    ([], ("fedbuff", "ca2fl", 64, 1.0, "noise", 1.5)),
+    (["--strategy", "fedbuff"], ("fedbuff", "none", 16, 1.0, "none", None)),  # a named strategy is taken as named
+    (["--strategy", "fedasync"], ("fedasync", "none", 16, 1.0, "none", None)),
+    (["--setting", "calibration=\"none\""], ("fedbuff", "none", 16, 1.0, "none", None)),  # the operator's win
+    (["--setting", "max_staleness=8"], ("fedbuff", "ca2fl", 8, 1.0, "noise", 1.5)),
+    (["--setting", "step_damping=\"none\"", "--setting", "server_lr=0.5"], ("fedbuff", "ca2fl", 64, 0.5, "none", 1.5)),
+    (["--setting", "epsilon_lead=null"], ("fedbuff", "ca2fl", 64, 1.0, "noise", None)),
+    (["--setting", "epsilon_lead=3"], ("fedbuff", "ca2fl", 64, 1.0, "noise", 3.0)),
 ])
 def test_init_without_a_strategy_sets_up_fedbuff_with_calibration(tmp_path, capsys, extra, expected):
     assert cli.main([*INIT, "--data-dir", str(tmp_path / "c"), "--json", *extra]) == 0
     capsys.readouterr()
     settings = _stored_settings(tmp_path / "c")
     assert (settings.strategy, settings.calibration, settings.max_staleness, settings.server_lr,
-            settings.step_damping, settings.buffer_k) == (*expected, 5)
+            settings.step_damping, settings.epsilon_lead, settings.buffer_k) == (*expected, 5)
